@@ -1,0 +1,89 @@
+"""The `craft` command line: resolved config output, one-line user errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import yaml
+
+from craft import CraftError
+from craft.cli import COMMANDS, main
+from craft.config import config_from_dict, load_config
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", "--set", "train.lr=5e-5", "--set", "filter.top_k=7"]) == 0
+    out = capsys.readouterr().out
+    cfg = config_from_dict(yaml.safe_load(out))
+    assert cfg == load_config(overrides=["train.lr=5e-5", "filter.top_k=7"])
+
+
+def test_config_show_with_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 3\n")
+    assert main(["config", "show", str(path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["config", "show", "--set", "train.lrr=1"], "unknown key in section 'train': 'train.lrr'"),
+    (["config", "show", "missing.yaml"], "config file not found: missing.yaml"),
+    (["config", "show", "--set", "train.micro_batch=5"], "must be a multiple"),
+])
+def test_user_errors_are_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("craft: error: ") and fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_subcommand_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+def test_commands_registry_lists_config():
+    assert "config" in COMMANDS
+
+
+def test_toy_group_is_absent_without_the_toy_cli(monkeypatch):
+    monkeypatch.setitem(sys.modules, "craft.toyworld.cli_toy", None)  # import fails
+    with pytest.raises(SystemExit) as e:
+        main(["toy", "demo"])
+    assert e.value.code == 2  # argparse: invalid choice, not a stub that pretends to work
+
+
+def test_toy_group_hook(monkeypatch, capsys):
+    """craft.toyworld.cli_toy.add_toy_subparsers(sub) registers actions under `craft toy`."""
+    fake = types.ModuleType("craft.toyworld.cli_toy")
+
+    def add_toy_subparsers(sub):
+        hello = sub.add_parser("hello")
+        hello.add_argument("--fail", action="store_true")
+        hello.set_defaults(handler=lambda args: fail() if args.fail else print("hi"))
+
+    def fail():
+        raise CraftError("no base model at assets/toy-base; run `craft toy train-base`")
+
+    fake.add_toy_subparsers = add_toy_subparsers
+    monkeypatch.setitem(sys.modules, "craft.toyworld.cli_toy", fake)
+    assert main(["toy", "hello"]) == 0 and capsys.readouterr().out == "hi\n"
+    assert main(["toy", "hello", "--fail"]) == 2
+    assert "craft: error: no base model" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed module path runs as a program (what the `craft` script calls)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))}
+    bad = subprocess.run([sys.executable, "-m", "craft.cli", "config", "show", "--set",
+                          "model.dtype=fp32"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("craft: error: model.dtype: expected one of")
+    assert "Traceback" not in bad.stderr
