@@ -1,0 +1,143 @@
+"""Batched, seeded candidate generation.
+
+Three properties make the candidate pool trustworthy and cheap:
+- *Batched across prompts*: one pipeline call renders ``batch_size`` images from many prompts,
+  instead of one call per prompt; on small models the per-call overhead dominates otherwise.
+- *Text encoded once*: each distinct prompt goes through the text encoder(s) once, and the
+  embeddings are gathered per batch.
+- *Seeded per candidate*: every image has its own ``torch.Generator`` seeded from its own seed,
+  so any single candidate can be regenerated exactly, alone or in any batch.
+
+``generate_images`` is the pure part (pipeline in, images out). ``generate_candidates`` adds the
+run store: it skips (prompt, variant, seed) keys already stored, writes each batch as it is done,
+and shards work across ``accelerate`` processes, so a killed run resumes with no duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (done, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """The generation settings that, with the seed and prompt, determine an image."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    height: int | None = None  # None = the model's native resolution
+    width: int | None = None
+    negative_prompt: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def is_sdxl(pipe) -> bool:
+    return hasattr(pipe, "text_encoder_2")
+
+
+class PromptEncoder:
+    """Encodes each distinct prompt once and hands out stacked embeddings for a batch.
+
+    The embeddings are whatever the pipeline's own ``encode_prompt`` returns, so SD1.5-family
+    and SDXL (two encoders, pooled embeddings) are handled by the pipeline, not re-implemented.
+    """
+
+    def __init__(self, pipe, params: SamplingParams):
+        self.pipe = pipe
+        self.params = params
+        self.cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.cfg = params.guidance_scale > 1.0
+
+    def _encode(self, prompts: list[str]) -> None:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if not todo:
+            return
+        neg = [self.params.negative_prompt] * len(todo)
+        with torch.no_grad():
+            if is_sdxl(self.pipe):
+                out = self.pipe.encode_prompt(
+                    todo, device=self.pipe.device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=self.cfg, negative_prompt=neg)
+            else:
+                out = self.pipe.encode_prompt(
+                    todo, self.pipe.device, 1, self.cfg, negative_prompt=neg)
+        for i, p in enumerate(todo):
+            self.cache[p] = tuple(None if t is None else t[i:i + 1] for t in out)
+
+    def kwargs(self, prompts: list[str]) -> dict:
+        self._encode(prompts)
+        parts = list(zip(*(self.cache[p] for p in prompts)))
+        stacked = [None if part[0] is None else torch.cat(part) for part in parts]
+        if is_sdxl(self.pipe):
+            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"]
+        else:
+            names = ["prompt_embeds", "negative_prompt_embeds"]
+        return {n: t for n, t in zip(names, stacked) if t is not None}
+
+
+def generators_for(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
+    """One generator per image: the seed alone fixes the image's initial noise."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
+                    params: SamplingParams = SamplingParams(), batch_size: int = 64,
+                    progress: ProgressFn | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    ) -> Iterator[tuple[slice, list[Image.Image]]]:
+    """Yield ``(slice, images)`` for consecutive batches of ``prompts[i]`` with ``seeds[i]``.
+
+    The initial noise is drawn on the CPU from each image's own generator, so the same seed
+    gives the same image on any device and in any batch (up to float rounding).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per "
+                         "prompt (repeat a prompt to give it several seeds)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pipe.set_progress_bar_config(disable=True)
+    encoder = PromptEncoder(pipe, params)
+    height = params.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = params.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    dtype = pipe.unet.dtype
+    total = len(prompts)
+    for start in range(0, total, batch_size):
+        if should_stop is not None and should_stop():
+            return
+        sl = slice(start, min(start + batch_size, total))
+        batch_prompts = list(prompts[sl])
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators_for(seeds[sl])])
+        with torch.no_grad():
+            out = pipe(**encoder.kwargs(batch_prompts),
+                       latents=latents.to(pipe.device, dtype),
+                       num_inference_steps=params.num_inference_steps,
+                       guidance_scale=params.guidance_scale, height=height, width=width,
+                       output_type="pil")
+        yield sl, out.images
+        if progress:
+            progress(sl.stop, total)
+
+
+def images_to_array(images: Sequence[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
