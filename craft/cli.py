@@ -80,9 +80,16 @@ def _add_toy(subparsers: argparse._SubParsersAction) -> None:
     add_toy_subparsers(sub)
 
 
+def _add_stages(subparsers: argparse._SubParsersAction) -> None:
+    from craft.cli_stages import add_stage_commands
+
+    add_stage_commands(subparsers)
+
+
 # Command name -> function that registers its subparser, in the order `craft --help` lists them.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "config": _add_config,
+    "stages": _add_stages,
     "toy": _add_toy,
 }
 

@@ -141,3 +141,66 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------ store-backed stage
+
+
+def candidate_seed(base_seed: int, prompt: str, s: int) -> int:
+    """Seed of the s-th image of every prompt in ``prompt``'s group.
+
+    The original prompt and all its variants share these seeds (so a variant is compared with
+    the original on the same starting noise), while different prompts get different seeds. It
+    depends on the prompt text, not on store ids, so it is the same in every run directory.
+    """
+    import zlib
+
+    return (base_seed * 1_000_003 + zlib.crc32(prompt.encode()) * 131 + s) % (2**31 - 1)
+
+
+def plan_candidates(store, cfg, split: str = "train") -> list[tuple[int, int, int, str]]:
+    """Every ``(prompt_id, variant_id, seed, text)`` the config asks for, in a stable order."""
+    variants = store.variants_df(split)
+    S = cfg.generation.seeds_per_prompt
+    return [(int(r.prompt_id), int(r.id), candidate_seed(cfg.generation.seed, r.prompt, s), r.text)
+            for r in variants.itertuples() for s in range(S)]
+
+
+def generate_candidates(store, cfg, pipe=None, split: str = "train",
+                        progress: ProgressFn | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> int:
+    """Generate every planned candidate that is not yet in ``store``; returns how many it wrote.
+
+    Resumable: finished batches are committed (images first, then rows) as they come, and a
+    rerun skips every stored key. Under ``accelerate launch`` each process takes every n-th
+    missing candidate, so processes never write the same key.
+    """
+    from accelerate import PartialState
+
+    from craft.models import load_from_config
+
+    state = PartialState()
+    model = cfg.model.pretrained
+    done = store.existing_candidate_keys(model)
+    todo = [c for c in plan_candidates(store, cfg, split) if c[:3] not in done]
+    todo = todo[state.process_index::state.num_processes]
+    if not todo:
+        log.info("generation: nothing to do (%d candidates already stored)", len(done))
+        return 0
+    if pipe is None:
+        pipe = load_from_config(cfg.model)
+    g = cfg.generation
+    params = SamplingParams(num_inference_steps=g.num_inference_steps,
+                            guidance_scale=g.guidance_scale, height=g.height, width=g.width)
+    from craft.store import NewCandidate
+
+    written = 0
+    for sl, images in generate_images(pipe, [t for *_, t in todo], [c[2] for c in todo], params,
+                                      g.batch_size, should_stop=should_stop):
+        store.add_candidates([NewCandidate(pid, vid, seed, model, params.as_dict(), im)
+                              for (pid, vid, seed, _), im in zip(todo[sl], images)])
+        written += len(images)
+        if progress:
+            progress(written, len(todo))
+    log.info("generation: wrote %d candidates", written)
+    return written
