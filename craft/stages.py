@@ -64,16 +64,10 @@ def candidate_frame(store, cfg, split: str = "train") -> pd.DataFrame:
 
 
 def filter_settings(cfg, **changes):
-    """:class:`craft.filtering.FilterSettings` from ``cfg.filter`` (studio overrides in
-    ``changes``)."""
+    """:class:`craft.filtering.FilterSettings` from the config (studio overrides in ``changes``)."""
     from craft.filtering import FilterSettings
 
-    f = cfg.filter
-    settings = FilterSettings(
-        rewards=tuple(f.weights), weights=dict(f.weights), normalization=f.normalization,
-        level=f.level, roles=dict(cfg.rewards.roles), require=tuple(f.require), margin=f.margin,
-        top_k=f.top_k, include_reference=f.include_reference)
-    return dataclasses.replace(settings, **changes) if changes else settings
+    return FilterSettings.from_config(cfg, **changes)
 
 
 def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd.DataFrame:
