@@ -86,11 +86,19 @@ def _add_stages(subparsers: argparse._SubParsersAction) -> None:
     add_stage_commands(subparsers)
 
 
+def _add_studio(subparsers: argparse._SubParsersAction) -> None:
+    """``craft studio``: the Gradio app; its arguments live in studio.cli (no Gradio import)."""
+    from studio.cli import add_studio_parser
+
+    add_studio_parser(subparsers)
+
+
 # Command name -> function that registers its subparser, in the order `craft --help` lists them.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "config": _add_config,
     "stages": _add_stages,
     "toy": _add_toy,
+    "studio": _add_studio,
 }
 
 

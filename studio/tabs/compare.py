@@ -1,0 +1,295 @@
+"""Compare: the base model against a tuned checkpoint on the held-out prompts, same prompts and
+same seeds, images side by side with per-reward deltas, a win-rate table and a mean-reward chart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from studio.context import StudioContext
+from studio.jobs import JOBS
+from studio.plots import empty_figure, mean_reward_bars
+from studio.settings import Settings, none_as_zero, optional_int
+from studio.ui import JobPanel, ok_md, short_name, user_error
+
+MAX_PAIRS = 24
+CELL = 128
+
+
+def checkpoint_choices(ctx: StudioContext) -> list[tuple[str, str]]:
+    """Tuned models of this run: complete pipelines (``final``) and intermediate UNet
+    checkpoints (``checkpoint-N``, evaluated on the base pipeline)."""
+    out = []
+    root = ctx.run_dir / "train"
+    if not root.is_dir():
+        return out
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (run / "final" / "model_index.json").exists():
+            out.append((f"{run.name} · final", str(run / "final")))
+        ckpts = sorted((p for p in run.glob("checkpoint-*") if (p / "unet").is_dir()),
+                       key=lambda p: int(p.name.split("-")[1]), reverse=True)
+        out += [(f"{run.name} · {p.name}", str(p)) for p in ckpts]
+    return out
+
+
+def eval_name(base: str, tuned: str, cfg) -> str:
+    """Deterministic per (models, their files' age, evaluation settings): a rerun reuses the
+    images, a retrained checkpoint of the same name gets new ones."""
+    stamp = [str(Path(p).stat().st_mtime_ns) if Path(p).exists() else "" for p in (base, tuned)]
+    key = json.dumps([base, tuned, stamp, cfg.eval.num_prompts, cfg.eval.seeds_per_prompt,
+                      cfg.eval.num_inference_steps, cfg.eval.guidance_scale,
+                      cfg.generation.seed, list(cfg.rewards.eval_names)])
+    label = Path(tuned).parent.name + "-" + Path(tuned).name
+    return f"studio-{label}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def run_evaluation(cfg, store, base: str, tuned: str, name: str, progress=None,
+                   should_stop=None):
+    """:func:`craft.evaluation.evaluate` for base vs one tuned model; an intermediate
+    ``checkpoint-N`` (a UNet only) is evaluated inside the base pipeline."""
+    from craft.evaluation import evaluate
+
+    pipes = {}
+    tuned_path = Path(tuned)
+    if not (tuned_path / "model_index.json").exists():
+        if not (tuned_path / "unet").is_dir():
+            raise ValueError(f"{tuned} is neither a diffusers pipeline nor a checkpoint with a "
+                             f"unet/ folder")
+        from diffusers import UNet2DConditionModel
+
+        from craft.models import load_pipeline
+
+        m = cfg.model
+        pipe = load_pipeline(base, family=m.family, dtype=m.dtype, device=m.device)
+        unet = UNet2DConditionModel.from_pretrained(str(tuned_path / "unet"))
+        pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
+        pipes["tuned"] = pipe
+    return evaluate(cfg, store, {"base": base, "tuned": tuned}, name=name, pipes=pipes,
+                    progress=progress, should_stop=should_stop)
+
+
+def win_table(summary: pd.DataFrame) -> pd.DataFrame:
+    if summary is None or summary.empty:
+        return pd.DataFrame()
+    base = summary[summary["model"] == "base"].set_index("reward")
+    tuned = summary[summary["model"] != "base"].set_index("reward")
+    rows = []
+    for r in tuned.index:
+        b, t = base.loc[r], tuned.loc[r]
+        rows.append({"reward": r, "base": f"{b['mean']:.4f} ± {b['se']:.4f}",
+                     "tuned": f"{t['mean']:.4f} ± {t['se']:.4f}",
+                     "Δ (tuned − base)": f"{t['diff']:+.4f} ± {t['diff_se']:.4f}",
+                     "Δ / SE": round(float(t["diff"] / t["diff_se"]), 2)
+                     if t["diff_se"] and np.isfinite(t["diff_se"]) and t["diff_se"] > 0 else None,
+                     "win rate (tuned)": f"{100 * t['win_rate']:.1f}%"})
+    return pd.DataFrame(rows)
+
+
+def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
+                limit: int = MAX_PAIRS) -> tuple[list[tuple[str, str]], pd.DataFrame]:
+    """One PNG per (prompt, seed): base | tuned, upscaled without smoothing, and a caption with
+    the per-reward deltas; plus the deltas table for every pair."""
+    base = scores[scores["model"] == "base"].set_index(["prompt", "seed"])
+    tuned = scores[scores["model"] == "tuned"].set_index(["prompt", "seed"])
+    keys = [k for k in base.index if k in tuned.index]
+    rows, items = [], []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(keys):
+        b, t = base.loc[key], tuned.loc[key]
+        deltas = {r: float(t[r]) - float(b[r]) for r in rewards if r in b}
+        rows.append({"prompt": key[0], "seed": key[1],
+                     **{f"Δ {short_name(r)}": round(d, 3) for r, d in deltas.items()}})
+        if i >= limit:
+            continue
+        path = out_dir / f"pair-{i:04d}.png"
+        if not path.exists():
+            with Image.open(b["image_path"]) as ib, Image.open(t["image_path"]) as it:
+                sheet = Image.new("RGB", (2 * CELL + 8, CELL + 14), "white")
+                sheet.paste(ib.convert("RGB").resize((CELL, CELL), Image.NEAREST), (0, 14))
+                sheet.paste(it.convert("RGB").resize((CELL, CELL), Image.NEAREST), (CELL + 8, 14))
+                d = ImageDraw.Draw(sheet)
+                d.text((2, 1), "base", fill="black")
+                d.text((CELL + 10, 1), "tuned", fill="black")
+                sheet.save(path)
+        text = " ".join(f"Δ{short_name(r)} {d:+.2f}" for r, d in deltas.items())
+        items.append((str(path), f"{key[0]} · seed {key[1]}\n{text}"))
+    return items, pd.DataFrame(rows)
+
+
+def evaluation_choices(ctx: StudioContext) -> list[tuple[str, int]]:
+    ev = ctx.store.evaluations_df()
+    out = []
+    for r in list(ev.itertuples())[::-1]:
+        try:
+            tuned = ", ".join(json.loads(r.tuned_model).values())
+        except (ValueError, AttributeError):
+            tuned = r.tuned_model
+        out.append((f"#{r.id} {Path(tuned).parent.name}/{Path(tuned).name}", int(r.id)))
+    return out
+
+
+def load_evaluation(ctx: StudioContext, evaluation_id: int):
+    ev = ctx.store.evaluations_df()
+    row = ev[ev["id"] == evaluation_id]
+    if row.empty:
+        raise ValueError(f"no evaluation #{evaluation_id}")
+    row = row.iloc[0]
+    results = json.loads(row["results_json"])
+    summary = pd.DataFrame(results["summary"])
+    scores_csv = Path(results["scores_csv"])
+    scores = pd.read_csv(scores_csv) if scores_csv.exists() else None
+    return row, summary, scores, scores_csv.parent
+
+
+def evaluation_views(ctx: StudioContext, evaluation_id):
+    if evaluation_id is None:
+        return ("No evaluation yet: choose a checkpoint and press Compare.", [], pd.DataFrame(),
+                empty_figure("no evaluation yet"), pd.DataFrame())
+    row, summary, scores, folder = load_evaluation(ctx, int(evaluation_id))
+    rewards = [r for r in summary["reward"].unique() if r != "composite"]
+    if scores is not None:
+        items, deltas = pair_images(scores, folder / "pairs", rewards)
+    else:
+        items, deltas = [], pd.DataFrame()
+    settings = json.loads(row["settings_json"])
+    head = (f"**Evaluation #{row['id']}** · base `{row['base_model']}` vs tuned "
+            f"`{', '.join(json.loads(row['tuned_model']).values())}` · "
+            f"{settings.get('prompts')} held-out prompts × {settings.get('seeds_per_prompt')} "
+            f"seeds (same seeds for both)")
+    return head, items, win_table(summary), mean_reward_bars(summary), deltas
+
+
+class CompareTab:
+    def __init__(self, ctx: StudioContext, settings: Settings):
+        self.ctx = ctx
+        e = ctx.cfg.eval
+        gr.Markdown("Compare the base model with a tuned checkpoint on the **held-out prompts**, "
+                    "with the **same seeds** for both, so each image pair differs only by the "
+                    "fine-tune. The held-out reward(s) were never used for selection.")
+        with gr.Row():
+            self.base = gr.Textbox(ctx.model_path(), label="base model", scale=2,
+                                   elem_id="compare-base")
+            self.tuned = gr.Dropdown([], label="tuned checkpoint", scale=2,
+                                     elem_id="compare-tuned")
+            self.refresh_btn = gr.Button("↻", scale=0, min_width=40, size="sm")
+        with gr.Row():
+            self.n_prompts = settings.bind("eval.num_prompts", gr.Number(
+                none_as_zero(e.num_prompts), precision=0, minimum=0,
+                label="held-out prompts (0 = all)", elem_id="compare-prompts"),
+                to_ui=none_as_zero, from_ui=optional_int)
+            self.n_seeds = settings.bind("eval.seeds_per_prompt", gr.Number(
+                e.seeds_per_prompt, precision=0, minimum=1, label="seeds per prompt",
+                elem_id="compare-seeds"))
+            self.steps = settings.bind("eval.num_inference_steps", gr.Number(
+                e.num_inference_steps, precision=0, minimum=1, label="denoising steps",
+                elem_id="compare-steps"))
+            self.guidance = settings.bind("eval.guidance_scale", gr.Number(
+                e.guidance_scale, label="guidance scale"))
+        with gr.Row():
+            self.start = gr.Button("Compare", variant="primary", elem_id="compare-start")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+            self.past = gr.Dropdown([], label="show evaluation", elem_id="compare-past", scale=2)
+        self.message = gr.Markdown(elem_id="compare-message")
+        self.panel = JobPanel("compare", log_lines=4)
+        self.head = gr.Markdown(elem_id="compare-head")
+        with gr.Row():
+            self.wins = gr.Dataframe(label="Per-reward means, paired differences and win rates",
+                                     interactive=False, elem_id="compare-wins")
+            self.bars = gr.Plot(label="Mean reward", elem_id="compare-bars")
+        self.pairs = gr.Gallery(label="Same prompt, same seed: base (left) | tuned (right)",
+                                columns=4, height=560, object_fit="contain",
+                                elem_classes=["pixelated"], elem_id="compare-pairs")
+        self.deltas = gr.Dataframe(label="Per-pair reward deltas (tuned − base)",
+                                   interactive=False, max_height=300, elem_id="compare-deltas")
+
+    def wire(self, app) -> None:
+        ctx = self.ctx
+        views = [self.head, self.pairs, self.wins, self.bars, self.deltas]
+
+        def on_start(base, tuned, *values):
+            try:
+                if not tuned:
+                    raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
+                if not base:
+                    raise ValueError("give the base model")
+                cfg = app.settings.config_from(ctx.cfg, values)
+                ctx.set_config(cfg)
+                ctx.remember_config()
+                from craft.config import resolve_path
+
+                base_path = str(resolve_path(base) or base)
+                name = eval_name(base_path, tuned, cfg)
+                run_dir = ctx.run_dir
+
+                def job(jc):
+                    from craft.store import RunStore
+
+                    jc.log(f"{name}: base {base_path} vs {tuned}")
+                    with RunStore(run_dir) as store:
+                        res = run_evaluation(cfg, store, base_path, tuned, name, jc.progress,
+                                             jc.should_stop)
+                    jc.log(res.table())
+                    return {"evaluation_id": res.evaluation_id}
+
+                JOBS.start("compare", "Compare base vs tuned", job)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip()
+            return ok_md("evaluation started"), gr.Timer(active=True)
+
+        self.start.click(on_start, [self.base, self.tuned, *app.settings.components],
+                         [self.message, self.panel.timer])
+        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="compare")
+                          else "no evaluation is running", None, self.message)
+
+        def tick():
+            snap = JOBS.latest("compare")
+            out = self.panel.render(snap)
+            if snap is None or snap.running:
+                return [*out, gr.skip(), *[gr.skip()] * len(views), gr.skip()]
+            if snap.status == "done" and snap.result:
+                eid = snap.result["evaluation_id"]
+                return [*out, gr.update(choices=evaluation_choices(ctx), value=eid),
+                        *evaluation_views(ctx, eid), gr.Timer(active=False)]
+            return [*out, gr.skip(), *[gr.skip()] * len(views), gr.Timer(active=False)]
+
+        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.past, *views,
+                                           self.panel.timer])
+
+        def on_past(eid):
+            try:
+                return evaluation_views(ctx, eid)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame()
+
+        self.past.input(on_past, self.past, views)
+        self.refresh_btn.click(lambda: gr.update(choices=checkpoint_choices(ctx)), None,
+                               self.tuned)
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.base, self.tuned, self.past, self.head, self.pairs, self.wins, self.bars,
+                self.deltas, *self.panel.outputs, self.panel.timer]
+
+    def refresh(self) -> list:
+        ctx = self.ctx
+        ckpts = checkpoint_choices(ctx)
+        evals = evaluation_choices(ctx)
+        eid = evals[0][1] if evals else None
+        try:
+            views = evaluation_views(ctx, eid)
+        except Exception as e:  # noqa: BLE001
+            views = (user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame())
+        return [ctx.model_path(),
+                gr.update(choices=ckpts, value=ckpts[0][1] if ckpts else None),
+                gr.update(choices=evals, value=eid), *views, *self.panel.render(),
+                gr.Timer(active=self.panel.is_running())]
+
+
+__all__ = ["CompareTab", "checkpoint_choices", "pair_images", "run_evaluation", "win_table"]

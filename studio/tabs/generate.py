@@ -1,0 +1,146 @@
+"""Generate: sample S images per (prompt, variant) from the base model in a background job, with
+progress, ETA and cancel; the latest candidates in a grid."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from craft.config import field_choices, field_help
+from studio.context import StudioContext
+from studio.jobs import JOBS
+from studio.settings import Settings, none_as_zero, optional_int
+from studio.ui import JobPanel, ok_md, user_error
+
+LATEST = 32
+
+
+def latest_candidates(ctx: StudioContext, n: int = LATEST) -> list[tuple[str, str]]:
+    df = ctx.store.candidates_df(split="train")
+    if df.empty:
+        return []
+    df = df.tail(n).iloc[::-1]
+    return [(p, f"{'★ original' if v == 0 else f'variant {v}'} · seed {s}\n{text}")
+            for p, v, s, text in zip(df["image_path"], df["variant_idx"], df["seed"],
+                                     df["variant"])]
+
+
+def plan_summary(ctx: StudioContext) -> str:
+    cfg = ctx.cfg
+    counts = ctx.counts()
+    per_prompt = 1 + cfg.prompts.num_variants
+    planned = (counts["prompts"] + counts["variants"]) * cfg.generation.seeds_per_prompt
+    return (f"{counts['prompts']} prompts × (1 original + variants) × S = "
+            f"{cfg.generation.seeds_per_prompt} seeds → **{planned}** candidates planned "
+            f"(group size (1+V)·S = {per_prompt * cfg.generation.seeds_per_prompt}); "
+            f"{counts['candidates']} stored.")
+
+
+class GenerateTab:
+    def __init__(self, ctx: StudioContext, settings: Settings):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        g = cfg.generation
+        gr.Markdown("Generate the **candidates**: for every original prompt and each of its "
+                    "variants, S images from the base model, all sharing the group's seeds. "
+                    "Finished batches are stored as they come, so a cancelled or crashed run "
+                    "resumes where it stopped.")
+        with gr.Row():
+            self.model = settings.bind("model.pretrained", gr.Textbox(
+                cfg.model.pretrained, label="model.pretrained (base model)",
+                info=field_help("model", "pretrained"), scale=3, elem_id="gen-model"))
+            self.device = settings.bind("model.device", gr.Textbox(
+                cfg.model.device, label="model.device", info=field_help("model", "device")))
+            self.dtype = settings.bind("model.dtype", gr.Dropdown(
+                list(field_choices("model", "dtype")), value=cfg.model.dtype, label="model.dtype"))
+        with gr.Row():
+            self.seeds = settings.bind("generation.seeds_per_prompt", gr.Slider(
+                1, 16, value=g.seeds_per_prompt, step=1, label="S: seeds per prompt / variant",
+                info=field_help("generation", "seeds_per_prompt"), elem_id="gen-seeds"))
+            self.steps = settings.bind("generation.num_inference_steps", gr.Slider(
+                1, 100, value=g.num_inference_steps, step=1, label="denoising steps",
+                elem_id="gen-steps"))
+            self.guidance = settings.bind("generation.guidance_scale", gr.Slider(
+                1.0, 15.0, value=g.guidance_scale, step=0.5, label="guidance scale"))
+        with gr.Row():
+            self.batch = settings.bind("generation.batch_size", gr.Number(
+                g.batch_size, precision=0, minimum=1, label="batch size (per device)"))
+            self.seed = settings.bind("generation.seed", gr.Number(
+                g.seed, precision=0, minimum=0, label="base seed"))
+            self.height = settings.bind("generation.height", gr.Number(
+                none_as_zero(g.height), precision=0, minimum=0, label="height (0 = native)"),
+                to_ui=none_as_zero, from_ui=optional_int)
+            self.width = settings.bind("generation.width", gr.Number(
+                none_as_zero(g.width), precision=0, minimum=0, label="width (0 = native)"),
+                to_ui=none_as_zero, from_ui=optional_int)
+        self.plan = gr.Markdown(elem_id="gen-plan")
+        with gr.Row():
+            self.start = gr.Button("Generate", variant="primary", elem_id="gen-start")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+        self.message = gr.Markdown(elem_id="gen-message")
+        self.panel = JobPanel("generate")
+        self.gallery = gr.Gallery(label="Latest candidates", columns=8, height=420,
+                                  object_fit="contain", elem_classes=["pixelated"],
+                                  elem_id="gen-gallery", allow_preview=True)
+        self._shown = None
+
+    def wire(self, app) -> None:
+        ctx = self.ctx
+
+        def on_start(*values):
+            try:
+                cfg = app.settings.config_from(ctx.cfg, values)
+                ctx.set_config(cfg)
+                ctx.remember_config()
+                if ctx.counts()["prompts"] == 0:
+                    raise ValueError("this run has no prompts yet; add some in the Prompts tab")
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip(), gr.skip()
+            run_dir = ctx.run_dir
+
+            def job(jc):
+                import torch
+
+                from craft.generation import generate_candidates
+                from craft.store import RunStore
+
+                torch.set_flush_denormal(True)
+                jc.log(f"loading {cfg.model.pretrained}")
+                with RunStore(run_dir) as store:
+                    n = generate_candidates(store, cfg, progress=jc.progress,
+                                            should_stop=jc.should_stop)
+                jc.log(f"wrote {n} candidates")
+                return n
+
+            try:
+                JOBS.start("generate", "Generate candidates", job)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip(), gr.skip()
+            return ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx)
+
+        self.start.click(on_start, app.settings.components,
+                         [self.message, self.panel.timer, self.plan])
+        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="generate")
+                          else "no generation is running", None, self.message)
+
+        def tick():
+            snap = JOBS.latest("generate")
+            out = self.panel.render(snap)
+            n = ctx.counts()["candidates"]
+            gallery = latest_candidates(ctx) if n != self._shown else gr.skip()
+            self._shown = n
+            timer = gr.skip() if snap is not None and snap.running else gr.Timer(active=False)
+            return [*out, gallery, timer]
+
+        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.gallery, self.panel.timer])
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.plan, self.gallery, *self.panel.outputs, self.panel.timer]
+
+    def refresh(self) -> list:
+        self._shown = self.ctx.counts()["candidates"]
+        return [plan_summary(self.ctx), latest_candidates(self.ctx), *self.panel.render(),
+                gr.Timer(active=self.panel.is_running())]
+
+
+__all__ = ["GenerateTab", "latest_candidates"]

@@ -1,0 +1,131 @@
+"""Groups: one original prompt's group at a time (its candidates, the original prompt's images
+marked, reward / composite / advantage bars, pass or fail per level) and a sortable table of all
+groups. It uses the Curate tab's current filter settings, so both tabs always agree."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from studio.context import StudioContext
+from studio.curation import groups_table, level_pass_table
+from studio.plots import empty_figure, group_bars
+from studio.ui import error_md, short_name
+
+
+def prompt_choices(ctx: StudioContext) -> list[tuple[str, int]]:
+    df = ctx.frame()
+    if df.empty:
+        return []
+    first = df.drop_duplicates("prompt_id")
+    return [(f"#{pid} {text}", int(pid)) for pid, text in zip(first["prompt_id"], first["prompt"])]
+
+
+def group_view(curation, prompt_id: int, rewards: list[str]):
+    f = curation.frame
+    g = f[f["prompt_id"] == prompt_id].sort_values(["variant_idx", "seed"], kind="stable")
+    if g.empty:
+        raise ValueError(f"prompt {prompt_id} has no scored candidates")
+    levels = level_pass_table(g, curation.settings)
+    labels = [("★" if v == 0 else f"v{v}") + f" s{s}" for v, s in
+              zip(g["variant_idx"], g["seed"])]
+    short = {r: short_name(r) for r in rewards}
+    gallery = []
+    for label, row, (_, lv) in zip(labels, g.itertuples(), levels.iterrows()):
+        marks = " ".join(f"{k}{'✓' if v else '✗'}" for k, v in lv.items())
+        kept = " KEPT" if row.kept else ""
+        gallery.append((row.image_path, f"{label}{kept} · R {row.composite:+.2f} · "
+                                        f"A {row.advantage:+.2f} · {marks}\n{row.variant}"))
+    cols = [f"norm_{r}" for r in rewards if f"norm_{r}" in g] + ["composite", "advantage"]
+    names = [f"{short[r]} (norm.)" for r in rewards if f"norm_{r}" in g] + ["composite R",
+                                                                            "advantage A"]
+    fig = group_bars(g, labels, cols, names)
+    table = pd.DataFrame({"candidate": labels, "seed": g["seed"].to_numpy(),
+                          "variant text": g["variant"].to_numpy()})
+    for r in rewards:
+        if r in g:
+            table[short[r]] = g[r].round(3).to_numpy()
+            if f"beats_{r}" in g:
+                table[f"beats ref on {short[r]}"] = g[f"beats_{r}"].to_numpy()
+    table["R"] = g["composite"].round(3).to_numpy()
+    table["A"] = g["advantage"].round(3).to_numpy()
+    for col in levels:
+        table[f"pass {col}"] = levels[col].to_numpy()
+    table["kept"] = g["kept"].to_numpy()
+    ref = g[g["variant_idx"] == 0]
+    head = (f"**{g['prompt'].iloc[0]}** · {len(g)} candidates "
+            f"({len(ref)} from the original prompt, ★) · reference R "
+            f"{ref['composite'].mean():+.3f} · kept {int(g['kept'].sum())}")
+    return head, gallery, fig, table
+
+
+class GroupsTab:
+    def __init__(self, ctx: StudioContext, curate_tab):
+        self.ctx = ctx
+        self.curate = curate_tab
+        gr.Markdown("A **group** is every candidate of one original prompt: S images from the "
+                    "prompt itself (★, the reference) and S from each variant. Advantages are "
+                    "computed within the group. Filter settings come from the Curate tab.")
+        with gr.Row():
+            self.prompt = gr.Dropdown([], label="Prompt", elem_id="groups-prompt", scale=4,
+                                      filterable=True)
+            self.refresh_btn = gr.Button("Refresh", scale=1, size="sm")
+        self.head = gr.Markdown(elem_id="groups-head")
+        self.gallery = gr.Gallery(label="Candidates of this group", columns=10, height=280,
+                                  object_fit="contain", elem_classes=["pixelated"],
+                                  elem_id="groups-gallery")
+        self.bars = gr.Plot(label="Rewards, composite and advantage", elem_id="groups-bars")
+        self.table = gr.Dataframe(label="Pass / fail per level", interactive=False,
+                                  max_height=360, elem_id="groups-table")
+        gr.Markdown("### All groups (click a column header to sort, a row to open the group)")
+        self.all_groups = gr.Dataframe(interactive=False, max_height=420,
+                                       elem_id="groups-all")
+
+    def show(self, prompt_id, *values):
+        if prompt_id is None:
+            return "Pick a prompt.", [], empty_figure("pick a prompt"), None
+        try:
+            c = self.curate.run(values)
+            return group_view(c, int(prompt_id), self.curate.rewards)
+        except Exception as e:  # noqa: BLE001
+            return error_md(str(e)), [], empty_figure("nothing to show"), None
+
+    def wire(self, app) -> None:
+        controls = self.curate.controls
+        outs = [self.head, self.gallery, self.bars, self.table]
+        self.prompt.input(self.show, [self.prompt, *controls], outs)
+
+        def on_row(evt: gr.SelectData, table):
+            try:
+                row = evt.index[0]
+                pid = int(table.iloc[row]["prompt_id"])
+            except Exception:  # noqa: BLE001
+                return gr.skip()
+            return pid
+
+        (self.all_groups.select(on_row, self.all_groups, self.prompt)
+         .then(self.show, [self.prompt, *controls], outs))
+        self.refresh_btn.click(self.refresh, self.refresh_inputs, self.refresh_outputs)
+
+    @property
+    def refresh_inputs(self) -> list:
+        return [self.prompt, *self.curate.controls]
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.prompt, self.all_groups, self.head, self.gallery, self.bars, self.table]
+
+    def refresh(self, prompt_id, *values) -> list:
+        choices = prompt_choices(self.ctx)
+        ids = [v for _, v in choices]
+        if prompt_id not in ids:
+            prompt_id = ids[0] if ids else None
+        try:
+            table = groups_table(self.curate.run(values))
+        except Exception:  # noqa: BLE001
+            table = None
+        return [gr.update(choices=choices, value=prompt_id), table,
+                *self.show(prompt_id, *values)]
+
+
+__all__ = ["GroupsTab", "group_view", "prompt_choices"]

@@ -1,0 +1,263 @@
+"""Prompts: choose the original prompts (built-in toy or sample set, an uploaded file, pasted
+text), preview them and a few prompts' variants, then add them to the run (a background job:
+an LLM expander can take a while)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from craft.config import field_choices, field_help
+from studio.context import StudioContext
+from studio.jobs import JOBS
+from studio.settings import Settings, none_as_zero, optional_int
+from studio.ui import JobPanel, error_md, ok_md, safe, user_error
+
+UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
+SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in, natural "
+                                                       "language)",
+           "upload": "Upload a file", "paste": "Paste text"}
+PREVIEW_ROWS = 200
+VARIANT_PREVIEW_PROMPTS = 3
+
+
+def _safe_name(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "prompts.txt"
+    return stem[:80]
+
+
+def store_upload(ctx: StudioContext, tmp_path: str) -> str:
+    """Copy an uploaded prompt file into RUN/uploads/ (so the config can point at it and the run
+    is self-contained); returns the new path. The file is only ever parsed as text/table data."""
+    src = Path(tmp_path)
+    suffix = src.suffix.lower()
+    if suffix not in UPLOAD_TYPES:
+        raise ValueError(f"{src.name}: unsupported file type {suffix or '(none)'}; upload one of "
+                         f"{', '.join(UPLOAD_TYPES)}")
+    dest_dir = ctx.run_dir / "uploads"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(src.read_bytes()).hexdigest()[:8]
+    dest = dest_dir / f"{Path(_safe_name(src.name)).stem}-{digest}{suffix}"
+    shutil.copyfile(src, dest)
+    return str(dest)
+
+
+def store_paste(ctx: StudioContext, text: str) -> str:
+    if not text or not text.strip():
+        raise ValueError("the pasted text is empty; paste one prompt per line")
+    dest_dir = ctx.run_dir / "uploads"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    dest = dest_dir / f"pasted-{hashlib.sha1(data).hexdigest()[:8]}.txt"
+    dest.write_bytes(data)
+    return str(dest)
+
+
+def preview(source: str, fmt: str, column: str, max_prompts, num_variants, expander: str,
+            seed) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """Load (without storing) and show the prompts and the variants of the first few."""
+    from craft.expansion import expand_prompts
+    from craft.prompts import load_prompts
+
+    ps = load_prompts(source, fmt or "auto", column or None, optional_int(max_prompts),
+                      seed=int(seed or 0))
+    table = pd.DataFrame({"#": range(1, len(ps.prompts) + 1), "prompt": ps.prompts}).head(
+        PREVIEW_ROWS)
+    msg = f"**{source}** ({ps.format}): {ps.summary()}"
+    if ps.skipped:
+        first = ps.skipped[:5]
+        msg += "<br>skipped: " + "; ".join(f"line {s.line}: {s.reason}" for s in first)
+        if len(ps.skipped) > 5:
+            msg += f"; … {len(ps.skipped) - 5} more"
+    nv = int(num_variants or 0)
+    if nv and expander == "template":
+        exp = expand_prompts(ps.prompts[:VARIANT_PREVIEW_PROMPTS], "template", nv, int(seed or 0))
+        rows = [(p, i, v) for p, vs in zip(exp.prompts, exp.variants) for i, v in enumerate(vs, 1)]
+        variants = pd.DataFrame(rows, columns=["prompt", "variant", "text"])
+    else:
+        variants = pd.DataFrame({"prompt": [], "variant": [], "text": []})
+        if nv:
+            msg += "<br>The LLM expander writes variants when you add the prompts to the run."
+    return msg, table, variants
+
+
+def stored_tables(ctx: StudioContext) -> tuple[pd.DataFrame, pd.DataFrame]:
+    prompts = ctx.store.prompts_df()
+    variants = ctx.store.variants_df("train")
+    counts = variants[variants["idx"] > 0].groupby("prompt_id").size()
+    table = pd.DataFrame({"id": prompts["id"], "split": prompts["split"], "prompt": prompts["text"],
+                          "variants": [int(counts.get(i, 0)) for i in prompts["id"]]})
+    sample_ids = list(prompts.loc[prompts["split"] == "train", "id"][:VARIANT_PREVIEW_PROMPTS])
+    v = variants[variants["prompt_id"].isin(sample_ids) & (variants["idx"] > 0)]
+    vt = pd.DataFrame({"prompt": v["prompt"], "variant": v["idx"], "text": v["text"]})
+    return table, vt
+
+
+class PromptsTab:
+    def __init__(self, ctx: StudioContext, settings: Settings):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        gr.Markdown("Load the **original prompts** CRAFT aligns on and expand each into richer "
+                    "**variants** (used only to generate candidates; every image is scored and "
+                    "trained against its original prompt).")
+        with gr.Row():
+            with gr.Column(scale=2):
+                self.kind = gr.Radio(list(SOURCES.values()), value=SOURCES["toy"],
+                                     label="Prompt set", elem_id="prompts-kind")
+                self.upload = gr.File(label="Prompt file (txt, csv, tsv, json, jsonl, parquet)",
+                                      file_types=UPLOAD_TYPES, type="filepath", visible=False,
+                                      elem_id="prompts-upload")
+                self.paste = gr.Textbox(label="Paste prompts, one per line", lines=6,
+                                        visible=False, elem_id="prompts-paste")
+                self.use_paste = gr.Button("Use pasted text", visible=False, size="sm")
+                self.source = settings.bind("prompts.source", gr.Textbox(
+                    cfg.prompts.source, label="prompts.source",
+                    info=field_help("prompts", "source"), elem_id="prompts-source"))
+            with gr.Column(scale=1):
+                self.fmt = settings.bind("prompts.format", gr.Dropdown(
+                    list(field_choices("prompts", "format")), value=cfg.prompts.format,
+                    label="format", info=field_help("prompts", "format")))
+                self.column = settings.bind("prompts.column", gr.Textbox(
+                    cfg.prompts.column or "", label="column",
+                    info=field_help("prompts", "column")),
+                    to_ui=lambda v: v or "", from_ui=lambda v: (v or "").strip() or None)
+                self.max_prompts = settings.bind("prompts.max_prompts", gr.Number(
+                    none_as_zero(cfg.prompts.max_prompts), precision=0, minimum=0,
+                    label="max prompts (0 = all)", elem_id="prompts-max"),
+                    to_ui=none_as_zero, from_ui=optional_int)
+            with gr.Column(scale=1):
+                self.num_variants = settings.bind("prompts.num_variants", gr.Slider(
+                    0, 12, value=cfg.prompts.num_variants, step=1, label="V: variants per prompt",
+                    info=field_help("prompts", "num_variants"), elem_id="prompts-variants"))
+                self.expander = settings.bind("prompts.expander", gr.Dropdown(
+                    list(field_choices("prompts", "expander")), value=cfg.prompts.expander,
+                    label="expander", info=field_help("prompts", "expander")))
+                self.seed = settings.bind("prompts.seed", gr.Number(
+                    cfg.prompts.seed, precision=0, label="seed"))
+        with gr.Accordion("Held-out evaluation prompts and LLM expander", open=False):
+            with gr.Row():
+                self.eval_source = settings.bind("prompts.eval_source", gr.Textbox(
+                    cfg.prompts.eval_source, label="prompts.eval_source",
+                    info=field_help("prompts", "eval_source")))
+                self.max_eval = settings.bind("prompts.max_eval_prompts", gr.Number(
+                    none_as_zero(cfg.prompts.max_eval_prompts), precision=0, minimum=0,
+                    label="max evaluation prompts (0 = all)"), to_ui=none_as_zero,
+                    from_ui=optional_int)
+                self.expander_model = settings.bind("prompts.expander_model", gr.Textbox(
+                    cfg.prompts.expander_model or "", label="expander_model (llm_local)"),
+                    to_ui=lambda v: v or "", from_ui=lambda v: (v or "").strip() or None)
+                self.expander_url = settings.bind("prompts.expander_url", gr.Textbox(
+                    cfg.prompts.expander_url or "", label="expander_url (llm_http)"),
+                    to_ui=lambda v: v or "", from_ui=lambda v: (v or "").strip() or None)
+        with gr.Row():
+            self.preview_btn = gr.Button("Preview", elem_id="prompts-preview")
+            self.add_btn = gr.Button("Add prompts to the run", variant="primary",
+                                     elem_id="prompts-add")
+        self.message = gr.Markdown(elem_id="prompts-message")
+        self.panel = JobPanel("prompts", log_lines=4)
+        with gr.Row():
+            self.preview_table = gr.Dataframe(label="Preview (not yet in the run)",
+                                              interactive=False, max_height=300,
+                                              elem_id="prompts-preview-table")
+            self.preview_variants = gr.Dataframe(label="Variants of the first prompts",
+                                                 interactive=False, max_height=300, wrap=True)
+        gr.Markdown("### In this run")
+        with gr.Row():
+            self.stored = gr.Dataframe(label="Prompts in the run", interactive=False,
+                                       max_height=360, elem_id="prompts-stored")
+            self.stored_variants = gr.Dataframe(label="Stored variants of the first prompts",
+                                                interactive=False, max_height=360, wrap=True)
+
+    # ------------------------------------------------------------------ wiring
+
+    def wire(self, app) -> None:
+        ctx = self.ctx
+        preview_inputs = [self.source, self.fmt, self.column, self.max_prompts,
+                          self.num_variants, self.expander, self.seed]
+        preview_outputs = [self.message, self.preview_table, self.preview_variants]
+
+        def on_kind(kind):
+            key = next(k for k, v in SOURCES.items() if v == kind)
+            source = {"toy": "toy", "sample": "sample"}.get(key, gr.skip())
+            return (gr.update(visible=key == "upload"), gr.update(visible=key == "paste"),
+                    gr.update(visible=key == "paste"), source)
+
+        (self.kind.input(on_kind, self.kind, [self.upload, self.paste, self.use_paste,
+                                              self.source])
+         .then(safe(preview, 3), preview_inputs, preview_outputs))
+
+        def on_upload(path):
+            if not path:
+                return gr.skip(), gr.skip()
+            try:
+                return store_upload(ctx, path), ""
+            except Exception as e:  # noqa: BLE001
+                return gr.skip(), user_error(e)
+
+        (self.upload.upload(on_upload, self.upload, [self.source, self.message])
+         .success(safe(preview, 3), preview_inputs, preview_outputs))
+        (self.use_paste.click(lambda t: store_paste(ctx, t), self.paste, self.source)
+         .success(safe(preview, 3), preview_inputs, preview_outputs))
+        self.preview_btn.click(safe(preview, 3), preview_inputs, preview_outputs)
+
+        def on_add(*values):
+            try:
+                cfg = app.settings.config_from(ctx.cfg, values)
+                ctx.set_config(cfg)
+                ctx.remember_config()
+            except Exception as e:  # noqa: BLE001
+                return [user_error(e), gr.skip()]
+            run_dir = ctx.run_dir
+
+            def job(jc):
+                from craft.stages import prepare_prompts
+                from craft.store import RunStore
+
+                jc.log(f"loading {cfg.prompts.source} and {cfg.prompts.eval_source}")
+                with RunStore(run_dir) as store:
+                    info = prepare_prompts(store, cfg, progress=jc.progress)
+                jc.log(f"train: {info['train_summary']}; eval: {info['eval_summary']}; "
+                       f"expanded {info['expanded']} prompt(s)")
+                return info
+
+            try:
+                JOBS.start("prompts", "Add prompts", job)
+            except Exception as e:  # noqa: BLE001
+                return [user_error(e), gr.skip()]
+            return [ok_md("adding prompts…"), gr.Timer(active=True)]
+
+        self.add_btn.click(on_add, app.settings.components, [self.message, self.panel.timer])
+
+        def tick():
+            snap = JOBS.latest("prompts")
+            out = self.panel.render(snap)
+            if snap is None or snap.running:
+                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            stored, variants = stored_tables(ctx)
+            msg = (ok_md(f"added: {snap.result['train_summary']} (train), "
+                         f"{snap.result['eval_summary']} (held out)")
+                   if snap.status == "done" and snap.result else error_md(
+                       snap.error or snap.status))
+            return [*out, gr.Timer(active=False), stored, variants, msg]
+
+        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
+                                           self.stored_variants, self.message])
+
+    # ------------------------------------------------------------------ refresh
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.stored, self.stored_variants, *self.panel.outputs, self.panel.timer]
+
+    def refresh(self) -> list:
+        stored, variants = stored_tables(self.ctx)
+        return [stored, variants, *self.panel.render(),
+                gr.Timer(active=self.panel.is_running())]
+
+
+__all__ = ["PromptsTab", "preview", "store_paste", "store_upload"]

@@ -1,0 +1,131 @@
+"""Score: compute the rewards of every candidate against its original prompt (background job),
+then look at their distributions and how they correlate."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from studio.context import StudioContext
+from studio.jobs import JOBS
+from studio.plots import correlation_heatmap, reward_histograms
+from studio.settings import Settings
+from studio.ui import JobPanel, ok_md, user_error
+
+
+def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
+    rows = []
+    for r in rewards:
+        if r not in df:
+            continue
+        v = df[r].to_numpy(float)
+        fin = v[np.isfinite(v)]
+        orig = df["variant_idx"].to_numpy() == 0
+        rows.append({"reward": r, "scored": int(np.isfinite(v).sum()),
+                     "missing / NaN": int((~np.isfinite(v)).sum()),
+                     "mean": round(float(fin.mean()), 4) if fin.size else None,
+                     "std": round(float(fin.std()), 4) if fin.size else None,
+                     "mean (original prompt)": round(float(np.nanmean(v[orig])), 4)
+                     if np.isfinite(v[orig]).any() else None,
+                     "mean (variants)": round(float(np.nanmean(v[~orig])), 4)
+                     if np.isfinite(v[~orig]).any() else None})
+    return pd.DataFrame(rows)
+
+
+def score_views(ctx: StudioContext) -> tuple:
+    df = ctx.frame()
+    rewards = list(dict.fromkeys([*ctx.cfg.rewards.names, *ctx.cfg.rewards.eval_names]))
+    rewards = [r for r in rewards if r in df and df[r].notna().any()]
+    return reward_table(df, rewards), reward_histograms(df, rewards), correlation_heatmap(
+        df, rewards)
+
+
+class ScoreTab:
+    def __init__(self, ctx: StudioContext, settings: Settings):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        choices = list(dict.fromkeys([*cfg.rewards.names, *cfg.rewards.eval_names]))
+        gr.Markdown("Score every candidate with the reward models, **always against the original "
+                    "prompt** (never the variant that generated it). Scores are cached in the run: "
+                    "a rerun scores only what is missing. The held-out reward(s) in "
+                    "`rewards.eval_names` are not used for selection; scoring them here shows how "
+                    "they relate to the training rewards.")
+        with gr.Row():
+            self.rewards = gr.CheckboxGroup(choices, value=list(cfg.rewards.names),
+                                            label="Rewards to compute", elem_id="score-rewards")
+            self.force = gr.Checkbox(False, label="re-score everything (ignore cached scores)")
+            self.device = settings.bind("rewards.device", gr.Textbox(
+                cfg.rewards.device, label="rewards.device"))
+            self.batch = settings.bind("rewards.batch_size", gr.Number(
+                cfg.rewards.batch_size, precision=0, minimum=1, label="rewards.batch_size"))
+        with gr.Row():
+            self.start = gr.Button("Score", variant="primary", elem_id="score-start")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="score-cancel")
+        self.message = gr.Markdown(elem_id="score-message")
+        self.panel = JobPanel("score", log_lines=5)
+        self.table = gr.Dataframe(label="Rewards", interactive=False, elem_id="score-table")
+        self.hists = gr.Plot(label="Per-reward histograms", elem_id="score-hists")
+        self.corr = gr.Plot(label="Reward correlation", elem_id="score-corr")
+
+    def wire(self, app) -> None:
+        ctx = self.ctx
+        n = len(app.settings.components)
+
+        def on_start(*values):
+            *cfg_values, names, force = values
+            try:
+                cfg = app.settings.config_from(ctx.cfg, cfg_values)
+                ctx.set_config(cfg)
+                ctx.remember_config()
+                if not names:
+                    raise ValueError("tick at least one reward to compute")
+                if ctx.counts()["candidates"] == 0:
+                    raise ValueError("this run has no candidates yet; run the Generate step")
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip()
+            run_dir = ctx.run_dir
+
+            def job(jc):
+                from craft.scoring import score_candidates
+                from craft.store import RunStore
+
+                jc.log(f"scoring with {', '.join(names)}")
+                with RunStore(run_dir) as store:
+                    written = score_candidates(store, cfg, names=list(names), force=bool(force),
+                                               progress=jc.progress, should_stop=jc.should_stop)
+                jc.log(f"wrote {written} scores")
+                return written
+
+            try:
+                JOBS.start("score", "Score candidates", job)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip()
+            return ok_md("scoring started"), gr.Timer(active=True)
+
+        assert n == len(app.settings.components)
+        self.start.click(on_start, [*app.settings.components, self.rewards, self.force],
+                         [self.message, self.panel.timer])
+        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="score")
+                          else "no scoring job is running", None, self.message)
+
+        def tick():
+            snap = JOBS.latest("score")
+            out = self.panel.render(snap)
+            if snap is not None and snap.running:
+                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            return [*out, *score_views(ctx), gr.Timer(active=False)]
+
+        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.table, self.hists, self.corr,
+                                           self.panel.timer])
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.table, self.hists, self.corr, *self.panel.outputs, self.panel.timer]
+
+    def refresh(self) -> list:
+        return [*score_views(self.ctx), *self.panel.render(),
+                gr.Timer(active=self.panel.is_running())]
+
+
+__all__ = ["ScoreTab", "reward_table", "score_views"]

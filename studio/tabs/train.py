@@ -1,0 +1,332 @@
+"""Train: advantage-weighted fine-tuning on the kept set, in a background thread, with a live
+loss curve, step / ETA, fixed-seed previews, cancel (stops within one step and leaves a loadable
+checkpoint) and resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from craft.config import config_from_dict, field_choices, field_help
+from studio.context import StudioContext
+from studio.jobs import JOBS
+from studio.plots import loss_curve
+from studio.settings import Settings, lines_to_list, list_to_lines
+from studio.ui import JobPanel, error_md, ok_md, user_error
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def train_dir(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "train" / name
+
+
+def runs_table(ctx: StudioContext) -> pd.DataFrame:
+    runs = ctx.store.train_runs_df()
+    if runs.empty:
+        return pd.DataFrame(columns=["id", "name", "status", "started", "steps", "last loss",
+                                     "checkpoint", "error"])
+    rows = []
+    for r in runs.itertuples():
+        m = ctx.store.metrics_df(int(r.id))
+        rows.append({"id": r.id, "name": r.name, "status": r.status,
+                     "started": pd.Timestamp(r.started, unit="s").strftime("%H:%M:%S"),
+                     "steps": int(m["step"].max()) if not m.empty else 0,
+                     "last loss": round(float(m["loss"].iloc[-1]), 5) if not m.empty else None,
+                     "checkpoint": r.checkpoint_dir or "", "error": (r.error or "")[:200]})
+    return pd.DataFrame(rows).iloc[::-1]
+
+
+def run_names(ctx: StudioContext) -> list[str]:
+    runs = ctx.store.train_runs_df()
+    return list(dict.fromkeys(runs["name"].tolist()[::-1])) if not runs.empty else []
+
+
+def resumable(ctx: StudioContext) -> list[str]:
+    from craft.training import latest_checkpoint
+
+    out = []
+    runs = ctx.store.train_runs_df()
+    if runs.empty:
+        return out
+    last = runs.groupby("name").tail(1)
+    for r in last.itertuples():
+        if r.status in ("cancelled", "failed") and latest_checkpoint(
+                train_dir(ctx.run_dir, r.name)) is not None:
+            out.append(r.name)
+    return out
+
+
+def next_name(ctx: StudioContext) -> str:
+    names = set(run_names(ctx))
+    k = 1
+    while f"craft-{k}" in names or train_dir(ctx.run_dir, f"craft-{k}").exists():
+        k += 1
+    return f"craft-{k}"
+
+
+def metrics_for(ctx: StudioContext, name: str) -> pd.DataFrame:
+    """Every logged step of every (resumed) run of ``name``; a re-logged step keeps the latest."""
+    runs = ctx.store.train_runs_df()
+    if runs.empty or not name:
+        return pd.DataFrame()
+    frames = [ctx.store.metrics_df(int(i)) for i in runs.loc[runs["name"] == name, "id"]]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames).drop_duplicates("step", keep="last").sort_values("step")
+
+
+def previews_for(ctx: StudioContext, name: str, prompts: list[str]) -> list[tuple[str, str]]:
+    """The first and the latest preview sets of a run (same prompts and seeds)."""
+    pdir = train_dir(ctx.run_dir, name) / "previews"
+    steps = sorted(pdir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = [p for p in steps if any(p.glob("*.png"))]
+    if not steps:
+        return []
+    chosen = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
+    items = []
+    for d in chosen:
+        step = int(d.name.split("-")[1])
+        files = sorted(d.glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+        for i, f in enumerate(files):
+            text = prompts[i] if i < len(prompts) else f"preview {i}"
+            items.append((str(f), f"step {step} · seed {i} · {text}"))
+    return items
+
+
+def stored_config(ctx: StudioContext, name: str):
+    runs = ctx.store.train_runs_df()
+    rows = runs[runs["name"] == name]
+    if rows.empty:
+        raise ValueError(f"no training run named {name!r}")
+    return config_from_dict(json.loads(rows.iloc[-1]["config_json"]), f"training run {name}")
+
+
+class TrainTab:
+    def __init__(self, ctx: StudioContext, settings: Settings):
+        self.ctx = ctx
+        t = ctx.cfg.train
+        a = ctx.cfg.advantage
+        gr.Markdown("Fine-tune the UNet on the **kept set** (Curate tab) with each image's loss "
+                    "weighted by its group advantage; conditioning is the original prompt. "
+                    "Training runs in the background: every other tab stays usable.")
+        with gr.Row():
+            self.steps = settings.bind("train.steps", gr.Number(
+                t.steps, precision=0, minimum=1, label="steps", info=field_help("train", "steps"),
+                elem_id="train-steps"))
+            self.lr = settings.bind("train.lr", gr.Number(t.lr, label="learning rate",
+                                                          elem_id="train-lr"))
+            self.eff = settings.bind("train.effective_batch", gr.Number(
+                t.effective_batch, precision=0, minimum=1, label="effective batch",
+                info=field_help("train", "effective_batch"), elem_id="train-effective-batch"))
+            self.micro = settings.bind("train.micro_batch", gr.Number(
+                t.micro_batch, precision=0, minimum=1, label="micro batch (per device)",
+                elem_id="train-micro-batch"))
+        with gr.Row():
+            self.adv_mode = settings.bind("advantage.mode", gr.Dropdown(
+                list(field_choices("advantage", "mode")), value=a.mode, label="advantage → weight",
+                info=field_help("advantage", "mode")))
+            self.tau = settings.bind("advantage.tau", gr.Number(a.tau, label="softmax τ"))
+            self.tw = settings.bind("train.timestep_weighting", gr.Dropdown(
+                list(field_choices("train", "timestep_weighting")), value=t.timestep_weighting,
+                label="w(t)", info=field_help("train", "timestep_weighting")))
+            self.cond = settings.bind("train.conditioning", gr.Dropdown(
+                list(field_choices("train", "conditioning")), value=t.conditioning,
+                label="conditioning", info=field_help("train", "conditioning")))
+        with gr.Accordion("More hyper-parameters", open=False):
+            with gr.Row():
+                self.dropout = settings.bind("train.cond_dropout", gr.Slider(
+                    0.0, 0.5, value=t.cond_dropout, step=0.01, label="prompt dropout"))
+                self.ema = settings.bind("train.ema_decay", gr.Slider(
+                    0.0, 0.999, value=t.ema_decay, step=0.001, label="EMA decay"))
+                self.wd = settings.bind("train.weight_decay", gr.Number(
+                    t.weight_decay, label="weight decay"))
+                self.clip = settings.bind("train.max_grad_norm", gr.Number(
+                    t.max_grad_norm, label="max grad norm"))
+            with gr.Row():
+                self.lora = settings.bind("train.lora", gr.Checkbox(t.lora, label="LoRA"))
+                self.rank = settings.bind("train.lora_rank", gr.Number(
+                    t.lora_rank, precision=0, minimum=1, label="LoRA rank"))
+                self.ckpt = settings.bind("train.checkpoint_every", gr.Number(
+                    t.checkpoint_every, precision=0, minimum=0, label="checkpoint every N steps",
+                    elem_id="train-checkpoint-every"))
+                self.prev = settings.bind("train.preview_every", gr.Number(
+                    t.preview_every, precision=0, minimum=0, label="preview every N steps",
+                    elem_id="train-preview-every"))
+                self.seed = settings.bind("train.seed", gr.Number(t.seed, precision=0,
+                                                                  label="seed"))
+                self.mp = settings.bind("train.mixed_precision", gr.Dropdown(
+                    list(field_choices("train", "mixed_precision")), value=t.mixed_precision,
+                    label="mixed precision"))
+            self.preview_prompts = settings.bind("train.preview_prompts", gr.Textbox(
+                list_to_lines(t.preview_prompts), lines=4,
+                label="preview prompts (one per line; fixed seeds 0, 1, 2, …)"),
+                to_ui=list_to_lines, from_ui=lines_to_list)
+        with gr.Row():
+            self.name = gr.Textbox("craft-1", label="run name", elem_id="train-name", scale=2)
+            self.start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+        with gr.Row():
+            self.resume_name = gr.Dropdown([], label="resume a cancelled / failed run",
+                                           elem_id="train-resume-name", scale=2)
+            self.resume = gr.Button("Resume", elem_id="train-resume")
+        self.message = gr.Markdown(elem_id="train-message")
+        self.panel = JobPanel("train", log_lines=6)
+        with gr.Row():
+            self.view = gr.Dropdown([], label="show run", elem_id="train-view", scale=1)
+        with gr.Row():
+            self.loss = gr.Plot(label="Loss", elem_id="train-loss")
+            self.previews = gr.Gallery(label="Fixed-seed previews: first and latest", columns=4,
+                                       height=360, object_fit="contain",
+                                       elem_classes=["pixelated"], elem_id="train-previews")
+        self.runs = gr.Dataframe(label="Training runs", interactive=False, max_height=260,
+                                 elem_id="train-runs")
+        self._preview_key = None
+
+    # ------------------------------------------------------------------ jobs
+
+    def _start(self, cfg, name: str, resume: bool) -> str:
+        ctx = self.ctx
+        run_dir = ctx.run_dir
+        out_dir = train_dir(run_dir, name)
+
+        def job(jc):
+            import torch
+
+            from craft.stages import training_set
+            from craft.store import RunStore
+            from craft.training import TrainCallbacks, train, weighted_epochs
+
+            torch.set_flush_denormal(True)
+            jc.set_info(name=name, out_dir=str(out_dir))
+            with RunStore(run_dir) as store:
+                kept = training_set(store, cfg, save_as=f"train:{name}")
+                jc.log(f"training on {len(kept)} kept candidates "
+                       f"(~{weighted_epochs(len(kept), cfg.train.steps, cfg.train.effective_batch):.0f}"
+                       f" passes); output {out_dir}")
+
+                def on_step(step, total, metrics):
+                    jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
+
+                def on_preview(step, images, prompts):
+                    jc.log(f"previews at step {step}")
+
+                def on_checkpoint(step, path):
+                    jc.log(f"checkpoint at step {step}: {path}")
+
+                result = train(cfg, kept, out_dir, store=store, run_name=name,
+                               callbacks=TrainCallbacks(on_step, on_preview, on_checkpoint,
+                                                        jc.should_stop), resume=resume)
+            jc.log(f"{result.status} after {result.steps_done} steps; "
+                   f"{result.final_dir or result.last_checkpoint}")
+            return {"status": result.status, "steps": result.steps_done,
+                    "final": str(result.final_dir) if result.final_dir else None,
+                    "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
+
+        JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}", job)
+        return name
+
+    def wire(self, app) -> None:
+        ctx = self.ctx
+
+        def on_start(name, *values):
+            try:
+                name = (name or "").strip()
+                if not _NAME_RE.match(name):
+                    raise ValueError(f"run name {name!r}: use letters, digits, '-', '_' or '.' "
+                                     f"(up to 64), e.g. craft-1")
+                if name in run_names(ctx) or train_dir(ctx.run_dir, name).exists():
+                    raise ValueError(f"a training run named {name!r} exists; pick another name "
+                                     f"or resume it")
+                cfg = app.settings.config_from(ctx.cfg, values)
+                ctx.set_config(cfg)
+                ctx.remember_config()
+                self._start(cfg, name, resume=False)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+            return (ok_md(f"training {name} started"), gr.Timer(active=True),
+                    gr.update(choices=[name, *run_names(ctx)], value=name), next_name(ctx))
+
+        self.start.click(on_start, [self.name, *app.settings.components],
+                         [self.message, self.panel.timer, self.view, self.name])
+
+        def on_resume(name):
+            try:
+                if not name:
+                    raise ValueError("pick a cancelled or failed run to resume")
+                cfg = stored_config(ctx, name)
+                self._start(cfg, name, resume=True)
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip(), gr.skip()
+            return (ok_md(f"resuming {name} from its last checkpoint"), gr.Timer(active=True),
+                    gr.update(choices=run_names(ctx), value=name))
+
+        self.resume.click(on_resume, self.resume_name, [self.message, self.panel.timer, self.view])
+        self.cancel.click(lambda: ok_md("cancel requested: stopping after the current step and "
+                                        "saving a checkpoint") if JOBS.cancel(kind="train")
+                          else "no training is running", None, self.message)
+
+        def tick(view):
+            snap = JOBS.latest("train")
+            out = self.panel.render(snap)
+            running = snap is not None and snap.running
+            if running and snap.info.get("name"):
+                view = snap.info["name"]
+            loss, previews = self._run_view(view)
+            extra = [gr.skip(), gr.skip(), gr.skip()]
+            if not running:
+                extra = [runs_table(ctx), gr.update(choices=resumable(ctx)),
+                         gr.Timer(active=False)]
+            return [*out, loss, previews, *extra]
+
+        self.panel.timer.tick(tick, self.view, [*self.panel.outputs, self.loss, self.previews,
+                                                self.runs, self.resume_name, self.panel.timer])
+
+        def on_view(view):
+            self._preview_key = None
+            return self._run_view(view)
+
+        self.view.input(on_view, self.view, [self.loss, self.previews])
+
+    def _run_view(self, name):
+        if not name:
+            return loss_curve(None), []
+        ctx = self.ctx
+        metrics = metrics_for(ctx, name)
+        fig = loss_curve(metrics, title=f"Loss · {name}")
+        try:
+            prompts = list(stored_config(ctx, name).train.preview_prompts)
+        except Exception:  # noqa: BLE001
+            prompts = list(ctx.cfg.train.preview_prompts)
+        items = previews_for(ctx, name, prompts)
+        key = (name, tuple(p for p, _ in items))
+        if key == self._preview_key:
+            return fig, gr.skip()
+        self._preview_key = key
+        return fig, items
+
+    # ------------------------------------------------------------------ refresh
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.name, self.view, self.resume_name, self.runs, self.loss, self.previews,
+                *self.panel.outputs, self.panel.timer]
+
+    def refresh(self) -> list:
+        ctx = self.ctx
+        names = run_names(ctx)
+        snap = JOBS.running("train")
+        view = snap.info.get("name") if snap else (names[0] if names else None)
+        self._preview_key = None
+        loss, previews = self._run_view(view)
+        return [next_name(ctx), gr.update(choices=names, value=view),
+                gr.update(choices=resumable(ctx), value=None), runs_table(ctx), loss, previews,
+                *self.panel.render(), gr.Timer(active=snap is not None)]
+
+
+__all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table"]

@@ -1,0 +1,105 @@
+"""Small UI helpers shared by the tabs: job panels, messages, captions, CSS."""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any, Callable
+
+import gradio as gr
+
+from craft import CraftError
+from studio.jobs import JOBS, JobSnapshot
+
+logger = logging.getLogger(__name__)
+
+CSS = """
+/* Toy images are 32 px: upscale them without smoothing so one sees what the rewards see. */
+.pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+.job-bar { height: 10px; background: #e6e9ef; border-radius: 5px; overflow: hidden; }
+.job-bar > div { height: 100%; background: #2f9e5b; transition: width .4s; }
+.job-bar.failed > div { background: #d9534f; }
+.job-bar.cancelled > div { background: #e0a13a; }
+.kept-count { font-size: 1.25em; }
+.studio-error { color: #b52a25; }
+.job-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
+"""
+
+POLL_SECONDS = 1.0
+
+
+def short_name(reward: str) -> str:
+    """``toy_fidelity`` -> ``fid``; real names keep their first 5 letters (``hpsv2``)."""
+    base = reward[4:] if reward.startswith("toy_") else reward
+    return base[:3] if reward.startswith("toy_") else base[:6]
+
+
+def error_md(e: BaseException | str) -> str:
+    text = e if isinstance(e, str) else " ".join(str(e).split())
+    return f"<span class='studio-error'>⚠ {html.escape(text)}</span>"
+
+
+def ok_md(text: str) -> str:
+    return f"✓ {text}"
+
+
+def user_error(e: BaseException) -> str:
+    """Message for an exception caught in a handler: CraftError text as is, others typed."""
+    if isinstance(e, CraftError) or isinstance(e, ValueError):
+        return error_md(e)
+    logger.exception("studio handler failed")
+    return error_md(f"{type(e).__name__}: {e}")
+
+
+class JobPanel:
+    """Status line, progress bar and log of the latest job of one kind, refreshed by a timer."""
+
+    def __init__(self, kind: str, log_lines: int = 8):
+        self.kind = kind
+        self.status = gr.Markdown("No job yet.", elem_id=f"{kind}-job-status")
+        self.bar = gr.HTML(_bar(None), elem_id=f"{kind}-job-bar")
+        self.log = gr.Textbox(label="Log (last lines)", lines=log_lines, max_lines=log_lines,
+                              interactive=False, elem_classes=["job-log"],
+                              elem_id=f"{kind}-job-log")
+        self.timer = gr.Timer(POLL_SECONDS, active=False)
+
+    @property
+    def outputs(self) -> list[Any]:
+        return [self.status, self.bar, self.log]
+
+    def render(self, snap: JobSnapshot | None = None) -> list[Any]:
+        snap = snap if snap is not None else JOBS.latest(self.kind)
+        if snap is None:
+            return ["No job yet.", _bar(None), ""]
+        return [snap.summary(), _bar(snap), "\n".join(snap.log[-40:])]
+
+    def is_running(self) -> bool:
+        return JOBS.running(self.kind) is not None
+
+
+def _bar(snap: JobSnapshot | None) -> str:
+    if snap is None:
+        return "<div class='job-bar'><div style='width:0%'></div></div>"
+    pct = 100.0 if snap.status == "done" else 100 * snap.fraction
+    return (f"<div class='job-bar {snap.status}' data-status='{snap.status}'>"
+            f"<div style='width:{pct:.1f}%'></div></div>")
+
+
+def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Callable[..., Any]:
+    """Wrap a handler so a user error lands in its message output instead of a traceback;
+    other outputs are left unchanged."""
+
+    def wrapper(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            out = [gr.skip()] * n_outputs
+            out[message_index] = user_error(e)
+            return out[0] if n_outputs == 1 else tuple(out)
+
+    wrapper.__name__ = getattr(fn, "__name__", "handler")
+    return wrapper
+
+
+__all__ = ["CSS", "JobPanel", "POLL_SECONDS", "error_md", "ok_md", "safe", "short_name",
+           "user_error"]
