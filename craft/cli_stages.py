@@ -141,6 +141,19 @@ def _train(store, cfg, args, kept, name: str, out: Path):
     return result
 
 
+def _publish_final(result, run_dir: Path) -> Path:
+    """Copy the tuned pipeline to RUN/final, where `craft evaluate` and users look for it."""
+    import shutil
+
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(result.final_dir, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
 def cmd_train(args) -> int:
     from craft.stages import training_set
 
@@ -149,8 +162,12 @@ def cmd_train(args) -> int:
     kept = training_set(store, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "train"
     result = _train(store, cfg, args, kept, "craft", out)
-    print(f"training {result.status} after {result.steps_done} steps; "
-          f"{'tuned pipeline at ' + str(result.final_dir) if result.final_dir else 'checkpoint ' + str(result.last_checkpoint)}")
+    if result.final_dir is None:
+        print(f"training {result.status} after {result.steps_done} steps; checkpoint "
+              f"{result.last_checkpoint}; rerun with --resume to continue")
+        return 0
+    final = result.final_dir if args.out else _publish_final(result, Path(args.run_dir))
+    print(f"training {result.status} after {result.steps_done} steps; tuned pipeline at {final}")
     return 0
 
 
@@ -159,6 +176,9 @@ def cmd_evaluate(args) -> int:
 
     store, cfg = _open(args)
     tuned = args.tuned or str(Path(args.run_dir) / "final")
+    if args.tuned is None and not Path(tuned).exists():
+        raise CraftError(f"no tuned pipeline at {tuned}; run `craft train --run-dir "
+                         f"{args.run_dir}` first, or pass --tuned PATH")
     models = {"base": args.base or cfg.model.pretrained, "craft": tuned}
     result = evaluate(cfg, store, models, name=args.name, progress=_tqdm_progress("evaluate"))
     print(result.table())
@@ -168,8 +188,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_run(args) -> int:
     """All stages in order; leaves the tuned pipeline at RUN/final and prints the evaluation."""
-    import shutil
-
     from craft.evaluation import evaluate
     from craft.generation import generate_candidates
     from craft.scoring import score_candidates
@@ -201,9 +219,7 @@ def cmd_run(args) -> int:
     if result.final_dir is None:
         print(f"training {result.status}; rerun with --resume to continue", file=sys.stderr)
         return 1
-    final = run_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(result.final_dir, final)
+    final = _publish_final(result, run_dir)
     ev = stage("evaluate", lambda: evaluate(cfg, store, {"base": cfg.model.pretrained,
                                                          "craft": str(final)},
                                             pipes={"base": pipe},

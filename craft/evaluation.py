@@ -140,8 +140,8 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
     Images are written under ``out_dir`` (default RUN/eval/NAME/LABEL/) so they can be shown
     side by side; a rerun reuses images already there.
     """
-    from craft.generation import SamplingParams, generate_images
-    from craft.models import load_pipeline
+    from craft.generation import SamplingParams, apply_scheduler, generate_images
+    from craft.models import MissingWeightsError, load_pipeline, locate
     from craft.rewards import load_reward
 
     if len(models) < 2:
@@ -153,6 +153,15 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
     params = SamplingParams(num_inference_steps=e.num_inference_steps,
                             guidance_scale=e.guidance_scale)
     labels = list(models)
+    # Fail before any work when a model that still has images to make is not on disk.
+    for label in labels:
+        if (pipes or {}).get(label) is None and not all(
+                (out / label / f"{i:05d}.png").exists() for i in range(len(plan))):
+            try:
+                locate(str(models[label]))
+            except MissingWeightsError as e:
+                raise MissingWeightsError(f"evaluate: model {label!r} ({models[label]}) is not "
+                                          f"on this machine: {e}") from None
     total = len(plan) * len(labels)
     frames = []
     done = 0
@@ -167,6 +176,7 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
                 m = cfg.model
                 pipe = load_pipeline(models[label], family=m.family, dtype=m.dtype,
                                      device=m.device)
+            apply_scheduler(pipe, cfg.generation.scheduler)  # every model: the same sampler
             for sl, images in generate_images(pipe, [plan[i][0] for i in missing],
                                               [plan[i][1] for i in missing], params,
                                               e.batch_size, should_stop=should_stop):

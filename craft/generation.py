@@ -88,6 +88,26 @@ class PromptEncoder:
         return {n: t for n, t in zip(names, stacked) if t is not None}
 
 
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
+              "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+
+
+def apply_scheduler(pipe, name: str):
+    """Switch ``pipe`` to the sampler ``name`` (config ``generation.scheduler``), keeping the
+    model's noise schedule; ``default`` keeps the scheduler saved with the model."""
+    if name == "default":
+        return pipe
+    if name not in SCHEDULERS:
+        raise ValueError(f"generation.scheduler={name!r} is not one of "
+                         f"{['default', *SCHEDULERS]}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if type(pipe.scheduler) is not cls:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def generators_for(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
     """One generator per image: the seed alone fixes the image's initial noise."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -177,9 +197,13 @@ def generate_candidates(store, cfg, pipe=None, split: str = "train",
     """
     from accelerate import PartialState
 
-    from craft.models import load_from_config
+    from craft.models import load_from_config, resolve_device
 
-    state = PartialState()
+    # cpu=True when the model runs on the CPU: without it accelerate reports a single process
+    # under a multi-process CPU launch (torchrun sets the ranks, but PartialState() only looks
+    # for accelerators), every process would generate every key, and the second writer of a
+    # key would fail. Training asks for the same (Accelerator(cpu=...)).
+    state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
     model = cfg.model.pretrained
     done = store.existing_candidate_keys(model)
     todo = [c for c in plan_candidates(store, cfg, split) if c[:3] not in done]
@@ -190,6 +214,7 @@ def generate_candidates(store, cfg, pipe=None, split: str = "train",
     if pipe is None:
         pipe = load_from_config(cfg.model)
     g = cfg.generation
+    apply_scheduler(pipe, g.scheduler)
     params = SamplingParams(num_inference_steps=g.num_inference_steps,
                             guidance_scale=g.guidance_scale, height=g.height, width=g.width)
     from craft.store import NewCandidate

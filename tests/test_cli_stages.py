@@ -1,0 +1,112 @@
+"""The stage commands on the tiny model: `craft run` end to end (a real subprocess), each stage
+on its own, and user errors that end in one line with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from craft.cli import main
+from craft.store import RunStore
+
+
+def _sets(model_dir, **extra) -> list[str]:
+    return [x for o in tiny_overrides(model_dir, **extra) for x in ("--set", o)]
+
+
+def _load_and_generate(final: Path):
+    from diffusers import StableDiffusionPipeline
+
+    from craft.generation import SamplingParams, generate_images
+
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    [(_, images)] = list(generate_images(pipe, ["a red circle on a blue background"], [3],
+                                         SamplingParams(num_inference_steps=2)))
+    return images[0]
+
+
+def test_craft_run_end_to_end(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "craft.cli", "run", "--run-dir", str(run),
+                           *_sets(tiny_model_dir)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    # The evaluation table: every eval reward and the composite, base and tuned columns.
+    for word in ("composite", "toy_fidelity", "toy_heldout", "base mean±se", "craft win%"):
+        assert word in out, (word, out)
+    assert "tuned pipeline:" in out and "side-by-side grid:" in out
+    assert "Traceback" not in proc.stderr
+    final = run / "final"
+    assert (final / "model_index.json").exists()
+    assert (final / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert _load_and_generate(final).size == (16, 16)
+    with RunStore(run) as store:
+        assert len(store.candidates_df()) == 4 * 3 * 2
+        assert store.train_runs_df()["status"].tolist() == ["done"]
+        assert len(store.evaluations_df()) == 1
+
+
+def test_each_stage_command_in_turn(tmp_path, tiny_model_dir, capsys):
+    run = str(tmp_path / "run")
+    assert main(["prompts", "--run-dir", run, *_sets(tiny_model_dir)]) == 0
+    assert "variants written for 4 prompts (V=2)" in capsys.readouterr().out
+    # Later commands use the config stored by the first one (no --set needed).
+    assert main(["generate", "--run-dir", run]) == 0
+    assert "generated 24 new candidates; 24 in the run" in capsys.readouterr().out
+    assert main(["generate", "--run-dir", run]) == 0
+    assert "generated 0 new candidates; 24 in the run" in capsys.readouterr().out
+    assert main(["score", "--run-dir", run]) == 0
+    assert "wrote 72 scores" in capsys.readouterr().out  # 24 candidates x 3 training rewards
+    assert main(["score", "--run-dir", run]) == 0
+    assert "wrote 0 scores" in capsys.readouterr().out  # cached
+    assert main(["filter", "--run-dir", run]) == 0
+    assert "saved as selection 'craft'" in capsys.readouterr().out
+    assert main(["train", "--run-dir", run]) == 0
+    assert "training done after 2 steps" in capsys.readouterr().out
+    assert main(["evaluate", "--run-dir", run]) == 0
+    out = capsys.readouterr().out
+    assert "craft win%" in out and "side-by-side grid" in out
+    assert _load_and_generate(Path(run) / "train" / "final").size == (16, 16)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("craft: error: "), err
+    assert "Traceback" not in err
+    assert len([line for line in lines if line.startswith("craft: error")]) == 1
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "train"])
+def test_missing_model_path_is_a_one_line_user_error(tmp_path, capsys, command):
+    missing = str(tmp_path / "no-such-model")
+    code = main([command, "--run-dir", str(tmp_path / "run"), "--set",
+                 f"model.pretrained={missing}"])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "model.pretrained" in line and "no-such-model" in line
+
+
+def test_generate_without_prompts_is_a_one_line_user_error(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "empty-run"
+    assert main(["generate", "--run-dir", str(run), *_sets(tiny_model_dir)]) == 2
+    line = _one_line_error(capsys)
+    assert "no prompts yet" in line and "craft prompts" in line
+
+
+def test_train_and_evaluate_before_their_inputs_exist(tmp_path, tiny_model_dir, capsys):
+    run = str(tmp_path / "run")
+    assert main(["prompts", "--run-dir", run, *_sets(tiny_model_dir)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", run]) == 2
+    assert "craft generate" in _one_line_error(capsys)
+    assert main(["evaluate", "--run-dir", run]) == 2  # RUN/final does not exist yet
+    assert "final" in _one_line_error(capsys)

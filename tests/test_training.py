@@ -1,0 +1,318 @@
+"""Advantage-weighted fine-tuning on the tiny model: what changes, what must not, cancel and
+resume, metrics, the w(t) options, and a real 2-process ``accelerate launch``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config, tiny_overrides
+from craft import CraftError
+from craft.store import RunStore
+from craft.training import TrainCallbacks, latest_checkpoint, timestep_weights, train
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+           "a yellow triangle on a black background", "a white square on a purple background"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    """Six 16x16 training images (random blocks; their content does not matter here)."""
+    root = tmp_path_factory.mktemp("train-images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        arr = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        paths.append(str(root / f"{i}.png"))
+        Image.fromarray(arr).save(paths[-1])
+    return paths
+
+
+def frame(paths, weights, prompts=None) -> pd.DataFrame:
+    prompts = prompts or [PROMPTS[i % len(PROMPTS)] for i in range(len(paths))]
+    return pd.DataFrame({"image_path": paths, "prompt": prompts, "weight": weights})
+
+
+def cfg_for(model_dir, **train):
+    over = {"train.steps": 2, "train.lr": 1e-3, "train.weight_decay": 0.0,
+            "train.checkpoint_every": 0, "train.preview_every": 0, "train.ema_decay": 0.0,
+            "train.cond_dropout": 0.1}
+    over.update({f"train.{k}": v for k, v in train.items()})
+    return tiny_config(model_dir, **over)
+
+
+def unet_state(path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path).state_dict()
+
+
+def base_state(pipe) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+
+
+# ------------------------------------------------------------------------ what training changes
+
+
+def test_full_finetune_changes_every_parameter_and_logs_metrics(tmp_path, tiny_model_dir,
+                                                                tiny_pipe, images):
+    cfg = cfg_for(tiny_model_dir)
+    with RunStore(tmp_path / "run") as store:
+        result = train(cfg, frame(images, [1.0, 2.0, 0.5, 1.0, 0.0, 1.5]), tmp_path / "out",
+                       store=store, pipe=tiny_pipe)
+        assert result.status == "done" and result.steps_done == 2
+        run = store.get_train_run(result.run_id)
+        assert run["status"] == "done"
+        metrics = store.metrics_df(result.run_id)
+    assert metrics["step"].tolist() == [1, 2]
+    for col in ("loss", "grad_norm", "step_time", "lr"):
+        assert np.isfinite(metrics[col]).all() and (metrics[col] > 0).all(), col
+    base = base_state(tiny_pipe)
+    tuned = unet_state(result.final_dir / "unet")
+    assert tuned.keys() == base.keys()
+    unchanged = [k for k in base if torch.equal(base[k], tuned[k])]
+    assert not unchanged, f"{len(unchanged)} parameters did not change, e.g. {unchanged[:3]}"
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_unet(tmp_path, tiny_model_dir,
+                                                             tiny_pipe, images):
+    rank = 2
+    cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=rank, lora_alpha=2.0, lr=1e-2)
+    result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_pipe)
+    state = torch.load(result.last_checkpoint / "state.pt", weights_only=False)
+    # The optimizer saw only LoRA A/B matrices: r x in and out x r for every attention
+    # projection the adapter targets.
+    targets = [m for n, m in tiny_pipe.unet.named_modules()
+               if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert targets
+    assert len(state["trainable"]) == 2 * len(targets)
+    expected = sum(rank * (m.in_features + m.out_features) for m in targets)
+    assert sum(t.numel() for t in state["trainable"]) == expected
+    # The exported UNet is a plain one (adapters merged in), different from the base only in
+    # the adapted projections.
+    base = base_state(tiny_pipe)
+    tuned = unet_state(result.final_dir / "unet")
+    assert tuned.keys() == base.keys() and not any("lora" in k for k in tuned)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
+                                       "to_out.0.weight")) for k in changed), sorted(changed)[:5]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_all_zero_weights_leave_the_unet_unchanged(tmp_path, tiny_model_dir, tiny_pipe, images,
+                                                   max_grad_norm):
+    cfg = cfg_for(tiny_model_dir, max_grad_norm=max_grad_norm)
+    result = train(cfg, frame(images, [0.0] * 6), tmp_path / "out", pipe=tiny_pipe)
+    base, tuned = base_state(tiny_pipe), unet_state(result.final_dir / "unet")
+    assert all(torch.equal(base[k], tuned[k]) for k in base)
+
+
+def test_a_weight_zero_sample_contributes_nothing(tmp_path, tiny_model_dir, tiny_pipe, images):
+    """Two runs that differ only in the image and prompt of a weight-0 sample end identical."""
+    cfg = cfg_for(tiny_model_dir, weight_decay=0.01)
+    a = train(cfg, frame([images[0], images[1]], [1.0, 0.0], [PROMPTS[0], PROMPTS[1]]),
+              tmp_path / "a", pipe=tiny_pipe)
+    b = train(cfg, frame([images[0], images[5]], [1.0, 0.0], [PROMPTS[0], PROMPTS[3]]),
+              tmp_path / "b", pipe=tiny_pipe)
+    sa, sb = unet_state(a.final_dir / "unet"), unet_state(b.final_dir / "unet")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], v) for k, v in base_state(tiny_pipe).items())
+
+
+def test_rejects_an_empty_or_broken_training_set(tmp_path, tiny_model_dir, images):
+    cfg = cfg_for(tiny_model_dir)
+    with pytest.raises(CraftError, match="empty"):
+        train(cfg, frame([], []), tmp_path / "o")
+    with pytest.raises(CraftError, match="missing columns"):
+        train(cfg, frame(images[:1], [1.0]).drop(columns="weight"), tmp_path / "o")
+    with pytest.raises(CraftError, match="NaN"):
+        train(cfg, frame(images[:2], [1.0, float("nan")]), tmp_path / "o")
+
+
+# ------------------------------------------------------------------------ cancel and resume
+
+
+def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes_identically(
+        tmp_path, tiny_model_dir, tiny_pipe, images):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from craft.generation import SamplingParams, generate_images
+
+    # EMA on and two micro-batches per step, so resume must restore weights, EMA and AdamW.
+    cfg = cfg_for(tiny_model_dir, steps=4, ema_decay=0.9, effective_batch=4, micro_batch=2)
+    df = frame(images, [1.0, 2.0, 0.5, 1.0, 0.3, 1.5])
+    out = tmp_path / "out"
+    steps_seen: list[int] = []
+    checks_after_stop = []
+    stop_at = 2
+
+    def should_stop() -> bool:
+        if len(steps_seen) >= stop_at:
+            checks_after_stop.append(1)
+            return True
+        return False
+
+    with RunStore(tmp_path / "run") as store:
+        cb = TrainCallbacks(on_step=lambda s, n, m: steps_seen.append(s), should_stop=should_stop)
+        result = train(cfg, df, out, store=store, callbacks=cb, pipe=tiny_pipe)
+        assert result.status == "cancelled"
+        assert result.steps_done == stop_at and steps_seen == [1, 2]
+        assert len(checks_after_stop) == 1  # stopped at the first check after the request
+        assert result.final_dir is None and not (out / "final").exists()
+        assert result.last_checkpoint == out / f"checkpoint-{stop_at}" == latest_checkpoint(out)
+        UNet2DConditionModel.from_pretrained(result.last_checkpoint / "unet")  # loadable
+        assert store.get_train_run(result.run_id)["status"] == "cancelled"
+        assert store.metrics_df(result.run_id)["step"].tolist() == [1, 2]
+
+        steps_seen.clear()
+        resumed = train(cfg, df, out, store=store, resume=True, pipe=tiny_pipe,
+                        callbacks=TrainCallbacks(on_step=lambda s, n, m: steps_seen.append(s)))
+        assert resumed.status == "done" and resumed.steps_done == 4 and steps_seen == [3, 4]
+        assert store.metrics_df(resumed.run_id)["step"].tolist() == [3, 4]
+
+    # The resumed run ends where an uninterrupted run ends.
+    straight = train(cfg, df, tmp_path / "straight", pipe=tiny_pipe)
+    sr, ss = unet_state(resumed.final_dir / "unet"), unet_state(straight.final_dir / "unet")
+    worst = max((sr[k] - ss[k]).abs().max().item() for k in sr)
+    assert worst < 1e-6
+
+    pipe = StableDiffusionPipeline.from_pretrained(resumed.final_dir)
+    [(_, ims)] = list(generate_images(pipe, [PROMPTS[0]], [0], SamplingParams(2)))
+    assert ims[0].size == (16, 16)
+    meta = json.loads((resumed.final_dir / "craft_train.json").read_text())
+    assert meta["steps"] == 4 and meta["n_train"] == 6
+
+
+# ------------------------------------------------------------------------ timestep weights
+
+
+@pytest.mark.parametrize("mode", ["uniform", "elbo", "min_snr"])
+def test_timestep_weights_have_mean_one(mode):
+    from craft.toyworld.model import build_scheduler
+
+    w = timestep_weights(build_scheduler(), mode)
+    assert w.shape == (1000,) and torch.isfinite(w).all() and (w > 0).all()
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    if mode == "uniform":
+        assert torch.equal(w, torch.ones_like(w))
+    if mode == "elbo":  # (1 - abar_t) / (2 beta_t abar_t): grows with the noise level
+        assert (w[1:] > w[:-1]).all()
+    if mode == "min_snr":  # min(SNR, gamma) / SNR: at most 1 before normalising, flat when noisy
+        assert (w[1:] >= w[:-1]).all() and w[-1] == w[-2]
+
+
+def test_timestep_weights_unknown_mode():
+    from craft.toyworld.model import build_scheduler
+
+    with pytest.raises(CraftError, match="uniform, elbo, min_snr"):
+        timestep_weights(build_scheduler(), "snr")
+
+
+# ------------------------------------------------------------------------ accelerate launch
+
+LAUNCHED = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from accelerate import PartialState
+    from craft import CraftError
+    from craft.config import load_config
+    from craft.generation import generate_candidates
+    from craft.stages import random_subset
+    from craft.store import RunStore
+    from craft.training import train
+
+    run_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(None, overrides)
+    store = RunStore(run_dir)
+    written = []
+    add = store.add_candidates
+    def recording_add(items):
+        items = list(items)
+        written.extend([c.prompt_id, c.variant_id, c.seed] for c in items)
+        return add(items)
+    store.add_candidates = recording_add
+    n = generate_candidates(store, cfg)  # sets up the process group itself (model.device=cpu)
+    state = PartialState()
+    rank = state.process_index
+    state.wait_for_everyone()
+    report = {"rank": rank, "world": state.num_processes, "written": written, "n": n}
+    # effective_batch must be divisible by micro_batch x processes: 2 is not (2 x 2 = 4).
+    bad = load_config(None, overrides + ["train.effective_batch=2"])
+    try:
+        train(bad, random_subset(store, cfg, 4), run_dir / "bad")
+    except CraftError as e:
+        report["divisibility_error"] = str(e)
+    kept = random_subset(store, cfg, 4)
+    result = train(cfg, kept, run_dir / "train", store=store)
+    report.update(status=result.status, steps=result.steps_done,
+                  final=str(result.final_dir) if result.final_dir else None)
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(report))
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~35-45 s on the 2-core dev machine, most of it process start-up
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir):
+    """2 CPU processes: generation shards candidates (disjoint, complete), and training runs
+    its steps with effective_batch = micro_batch x processes, then saves the final pipeline.
+
+    ``--multi_gpu`` is accelerate's torchrun launcher; on a machine without GPUs the processes
+    join a gloo group because craft passes cpu=True for model.device=cpu. (``--cpu`` with
+    several processes hands off to MPI instead, and without mpirun runs one process.)"""
+    from craft.stages import prepare_prompts
+
+    overrides = tiny_overrides(tiny_model_dir, **{
+        "generation.batch_size": 2, "train.steps": 2, "train.effective_batch": 4,
+        "train.micro_batch": 2, "train.checkpoint_every": 0})
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir)
+    with RunStore(run) as store:
+        prepare_prompts(store, cfg)
+        from craft.generation import plan_candidates
+
+        planned = {tuple(c[:3]) for c in plan_candidates(store, cfg)}
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         str(script), str(run), *overrides],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in reports] == [2, 2]
+    shards = [{tuple(k) for k in r["written"]} for r in reports]
+    assert all(shards) and not shards[0] & shards[1]
+    assert shards[0] | shards[1] == planned
+    assert all("multiple of 4" in r["divisibility_error"] for r in reports)
+    assert all(r["status"] == "done" and r["steps"] == 2 for r in reports)
+    assert reports[0]["final"] and reports[1]["final"] is None  # the main process saves
+    with RunStore(run) as store:
+        assert len(store.candidates_df()) == len(planned)
+        runs = store.train_runs_df()
+        assert runs["status"].tolist() == ["done"]
+        assert store.metrics_df(int(runs["id"].iloc[0]))["step"].tolist() == [1, 2]
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(reports[0]["final"])
