@@ -64,7 +64,10 @@ class PromptEncoder:
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if not todo:
             return
-        neg = [self.params.negative_prompt] * len(todo)
+        # An empty negative prompt is passed as None, as the pipeline's own call does: SDXL then
+        # uses zeros for the unconditional branch (force_zeros_for_empty_prompt), SD1.5 the
+        # encoding of "" either way.
+        neg = [self.params.negative_prompt] * len(todo) if self.params.negative_prompt else None
         with torch.no_grad():
             if is_sdxl(self.pipe):
                 out = self.pipe.encode_prompt(

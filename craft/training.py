@@ -99,6 +99,20 @@ def encode_text(pipe, prompts: list[str], device) -> dict:
         return {"hidden": embeds}
 
 
+def empty_conditioning(pipe, device) -> dict:
+    """The conditioning that replaces a caption under prompt dropout: whatever the pipeline
+    uses as the unconditional branch of classifier-free guidance, so that dropout keeps
+    guidance calibrated. That is the encoding of "" for SD1.5, and zeros for SDXL models saved
+    with ``force_zeros_for_empty_prompt`` (the SDXL default)."""
+    from craft.generation import is_sdxl
+
+    empty = encode_text(pipe, [""], device)
+    if is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        empty["hidden"] = torch.zeros_like(empty["hidden"])
+        empty["text_embeds"] = torch.zeros_like(empty["text_embeds"])
+    return empty
+
+
 def _gather(cond: dict, idx: torch.Tensor) -> dict:
     return {k: v[idx] for k, v in cond.items()}
 
@@ -294,7 +308,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
     cond = encode_text(pipe, list(train_df[text_col]), accelerator.device)
-    empty = encode_text(pipe, [""], accelerator.device)
+    empty = empty_conditioning(pipe, accelerator.device)
     cond = {k: v.float() for k, v in cond.items()}
     empty = {k: v.float() for k, v in empty.items()}
     weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,

@@ -43,6 +43,43 @@ def build_tiny_pipeline(tokenizer_dir, seed: int = 0):
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
 
 
+def build_tiny_sdxl_pipeline(tokenizer_dir, seed: int = 0):
+    """A StableDiffusionXLPipeline at test size: two text encoders (the second with a projection
+    for the pooled embedding), a UNet with SDXL's text_time added conditioning."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from craft.toyworld.model import (UNET_CONFIG, VAE_CONFIG, build_scheduler,
+                                      load_tokenizer, text_encoder_config, write_tokenizer)
+
+    write_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    te_config = text_encoder_config(tokenizer)
+    te2_config = text_encoder_config(tokenizer)
+    te2_config.projection_dim = 32
+    time_dim = 8
+    unet = UNet2DConditionModel(**{
+        **UNET_CONFIG, **TINY_UNET, "cross_attention_dim": 2 * te_config.hidden_size,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": te2_config.projection_dim + 6 * time_dim})
+    vae = AutoencoderKL(**{**VAE_CONFIG, **TINY_VAE})
+    vae.register_to_config(scaling_factor=TINY_SCALING_FACTOR)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(te_config),
+        text_encoder_2=CLIPTextModelWithProjection(te2_config), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=build_scheduler())
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe(tmp_path_factory):
+    """A tiny SDXL pipeline (in memory, CPU, float32)."""
+    pipe = build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "tokenizer")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     import torch

@@ -57,6 +57,31 @@ def test_batched_candidate_regenerates_alone(tiny_pipe):
     assert np.abs(batched[0].astype(int) - batched[2].astype(int)).max() > 10  # prompt
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_same_images_as_the_pipelines_own_call(family, tiny_pipe, tiny_sdxl_pipe):
+    """Our batched path (shared text encodings, per-image generators) makes exactly the images
+    of ``pipe(prompt, num_images_per_prompt=G, generator=[...])``, SDXL's zero unconditional
+    embedding included; and SDXL images are batch-invariant too."""
+    import torch
+
+    from craft.generation import generators_for
+
+    pipe = tiny_pipe if family == "sd15" else tiny_sdxl_pipe
+    params = SamplingParams(num_inference_steps=3, guidance_scale=3.0)
+    texts, seeds = ["a red circle on a blue background", "a green square"], [4, 9]
+    ours = images_to_array(_all_images(pipe, [t for t in texts for _ in seeds],
+                                       seeds * len(texts), params, batch_size=4))
+    theirs = []
+    with torch.no_grad():
+        for t in texts:
+            theirs += pipe(t, num_images_per_prompt=2, generator=generators_for(seeds),
+                           num_inference_steps=3, guidance_scale=3.0).images
+    theirs = images_to_array(theirs)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= MAX_PIXEL_DIFF
+    alone = images_to_array(_all_images(pipe, [texts[1]], [seeds[0]], params, 1))[0]
+    assert np.abs(alone.astype(int) - ours[2].astype(int)).max() <= MAX_PIXEL_DIFF
+
+
 def test_generate_images_validates_arguments(tiny_pipe):
     with pytest.raises(ValueError, match="one seed per"):
         next(generate_images(tiny_pipe, ["a", "b"], [1]))
@@ -247,3 +272,25 @@ def test_kill_9_during_generate_then_rerun_matches_uninterrupted(tmp_path, tiny_
     # No leftovers: every image file in the run belongs to exactly one row.
     files = {p for p in (killed / "images").rglob("*") if p.is_file()}
     assert len(files) == total and not any(p.name.startswith(".tmp") for p in files)
+
+
+# ------------------------------------------------------------------------ the shipped model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "toy-base"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(),
+                    reason="assets/toy-base is not built here (craft toy train-base)")
+def test_shipped_toy_base_generates_batch_invariantly():
+    from craft.models import load_pipeline
+
+    pipe = load_pipeline(SHIPPED, family="toy", dtype="float32", device="cpu")
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy latents, not copied
+    prompts = ["a red circle on a blue background",
+               "a large sharp yellow triangle centred on a plain black background"]
+    params = SamplingParams(num_inference_steps=10)
+    batched = images_to_array(_all_images(pipe, prompts, [1, 2], params, batch_size=2))
+    assert batched.shape == (2, 32, 32, 3)
+    alone = images_to_array(_all_images(pipe, prompts[1:], [2], params, batch_size=1))
+    assert np.abs(alone[0].astype(int) - batched[1].astype(int)).max() <= MAX_PIXEL_DIFF

@@ -139,6 +139,35 @@ def test_rejects_an_empty_or_broken_training_set(tmp_path, tiny_model_dir, image
         train(cfg, frame(images[:2], [1.0, float("nan")]), tmp_path / "o")
 
 
+def test_sdxl_full_finetune_and_its_dropout_conditioning(tmp_path, tiny_model_dir,
+                                                        tiny_sdxl_pipe, images):
+    """The SDXL path (two text encoders, pooled embeds, time ids) trains and saves a complete
+    SDXL pipeline; prompt dropout uses SDXL's zero unconditional embedding."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from craft.training import empty_conditioning, encode_text
+
+    empty = empty_conditioning(tiny_sdxl_pipe, "cpu")
+    assert set(empty) == {"hidden", "text_embeds", "time_ids"}
+    assert not empty["hidden"].any() and not empty["text_embeds"].any()
+    cond = encode_text(tiny_sdxl_pipe, PROMPTS[:2], "cpu")
+    assert cond["hidden"].shape[-1] == tiny_sdxl_pipe.unet.config.cross_attention_dim
+    cfg = cfg_for(tiny_model_dir, cond_dropout=0.5)
+    result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_sdxl_pipe)
+    tuned = StableDiffusionXLPipeline.from_pretrained(result.final_dir)
+    base = tiny_sdxl_pipe.unet.state_dict()
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base[k])]
+    assert len(changed) == len(base)
+
+
+def test_sd15_dropout_conditioning_is_the_empty_prompt(tiny_pipe):
+    from craft.training import empty_conditioning, encode_text
+
+    empty = empty_conditioning(tiny_pipe, "cpu")
+    assert torch.equal(empty["hidden"], encode_text(tiny_pipe, [""], "cpu")["hidden"])
+    assert empty["hidden"].abs().sum() > 0
+
+
 # ------------------------------------------------------------------------ cancel and resume
 
 
