@@ -93,10 +93,22 @@ def levels_line(c: Curation) -> str:
     return "Passing per level: " + " · ".join(parts)
 
 
-def kept_line(c: Curation) -> str:
+def effective_count(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> int:
+    """Kept candidates whose loss weight is > 0. The kept *count* is min(K, passing) whatever the
+    weights; the weights decide the composite, hence the advantages, hence how many kept images
+    the loss actually sees (under ``clamp``, those above their group's mean R)."""
+    adv = c.frame["advantage"].to_numpy()[c.frame["kept"].to_numpy()]
+    adv = adv[np.isfinite(adv)]
+    if adv.size == 0:
+        return 0
+    return int((training_weights(adv, adv_mode, tau) > 0).sum())
+
+
+def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> str:
     counts = c.result.counts
     text = (f"Kept <b id='kept-number'>{counts.kept}</b> of {counts.scorable} scorable candidates"
-            f" ({counts.groups} groups)")
+            f" ({counts.groups} groups) · <span id='effective-number'>"
+            f"{effective_count(c, adv_mode, tau)}</span> with training weight > 0")
     if c.result.cutoff is not None:
         text += f" · cut-off R ≥ {c.result.cutoff:+.3f}"
     if counts.unscorable:
@@ -245,6 +257,6 @@ def _settings_dict(s: FilterSettings) -> dict:
             for k, v in d.items()}
 
 
-__all__ = ["Curation", "CurationCache", "MAX_GALLERY", "VIEWS", "caption", "curate",
+__all__ = ["Curation", "CurationCache", "MAX_GALLERY", "VIEWS", "caption", "curate", "effective_count",
            "export_imagefolder", "gallery_items", "gallery_rows", "groups_table", "kept_line",
            "level_pass_table", "levels_line", "make_settings", "toggle_action"]

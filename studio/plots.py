@@ -120,11 +120,13 @@ def loss_curve(metrics: pd.DataFrame, title: str = "Training loss") -> go.Figure
     if metrics is None or metrics.empty:
         return empty_figure("no training steps yet")
     fig = go.Figure()
-    fig.add_scatter(x=metrics["step"], y=metrics["loss"], mode="lines+markers", name="loss",
+    # Plain lists: plotly would send numpy arrays base64-encoded, which the page keeps encoded.
+    steps, losses = metrics["step"].tolist(), metrics["loss"].tolist()
+    fig.add_scatter(x=steps, y=losses, mode="lines+markers", name="loss",
                     marker=dict(size=5), line=dict(color="#6b8fd6"))
     if len(metrics) >= 5:
-        smooth = metrics["loss"].ewm(alpha=0.2).mean()
-        fig.add_scatter(x=metrics["step"], y=smooth, mode="lines", name="EMA",
+        smooth = metrics["loss"].ewm(alpha=0.2).mean().tolist()
+        fig.add_scatter(x=steps, y=smooth, mode="lines", name="EMA",
                         line=dict(color="#d9534f", width=2))
     fig.update_layout(**_LAYOUT, title=title, xaxis_title="step", yaxis_title="weighted loss")
     return fig

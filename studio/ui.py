@@ -76,6 +76,11 @@ class JobPanel:
     def is_running(self) -> bool:
         return JOBS.running(self.kind) is not None
 
+    def keep_polling(self) -> Any:
+        """For a tab refresh: start polling if a job runs, else leave the timer alone (a refresh
+        racing a Start click must not switch off the poll the click just switched on)."""
+        return gr.Timer(active=True) if self.is_running() else gr.skip()
+
 
 def _bar(snap: JobSnapshot | None) -> str:
     if snap is None:

@@ -289,7 +289,7 @@ class CompareTab:
         return [ctx.model_path(),
                 gr.update(choices=ckpts, value=ckpts[0][1] if ckpts else None),
                 gr.update(choices=evals, value=eid), *views, *self.panel.render(),
-                gr.Timer(active=self.panel.is_running())]
+                self.panel.keep_polling()]
 
 
 __all__ = ["CompareTab", "checkpoint_choices", "pair_images", "run_evaluation", "win_table"]

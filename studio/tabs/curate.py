@@ -121,7 +121,8 @@ class CurateTab:
         f = c.frame
         fig = composite_histogram(f["composite"].to_numpy(float), f["passes"].to_numpy(),
                                   f["kept"].to_numpy(), c.result.cutoff)
-        return kept_line(c), levels_line(c), fig
+        a = self.ctx.cfg.advantage
+        return kept_line(c, a.mode, a.tau), levels_line(c), fig
 
     def gallery_update(self, view, *values):
         try:
@@ -140,11 +141,17 @@ class CurateTab:
         slow_in = [self.view, *self.controls]
         slow_out = [self.gallery, self.ids]
         for control in self.controls:
-            events = [control.release] if isinstance(control, gr.Slider) else [control.input]
-            for event in events:
-                (event(self.summary, self.controls, fast_out, trigger_mode="always_last",
-                       show_progress="hidden")
-                   .then(self.gallery_update, slow_in, slow_out, show_progress="hidden"))
+            if isinstance(control, gr.Slider):
+                # While dragging: count and histogram follow (always_last drops stale moves);
+                # on release: count, histogram, then the grid.
+                control.input(self.summary, self.controls, fast_out, trigger_mode="always_last",
+                              show_progress="hidden")
+                event = control.release
+            else:
+                event = control.input
+            (event(self.summary, self.controls, fast_out, trigger_mode="always_last",
+                   show_progress="hidden")
+             .then(self.gallery_update, slow_in, slow_out, show_progress="hidden"))
         self.view.input(self.gallery_update, slow_in, slow_out, show_progress="hidden")
 
         def on_select(evt: gr.SelectData, ids, *values):

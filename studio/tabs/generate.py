@@ -140,7 +140,7 @@ class GenerateTab:
     def refresh(self) -> list:
         self._shown = self.ctx.counts()["candidates"]
         return [plan_summary(self.ctx), latest_candidates(self.ctx), *self.panel.render(),
-                gr.Timer(active=self.panel.is_running())]
+                self.panel.keep_polling()]
 
 
 __all__ = ["GenerateTab", "latest_candidates"]

@@ -257,7 +257,7 @@ class PromptsTab:
     def refresh(self) -> list:
         stored, variants = stored_tables(self.ctx)
         return [stored, variants, *self.panel.render(),
-                gr.Timer(active=self.panel.is_running())]
+                self.panel.keep_polling()]
 
 
 __all__ = ["PromptsTab", "preview", "store_paste", "store_upload"]

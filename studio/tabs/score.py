@@ -125,7 +125,7 @@ class ScoreTab:
 
     def refresh(self) -> list:
         return [*score_views(self.ctx), *self.panel.render(),
-                gr.Timer(active=self.panel.is_running())]
+                self.panel.keep_polling()]
 
 
 __all__ = ["ScoreTab", "reward_table", "score_views"]

@@ -313,20 +313,26 @@ class TrainTab:
     # ------------------------------------------------------------------ refresh
 
     @property
+    def refresh_inputs(self) -> list:
+        return [self.name]
+
+    @property
     def refresh_outputs(self) -> list:
         return [self.name, self.view, self.resume_name, self.runs, self.loss, self.previews,
                 *self.panel.outputs, self.panel.timer]
 
-    def refresh(self) -> list:
+    def refresh(self, current_name: str = "") -> list:
         ctx = self.ctx
         names = run_names(ctx)
+        taken = (not current_name or current_name in names
+                 or train_dir(ctx.run_dir, current_name).exists())
         snap = JOBS.running("train")
         view = snap.info.get("name") if snap else (names[0] if names else None)
         self._preview_key = None
         loss, previews = self._run_view(view)
-        return [next_name(ctx), gr.update(choices=names, value=view),
+        return [next_name(ctx) if taken else gr.skip(), gr.update(choices=names, value=view),
                 gr.update(choices=resumable(ctx), value=None), runs_table(ctx), loss, previews,
-                *self.panel.render(), gr.Timer(active=snap is not None)]
+                *self.panel.render(), self.panel.keep_polling()]
 
 
 __all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table"]

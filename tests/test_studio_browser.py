@@ -1,0 +1,382 @@
+"""The studio in a real browser: headless Debian Chromium driven by Playwright's Python package
+(DESIGN.md §5; never `playwright install`). One studio serves the whole module and the tests walk
+the toy world through every tab in order: load the toy prompts, generate, score, move a weight
+slider and watch the kept count change, open a group, train a few steps and watch loss points
+appear, cancel a second run, compare base and tuned; plus settings round-trip, a bad upload,
+and what the server refuses to serve.
+
+Settings are tiny (4 prompts, V=2, S=2, 4 denoising steps, 3 training steps) so the module runs
+in well under the 4-minute budget on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+JOB_TIMEOUT_MS = 120_000
+
+if CHROMIUM is None:
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+TINY = [
+    "prompts.max_prompts=4", "prompts.max_eval_prompts=2", "prompts.num_variants=2",
+    "generation.seeds_per_prompt=2", "generation.num_inference_steps=4",
+    "generation.batch_size=24", "filter.top_k=10",
+    "train.steps=3", "train.effective_batch=4", "train.micro_batch=4",
+    "train.checkpoint_every=2", "train.preview_every=2",
+    "train.preview_prompts=[a red circle on a blue background, "
+    "a green square on a white background]",
+    "eval.num_prompts=2", "eval.seeds_per_prompt=2", "eval.num_inference_steps=4",
+    "eval.batch_size=8",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toy_model(tmp_path_factory) -> str:
+    """The shipped toy base model, or (before it is trained) a random-weight model of exactly
+    its architecture, built from config: the studio's wiring does not depend on image quality."""
+    from craft.config import PROJECT_ROOT
+
+    shipped = PROJECT_ROOT / "assets" / "toy-base"
+    if (shipped / "model_index.json").exists():
+        return str(shipped)
+    import torch
+
+    from craft.toyworld import model as toy
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("toy-random")
+    tok = toy.load_tokenizer(toy.write_tokenizer(out / "tok"))
+    pipe = toy.assemble_pipeline(toy.build_vae(), toy.build_text_encoder(tok), tok,
+                                 toy.build_unet())
+    pipe.save_pretrained(out / "model")
+    return str(out / "model")
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    from studio.app import build_app, launch
+
+    model = toy_model(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("studio") / "run"
+    app = build_app(run_dir, overrides=[*TINY, f"model.pretrained={model}"])
+    port = _free_port()
+    launch(app, port=port, block=False, quiet=True)
+    yield app, f"http://127.0.0.1:{port}/"
+    app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(30_000)
+        # Gradio's Dataframe is a virtualised grid: count rows by its aria-rowcount.
+        pg.add_init_script("window.ROWS = id => { const g = document.querySelector("
+                           "'#' + id + ' [role=grid]'); "
+                           "return g ? Number(g.getAttribute('aria-rowcount')) - 1 : 0; };")
+        pg.goto(studio[1])
+        pg.wait_for_selector("#run-info")
+        pg.get_by_role("tab", name="Compare").wait_for()
+        yield pg
+        browser.close()
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def wait_job(page, kind: str, status: str = "done", timeout: int = JOB_TIMEOUT_MS,
+             title: str | None = None) -> None:
+    """Wait until the job panel of ``kind`` shows a finished job (titled ``title``, if given);
+    fail with its log if it finished otherwise."""
+    if title is not None:
+        page.wait_for_selector(f"#{kind}-job-status:has-text({json.dumps(title + ':')})",
+                               timeout=timeout)
+    finished = ", ".join(f"#{kind}-job-bar .job-bar[data-status='{s}']"
+                         for s in ("done", "failed", "cancelled"))
+    page.wait_for_selector(finished, timeout=timeout)
+    got = page.get_attribute(f"#{kind}-job-bar .job-bar", "data-status")
+    if got != status:
+        log = page.input_value(f"#{kind}-job-log textarea")
+        status_line = page.inner_text(f"#{kind}-job-status")
+        raise AssertionError(f"{kind} job ended {got!r}, expected {status!r}: {status_line}\n"
+                             f"{log}")
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    """Type into a Textbox (a textarea) or a Number (an input) by its elem_id."""
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(value)
+
+
+def table_rows(page, elem_id: str) -> int:
+    return page.evaluate(f"() => ROWS('{elem_id}')")
+
+
+# ------------------------------------------------------------------------------ the walk
+
+
+def test_tabs_are_named_as_the_loop(page):
+    names = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
+    assert names[:7] == ["Prompts", "Generate", "Score", "Curate", "Groups", "Train", "Compare"]
+
+
+def test_prompts_load_the_toy_set(page, studio):
+    tab(page, "Prompts")
+    page.click("#prompts-preview")
+    page.wait_for_function(
+        "() => ROWS('prompts-preview-table') > 0")
+    page.click("#prompts-add")
+    wait_job(page, "prompts")
+    page.wait_for_function("() => ROWS('prompts-stored') >= 6")  # 4 training + 2 held-out prompts
+    counts = studio[0].ctx.counts()
+    assert counts["prompts"] == 4 and counts["eval_prompts"] == 2 and counts["variants"] == 8
+
+
+def test_bad_upload_shows_an_error_and_loses_nothing(page, studio, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,colour\n1,red\n2,blue\n")
+    page.get_by_label("Upload a file").check()
+    page.set_input_files("#prompts-upload input[type=file]", str(bad))
+    page.wait_for_selector("#prompts-message .studio-error", timeout=30_000)
+    assert "column" in page.inner_text("#prompts-message").lower()
+    assert studio[0].ctx.counts()["prompts"] == 4  # the run's prompts are untouched
+
+
+def test_generate_in_the_background(page, studio):
+    tab(page, "Generate")
+    page.click("#gen-start")
+    wait_job(page, "generate")
+    page.wait_for_function("() => document.querySelectorAll('#gen-gallery img').length > 0")
+    assert studio[0].ctx.counts()["candidates"] == 4 * 3 * 2  # prompts x (1+V) x S
+
+
+def test_score_shows_histograms_and_correlations(page, studio):
+    tab(page, "Score")
+    page.click("#score-start")
+    wait_job(page, "score")
+    page.wait_for_function("() => ROWS('score-table') >= 3")
+    page.wait_for_selector("#score-hists .js-plotly-plot")
+    page.wait_for_selector("#score-corr .js-plotly-plot")
+
+
+def kept_number(page) -> int:
+    return int(page.inner_text("#kept-number"))
+
+
+def wait_kept(page, js_condition: str) -> None:
+    """Wait until ``js_condition`` holds for n, the displayed kept count."""
+    page.wait_for_function("() => { const e = document.querySelector('#kept-number'); "
+                           "if (!e || e.innerText === '') return false; "
+                           f"const n = Number(e.innerText); return {js_condition}; }}")
+
+
+def release(page, elem_id: str, value: str) -> None:
+    """Set a slider and let go of it (the range input's pointerup is Gradio's release)."""
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    slider.fill(value)
+    slider.dispatch_event("pointerup")
+
+
+def test_curate_sliders_change_what_is_kept(page, studio):
+    tab(page, "Curate")
+    page.wait_for_selector("#kept-number")
+    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length > 0")
+    before = kept_number(page)  # I_hpa, top-K 10
+    assert 0 < before <= 10
+    # top-K moves the count
+    page.get_by_label("none (keep every scorable)").check()
+    wait_kept(page, "n === 10")
+    release(page, "curate-topk", "3")
+    wait_kept(page, "n === 3")
+    page.get_by_label("I_hpa (h, p and a; strictest)").check()
+    release(page, "curate-topk", "10")
+    wait_kept(page, f"n === {before}")
+    # a weight moves the composite: the cut-off, the captions and the weighted count follow
+    line = page.inner_text("#curate-kept")
+    captions = page.inner_text("#curate-gallery")
+    release(page, "curate-weight-toy_fidelity", "0")
+    page.wait_for_function(f"() => document.querySelector('#curate-kept').innerText !== "
+                           f"{json.dumps(line)}")
+    page.wait_for_function(f"() => document.querySelector('#curate-gallery').innerText !== "
+                           f"{json.dumps(captions)}")
+    page.wait_for_selector("#curate-hist .js-plotly-plot")
+    # the margin moves the count
+    release(page, "curate-margin", "2")
+    wait_kept(page, f"n < {before}")
+    release(page, "curate-margin", "0")
+    wait_kept(page, f"n === {before}")
+
+
+def test_curate_click_toggles_a_manual_exclude(page, studio):
+    ctx = studio[0].ctx
+    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length > 0")
+    before = kept_number(page)
+    page.locator("#curate-gallery .thumbnail-item").first.click()
+    page.wait_for_function(f"() => document.querySelector('#kept-number').innerText === "
+                           f"'{before - 1}'")
+    assert list(ctx.store.overrides().values()) == ["exclude"]
+    page.get_by_label("manually excluded").check()
+    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length == 1")
+    page.locator("#curate-gallery .thumbnail-item").first.click()  # undo
+    page.wait_for_function(f"() => document.querySelector('#kept-number').innerText === "
+                           f"'{before}'")
+    assert ctx.store.overrides() == {}
+    page.get_by_label("kept", exact=True).check()
+
+
+def test_curate_export_writes_an_imagefolder(page, studio):
+    page.click("#curate-export")
+    page.wait_for_selector("#curate-message:has-text('exported')")
+    exports = sorted((studio[0].ctx.run_dir / "exports").glob("kept-*/metadata.jsonl"))
+    rows = [json.loads(x) for x in exports[-1].read_text().splitlines()]
+    assert len(rows) == kept_number(page)
+    assert all((exports[-1].parent / r["file_name"]).exists() for r in rows)
+    assert {"text", "composite", "advantage", "weight", "toy_fidelity"} <= set(rows[0])
+
+
+def test_groups_open_a_group(page, studio):
+    tab(page, "Groups")
+    page.wait_for_function("() => ROWS('groups-all') == 4")
+    page.locator("#groups-all .virtual-row [role=gridcell]").nth(2 * 10 + 1).click()
+    page.wait_for_function("() => document.querySelectorAll('#groups-gallery img').length == 6")
+    assert "★" in page.inner_text("#groups-gallery")  # the original prompt's images are marked
+    page.wait_for_selector("#groups-bars .js-plotly-plot")
+    assert table_rows(page, "groups-table") == 6
+    assert "pass I_hpa" in page.inner_text("#groups-table")
+
+
+def loss_points(page) -> int:
+    return page.evaluate("""() => {
+        const plot = document.querySelector('#train-loss .js-plotly-plot');
+        if (!plot || !plot.data || !plot.data.length) return 0;
+        return plot.data[0].x.length;
+    }""")
+
+
+def test_train_a_few_steps_and_watch_the_loss(page, studio):
+    tab(page, "Train")
+    fill(page, "train-name", "tiny")
+    page.click("#train-start")
+    page.wait_for_function("() => { const p = document.querySelector('#train-loss "
+                           ".js-plotly-plot'); return p && p.data && p.data.length && "
+                           "p.data[0].x.length >= 1; }", timeout=JOB_TIMEOUT_MS)
+    wait_job(page, "train", title="Train tiny")
+    page.wait_for_function("() => { const p = document.querySelector('#train-loss "
+                           ".js-plotly-plot'); return p && p.data[0].x.length === 3; }")
+    assert loss_points(page) == 3
+    page.wait_for_function("() => document.querySelectorAll('#train-previews img').length >= 2")
+    final = studio[0].ctx.run_dir / "train" / "tiny" / "final" / "model_index.json"
+    assert final.exists()
+
+
+def test_cancel_a_second_run(page, studio):
+    ctx = studio[0].ctx
+    fill(page, "train-steps", "400")
+    page.get_by_text("More hyper-parameters").click()
+    fill(page, "train-checkpoint-every", "0")
+    fill(page, "train-preview-every", "0")
+    fill(page, "train-name", "long")
+    page.click("#train-start")
+    page.wait_for_selector("#train-job-status:has-text('Train long: running')")
+    page.wait_for_function("() => { const p = document.querySelector('#train-loss "
+                           ".js-plotly-plot'); return p && p.data && p.data.length && "
+                           "p.layout.title.text.includes('long') && p.data[0].x.length >= 2; }",
+                           timeout=JOB_TIMEOUT_MS)
+    page.click("#train-cancel")
+    wait_job(page, "train", status="cancelled", title="Train long")
+    runs = ctx.store.train_runs_df()
+    last = runs[runs["name"] == "long"].iloc[-1]
+    assert last["status"] == "cancelled"
+    steps = int(ctx.store.metrics_df(int(last["id"]))["step"].max())
+    assert 2 <= steps < 400
+    ckpt = ctx.run_dir / "train" / "long" / f"checkpoint-{steps}" / "unet"
+    assert ckpt.is_dir(), "a cancelled run leaves a loadable checkpoint"
+    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
+                           ".includes('cancelled')")
+    # resume it: training goes on from the checkpoint's step, then cancel it again
+    page.click("#train-resume-name input")
+    page.get_by_role("option", name="long", exact=True).click()
+    page.click("#train-resume")
+    page.wait_for_selector("#train-job-status:has-text('Resume long: running')")
+    page.wait_for_function("() => { const p = document.querySelector('#train-loss "
+                           f".js-plotly-plot'); return p && Math.max(...p.data[0].x) > {steps}; }}",
+                           timeout=JOB_TIMEOUT_MS)
+    page.click("#train-cancel")
+    wait_job(page, "train", status="cancelled", title="Resume long")
+    runs = ctx.store.train_runs_df()
+    resumed = runs[runs["name"] == "long"].iloc[-1]
+    metrics = ctx.store.metrics_df(int(resumed["id"]))
+    assert resumed["status"] == "cancelled" and int(metrics["step"].min()) == steps + 1
+
+
+def test_compare_base_and_tuned(page, studio):
+    tab(page, "Compare")
+    page.wait_for_function("() => document.querySelector('#compare-tuned input') && "
+                           "document.querySelector('#compare-tuned input').value.length > 0")
+    page.click("#compare-tuned input")
+    page.get_by_role("option", name="tiny · final").click()
+    page.click("#compare-start")
+    wait_job(page, "compare")
+    page.wait_for_function("() => ROWS('compare-wins') "
+                           ">= 4")
+    text = page.inner_text("#compare-wins")
+    assert "toy_heldout" in text and "win rate" in text
+    page.wait_for_function("() => document.querySelectorAll('#compare-pairs img').length == 4")
+    page.wait_for_selector("#compare-bars .js-plotly-plot")
+    assert studio[0].ctx.counts()["evaluations"] == 1
+
+
+def test_settings_round_trip(page, studio, tmp_path):
+    from craft.config import load_config
+
+    tab(page, "Train")
+    fill(page, "train-lr", "0.00042")
+    page.locator("#train-lr input").first.blur()
+    page.get_by_text("Settings: save as / load from").click()
+    page.click("#settings-save")
+    page.wait_for_selector("#settings-message:has-text('saved to')")
+    saved = studio[0].ctx.run_dir / "studio-settings.yaml"
+    cfg = load_config(saved)  # what `craft run --config` reads
+    assert cfg.train.lr == pytest.approx(0.00042) and cfg.train.steps == 400
+    assert cfg.filter.weights["toy_fidelity"] == 0.0
+    # load a different one: the controls follow
+    other = tmp_path / "other.yaml"
+    other.write_text(saved.read_text().replace("steps: 400", "steps: 77"))
+    page.set_input_files("#settings-load input[type=file]", str(other))
+    page.wait_for_selector("#settings-message:has-text('loaded')")
+    page.wait_for_function("() => document.querySelector('#train-steps input').value === '77'")
+
+
+def test_server_serves_only_the_run_and_assets(studio):
+    app, url = studio
+    image = app.ctx.store.candidates_df()["image_path"].iloc[0]
+    ok = urllib.request.urlopen(f"{url}gradio_api/file={image}")
+    assert ok.status == 200
+    for path in ("/etc/passwd", str(Path(__file__).resolve())):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}gradio_api/file={path}")
+        assert e.value.code == 403
