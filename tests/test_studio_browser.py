@@ -380,3 +380,32 @@ def test_server_serves_only_the_run_and_assets(studio):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}gradio_api/file={path}")
         assert e.value.code == 403
+
+
+def test_auth_guards_pages_and_files(tmp_path):
+    import http.cookiejar
+
+    from craft.store import RunStore
+    from studio.app import build_app, launch
+    from studio.sample_data import populate
+
+    with RunStore(tmp_path / "run") as store:
+        populate(store, n_prompts=1, num_variants=0, seeds=1, eval_prompts=0)
+    app = build_app(tmp_path / "run")
+    port = _free_port()
+    launch(app, port=port, auth=("ada", "s3cret"), block=False, quiet=True)
+    try:
+        assert app.demo.server_name == "127.0.0.1"
+        url = f"http://127.0.0.1:{port}/"
+        image = app.ctx.store.candidates_df()["image_path"].iloc[0]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}gradio_api/file={image}")
+        assert e.value.code in (401, 403)
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(f"{url}login", data=b"username=ada&password=wrong")
+        opener.open(f"{url}login", data=b"username=ada&password=s3cret")
+        assert opener.open(f"{url}gradio_api/file={image}").status == 200
+    finally:
+        app.demo.close()
