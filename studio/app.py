@@ -103,7 +103,9 @@ class StudioApp:
         tab = self.tabs[name]
         inputs = getattr(tab, "refresh_inputs", [])
         fn = _guarded(tab.refresh, len(tab.refresh_outputs))
-        return event(fn, inputs, tab.refresh_outputs, show_progress="hidden")
+        dep = event(fn, inputs, tab.refresh_outputs, show_progress="hidden")
+        return dep.then(_guarded(self.ctx.describe, 1), None, self.run_info,
+                        show_progress="hidden")
 
     def _refresh_all(self, dep):
         for name in TAB_NAMES:

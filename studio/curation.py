@@ -62,24 +62,38 @@ def curate(df: pd.DataFrame, settings: FilterSettings,
 
 class CurationCache:
     """Remembers the last few filter runs keyed by (data version, settings, overrides), so the
-    gallery step and the Groups tab reuse the count step's work."""
+    histogram, the grid and the Groups tab reuse the count step's work. Single-flight: a slider
+    click fires ``input`` and ``release`` together, and the second waits for the first's result
+    instead of computing it again on a busy CPU."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self._items: dict[Any, Curation] = {}
+        self._pending: dict[Any, threading.Event] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Any, compute) -> Curation:
-        with self._lock:
-            hit = self._items.get(key)
-        if hit is not None:
-            return hit
-        value = compute()
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.pop(next(iter(self._items)))
-        return value
+        while True:
+            with self._lock:
+                hit = self._items.get(key)
+                if hit is not None:
+                    return hit
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = threading.Event()
+                    break
+            pending.wait(30)
+        try:
+            value = compute()
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.pop(next(iter(self._items)))
+            return value
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            pending.set()
 
 
 def levels_line(c: Curation) -> str:

@@ -409,3 +409,17 @@ def test_auth_guards_pages_and_files(tmp_path):
         assert opener.open(f"{url}gradio_api/file={image}").status == 200
     finally:
         app.demo.close()
+
+
+def test_uploads_are_size_limited(studio):
+    _, url = studio
+    boundary = "craftboundary"
+    payload = b"a red circle on a blue background\n" * (21 * 1024 * 1024 // 34 + 1)  # > 20 MB
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"big.txt\"\r\nContent-Type: text/plain\r\n\r\n").encode() + payload + \
+        f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(f"{url}gradio_api/upload", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 413

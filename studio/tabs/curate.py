@@ -111,18 +111,26 @@ class CurateTab:
         return self.cache.get(key, lambda: curate(df, settings, overrides,
                                                   ctx.cfg.advantage.eps))
 
-    def summary(self, *values):
-        """The fast step: kept count, pass counts per level, histogram."""
+    def counts(self, *values):
+        """The fast step (what a slider move waits for): kept count and pass counts."""
         try:
             c = self.run(values)
         except Exception as e:  # noqa: BLE001
-            return error_md(str(e)) if isinstance(e, ValueError) else user_error(e), "", \
-                empty_figure("nothing to show")
-        f = c.frame
-        fig = composite_histogram(f["composite"].to_numpy(float), f["passes"].to_numpy(),
-                                  f["kept"].to_numpy(), c.result.cutoff)
+            return error_md(str(e)) if isinstance(e, ValueError) else user_error(e), ""
         a = self.ctx.cfg.advantage
-        return kept_line(c, a.mode, a.tau), levels_line(c), fig
+        return kept_line(c, a.mode, a.tau), levels_line(c)
+
+    def histogram(self, *values):
+        try:
+            c = self.run(values)
+        except Exception:  # noqa: BLE001 - counts() already showed the message
+            return empty_figure("nothing to show")
+        f = c.frame
+        return composite_histogram(f["composite"].to_numpy(float), f["passes"].to_numpy(),
+                                   f["kept"].to_numpy(), c.result.cutoff)
+
+    def summary(self, *values):
+        return (*self.counts(*values), self.histogram(*values))
 
     def gallery_update(self, view, *values):
         try:
@@ -137,22 +145,29 @@ class CurateTab:
 
     def wire(self, app) -> None:
         ctx = self.ctx
-        fast_out = [self.kept, self.levels, self.hist]
+        count_out = [self.kept, self.levels]
         slow_in = [self.view, *self.controls]
         slow_out = [self.gallery, self.ids]
+        quiet = dict(show_progress="hidden")
+
+        def chain(dep):
+            """After the counts: the histogram, then the grid (each its own round trip, so the
+            count shows as soon as it is known)."""
+            return (dep.then(self.histogram, self.controls, self.hist, **quiet)
+                    .then(self.gallery_update, slow_in, slow_out, **quiet))
+
         for control in self.controls:
             if isinstance(control, gr.Slider):
-                # While dragging: count and histogram follow (always_last drops stale moves);
-                # on release: count, histogram, then the grid.
-                control.input(self.summary, self.controls, fast_out, trigger_mode="always_last",
-                              show_progress="hidden")
+                # While dragging the count follows (always_last drops stale moves); on release
+                # the count, the histogram, then the grid.
+                control.input(self.counts, self.controls, count_out, trigger_mode="always_last",
+                              **quiet)
                 event = control.release
             else:
                 event = control.input
-            (event(self.summary, self.controls, fast_out, trigger_mode="always_last",
-                   show_progress="hidden")
-             .then(self.gallery_update, slow_in, slow_out, show_progress="hidden"))
-        self.view.input(self.gallery_update, slow_in, slow_out, show_progress="hidden")
+            chain(event(self.counts, self.controls, count_out, trigger_mode="always_last",
+                        **quiet))
+        self.view.input(self.gallery_update, slow_in, slow_out, **quiet)
 
         def on_select(evt: gr.SelectData, ids, *values):
             try:
@@ -169,9 +184,8 @@ class CurateTab:
             except Exception as e:  # noqa: BLE001
                 return user_error(e)
 
-        (self.gallery.select(on_select, [self.ids, *self.controls], self.message)
-         .then(self.summary, self.controls, fast_out, show_progress="hidden")
-           .then(self.gallery_update, slow_in, slow_out, show_progress="hidden"))
+        chain(self.gallery.select(on_select, [self.ids, *self.controls], self.message)
+              .then(self.counts, self.controls, count_out, **quiet))
 
         def on_export(*values):
             try:

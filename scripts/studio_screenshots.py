@@ -1,0 +1,119 @@
+"""Walk the toy world through the studio in headless Chromium and save a screenshot of every tab
+under docs/ (the README's "The studio" section shows them).
+
+    .venv/bin/python scripts/studio_screenshots.py [--run-dir /tmp/studio-shots] [--model PATH]
+
+Everything is done through the page, as a user would: load the toy prompts, generate, score,
+curate, open a group, train, compare. Settings are a reduced version of configs/toy.yaml so
+the walk takes a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+SETTINGS = [
+    "prompts.max_prompts=24", "prompts.max_eval_prompts=12", "prompts.num_variants=4",
+    "generation.seeds_per_prompt=4", "filter.top_k=100",
+    "train.steps=150", "train.checkpoint_every=50", "train.preview_every=25",
+    "eval.num_prompts=12", "eval.seeds_per_prompt=4",
+]
+JOB_MS = 1_800_000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", default="/tmp/studio-shots")
+    ap.add_argument("--model", default=str(ROOT / "assets" / "toy-base"))
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    torch.set_flush_denormal(True)
+    from playwright.sync_api import sync_playwright
+
+    from studio.app import build_app, launch
+
+    run_dir = Path(args.run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    app = build_app(run_dir, overrides=[*SETTINGS, f"model.pretrained={args.model}",
+                                        *args.overrides])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(app, port=port, block=False, quiet=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("tab", name="Compare").wait_for()
+
+        def tab(name: str) -> None:
+            page.get_by_role("tab", name=name, exact=True).click()
+            time.sleep(2.5)
+
+        def done(kind: str) -> None:
+            page.wait_for_selector(f"#{kind}-job-bar .job-bar[data-status='done']", timeout=JOB_MS)
+            time.sleep(2.5)
+
+        def shot(name: str) -> None:
+            path = out / f"studio-{name.lower()}.png"
+            page.screenshot(path=str(path), full_page=True)
+            print(f"wrote {path}", file=sys.stderr)
+
+        t0 = time.time()
+        page.click("#prompts-preview")
+        time.sleep(2)
+        page.click("#prompts-add")
+        done("prompts")
+        shot("Prompts")
+        tab("Generate")
+        page.click("#gen-start")
+        done("generate")
+        shot("Generate")
+        tab("Score")
+        page.click("#score-start")
+        done("score")
+        shot("Score")
+        tab("Curate")
+        page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length")
+        time.sleep(2)
+        shot("Curate")
+        tab("Groups")
+        page.locator("#groups-all .virtual-row [role=gridcell]").nth(1).click()
+        time.sleep(3)
+        shot("Groups")
+        tab("Train")
+        page.click("#train-start")
+        done("train")
+        time.sleep(2)
+        shot("Train")
+        tab("Compare")
+        page.wait_for_function("() => document.querySelector('#compare-tuned input').value")
+        page.click("#compare-tuned input")
+        page.get_by_role("option", name="craft-1 · final").click()
+        page.click("#compare-start")
+        done("compare")
+        shot("Compare")
+        print(f"walk took {time.time() - t0:.0f}s", file=sys.stderr)
+        browser.close()
+    app.demo.close()
+
+
+if __name__ == "__main__":
+    main()
