@@ -141,7 +141,8 @@ class StudioApp:
                 path.write_text(text, encoding="utf-8")
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip()
-            return (ok_md(f"saved to `{path}`; run it with `craft run --config {path}`"),
+            return (ok_md(f"saved to `{path}`; the same pipeline from the command line: "
+                          f"`craft run {path} --run-dir {ctx.run_dir}`"),
                     gr.update(value=str(path), visible=True),
                     gr.update(value=text, visible=True))
 

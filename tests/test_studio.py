@@ -284,3 +284,25 @@ def test_run_selector_refuses_a_foreign_folder(app, tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     with pytest.raises(CraftError, match="non-empty folder"):
         app.ctx.open_run(tmp_path)
+
+
+def test_studio_and_cli_keep_the_same_set(app):
+    """What Curate shows is what `craft filter` / training use: same settings, same overrides,
+    same kept candidates."""
+    import dataclasses
+
+    from craft.stages import training_set
+    from studio.sample_data import MODEL
+
+    cfg = app.ctx.cfg
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=MODEL))
+    store = app.ctx.store
+    c = _curation(app)
+    excluded = int(c.result.kept["candidate_id"].iloc[0])
+    store.set_override(excluded, "exclude")
+    try:
+        studio_kept = set(_curation(app).kept_ids.tolist())
+        cli_kept = set(training_set(store, cfg, save_as=None)["candidate_id"].tolist())
+    finally:
+        store.set_override(excluded, None)
+    assert studio_kept == cli_kept and excluded not in cli_kept

@@ -163,7 +163,8 @@ def evaluation_views(ctx: StudioContext, evaluation_id):
             f"`{', '.join(json.loads(row['tuned_model']).values())}` · "
             f"{settings.get('prompts')} held-out prompts × {settings.get('seeds_per_prompt')} "
             f"seeds (same seeds for both)")
-    return head, items, win_table(summary), mean_reward_bars(summary), deltas
+    raw = summary[summary["reward"] != "composite"]  # on its own z-scale: the table has it
+    return head, items, win_table(summary), mean_reward_bars(raw), deltas
 
 
 class CompareTab:
@@ -199,13 +200,14 @@ class CompareTab:
         self.message = gr.Markdown(elem_id="compare-message")
         self.panel = JobPanel("compare", log_lines=4)
         self.head = gr.Markdown(elem_id="compare-head")
+        self.wins = gr.Dataframe(label="Per-reward means, paired differences and win rates "
+                                       "(composite: z-scored over both models' images)",
+                                 interactive=False, elem_id="compare-wins")
         with gr.Row():
-            self.wins = gr.Dataframe(label="Per-reward means, paired differences and win rates",
-                                     interactive=False, elem_id="compare-wins")
-            self.bars = gr.Plot(label="Mean reward", elem_id="compare-bars")
-        self.pairs = gr.Gallery(label="Same prompt, same seed: base (left) | tuned (right)",
-                                columns=4, height=560, object_fit="contain",
-                                elem_classes=["pixelated"], elem_id="compare-pairs")
+            self.bars = gr.Plot(label="Mean reward", elem_id="compare-bars", scale=2)
+            self.pairs = gr.Gallery(label="Same prompt, same seed: base (left) | tuned (right)",
+                                    columns=3, height=520, object_fit="contain",
+                                    elem_classes=["pixelated"], elem_id="compare-pairs", scale=3)
         self.deltas = gr.Dataframe(label="Per-pair reward deltas (tuned − base)",
                                    interactive=False, max_height=300, elem_id="compare-deltas")
 
