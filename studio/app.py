@@ -57,8 +57,10 @@ class StudioApp:
         with gr.Blocks(title="CRAFT Studio", analytics_enabled=False) as demo:
             gr.Markdown("## CRAFT Studio · align a text-to-image model with composite rewards")
             with gr.Row(equal_height=True):
-                self.run_dir = gr.Textbox(str(ctx.run_dir), label="Run directory", scale=4,
-                                          elem_id="run-dir")
+                self.run_dir = gr.Dropdown(sibling_runs(ctx.run_dir), value=str(ctx.run_dir),
+                                           allow_custom_value=True, filterable=True,
+                                           label="Run directory (pick one or type a new path)",
+                                           scale=4, elem_id="run-dir")
                 self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
             self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
             with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
@@ -126,7 +128,8 @@ class StudioApp:
                 info = ctx.open_run(path)
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), *[gr.skip()] * len(bound)]
-            return [info, str(ctx.run_dir), *self.settings.values_from(ctx.cfg)]
+            return [info, gr.update(choices=sibling_runs(ctx.run_dir), value=str(ctx.run_dir)),
+                    *self.settings.values_from(ctx.cfg)]
 
         dep = self.open_btn.click(on_open, self.run_dir, [self.run_info, self.run_dir, *bound])
         self._refresh_all(dep)
@@ -171,6 +174,19 @@ class StudioApp:
                                     [self.settings_msg, self.settings_yaml, *bound])
         dep = dep.then(lambda: ctx.describe(), None, self.run_info)
         self._refresh_all(dep)
+
+
+def sibling_runs(run_dir: Path) -> list[str]:
+    """Run directories next to ``run_dir`` (folders holding a run store), for the selector."""
+    from craft.store import DB_NAME
+
+    parent = Path(run_dir).parent
+    found = {str(run_dir)}
+    try:
+        found |= {str(p) for p in parent.iterdir() if (p / DB_NAME).exists()}
+    except OSError:
+        pass
+    return sorted(found)
 
 
 def _guarded(fn, n_outputs: int):

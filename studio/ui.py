@@ -76,6 +76,21 @@ class JobPanel:
     def is_running(self) -> bool:
         return JOBS.running(self.kind) is not None
 
+    def on_tick(self, fn: Callable[..., Any], inputs: Any, outputs: list[Any]) -> Any:
+        """Poll with ``fn``; an exception in it is logged and the outputs are left as they are
+        (a broken refresh must not spam the page with an error every second)."""
+        n = len(outputs)
+
+        def tick(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception:  # noqa: BLE001
+                logger.exception("%s poll failed", self.kind)
+                return [gr.skip()] * n
+
+        tick.__name__ = f"poll_{self.kind}"
+        return self.timer.tick(tick, inputs, outputs, show_progress="hidden")
+
     def keep_polling(self) -> Any:
         """For a tab refresh: start polling if a job runs, else leave the timer alone (a refresh
         racing a Start click must not switch off the poll the click just switched on)."""

@@ -371,6 +371,26 @@ def test_settings_round_trip(page, studio, tmp_path):
     page.wait_for_function("() => document.querySelector('#train-steps input').value === '77'")
 
 
+def open_run(page, path) -> None:
+    box = page.locator("#run-dir input")
+    box.fill(str(path))
+    box.press("Enter")
+    page.click("#run-open")
+
+
+def test_run_selector_creates_and_reopens_runs(page, studio, tmp_path):
+    app = studio[0]
+    original = app.ctx.run_dir
+    open_run(page, tmp_path / "second")
+    page.wait_for_selector("#run-info:has-text('second')")
+    assert "0 candidates" in page.inner_text("#run-info")
+    assert (tmp_path / "second" / "store.sqlite").exists()
+    open_run(page, original)
+    page.wait_for_selector(f"#run-info:has-text('{original.name}')")
+    page.wait_for_selector("#run-info:has-text('24 candidates')")
+    assert app.ctx.run_dir == original
+
+
 def test_server_serves_only_the_run_and_assets(studio):
     app, url = studio
     image = app.ctx.store.candidates_df()["image_path"].iloc[0]

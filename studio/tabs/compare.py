@@ -261,7 +261,7 @@ class CompareTab:
                         *evaluation_views(ctx, eid), gr.Timer(active=False)]
             return [*out, gr.skip(), *[gr.skip()] * len(views), gr.Timer(active=False)]
 
-        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.past, *views,
+        self.panel.on_tick(tick, None, [*self.panel.outputs, self.past, *views,
                                            self.panel.timer])
 
         def on_past(eid):

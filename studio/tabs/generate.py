@@ -131,7 +131,7 @@ class GenerateTab:
             timer = gr.skip() if snap is not None and snap.running else gr.Timer(active=False)
             return [*out, gallery, timer]
 
-        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.gallery, self.panel.timer])
+        self.panel.on_tick(tick, None, [*self.panel.outputs, self.gallery, self.panel.timer])
 
     @property
     def refresh_outputs(self) -> list:

@@ -245,7 +245,7 @@ class PromptsTab:
                        snap.error or snap.status))
             return [*out, gr.Timer(active=False), stored, variants, msg]
 
-        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
+        self.panel.on_tick(tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
                                            self.stored_variants, self.message])
 
     # ------------------------------------------------------------------ refresh

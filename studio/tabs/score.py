@@ -116,7 +116,7 @@ class ScoreTab:
                 return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip()]
             return [*out, *score_views(ctx), gr.Timer(active=False)]
 
-        self.panel.timer.tick(tick, None, [*self.panel.outputs, self.table, self.hists, self.corr,
+        self.panel.on_tick(tick, None, [*self.panel.outputs, self.table, self.hists, self.corr,
                                            self.panel.timer])
 
     @property

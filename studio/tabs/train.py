@@ -284,7 +284,7 @@ class TrainTab:
                          gr.Timer(active=False)]
             return [*out, loss, previews, *extra]
 
-        self.panel.timer.tick(tick, self.view, [*self.panel.outputs, self.loss, self.previews,
+        self.panel.on_tick(tick, self.view, [*self.panel.outputs, self.loss, self.previews,
                                                 self.runs, self.resume_name, self.panel.timer])
 
         def on_view(view):
