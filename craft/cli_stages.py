@@ -58,11 +58,17 @@ def _open(args):
     return store, cfg
 
 
-def _check_weights(cfg, rewards=None) -> None:
-    """Fail before any work when a model or reward named by the config is not on disk."""
-    from craft.models import locate
+def _check_weights(cfg, rewards=None, train: bool = False) -> None:
+    """Fail before any work when a model or reward named by the config is not on disk (or,
+    with ``train``, when a training option cannot run here, e.g. 8-bit Adam without
+    bitsandbytes)."""
+    from craft.models import check_model
 
-    locate(cfg.model.pretrained, cfg.model.revision)
+    check_model(cfg.model)
+    if train:
+        from craft.training import check_train_options
+
+        check_train_options(cfg)
     try:
         from craft.rewards import check_available
     except ImportError:
@@ -158,7 +164,7 @@ def cmd_train(args) -> int:
     from craft.stages import training_set
 
     store, cfg = _open(args)
-    _check_weights(cfg, rewards=[])
+    _check_weights(cfg, rewards=[], train=True)
     kept = training_set(store, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "train"
     result = _train(store, cfg, args, kept, "craft", out)
@@ -195,7 +201,7 @@ def cmd_run(args) -> int:
 
     t0 = time.time()
     store, cfg = _open(args)
-    _check_weights(cfg)
+    _check_weights(cfg, train=True)
     run_dir = Path(args.run_dir)
     timings = {}
 

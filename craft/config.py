@@ -230,6 +230,10 @@ class ModelConfig(_Section):
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'; 'auto' = CUDA if available.")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit); null = default.")
     variant: str | None = _opt(None, "Hub weight variant, e.g. 'fp16'; null = full weights.")
+    single_file_config: str | None = _opt(
+        None, "For a single-file checkpoint: a local diffusers folder (its configs, tokenizer "
+              "and scheduler files are enough) or a cached hub id describing its architecture; "
+              "null = the hub repo diffusers associates with the checkpoint, if cached.")
     attention: Literal["sdpa", "default"] = _opt(
         "sdpa", "Attention implementation: PyTorch scaled-dot-product, or the model's default.")
     vae_tiling: bool = _opt(False, "Decode latents tile by tile (lower peak memory, large images).")

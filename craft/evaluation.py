@@ -141,7 +141,7 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
     side by side; a rerun reuses images already there.
     """
     from craft.generation import SamplingParams, apply_scheduler, generate_images
-    from craft.models import MissingWeightsError, load_pipeline, locate
+    from craft.models import MissingWeightsError, check_model, load_from_config
     from craft.rewards import load_reward
 
     if len(models) < 2:
@@ -158,7 +158,7 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
         if (pipes or {}).get(label) is None and not all(
                 (out / label / f"{i:05d}.png").exists() for i in range(len(plan))):
             try:
-                locate(str(models[label]))
+                check_model(cfg.model, pretrained=str(models[label]))
             except MissingWeightsError as e:
                 raise MissingWeightsError(f"evaluate: model {label!r} ({models[label]}) is not "
                                           f"on this machine: {e}") from None
@@ -173,9 +173,7 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
         if missing:
             pipe = (pipes or {}).get(label)
             if pipe is None:
-                m = cfg.model
-                pipe = load_pipeline(models[label], family=m.family, dtype=m.dtype,
-                                     device=m.device)
+                pipe = load_from_config(cfg.model, pretrained=str(models[label]))
             apply_scheduler(pipe, cfg.generation.scheduler)  # every model: the same sampler
             for sl, images in generate_images(pipe, [plan[i][0] for i in missing],
                                               [plan[i][1] for i in missing], params,

@@ -2,7 +2,22 @@
 
 The caller chooses device and dtype; this module only resolves *where* the weights are and
 fails fast, before any work, when they are not on disk: the message names what was asked for,
-where it looked, and how to provide it.
+where it looked, and how to provide it. Nothing here ever touches the network.
+
+- A **diffusers folder** (``model_index.json`` + one folder per component) or a **hub id**
+  found in the local Hugging Face cache (``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``)
+  is loaded with ``from_pretrained(local_files_only=True)``. Before that, :func:`check_model`
+  verifies every component the pipeline will read is there (config, tokenizer, weights), so a
+  half-copied model fails with a list of what is missing instead of midway through loading.
+- A **single checkpoint** (``.safetensors``; ``.ckpt`` too) in the original LDM layout is
+  loaded with ``from_single_file``. The file holds only weights; diffusers also needs the
+  matching *diffusers config* (``model_index.json``, each component's ``config.json``, the
+  tokenizer and scheduler files: a few hundred KB). It comes from ``model.single_file_config``
+  (a local diffusers folder, configs alone are enough, or a hub id in the cache), else from the
+  hub cache under the repo diffusers associates with the checkpoint's architecture (e.g.
+  ``stable-diffusion-v1-5/stable-diffusion-v1-5``). It is always passed to diffusers explicitly:
+  left to itself, ``from_single_file(local_files_only=True)`` silently retries *online* when that
+  config is not cached.
 """
 
 from __future__ import annotations
@@ -18,19 +33,41 @@ from craft import CraftError
 log = logging.getLogger(__name__)
 
 FAMILIES = ("auto", "sd15", "sdxl", "toy")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# Hub repos whose configs describe a single-file checkpoint of each family when diffusers
+# cannot tell (its own table is consulted first).
+DEFAULT_CONFIG_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+# Pipeline components that are never loaded: StableDiffusionPipeline gets None for both.
+_SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
 
 
 class MissingWeightsError(CraftError, FileNotFoundError):
     """Weights named by the config are not on this machine."""
 
 
+# ------------------------------------------------------------------------ device and dtype
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; an unusable CUDA device is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CraftError(f"model.device={device!r} but no CUDA device is available here; use "
-                         "--set model.device=cpu (or auto)")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CraftError(f"model.device={device!r} is not a device; use 'auto', 'cpu', 'cuda' "
+                         "or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?)")
+            raise CraftError(f"model.device={device!r} but no CUDA device is available here "
+                             f"({why}); use --set model.device=cpu (or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise CraftError(f"model.device={device!r} but this machine has {count} CUDA "
+                             f"device(s) (cuda:0..cuda:{count - 1}); pick one of those")
     return dev
 
 
@@ -41,19 +78,52 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
         raise CraftError(f"model.dtype={dtype!r} is not one of {['auto', *table]}")
+    if dtype == "float16" and device.type == "cpu":
+        raise CraftError("model.dtype='float16' but the model runs on the CPU, where float16 is "
+                         "slow and many kernels lack it; use --set model.dtype=float32 (or auto, "
+                         "which picks float16 on CUDA and float32 on the CPU)")
     return table[dtype]
+
+
+# ------------------------------------------------------------------------ where the files are
+
+
+def _cache_dir() -> Path:
+    from craft.rewards.base import hf_cache_dir
+
+    return hf_cache_dir()
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                      cache_dir=str(_cache_dir())))
     except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
         return None
 
 
-def locate(pretrained: str, revision: str | None = None) -> Path:
+def _download_command(repo_id: str, configs_only: bool = False) -> str:
+    extra = ' --include "*.json" "*.txt"' if configs_only else ""
+    return f"`hf download {repo_id}{extra}` (older huggingface_hub: `huggingface-cli download " \
+           f"{repo_id}{extra}`)"
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return (not value.startswith((".", "/", "~")) and value.count("/") == 1
+            and not value.endswith(SINGLE_FILE_SUFFIXES))
+
+
+def _path_candidates(value: str) -> list[Path]:
+    from craft.config import PROJECT_ROOT
+
+    path = Path(value).expanduser()
+    return [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+
+
+def locate(pretrained: str, revision: str | None = None, *,
+           key: str = "model.pretrained") -> Path:
     """The on-disk location of ``pretrained`` (a folder or a single checkpoint file).
 
     Raises MissingWeightsError, without loading anything, when it is not on this machine.
@@ -63,43 +133,198 @@ def locate(pretrained: str, revision: str | None = None) -> Path:
     path = resolve_path(pretrained)
     if path is not None and path.exists():
         return path
-    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.endswith(
-        (".safetensors", ".ckpt")) or pretrained.count("/") != 1
-    if not looks_like_path:
+    places = " and ".join(str(p) for p in dict.fromkeys(_path_candidates(pretrained)))
+    if _looks_like_hub_id(pretrained):
         snap = _hub_snapshot(pretrained, revision)
         if snap is not None:
             return snap
-        from huggingface_hub.constants import HF_HUB_CACHE
-
+        cache = _cache_dir()
+        rev = f" (revision {revision})" if revision else ""
         raise MissingWeightsError(
-            f"model.pretrained={pretrained!r} is not on this machine: looked for a local folder "
-            f"of that name and in the Hugging Face cache ({HF_HUB_CACHE}). Download it where "
-            f"there is network (`huggingface-cli download {pretrained}`) and copy the cache, or "
-            "point the config at a local diffusers folder or .safetensors file with "
-            "--set model.pretrained=/path/to/model")
+            f"{key}={pretrained!r}{rev} is not on this machine: looked for a local folder "
+            f"({places}) and for the hub repo in the Hugging Face cache ({cache}); craft never "
+            f"downloads. Download it where there is internet with "
+            f"{_download_command(pretrained)} and copy the cache folder "
+            f"models--{pretrained.replace('/', '--')} into {cache} (or set HF_HUB_CACHE), or "
+            f"point the config at a local copy: --set {key}=/path/to/diffusers-folder (or a "
+            f"single .safetensors checkpoint)")
     raise MissingWeightsError(
-        f"model.pretrained={pretrained!r}: no such file or folder (looked in the working "
-        "directory and the project root). Give an existing diffusers folder, a single "
-        ".safetensors checkpoint, or a hub id that is in the local cache")
+        f"{key}={pretrained!r}: no such file or folder (looked in {places}). Give an existing "
+        "diffusers folder, a single .safetensors checkpoint, or a hub id (org/name) that is in "
+        f"the Hugging Face cache ({_cache_dir()})")
+
+
+def _component_problems(folder: Path, variant: str | None, need_weights: bool) -> list[str]:
+    """What a diffusers pipeline folder lacks for ``from_pretrained`` (or, without weights,
+    for ``from_single_file``'s ``config=``). Empty when complete."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return ["model_index.json (this is not a diffusers pipeline folder)"]
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"a readable model_index.json ({e})"]
+    problems = []
+    for name, value in spec.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, cls = value
+        if library is None or cls is None or name in _SKIPPED_COMPONENTS:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            problems.append(f"{name}/ ({cls})")
+        elif "Tokenizer" in cls:
+            if not ((sub / "tokenizer.json").is_file()
+                    or (sub / "vocab.json").is_file() and (sub / "merges.txt").is_file()):
+                problems.append(f"{name}/vocab.json + merges.txt")
+        elif "Scheduler" in cls:
+            if not (sub / "scheduler_config.json").is_file():
+                problems.append(f"{name}/scheduler_config.json")
+        elif not (sub / "config.json").is_file():
+            problems.append(f"{name}/config.json")
+        elif need_weights and not _has_weights(sub, variant):
+            others = sorted({f.name.split(".")[-2] for f in sub.iterdir()
+                             if f.name.endswith((".safetensors", ".bin"))
+                             and f.name.count(".") == 2})
+            found = (f"; found only {'/'.join(others)} files: --set model.variant={others[0]}"
+                     if others and not variant else "")
+            kind = f"{variant} " if variant else ""
+            problems.append(f"{name}/ {kind}weights (*.safetensors or *.bin{found})")
+    return problems
+
+
+def _has_weights(folder: Path, variant: str | None) -> bool:
+    """Whether ``folder`` holds weights ``from_pretrained(variant=...)`` will find (single
+    files, shards or a shard index)."""
+    for f in (p.name for p in folder.iterdir()):
+        parts = f.split(".")
+        if variant:
+            if variant in parts[1:] and (f.endswith((".safetensors", ".bin"))
+                                         or "index" in parts):
+                return True
+        elif f.endswith((".safetensors", ".bin")) and len(parts) == 2:
+            return True
+        elif f.endswith((".safetensors.index.json", ".bin.index.json")) and len(parts) == 4:
+            return True
+    return False
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a single-file checkpoint, reading the header only (safetensors)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    # Pickled checkpoints: tensors only (weights_only), memory-mapped so nothing is read yet.
+    try:
+        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CraftError(f"model.pretrained={str(path)!r} could not be read as a checkpoint of "
+                         f"tensors ({type(e).__name__}: {e}); convert it to .safetensors") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+class _ShapeOnly(dict):
+    """A key -> fake-tensor mapping, enough for diffusers' architecture inference."""
+
+    class _T:
+        def __init__(self, shape):
+            self.shape = torch.Size(shape)
+            self.ndim = len(shape)
+
+    def __getitem__(self, key):
+        return self._T(super().__getitem__(key))
+
+
+def _family_from_keys(keys) -> str:
+    keys = list(keys)
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+
+
+def default_single_file_config(location: Path) -> str:
+    """The hub repo whose configs describe the single-file checkpoint at ``location``."""
+    shapes = _checkpoint_shapes(location)
+    try:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+        return fetch_diffusers_config(_ShapeOnly(shapes))["pretrained_model_name_or_path"]
+    except Exception:  # noqa: BLE001 - diffusers internals; fall back to the family default
+        return DEFAULT_CONFIG_REPOS[_family_from_keys(shapes)]
+
+
+def resolve_single_file_config(location: Path, single_file_config: str | None = None,
+                               revision: str | None = None) -> Path:
+    """The local diffusers folder whose configs build the pipeline for a single-file checkpoint.
+
+    ``single_file_config``: a local diffusers folder (configs alone are enough), or a hub id
+    that is in the HF cache; None = the repo diffusers associates with the checkpoint's
+    architecture, if it is cached. Raises MissingWeightsError saying how to provide it.
+    """
+    key = "model.single_file_config"
+    what = (f"model.pretrained={str(location)!r} is a single-file checkpoint: it holds weights "
+            "only, and diffusers builds the pipeline from a matching diffusers config "
+            "(model_index.json, each component's config.json, the tokenizer and scheduler "
+            "files; a few hundred KB, no weights needed)")
+    if single_file_config:
+        from craft.config import resolve_path
+
+        folder = resolve_path(single_file_config)
+        if folder is None and _looks_like_hub_id(single_file_config):
+            folder = _hub_snapshot(single_file_config, None)
+            if folder is None:
+                raise MissingWeightsError(
+                    f"{what}. {key}={single_file_config!r} is not a local folder, and that hub "
+                    f"repo is not in the Hugging Face cache ({_cache_dir()}). Fetch its configs "
+                    f"where there is internet with "
+                    f"{_download_command(single_file_config, True)}, or --set {key}=/path/to/"
+                    "diffusers-folder")
+        if folder is None:
+            raise MissingWeightsError(
+                f"{what}. {key}={single_file_config!r}: no such folder (looked in "
+                f"{' and '.join(str(p) for p in _path_candidates(single_file_config))})")
+        problems = _component_problems(folder, None, need_weights=False)
+        if problems:
+            raise MissingWeightsError(
+                f"{what}. {key}={single_file_config!r} ({folder}) lacks "
+                f"{', '.join(problems)}; give a diffusers folder of the same architecture")
+        return folder
+    repo = default_single_file_config(location)
+    snap = _hub_snapshot(repo, revision)
+    if snap is not None and not _component_problems(snap, None, need_weights=False):
+        return snap
+    raise MissingWeightsError(
+        f"{what}. {key} is not set, and the config diffusers would use for this checkpoint "
+        f"({repo}) is not in the Hugging Face cache ({_cache_dir()}); left to itself diffusers "
+        f"would go online for it. Fetch the configs where there is internet with "
+        f"{_download_command(repo, True)} and copy the cache here, or point to any local "
+        f"diffusers folder of the same architecture: --set {key}=/path/to/diffusers-folder")
+
+
+# ------------------------------------------------------------------------ family
 
 
 def detect_family(location: Path, family: str = "auto") -> str:
+    """``sd15`` or ``sdxl`` from the folder's model_index.json or the checkpoint's keys;
+    an explicit ``family`` wins (``toy`` loads as SD1.5) but must not contradict the files."""
     if family not in FAMILIES:
         raise CraftError(f"model.family={family!r} is not one of {list(FAMILIES)}")
-    if family != "auto":
-        return family
+    found = None
     index = location / "model_index.json"
     if location.is_dir() and index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
-        return "sdxl" if "XL" in cls else "sd15"
-    if location.is_file():
+        found = "sdxl" if "XL" in cls else "sd15"
+    elif location.is_file():
         # A single-file checkpoint: SDXL has a second text encoder under "conditioner".
-        from safetensors import safe_open
-
-        with safe_open(str(location), "pt") as f:
-            keys = f.keys()
-            return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
-    return "sd15"
+        found = _family_from_keys(_checkpoint_shapes(location))
+    if family == "auto":
+        return found or "sd15"
+    if found is not None and (found == "sdxl") != (family == "sdxl"):
+        raise CraftError(f"model.family={family!r} but {location} holds an {found} model; "
+                         "set model.family to auto (or to the right family)")
+    return family
 
 
 def pipeline_class(family: str):
@@ -108,40 +333,112 @@ def pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
+def check_model(model_cfg, pretrained: str | None = None) -> Path:
+    """Everything :func:`load_from_config` will read is on disk (no weights are read).
+
+    Returns the model's location; raises MissingWeightsError (or CraftError for a bad family,
+    device or dtype) before any work. ``pretrained`` overrides ``model_cfg.pretrained``.
+    """
+    name, revision, variant, single_file_config = _source(model_cfg, pretrained)
+    location = locate(name, revision)
+    detect_family(location, model_cfg.family)
+    resolve_dtype(model_cfg.dtype, resolve_device(model_cfg.device))
+    if location.is_file():
+        resolve_single_file_config(location, single_file_config, revision)
+    else:
+        _check_folder(location, name, variant)
+    return location
+
+
+def _source(model_cfg, pretrained: str | None):
+    """(pretrained, revision, variant, single_file_config) to load. The hub revision, weight
+    variant and single-file config describe ``model_cfg.pretrained`` only: another model (a
+    tuned pipeline saved by training, with plain weight files) is loaded without them."""
+    if pretrained is None or str(pretrained) == model_cfg.pretrained:
+        return (model_cfg.pretrained, model_cfg.revision, model_cfg.variant,
+                model_cfg.single_file_config)
+    return str(pretrained), None, None, None
+
+
+def _check_folder(location: Path, name: str, variant: str | None) -> None:
+    problems = _component_problems(location, variant, need_weights=True)
+    if problems:
+        hint = (f"re-download it ({_download_command(name)}) or copy the missing parts"
+                if _looks_like_hub_id(name) else "copy the missing parts")
+        if variant and any("weights" in p for p in problems):
+            hint += ", or --set model.variant=null for the full-precision files"
+        raise MissingWeightsError(f"model.pretrained={name!r} ({location}) is incomplete: "
+                                  f"missing {', '.join(problems)}; {hint}")
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def apply_memory_options(pipe, attention: str = "sdpa", vae_tiling: bool = False,
+                         vae_slicing: bool = False):
+    """Attention implementation and VAE memory savers, on an already loaded pipeline.
+
+    ``sdpa``: PyTorch's fused scaled-dot-product attention (``AttnProcessor2_0``) in the UNet
+    and VAE; ``default``: the plain matmul-softmax processor (for debugging/comparison).
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention not in ("sdpa", "default"):
+        raise CraftError(f"model.attention={attention!r} is not one of sdpa, default")
+    processor = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
+    for module in (pipe.unet, pipe.vae):
+        procs = module.attn_processors
+        # Only plain self/cross-attention processors are swapped; anything else (added-KV,
+        # IP-adapter, LoRA-specific) is left as the model set it.
+        if procs and all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in procs.values()):
+            module.set_attn_processor(processor())
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    return pipe
+
+
 def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = "auto",
                   device: str = "auto", revision: str | None = None, variant: str | None = None,
-                  attention: str = "sdpa", vae_tiling: bool = False, vae_slicing: bool = False):
-    """Load a Stable Diffusion (1.x/2.x, toy) or SDXL pipeline, ready for inference."""
+                  attention: str = "sdpa", vae_tiling: bool = False, vae_slicing: bool = False,
+                  single_file_config: str | None = None):
+    """Load a Stable Diffusion (1.x/2.x, toy) or SDXL pipeline, ready for inference.
+
+    ``pretrained``: a diffusers folder, a hub id in the local HF cache, or a single checkpoint
+    file (then ``single_file_config`` names its diffusers config; see the module docstring).
+    """
     location = locate(str(pretrained), revision)
     fam = detect_family(location, family)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     cls = pipeline_class(fam)
     kwargs = dict(dtype=torch_dtype)
+    if fam != "sdxl":
+        kwargs.update(safety_checker=None, feature_extractor=None,
+                      requires_safety_checker=False)
     if location.is_file():
-        pipe = cls.from_single_file(str(location), local_files_only=True, **kwargs)
+        config = resolve_single_file_config(location, single_file_config, revision)
+        pipe = cls.from_single_file(str(location), config=str(config), local_files_only=True,
+                                    **kwargs)
     else:
-        if fam != "sdxl":
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        _check_folder(location, str(pretrained), variant)
         pipe = cls.from_pretrained(str(location), local_files_only=True, variant=variant,
                                    **kwargs)
-    if attention == "default":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        pipe.unet.set_attn_processor(AttnProcessor())
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-    if vae_slicing:
-        pipe.vae.enable_slicing()
+    apply_memory_options(pipe, attention, vae_tiling, vae_slicing)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
     return pipe
 
 
-def load_from_config(model_cfg):
-    """``load_pipeline`` with the fields of a :class:`craft.config.ModelConfig`."""
-    return load_pipeline(model_cfg.pretrained, family=model_cfg.family, dtype=model_cfg.dtype,
-                         device=model_cfg.device, revision=model_cfg.revision,
-                         variant=model_cfg.variant, attention=model_cfg.attention,
-                         vae_tiling=model_cfg.vae_tiling, vae_slicing=model_cfg.vae_slicing)
+def load_from_config(model_cfg, pretrained: str | None = None):
+    """``load_pipeline`` with the fields of a :class:`craft.config.ModelConfig`;
+    ``pretrained`` loads another model (e.g. a tuned one) with the same family, dtype, device
+    and memory options."""
+    name, revision, variant, single_file_config = _source(model_cfg, pretrained)
+    return load_pipeline(name, family=model_cfg.family, dtype=model_cfg.dtype,
+                         device=model_cfg.device, revision=revision, variant=variant,
+                         attention=model_cfg.attention, vae_tiling=model_cfg.vae_tiling,
+                         vae_slicing=model_cfg.vae_slicing,
+                         single_file_config=single_file_config)

@@ -82,8 +82,19 @@ def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tens
 # ------------------------------------------------------------------------ conditioning
 
 
-def encode_text(pipe, prompts: list[str], device) -> dict:
-    """UNet conditioning for ``prompts``: hidden states, plus SDXL's pooled embeds and time ids."""
+def native_size(pipe) -> tuple[int, int]:
+    """The model's native (height, width) in pixels."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return size, size
+
+
+def encode_text(pipe, prompts: list[str], device, size: tuple[int, int] | None = None) -> dict:
+    """UNet conditioning for ``prompts``: hidden states, plus SDXL's pooled embeds and time ids.
+
+    SDXL's time ids are (original size, crop top-left, target size) = ``(h, w, 0, 0, h, w)`` for
+    uncropped training images of ``size`` = (h, w) pixels (default: the native size), as the
+    pipeline builds them when it generates at that size.
+    """
     from craft.generation import is_sdxl
 
     with torch.no_grad():
@@ -91,22 +102,22 @@ def encode_text(pipe, prompts: list[str], device) -> dict:
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompts, device=device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False)
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device,
+            h, w = size or native_size(pipe)
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device,
                                     dtype=embeds.dtype).repeat(len(prompts), 1)
             return {"hidden": embeds, "text_embeds": pooled, "time_ids": time_ids}
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return {"hidden": embeds}
 
 
-def empty_conditioning(pipe, device) -> dict:
+def empty_conditioning(pipe, device, size: tuple[int, int] | None = None) -> dict:
     """The conditioning that replaces a caption under prompt dropout: whatever the pipeline
     uses as the unconditional branch of classifier-free guidance, so that dropout keeps
     guidance calibrated. That is the encoding of "" for SD1.5, and zeros for SDXL models saved
     with ``force_zeros_for_empty_prompt`` (the SDXL default)."""
     from craft.generation import is_sdxl
 
-    empty = encode_text(pipe, [""], device)
+    empty = encode_text(pipe, [""], device, size)
     if is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         empty["hidden"] = torch.zeros_like(empty["hidden"])
         empty["text_embeds"] = torch.zeros_like(empty["text_embeds"])
@@ -126,6 +137,27 @@ def _unet_forward(unet, xt, t, cond: dict):
 
 
 # ------------------------------------------------------------------------ data
+
+
+def encode_latents(vae, pixels: torch.Tensor, device, batch: int = 16):
+    """Posterior (mean, std) of ``pixels`` in [-1, 1], as float32 tensors on ``device``.
+
+    A float16 VAE whose config sets ``force_upcast`` (SDXL's: it overflows to NaN in float16)
+    encodes in float32, as the pipelines do when they decode; it is cast back afterwards.
+    """
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            dists = [vae.encode(pixels[i:i + batch].to(device, vae.dtype)).latent_dist
+                     for i in range(0, len(pixels), batch)]
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return (torch.cat([d.mean for d in dists]).float(),
+            torch.cat([d.std for d in dists]).float())
 
 
 def load_training_images(paths: list[str], size: tuple[int, int]) -> torch.Tensor:
@@ -227,6 +259,32 @@ def save_pipeline(pipe, unet, out: Path) -> Path:
 # ------------------------------------------------------------------------ the loop
 
 
+def check_train_options(cfg) -> None:
+    """Fail before any work on training options this machine cannot honour (``craft run``
+    calls this before generating, so a missing package does not surface hours later)."""
+    import importlib.util
+
+    from craft.models import resolve_device
+
+    tc = cfg.train
+    device = resolve_device(cfg.model.device)
+    if tc.use_8bit_adam:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise CraftError("train.use_8bit_adam=true needs the bitsandbytes package, which is "
+                             "not installed: pip install bitsandbytes (CUDA machines), or --set "
+                             "train.use_8bit_adam=false")
+        if device.type != "cuda":
+            raise CraftError(f"train.use_8bit_adam=true needs a CUDA device, but the model runs "
+                             f"on {device}; --set train.use_8bit_adam=false")
+    if tc.mixed_precision == "fp16" and device.type != "cuda":
+        raise CraftError(f"train.mixed_precision='fp16' needs a CUDA device, but the model runs "
+                         f"on {device}; use 'no', 'bf16' or 'auto'")
+    if (tc.mixed_precision == "bf16" and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
+        raise CraftError("train.mixed_precision='bf16' but this GPU does not support bfloat16; "
+                         "use 'fp16' or 'auto'")
+
+
 def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
           run_name: str = "craft", callbacks: TrainCallbacks | None = None,
           resume: bool = False, pipe=None) -> TrainResult:
@@ -243,6 +301,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
     tc = cfg.train
     cb = callbacks or TrainCallbacks()
     _check_training_frame(train_df)
+    check_train_options(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -278,11 +337,8 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
         unet.enable_gradient_checkpointing()
     params = _trainable(unet)
     if tc.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise CraftError("train.use_8bit_adam=true needs bitsandbytes: pip install "
-                             "bitsandbytes (CUDA only), or set it to false") from e
+        import bitsandbytes as bnb  # present: check_train_options said so
+
         opt = bnb.optim.AdamW8bit(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)
     else:
@@ -297,19 +353,16 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
 
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(accelerator.device)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = load_training_images(list(train_df["image_path"]), (size, size))
-    vae_dtype = pipe.vae.dtype
-    with torch.no_grad():
-        dists = [pipe.vae.encode(pixels[i:i + 16].to(accelerator.device, vae_dtype)).latent_dist
-                 for i in range(0, len(pixels), 16)]
-    lat_mean = torch.cat([d.mean for d in dists]).float()
-    lat_std = torch.cat([d.std for d in dists]).float()
+    # Train at the resolution the candidates were generated at (the native one by default).
+    native_h, native_w = native_size(pipe)
+    size = (cfg.generation.height or native_h, cfg.generation.width or native_w)
+    pixels = load_training_images(list(train_df["image_path"]), size)
+    lat_mean, lat_std = encode_latents(pipe.vae, pixels, accelerator.device)
     scaling = pipe.vae.config.scaling_factor
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
-    cond = encode_text(pipe, list(train_df[text_col]), accelerator.device)
-    empty = empty_conditioning(pipe, accelerator.device)
+    cond = encode_text(pipe, list(train_df[text_col]), accelerator.device, size)
+    empty = empty_conditioning(pipe, accelerator.device, size)
     cond = {k: v.float() for k, v in cond.items()}
     empty = {k: v.float() for k, v in empty.items()}
     weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,

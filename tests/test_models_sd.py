@@ -1,0 +1,386 @@
+"""The real-model loading paths on tiny models of the real SD1.5 / SDXL architectures.
+
+Every model here has the published component structure (craft.architectures, tiny widths), the
+real CLIP BPE vocabulary, random weights, and is written in a real on-disk layout: a diffusers
+folder as the published SD1.5 repo has it, an SDXL folder, an original-LDM single .safetensors
+checkpoint, a Hugging Face cache snapshot. All of it is loaded through craft.models with the
+network switched off, then generates and trains through craft.generation / craft.training.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sd_fixtures as sf
+from conftest import tiny_config
+from craft import CraftError
+from craft.generation import SamplingParams, generate_images, images_to_array
+from craft.models import (MissingWeightsError, check_model, detect_family, load_from_config,
+                          load_pipeline, resolve_device, resolve_dtype)
+
+PROMPTS = ["a photo of an astronaut riding a horse", "an oil painting of a lighthouse at dusk"]
+PARAMS = SamplingParams(num_inference_steps=3, guidance_scale=5.0)
+MAX_PIXEL_DIFF = 2  # of 255: batched vs alone
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No network, and an empty Hugging Face cache: whatever loads, loads from disk."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd-architectures")
+    sd15, sdxl = sf.build("sd15", root), sf.build("sdxl", root)
+    sf.save_sd15_layout(sd15, root / "sd15")
+    sdxl.save_pretrained(root / "sdxl", safe_serialization=True)
+    return SimpleNamespace(
+        root=root, sd15=sd15, sdxl=sdxl, sd15_dir=root / "sd15", sdxl_dir=root / "sdxl",
+        single=sf.write_single_file(sd15, root / "v1-5-tiny.safetensors"),
+        configs=sf.copy_configs_only(root / "sd15", root / "sd15-configs-only"))
+
+
+@pytest.fixture(scope="module")
+def loaded(world) -> SimpleNamespace:
+    """Each folder loaded once through craft.models (CPU, dtype auto). Do not mutate."""
+    return SimpleNamespace(sd15=load_pipeline(world.sd15_dir), sdxl=load_pipeline(world.sdxl_dir))
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _images(pipe, prompts, seeds, batch_size, params=PARAMS) -> np.ndarray:
+    return images_to_array([im for _, b in generate_images(pipe, prompts, seeds, params,
+                                                           batch_size) for im in b])
+
+
+def _batched_equals_alone(pipe) -> np.ndarray:
+    prompts, seeds = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [11, 12, 11, 12]
+    batched = _images(pipe, prompts, seeds, batch_size=4)
+    for i in (1, 2):
+        alone = _images(pipe, [prompts[i]], [seeds[i]], batch_size=1)[0]
+        assert np.abs(alone.astype(int) - batched[i].astype(int)).max() <= MAX_PIXEL_DIFF
+    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 10  # seed matters
+    return batched
+
+
+@pytest.fixture(scope="module")
+def frames(world) -> dict[str, pd.DataFrame]:
+    """Per family, four of the model's own images as a training set (what CRAFT trains on)."""
+    from PIL import Image
+
+    out = {}
+    for family in ("sd15", "sdxl"):
+        arrays = _images(getattr(world, family), PROMPTS * 2, [1, 2, 3, 4], batch_size=4)
+        paths = [str(world.root / f"{family}-{i}.png") for i in range(len(arrays))]
+        for arr, path in zip(arrays, paths):
+            Image.fromarray(arr).save(path)
+        out[family] = pd.DataFrame({"image_path": paths, "prompt": PROMPTS * 2,
+                                    "weight": [1.0, 0.5, 2.0, 1.0]})
+    return out
+
+
+def _cfg(model_dir, **extra):
+    over = {"model.family": "auto", "train.lr": 1e-3, "train.weight_decay": 0.0,
+            "train.checkpoint_every": 0, "train.cond_dropout": 0.25}
+    over.update(extra)
+    return tiny_config(str(model_dir), **over)
+
+
+# ------------------------------------------------------------------------ SD1.5 family
+
+
+def test_sd15_folder_in_the_published_layout_loads_and_generates(world, loaded):
+    """The published layout lists a safety checker whose weights are not needed; the real
+    CLIP vocabulary, scheduler and weights come through; CPU + dtype auto is float32; images
+    are per-candidate seeded (batched == alone)."""
+    assert detect_family(world.sd15_dir) == "sd15"
+    assert (world.sd15_dir / "tokenizer" / "merges.txt").exists()
+    pipe = loaded.sd15
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.safety_checker is None and not (world.sd15_dir / "safety_checker").exists()
+    assert pipe.device.type == "cpu"
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+            for p in m.parameters()} == {torch.float32}
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    from reward_fixtures import clip_tokenizer
+    assert pipe.tokenizer(PROMPTS[0]).input_ids == clip_tokenizer()(PROMPTS[0]).input_ids
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    for name in ("unet", "vae", "text_encoder"):
+        assert _states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
+    _batched_equals_alone(pipe)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora+grad-checkpointing"])
+def test_sd15_trains_two_steps_and_final_loads(world, loaded, frames, tmp_path, monkeypatch,
+                                               lora):
+    """Full fine-tuning changes every UNet parameter; LoRA (here with gradient checkpointing,
+    which must really be used and must not cut the adapters' gradients) changes exactly the
+    attention projections it targets. final/ is a complete SD1.5 pipeline."""
+    from craft.training import train
+
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    pipe = loaded.sd15
+    extra = {"train.lora": True, "train.lora_rank": 4, "model.gradient_checkpointing": True} \
+        if lora else {}
+    result = train(_cfg(world.sd15_dir, **extra), frames["sd15"], tmp_path / "out", pipe=pipe)
+    assert result.status == "done" and result.steps_done == 2
+    assert bool(calls) == lora
+    # as evaluation loads it: the base's settings, but not its weight variant (fp16 here)
+    base_cfg = _cfg(world.sd15_dir, **{"model.variant": "fp16"}).model
+    tuned = load_from_config(base_cfg, pretrained=str(result.final_dir))
+    assert type(tuned).__name__ == "StableDiffusionPipeline"
+    assert _states_equal(tuned.text_encoder, world.sd15.text_encoder)
+    base = world.sd15.unet.state_dict()
+    changed = {k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base[k])}
+    if lora:
+        targets = {k for k in base if any(f".{t}.weight" in k
+                                          for t in ("to_q", "to_k", "to_v", "to_out.0"))}
+        assert changed == targets
+    else:
+        assert changed == set(base)
+
+
+# ------------------------------------------------------------------------ SDXL
+
+
+def test_sdxl_folder_loads_and_generates_batched_with_per_candidate_seeds(world, loaded):
+    assert detect_family(world.sdxl_dir) == "sdxl"
+    pipe = loaded.sdxl
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    # the added-conditioning width is the pooled projection + 6 time ids
+    unet = pipe.unet.config
+    assert pipe.unet.add_embedding.linear_1.in_features == (
+        pipe.text_encoder_2.config.projection_dim + 6 * unet.addition_time_embed_dim)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert _states_equal(getattr(pipe, name), getattr(world.sdxl, name)), name
+    _batched_equals_alone(pipe)
+
+
+def test_sdxl_training_conditioning_is_what_the_pipeline_feeds_its_unet(world):
+    """encode_text gives the UNet exactly the hidden states, pooled embeddings and time ids the
+    pipeline's own call uses, also at a non-square, non-native size."""
+    from craft.training import encode_text
+
+    pipe = world.sdxl
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(hidden=kwargs["encoder_hidden_states"], **kwargs["added_cond_kwargs"])
+
+    handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(PROMPTS, height=96, width=64, num_inference_steps=1, guidance_scale=1.0,
+                 output_type="latent")
+    finally:
+        handle.remove()
+    ours = encode_text(pipe, PROMPTS, "cpu", size=(96, 64))
+    assert ours["time_ids"].tolist() == [[96, 64, 0, 0, 96, 64]] * 2
+    assert torch.equal(ours["time_ids"], seen["time_ids"])
+    assert torch.equal(ours["text_embeds"], seen["text_embeds"])
+    assert torch.equal(ours["hidden"], seen["hidden"])
+    assert ours["hidden"].shape[-1] == pipe.unet.config.cross_attention_dim == 32 + 64
+    native = encode_text(pipe, PROMPTS[:1], "cpu")["time_ids"]
+    assert native.tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
+def test_sdxl_trains_two_steps_and_final_loads_as_sdxl(world, loaded, frames, tmp_path):
+    from craft.training import train
+
+    pipe = loaded.sdxl
+    result = train(_cfg(world.sdxl_dir), frames["sdxl"], tmp_path / "out", pipe=pipe)
+    assert result.status == "done" and result.steps_done == 2
+    tuned = load_pipeline(result.final_dir)
+    assert type(tuned).__name__ == "StableDiffusionXLPipeline"
+    assert json.loads((result.final_dir / "model_index.json").read_text())[
+        "force_zeros_for_empty_prompt"] is True
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        assert _states_equal(getattr(tuned, name), getattr(world.sdxl, name)), name
+    base = world.sdxl.unet.state_dict()
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base[k])]
+    assert len(changed) == len(base)
+    assert images_to_array(tuned(PROMPTS[0], num_inference_steps=2).images).std() > 0
+
+
+# ------------------------------------------------------------------------ single file
+
+
+def test_single_file_checkpoint_loads_offline_with_a_local_config(world):
+    """An original-LDM single .safetensors + a folder holding only the diffusers configs
+    (no weights): bitwise the same weights, and the same images, as the model it was written
+    from."""
+    assert detect_family(world.single) == "sd15"
+    assert not list(world.configs.rglob("*.safetensors"))
+    pipe = load_pipeline(world.single, single_file_config=str(world.configs))
+    for name in ("unet", "vae", "text_encoder"):
+        assert _states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
+    ours, theirs = _images(pipe, PROMPTS, [3, 4], 2), _images(world.sd15, PROMPTS, [3, 4], 2)
+    # bitwise-equal weights; only float rounding may differ (a few pixels by 1/255)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_single_file_config_defaults_to_the_cached_repo_diffusers_names(world, tmp_path):
+    """Without model.single_file_config, the configs of the repo diffusers associates with an
+    SD1.x checkpoint are used when they are in the HF cache (configs only, no weights)."""
+    sf.fake_hf_cache(tmp_path / "hf-cache", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     world.sd15_dir, configs_only=True)
+    pipe = load_pipeline(world.single)
+    assert _states_equal(pipe.unet, world.sd15.unet)
+
+
+def test_single_file_without_its_config_fails_fast_and_says_how(world, tmp_path):
+    cfg = _cfg(world.single)
+    with pytest.raises(MissingWeightsError) as err:
+        check_model(cfg.model)
+    text = str(err.value)
+    for part in ("single-file checkpoint", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 str(tmp_path / "hf-cache"), "hf download", '--include "*.json" "*.txt"',
+                 "--set model.single_file_config="):
+        assert part in text, part
+    with pytest.raises(MissingWeightsError, match="single_file_config"):
+        load_pipeline(world.single)
+    empty = tmp_path / "not-a-pipeline"
+    empty.mkdir()
+    with pytest.raises(MissingWeightsError, match="model_index.json"):
+        load_pipeline(world.single, single_file_config=str(empty))
+
+
+def test_sdxl_single_file_is_recognised_from_its_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from craft.models import default_single_file_config
+
+    path = tmp_path / "sd_xl_base_tiny.safetensors"
+    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias":
+               torch.zeros(4), "conditioner.embedders.1.model.positional_embedding":
+               torch.zeros(77, 4)}, str(path))
+    assert detect_family(path) == "sdxl"
+    assert default_single_file_config(path) == "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(MissingWeightsError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        load_pipeline(path)
+
+
+# ------------------------------------------------------------------------ hub ids, the cache
+
+
+def test_hub_id_loads_from_the_cache_and_an_incomplete_snapshot_is_named(world, tmp_path):
+    snap = sf.fake_hf_cache(tmp_path / "hf-cache", "craft-tests/tiny-sdxl", world.sdxl_dir)
+    pipe = load_pipeline("craft-tests/tiny-sdxl")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert _states_equal(pipe.unet, world.sdxl.unet)
+    for f in (snap / "text_encoder_2").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(MissingWeightsError, match=r"incomplete: missing text_encoder_2/ weights"):
+        load_pipeline("craft-tests/tiny-sdxl")
+    with pytest.raises(MissingWeightsError, match=r"fp16 weights.*model.variant=null"):
+        load_pipeline(world.sd15_dir, variant="fp16")
+
+
+def test_family_must_agree_with_the_files(world):
+    with pytest.raises(CraftError, match="model.family='sdxl'.*sd15"):
+        detect_family(world.sd15_dir, "sdxl")
+    assert detect_family(world.sd15_dir, "toy") == "toy"
+
+
+# ------------------------------------------------------------------------ dtype, device, memory
+
+
+def test_dtype_and_device_rules():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(CraftError, match="model.dtype='float16'.*CPU"):
+        resolve_dtype("float16", cpu)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        for dev in ("cuda", "cuda:1"):
+            with pytest.raises(CraftError, match=rf"model.device='{dev}' but no CUDA device.*"
+                                                 r"--set model.device=cpu"):
+                resolve_device(dev)
+
+
+def test_memory_options_from_config_are_applied(world):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from craft.models import apply_memory_options
+
+    cfg = _cfg(world.sd15_dir, **{"model.attention": "sdpa", "model.vae_tiling": True,
+                                  "model.vae_slicing": True})
+    pipe = load_from_config(cfg.model)
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+    for module in (pipe.unet, pipe.vae):
+        assert {type(p) for p in module.attn_processors.values()} == {AttnProcessor2_0}
+    apply_memory_options(pipe, attention="default")
+    for module in (pipe.unet, pipe.vae):
+        assert {type(p) for p in module.attn_processors.values()} == {AttnProcessor}
+
+
+def test_8bit_adam_needs_bitsandbytes_and_cuda(world, monkeypatch, tmp_path):
+    import importlib.util
+
+    from craft.training import check_train_options, train
+
+    cfg = _cfg(world.sd15_dir, **{"model.device": "auto", "train.use_8bit_adam": True})
+    frame = pd.DataFrame({"image_path": ["x.png"], "prompt": ["a"], "weight": [1.0]})
+    if importlib.util.find_spec("bitsandbytes") is None:
+        # fails before the model is loaded or an image read
+        with pytest.raises(CraftError, match="needs the bitsandbytes package.*pip install "
+                                             "bitsandbytes.*use_8bit_adam=false"):
+            train(cfg, frame, tmp_path / "out")
+    if not torch.cuda.is_available():
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+        with pytest.raises(CraftError, match="use_8bit_adam=true needs a CUDA device"):
+            check_train_options(cfg)
+
+
+@pytest.mark.parametrize("family,counts", [
+    ("sd15", {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}),
+    ("sdxl", {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+              "text_encoder_2": 694_659_840})])
+def test_written_out_configs_are_the_published_architectures(family, counts):
+    """craft.architectures (used by benchmarks/gpu.py and, at tiny widths, by these tests) has
+    exactly the parameter counts of the published SD1.5 / SDXL components (built on the meta
+    device: no memory, no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from craft.architectures import component_configs
+
+    cfgs = component_configs(family)
+    with torch.device("meta"):
+        built = {"unet": UNet2DConditionModel(**cfgs["unet"]), "vae": AutoencoderKL(**cfgs["vae"]),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"]))}
+        if family == "sdxl":
+            built["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfgs["text_encoder_2"]))
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in built.items()} == counts
