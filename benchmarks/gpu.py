@@ -155,7 +155,7 @@ def training_frame(folder: Path, size: int, n: int):
 
 def bench_training(pipe, cfg, device, size: int, steps: int) -> dict:
     from craft.config import config_from_dict, config_to_dict
-    from craft.training import TrainCallbacks, train
+    from craft.training import TrainCallbacks, resolve_mixed_precision, train
 
     data = config_to_dict(cfg)
     data["generation"].update(height=size, width=size)  # train() trains at this size
@@ -181,7 +181,7 @@ def bench_training(pipe, cfg, device, size: int, steps: int) -> dict:
     per_step = statistics.median(step_times[1:] or step_times)
     paper = PAPER_STEPS[cfg.model.family]
     return {"size": size, "micro_batch": tc.micro_batch, "effective_batch": tc.effective_batch,
-            "mixed_precision": tc.mixed_precision,
+            "mixed_precision": resolve_mixed_precision(tc.mixed_precision, device),
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
             "steps_timed": max(1, len(step_times) - 1), "s_per_step": per_step,
             "samples_per_s": tc.effective_batch / per_step, "peak_gib": peak,
@@ -252,8 +252,9 @@ def table(result: dict) -> str:
     for fam, out in result["families"].items():
         t = out["training"]
         lines.append(
-            f"| {fam} | {t['size']} | {t['micro_batch']} x {t['effective_batch'] // t['micro_batch']}"
-            f" -> {t['effective_batch']} | {t['mixed_precision']} | "
+            f"| {fam} | {t['size']} | {t['micro_batch']} x "
+            f"{t['effective_batch'] // t['micro_batch']} -> {t['effective_batch']} | "
+            f"{t['mixed_precision']} | "
             f"{t['gradient_checkpointing']} | {t['s_per_step']:.2f} | {t['samples_per_s']:.2f} | "
             f"{t['peak_gib']:.2f} | {t['paper_steps']} steps x {t['effective_batch']}: "
             f"{t['paper_run_min']:.1f} min |")

@@ -259,6 +259,16 @@ def save_pipeline(pipe, unet, out: Path) -> Path:
 # ------------------------------------------------------------------------ the loop
 
 
+def resolve_mixed_precision(mode: str, device: torch.device) -> str:
+    """``train.mixed_precision`` as accelerate takes it: ``auto`` is bf16 on GPUs that support
+    it, fp16 on older ones, and no autocast on the CPU."""
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def check_train_options(cfg) -> None:
     """Fail before any work on training options this machine cannot honour (``craft run``
     calls this before generating, so a missing package does not surface hours later)."""
@@ -305,11 +315,8 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    mp = tc.mixed_precision
     device = resolve_device(cfg.model.device)
-    if mp == "auto":
-        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" \
-            else "no"
+    mp = resolve_mixed_precision(tc.mixed_precision, device)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     n_proc = accelerator.num_processes
     if tc.effective_batch % (tc.micro_batch * n_proc):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
