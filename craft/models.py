@@ -197,7 +197,7 @@ def _component_problems(folder: Path, variant: str | None, need_weights: bool) -
 def _has_weights(folder: Path, variant: str | None) -> bool:
     """Whether ``folder`` holds weights ``from_pretrained(variant=...)`` will find (single
     files, shards or a shard index)."""
-    for f in (p.name for p in folder.iterdir()):
+    for f in (p.name for p in folder.iterdir() if p.is_file()):  # a broken cache link: absent
         parts = f.split(".")
         if variant:
             if variant in parts[1:] and (f.endswith((".safetensors", ".bin"))

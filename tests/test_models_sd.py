@@ -294,9 +294,11 @@ def test_hub_id_loads_from_the_cache_and_an_incomplete_snapshot_is_named(world, 
     pipe = load_pipeline("craft-tests/tiny-sdxl")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert _states_equal(pipe.unet, world.sdxl.unet)
-    for f in (snap / "text_encoder_2").glob("*.safetensors"):
-        f.unlink()
-    with pytest.raises(MissingWeightsError, match=r"incomplete: missing text_encoder_2/ weights"):
+    for f in (snap / "text_encoder_2").glob("*.safetensors"):  # only a half-precision copy
+        f.rename(f.with_suffix(".fp16.safetensors"))
+    with pytest.raises(MissingWeightsError, match=r"incomplete: missing text_encoder_2/ weights"
+                                                  r".*found only fp16 files: --set model.variant"
+                                                  r"=fp16"):
         load_pipeline("craft-tests/tiny-sdxl")
     with pytest.raises(MissingWeightsError, match=r"fp16 weights.*model.variant=null"):
         load_pipeline(world.sd15_dir, variant="fp16")
