@@ -247,12 +247,19 @@ def _family_from_keys(keys) -> str:
 def default_single_file_config(location: Path) -> str:
     """The hub repo whose configs describe the single-file checkpoint at ``location``."""
     shapes = _checkpoint_shapes(location)
+    family = _family_from_keys(shapes)
     try:
-        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+        from diffusers.loaders.single_file_utils import (DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+                                                         infer_diffusers_model_type)
 
-        return fetch_diffusers_config(_ShapeOnly(shapes))["pretrained_model_name_or_path"]
+        kind = infer_diffusers_model_type(_ShapeOnly(shapes))
+        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
     except Exception:  # noqa: BLE001 - diffusers internals; fall back to the family default
-        return DEFAULT_CONFIG_REPOS[_family_from_keys(shapes)]
+        return DEFAULT_CONFIG_REPOS[family]
+    # diffusers tells SDXL by a key of its 32-layer text encoder; trust it only where it agrees
+    # with the family the keys show (an SDXL-architecture file of another depth is still SDXL)
+    xl = kind.startswith(("xl", "playground"))
+    return repo if xl == (family == "sdxl") else DEFAULT_CONFIG_REPOS[family]
 
 
 def resolve_single_file_config(location: Path, single_file_config: str | None = None,

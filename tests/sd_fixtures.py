@@ -8,10 +8,13 @@
 - ``save_sd15_layout``: ``save_pretrained`` plus what the published SD1.5 folder also lists
   (safety checker, feature extractor), without the safety checker's weights (loading must not
   need them), and the tokenizer as vocab.json + merges.txt.
-- ``ldm_state_dict`` / ``write_single_file``: the same weights under the original LDM key names
-  (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), the
-  layout of ``v1-5-pruned-emaonly.safetensors``, for ``from_single_file``.
+- ``ldm_state_dict`` / ``write_single_file``: the same weights under the original key names
+  (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``; for
+  SDXL ``conditioner.embedders.0.transformer.*`` and OpenCLIP's ``conditioner.embedders.1.model.*``),
+  the layouts of ``v1-5-pruned-emaonly.safetensors`` / ``sd_xl_base_1.0.safetensors``.
 - ``fake_hf_cache``: a Hugging Face cache folder holding a snapshot of a repo.
+- ``offline``: a fixture (import it into a test module; autouse) that refuses network access
+  and points the Hugging Face cache at an empty folder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,46 @@ import copy
 import json
 import shutil
 from pathlib import Path
+
+import pytest
+import torch
+
+PROMPTS = ["a photo of an astronaut riding a horse", "an oil painting of a lighthouse at dusk"]
+
+
+def _params():
+    from craft.generation import SamplingParams
+
+    return SamplingParams(num_inference_steps=3, guidance_scale=5.0)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No network, and an empty Hugging Face cache: whatever loads, loads from disk."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def states_equal(a, b) -> bool:
+    """Two modules hold bitwise the same parameters and buffers under the same names."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def images(pipe, prompts, seeds, batch_size, params=None):
+    """craft.generation.generate_images as one uint8 array."""
+    from craft.generation import generate_images, images_to_array
+
+    return images_to_array([im for _, b in generate_images(pipe, prompts, seeds,
+                                                           params or _params(), batch_size)
+                            for im in b])
 
 
 def tokenizers(folder: Path):
@@ -170,9 +213,37 @@ _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v")
              ("to_out.0", "proj_out"))
 
 
+def _open_clip_text(model) -> dict:
+    """A transformers CLIPTextModelWithProjection under OpenCLIP's names (SDXL's second text
+    encoder, ``conditioner.embedders.1.model.*``): fused q/k/v, a transposed projection."""
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+             "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+    state = model.state_dict()
+    out = {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": state["text_model.final_layer_norm.weight"],
+           "ln_final.bias": state["text_model.final_layer_norm.bias"],
+           "text_projection": state["text_projection.weight"].T}
+    for i in range(model.config.num_hidden_layers):
+        pre = f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{pre}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for hf, ldm in names.items():
+                out[f"transformer.resblocks.{i}.{ldm}.{kind}"] = state[f"{pre}{hf}.{kind}"]
+    return out
+
+
 def ldm_state_dict(pipe) -> dict:
-    """The SD1.x pipeline's UNet, VAE and text encoder under the original LDM key names."""
-    unet = _rename(pipe.unet.state_dict(), _unet_prefixes(pipe.unet.config), _RESNET)
+    """The pipeline's UNet, VAE and text encoder(s) under the original LDM / SGM key names:
+    SD1.x (``cond_stage_model.transformer.*``) or SDXL (``conditioner.embedders.{0,1}.*``,
+    the UNet's ``label_emb``)."""
+    xl = hasattr(pipe, "text_encoder_2")
+    prefixes = _unet_prefixes(pipe.unet.config)
+    if xl:
+        prefixes += [("add_embedding.linear_1.", "label_emb.0.0."),
+                     ("add_embedding.linear_2.", "label_emb.0.2.")]
+    unet = _rename(pipe.unet.state_dict(), prefixes, _RESNET)
     vae = {}
     for key, value in _rename(pipe.vae.state_dict(), _vae_prefixes(pipe.vae.config),
                               (("conv_shortcut", "nin_shortcut"),)).items():
@@ -186,9 +257,13 @@ def ldm_state_dict(pipe) -> dict:
                 value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         vae[key] = value
     text = {}
+    first = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
     for key, value in pipe.text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else f"text_model.{key}"
-        text[f"cond_stage_model.transformer.{key}"] = value
+        text[f"{first}{key}"] = value
+    if xl:
+        text.update({f"conditioner.embedders.1.model.{k}": v
+                     for k, v in _open_clip_text(pipe.text_encoder_2).items()})
     state = {**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
              **{f"first_stage_model.{k}": v for k, v in vae.items()}, **text}
     return {k: v.detach().contiguous().clone() for k, v in state.items()}

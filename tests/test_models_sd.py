@@ -2,15 +2,14 @@
 
 Every model here has the published component structure (craft.architectures, tiny widths), the
 real CLIP BPE vocabulary, random weights, and is written in a real on-disk layout: a diffusers
-folder as the published SD1.5 repo has it, an SDXL folder, an original-LDM single .safetensors
-checkpoint, a Hugging Face cache snapshot. All of it is loaded through craft.models with the
-network switched off, then generates and trains through craft.generation / craft.training.
+folder as the published SD1.5 repo has it, an SDXL folder, a Hugging Face cache snapshot. All of
+it is loaded through craft.models with the network switched off, then generates and trains
+through craft.generation / craft.training. Single-file checkpoints: test_models_single_file.py.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,26 +19,13 @@ import torch
 
 import sd_fixtures as sf
 from conftest import tiny_config
+from sd_fixtures import PROMPTS, images, offline, states_equal  # noqa: F401 (offline: fixture)
 from craft import CraftError
-from craft.generation import SamplingParams, generate_images, images_to_array
-from craft.models import (MissingWeightsError, check_model, detect_family, load_from_config,
-                          load_pipeline, resolve_device, resolve_dtype)
+from craft.generation import images_to_array
+from craft.models import (MissingWeightsError, detect_family, load_from_config, load_pipeline,
+                          resolve_device, resolve_dtype)
 
-PROMPTS = ["a photo of an astronaut riding a horse", "an oil painting of a lighthouse at dusk"]
-PARAMS = SamplingParams(num_inference_steps=3, guidance_scale=5.0)
 MAX_PIXEL_DIFF = 2  # of 255: batched vs alone
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No network, and an empty Hugging Face cache: whatever loads, loads from disk."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +34,8 @@ def world(tmp_path_factory):
     sd15, sdxl = sf.build("sd15", root), sf.build("sdxl", root)
     sf.save_sd15_layout(sd15, root / "sd15")
     sdxl.save_pretrained(root / "sdxl", safe_serialization=True)
-    return SimpleNamespace(
-        root=root, sd15=sd15, sdxl=sdxl, sd15_dir=root / "sd15", sdxl_dir=root / "sdxl",
-        single=sf.write_single_file(sd15, root / "v1-5-tiny.safetensors"),
-        configs=sf.copy_configs_only(root / "sd15", root / "sd15-configs-only"))
+    return SimpleNamespace(root=root, sd15=sd15, sdxl=sdxl, sd15_dir=root / "sd15",
+                           sdxl_dir=root / "sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +44,11 @@ def loaded(world) -> SimpleNamespace:
     return SimpleNamespace(sd15=load_pipeline(world.sd15_dir), sdxl=load_pipeline(world.sdxl_dir))
 
 
-def _states_equal(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _images(pipe, prompts, seeds, batch_size, params=PARAMS) -> np.ndarray:
-    return images_to_array([im for _, b in generate_images(pipe, prompts, seeds, params,
-                                                           batch_size) for im in b])
-
-
 def _batched_equals_alone(pipe) -> np.ndarray:
     prompts, seeds = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [11, 12, 11, 12]
-    batched = _images(pipe, prompts, seeds, batch_size=4)
+    batched = images(pipe, prompts, seeds, batch_size=4)
     for i in (1, 2):
-        alone = _images(pipe, [prompts[i]], [seeds[i]], batch_size=1)[0]
+        alone = images(pipe, [prompts[i]], [seeds[i]], batch_size=1)[0]
         assert np.abs(alone.astype(int) - batched[i].astype(int)).max() <= MAX_PIXEL_DIFF
     assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 10  # seed matters
     return batched
@@ -87,7 +61,7 @@ def frames(world) -> dict[str, pd.DataFrame]:
 
     out = {}
     for family in ("sd15", "sdxl"):
-        arrays = _images(getattr(world, family), PROMPTS * 2, [1, 2, 3, 4], batch_size=4)
+        arrays = images(getattr(world, family), PROMPTS * 2, [1, 2, 3, 4], batch_size=4)
         paths = [str(world.root / f"{family}-{i}.png") for i in range(len(arrays))]
         for arr, path in zip(arrays, paths):
             Image.fromarray(arr).save(path)
@@ -123,7 +97,7 @@ def test_sd15_folder_in_the_published_layout_loads_and_generates(world, loaded):
     assert pipe.tokenizer(PROMPTS[0]).input_ids == clip_tokenizer()(PROMPTS[0]).input_ids
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     for name in ("unet", "vae", "text_encoder"):
-        assert _states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
+        assert states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
     _batched_equals_alone(pipe)
 
 
@@ -153,7 +127,7 @@ def test_sd15_trains_two_steps_and_final_loads(world, loaded, frames, tmp_path, 
     base_cfg = _cfg(world.sd15_dir, **{"model.variant": "fp16"}).model
     tuned = load_from_config(base_cfg, pretrained=str(result.final_dir))
     assert type(tuned).__name__ == "StableDiffusionPipeline"
-    assert _states_equal(tuned.text_encoder, world.sd15.text_encoder)
+    assert states_equal(tuned.text_encoder, world.sd15.text_encoder)
     base = world.sd15.unet.state_dict()
     changed = {k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base[k])}
     if lora:
@@ -178,7 +152,7 @@ def test_sdxl_folder_loads_and_generates_batched_with_per_candidate_seeds(world,
     assert pipe.unet.add_embedding.linear_1.in_features == (
         pipe.text_encoder_2.config.projection_dim + 6 * unet.addition_time_embed_dim)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        assert _states_equal(getattr(pipe, name), getattr(world.sdxl, name)), name
+        assert states_equal(getattr(pipe, name), getattr(world.sdxl, name)), name
     _batched_equals_alone(pipe)
 
 
@@ -221,69 +195,11 @@ def test_sdxl_trains_two_steps_and_final_loads_as_sdxl(world, loaded, frames, tm
     assert json.loads((result.final_dir / "model_index.json").read_text())[
         "force_zeros_for_empty_prompt"] is True
     for name in ("text_encoder", "text_encoder_2", "vae"):
-        assert _states_equal(getattr(tuned, name), getattr(world.sdxl, name)), name
+        assert states_equal(getattr(tuned, name), getattr(world.sdxl, name)), name
     base = world.sdxl.unet.state_dict()
     changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base[k])]
     assert len(changed) == len(base)
     assert images_to_array(tuned(PROMPTS[0], num_inference_steps=2).images).std() > 0
-
-
-# ------------------------------------------------------------------------ single file
-
-
-def test_single_file_checkpoint_loads_offline_with_a_local_config(world):
-    """An original-LDM single .safetensors + a folder holding only the diffusers configs
-    (no weights): bitwise the same weights, and the same images, as the model it was written
-    from."""
-    assert detect_family(world.single) == "sd15"
-    assert not list(world.configs.rglob("*.safetensors"))
-    pipe = load_pipeline(world.single, single_file_config=str(world.configs))
-    for name in ("unet", "vae", "text_encoder"):
-        assert _states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
-    ours, theirs = _images(pipe, PROMPTS, [3, 4], 2), _images(world.sd15, PROMPTS, [3, 4], 2)
-    # bitwise-equal weights; only float rounding may differ (a few pixels by 1/255)
-    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
-
-
-def test_single_file_config_defaults_to_the_cached_repo_diffusers_names(world, tmp_path):
-    """Without model.single_file_config, the configs of the repo diffusers associates with an
-    SD1.x checkpoint are used when they are in the HF cache (configs only, no weights)."""
-    sf.fake_hf_cache(tmp_path / "hf-cache", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     world.sd15_dir, configs_only=True)
-    pipe = load_pipeline(world.single)
-    assert _states_equal(pipe.unet, world.sd15.unet)
-
-
-def test_single_file_without_its_config_fails_fast_and_says_how(world, tmp_path):
-    cfg = _cfg(world.single)
-    with pytest.raises(MissingWeightsError) as err:
-        check_model(cfg.model)
-    text = str(err.value)
-    for part in ("single-file checkpoint", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                 str(tmp_path / "hf-cache"), "hf download", '--include "*.json" "*.txt"',
-                 "--set model.single_file_config="):
-        assert part in text, part
-    with pytest.raises(MissingWeightsError, match="single_file_config"):
-        load_pipeline(world.single)
-    empty = tmp_path / "not-a-pipeline"
-    empty.mkdir()
-    with pytest.raises(MissingWeightsError, match="model_index.json"):
-        load_pipeline(world.single, single_file_config=str(empty))
-
-
-def test_sdxl_single_file_is_recognised_from_its_keys(tmp_path):
-    from safetensors.torch import save_file
-
-    from craft.models import default_single_file_config
-
-    path = tmp_path / "sd_xl_base_tiny.safetensors"
-    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias":
-               torch.zeros(4), "conditioner.embedders.1.model.positional_embedding":
-               torch.zeros(77, 4)}, str(path))
-    assert detect_family(path) == "sdxl"
-    assert default_single_file_config(path) == "stabilityai/stable-diffusion-xl-base-1.0"
-    with pytest.raises(MissingWeightsError, match="stabilityai/stable-diffusion-xl-base-1.0"):
-        load_pipeline(path)
 
 
 # ------------------------------------------------------------------------ hub ids, the cache
@@ -293,7 +209,7 @@ def test_hub_id_loads_from_the_cache_and_an_incomplete_snapshot_is_named(world, 
     snap = sf.fake_hf_cache(tmp_path / "hf-cache", "craft-tests/tiny-sdxl", world.sdxl_dir)
     pipe = load_pipeline("craft-tests/tiny-sdxl")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    assert _states_equal(pipe.unet, world.sdxl.unet)
+    assert states_equal(pipe.unet, world.sdxl.unet)
     for f in (snap / "text_encoder_2").glob("*.safetensors"):  # only a half-precision copy
         f.rename(f.with_suffix(".fp16.safetensors"))
     with pytest.raises(MissingWeightsError, match=r"incomplete: missing text_encoder_2/ weights"
