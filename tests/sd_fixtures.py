@@ -9,9 +9,9 @@
   (safety checker, feature extractor), without the safety checker's weights (loading must not
   need them), and the tokenizer as vocab.json + merges.txt.
 - ``ldm_state_dict`` / ``write_single_file``: the same weights under the original key names
-  (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``; for
-  SDXL ``conditioner.embedders.0.transformer.*`` and OpenCLIP's ``conditioner.embedders.1.model.*``),
-  the layouts of ``v1-5-pruned-emaonly.safetensors`` / ``sd_xl_base_1.0.safetensors``.
+  (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``;
+  for SDXL ``conditioner.embedders.0.transformer.*`` and OpenCLIP's
+  ``conditioner.embedders.1.model.*``), the layouts of ``v1-5-pruned-emaonly.safetensors`` / ``sd_xl_base_1.0.safetensors``.
 - ``fake_hf_cache``: a Hugging Face cache folder holding a snapshot of a repo.
 - ``offline``: a fixture (import it into a test module; autouse) that refuses network access
   and points the Hugging Face cache at an empty folder.
