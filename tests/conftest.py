@@ -136,3 +136,14 @@ def tiny_config(model_dir: str, **extra):
     from craft.config import load_config
 
     return load_config(None, tiny_overrides(model_dir, **extra))
+
+
+@pytest.fixture(autouse=True)
+def _restore_flush_denormal():
+    """The CLI turns on torch's flush-to-zero for speed; keep it from leaking into later tests
+    (hypothesis refuses to run float strategies when subnormals are flushed)."""
+    yield
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
