@@ -63,6 +63,8 @@ class StudioApp:
                                            scale=4, elem_id="run-dir")
                 self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
             self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
+            # The run's counts change as jobs write; a slow, cheap poll keeps the line current.
+            self.info_timer = gr.Timer(5.0)
             with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
                               open=False):
                 with gr.Row():
@@ -131,6 +133,8 @@ class StudioApp:
             return [info, gr.update(choices=sibling_runs(ctx.run_dir), value=str(ctx.run_dir)),
                     *self.settings.values_from(ctx.cfg)]
 
+        self.info_timer.tick(_guarded(ctx.describe, 1), None, self.run_info,
+                             show_progress="hidden")
         dep = self.open_btn.click(on_open, self.run_dir, [self.run_info, self.run_dir, *bound])
         self._refresh_all(dep)
 

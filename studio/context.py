@@ -153,6 +153,11 @@ class StudioContext:
 
                 alt = replace(self.cfg, model=replace(self.cfg.model, pretrained=model))
                 df = candidate_frame(self.store, alt)
+        if not df.empty:
+            # Seeds are large derived numbers; within a group they are shared by the original
+            # and every variant, so their rank (0..S-1) is the readable name.
+            df["seed_idx"] = (df.groupby("prompt_id")["seed"].rank(method="dense") - 1).astype(
+                int)
         with self._lock:
             self._frame_cache = (version, df)
         return df

@@ -144,7 +144,7 @@ def caption(row: Any, rewards: Sequence[str], short: Mapping[str, str]) -> str:
     r = row.composite
     a = row.advantage
     return (f"R {r:+.2f} · A {a:+.2f} · " + " ".join(parts)
-            + f" · {head} s{row.seed}{marks}\n{row.prompt}")
+            + f" · {head} s{getattr(row, 'seed_idx', row.seed)}{marks}\n{row.prompt}")
 
 
 def gallery_rows(c: Curation, view: str, limit: int = MAX_GALLERY) -> pd.DataFrame:

@@ -82,8 +82,11 @@ def reward_histograms(df: pd.DataFrame, rewards: Sequence[str]) -> go.Figure:
             fig.add_bar(x=centers, y=counts, width=edges[1] - edges[0], name=name,
                         marker_color=color, showlegend=i == 0, legendgroup=name,
                         row=i // cols + 1, col=i % cols + 1)
-    fig.update_layout(**{**_LAYOUT, "height": 260 * rows}, barmode="stack", bargap=0,
-                      title="Per-reward scores (raw)")
+    fig.update_layout(**{**_LAYOUT, "height": 260 * rows + 30,
+                         "legend": dict(orientation="h", yanchor="bottom", y=1.08,
+                                        xanchor="right", x=1.0),
+                         "margin": dict(l=40, r=10, t=70, b=36)},
+                      barmode="stack", bargap=0, title="Per-reward scores (raw)")
     return fig
 
 

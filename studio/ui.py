@@ -86,7 +86,10 @@ class JobPanel:
                 return fn(*args)
             except Exception:  # noqa: BLE001
                 logger.exception("%s poll failed", self.kind)
-                return [gr.skip()] * n
+                out = [gr.skip()] * n
+                if self.timer in outputs and not self.is_running():
+                    out[outputs.index(self.timer)] = gr.Timer(active=False)  # stop retrying
+                return out
 
         tick.__name__ = f"poll_{self.kind}"
         return self.timer.tick(tick, inputs, outputs, show_progress="hidden")

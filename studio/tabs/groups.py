@@ -24,11 +24,11 @@ def prompt_choices(ctx: StudioContext) -> list[tuple[str, int]]:
 def group_view(curation, prompt_id: int, rewards: list[str]):
     f = curation.frame
     g = f[f["prompt_id"] == prompt_id].sort_values(["variant_idx", "seed"], kind="stable")
+    seeds = g["seed_idx"] if "seed_idx" in g else g["seed"]
     if g.empty:
         raise ValueError(f"prompt {prompt_id} has no scored candidates")
     levels = level_pass_table(g, curation.settings)
-    labels = [("★" if v == 0 else f"v{v}") + f" s{s}" for v, s in
-              zip(g["variant_idx"], g["seed"])]
+    labels = [("★" if v == 0 else f"v{v}") + f" s{s}" for v, s in zip(g["variant_idx"], seeds)]
     short = {r: short_name(r) for r in rewards}
     gallery = []
     for label, row, (_, lv) in zip(labels, g.itertuples(), levels.iterrows()):
@@ -41,6 +41,7 @@ def group_view(curation, prompt_id: int, rewards: list[str]):
                                                                             "advantage A"]
     fig = group_bars(g, labels, cols, names)
     table = pd.DataFrame({"candidate": labels, "seed": g["seed"].to_numpy(),
+                          "candidate id": g["candidate_id"].to_numpy(),
                           "variant text": g["variant"].to_numpy()})
     for r in rewards:
         if r in g:
