@@ -139,19 +139,22 @@ def browser_timings(run_dir: Path, repeats: int) -> list[dict]:
                         times.append(ms)
                     else:
                         print(f"{elem_id}: no update within 10 s at {frac}", file=sys.stderr)
-                    time.sleep(0.6)  # let the grid step finish before the next move
+                    time.sleep(1.5)  # a settled page: the previous grid and histogram are drawn
                 return times
 
             cases = [
                 ("top-K slider -> kept count", "curate-topk", "#kept-number",
                  [0.1, 0.3, 0.5, 0.2, 0.4]),
-                ("weight slider -> weighted count (weight > 0)", "curate-weight-toy_aesthetic",
-                 "#effective-number", [0.2, 0.8, 0.5, 0.9, 0.1]),
+                ("weight slider -> kept line (composite cut-off)", "curate-weight-toy_aesthetic",
+                 "#cutoff-number", [0.2, 0.8, 0.5, 0.9, 0.1]),
                 ("weight slider -> image grid (captions)", "curate-weight-toy_selection",
                  "#curate-gallery", [0.2, 0.8, 0.5, 0.9, 0.1]),
             ]
             for label, elem_id, selector, positions in cases:
-                times = measure(elem_id, selector, positions) or [float("nan")]
+                times = measure(elem_id, selector, positions)
+                if not times:
+                    out.append({"measure": label, "n": 0})
+                    continue
                 out.append({"measure": label, "n": len(times),
                             "median ms": round(statistics.median(times)),
                             "p90 ms": round(float(np.percentile(times, 90))),
@@ -165,7 +168,7 @@ def browser_timings(run_dir: Path, repeats: int) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -124,7 +124,7 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> str:
             f" ({counts.groups} groups) · <span id='effective-number'>"
             f"{effective_count(c, adv_mode, tau)}</span> with training weight > 0")
     if c.result.cutoff is not None:
-        text += f" · cut-off R ≥ {c.result.cutoff:+.3f}"
+        text += f" · cut-off R ≥ <span id='cutoff-number'>{c.result.cutoff:+.3f}</span>"
     if counts.unscorable:
         text += f" · {counts.unscorable} unscorable (NaN) excluded"
     if counts.overrides_applied:

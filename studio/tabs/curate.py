@@ -44,7 +44,8 @@ class CurateTab:
                     role = roles.get(r)
                     label = f"weight: {r}" + (f" (role {role})" if role else "")
                     s = settings.bind(f"filter.weights.{r}", gr.Slider(
-                        0.0, 1.0, value=float(f.weights.get(r, 0.0)), step=0.05, label=label,
+                        0.0, max(1.0, *f.weights.values()), value=float(f.weights.get(r, 0.0)),
+                        step=0.05, label=label,
                         elem_id=f"curate-weight-{r}"))
                     self.weights.append(s)
                 self.normalization = settings.bind("filter.normalization", gr.Dropdown(
@@ -63,7 +64,7 @@ class CurateTab:
                     0.0, 2.0, value=f.margin, step=0.05, label="margin (normalised units)",
                     info=field_help("filter", "margin"), elem_id="curate-margin"))
                 self.top_k = settings.bind("filter.top_k", gr.Slider(
-                    1, 2000, value=f.top_k, step=1, label="top-K",
+                    1, max(2000, f.top_k), value=f.top_k, step=1, label="top-K",
                     info=field_help("filter", "top_k"), elem_id="curate-topk"))
                 self.include_ref = settings.bind("filter.include_reference", gr.Checkbox(
                     f.include_reference, label="original-prompt images may be kept",
@@ -157,14 +158,10 @@ class CurateTab:
                     .then(self.gallery_update, slow_in, slow_out, **quiet))
 
         for control in self.controls:
-            if isinstance(control, gr.Slider):
-                # While dragging the count follows (always_last drops stale moves); on release
-                # the count, the histogram, then the grid.
-                control.input(self.counts, self.controls, count_out, trigger_mode="always_last",
-                              **quiet)
-                event = control.release
-            else:
-                event = control.input
+            # Sliders answer on release (a click or the end of a drag), other controls on input;
+            # always_last drops moves superseded while one is computing. (Listening to a
+            # slider's input as well would send two events per click: measured slower.)
+            event = control.release if isinstance(control, gr.Slider) else control.input
             chain(event(self.counts, self.controls, count_out, trigger_mode="always_last",
                         **quiet))
         self.view.input(self.gallery_update, slow_in, slow_out, **quiet)
