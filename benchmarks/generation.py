@@ -119,9 +119,18 @@ def run_bound(pipe, batches, timesteps):
 
 
 def timed(fn) -> float:
-    t0 = time.perf_counter()
+    return timed2(fn)[0]
+
+
+def timed2(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time of a
+    one-thread run is much less disturbed by other jobs than the wall time."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def machine() -> str:
@@ -152,7 +161,8 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads; several values = one measurement each")
     ap.add_argument("--sweep", type=int, nargs="*", default=[],
                     help="also time ours alone at these batch sizes (first thread count)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--write-md", action="store_true", help="write benchmarks/generation.md")
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
@@ -167,7 +177,7 @@ def main(argv=None) -> dict:
     else:
         model = Path(args.model) if args.model else SHIPPED
         source = str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model)
-    pipe = load_pipeline(model, family="toy", dtype="float32", device=args.device)
+    pipe = load_pipeline(model, family="toy", dtype=args.dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     params = SamplingParams(num_inference_steps=args.steps, guidance_scale=args.guidance)
     texts, seeds = workload(args.prompts, args.seeds)
@@ -209,15 +219,20 @@ def measure(pipe, source, texts, seeds, params, args, threads: int) -> dict:
            "loop": lambda: run_loop(pipe, texts, seeds, params),
            "bound": lambda: run_bound(pipe, batches, timesteps)}
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     order = list(fns)
     for r in range(args.repeats):
         for k in order[r % 3:] + order[:r % 3]:
-            times[k].append(timed(fns[k]))
-            print(f"threads {threads}, round {r + 1}: {k:5s} {times[k][-1]:7.2f} s",
+            wall, c = timed2(fns[k])
+            times[k].append(wall)
+            cpu[k].append(c)
+            print(f"threads {threads}, round {r + 1}: {k:5s} {wall:7.2f} s wall, {c:7.2f} s CPU",
                   file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     return {
-        "model": source, "machine": machine(), "device": args.device, "threads": threads,
+        "model": source, "machine": machine(), "device": args.device, "dtype": args.dtype,
+        "threads": threads,
         "prompts": len(texts), "seeds_per_prompt": len(seeds), "images": n_images,
         "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
         "repeats": args.repeats, "times_s": times, "median_s": med,
@@ -225,6 +240,10 @@ def measure(pipe, source, texts, seeds, params, args, threads: int) -> dict:
         "speedup_vs_loop": med["loop"] / med["ours"],
         "fraction_of_bound": med["bound"] / med["ours"],
         "ceiling_vs_loop": med["loop"] / med["bound"],
+        "cpu_s": cpu, "median_cpu_s": cmed,
+        "cpu_speedup_vs_loop": cmed["loop"] / cmed["ours"],
+        "cpu_fraction_of_bound": cmed["bound"] / cmed["ours"],
+        "cpu_ceiling_vs_loop": cmed["loop"] / cmed["bound"],
         "max_pixel_diff_ours_vs_loop": same,
         "load_avg_1min": os.getloadavg()[0],
     }
@@ -242,6 +261,9 @@ def report(r: dict) -> str:
                  f"the bound itself is {r['ceiling_vs_loop']:.2f}x the loop")
     lines.append(f"fraction of the UNet-only bound: {100 * r['fraction_of_bound']:.1f} % "
                  "(goal >= 90 %)")
+    lines.append(f"by CPU time: {r['cpu_speedup_vs_loop']:.2f}x the loop, "
+                 f"{100 * r['cpu_fraction_of_bound']:.1f} % of the bound, bound "
+                 f"{r['cpu_ceiling_vs_loop']:.2f}x the loop")
     lines.append("ours vs loop, same images: max pixel difference "
                  f"{r['max_pixel_diff_ours_vs_loop']}/255")
     return "\n".join(lines)
@@ -251,45 +273,88 @@ def markdown(results: list[dict], sweep: dict, argv=None) -> str:
     cmd = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation.py",
                     *(argv if argv is not None else sys.argv[1:])])
     r0 = results[0]
-    parts = [f"""# Candidate generation speed
-
-Recorded with
-
-    {cmd}
-
-- model: {r0['model']}
-- machine: {r0['machine'].rsplit(',', 1)[0]}
-- workload: {r0['prompts']} prompts x {r0['seeds_per_prompt']} seeds = {r0['images']} images,
-  {r0['steps']} DDIM steps, guidance {r0['guidance']} (classifier-free guidance doubles every
-  UNet batch); ours renders {r0['batch_size']} images per pipeline call
-- each round times (a) ours, (b) the per-prompt loop, (c) the UNet-only bound, in rotating
-  order; {r0['repeats']} rounds, medians reported
-"""]
+    parts = [
+        "# Candidate generation speed", "",
+        "Written by `benchmarks/generation.py --write-md` (numbers and notes); recorded with", "",
+        f"    {cmd}", "",
+        f"- model: {r0['model']} ({r0['dtype']}, {r0['device']})",
+        f"- machine: {r0['machine'].rsplit(',', 1)[0]}",
+        f"- workload: {r0['prompts']} prompts x {r0['seeds_per_prompt']} seeds = "
+        f"{r0['images']} images, {r0['steps']} DDIM steps, guidance {r0['guidance']} "
+        "(classifier-free guidance doubles every UNet batch); ours renders "
+        f"{r0['batch_size']} images per pipeline call, the loop {r0['seeds_per_prompt']}",
+        f"- each round times (a) ours, (b) the per-prompt loop and (c) the UNet-only bound, in "
+        f"rotating order; {r0['repeats']} rounds, medians reported", ""]
     for r in results:
-        rows = "\n".join(
-            f"| {k} | {r['median_s'][k]:.2f} | {r['images_per_s'][k]:.2f} | "
-            f"{', '.join(f'{t:.2f}' for t in r['times_s'][k])} |"
-            for k in ("ours", "loop", "bound"))
-        parts.append(f"""## {r['threads']} torch thread(s) (1-minute load average after: {r['load_avg_1min']:.1f})
-
-| path | median s | images/s | runs (s) |
-|---|---|---|---|
-{rows}
-
-- ours vs the per-prompt loop: **{r['speedup_vs_loop']:.2f}x** (goal >= 2x)
-- ours vs the UNet-forwards-only bound: **{100 * r['fraction_of_bound']:.1f} %** of the bound's
-  speed (goal >= 90 %)
-- the bound itself vs the loop: {r['ceiling_vs_loop']:.2f}x: no sampler that runs these UNet
-  forwards can beat the loop by more than this on this machine
-- ours and the loop make the same images: max pixel difference
-  {r['max_pixel_diff_ours_vs_loop']}/255
-""")
+        parts += [
+            f"## {r['threads']} torch thread(s); 1-minute load average after the run: "
+            f"{r['load_avg_1min']:.1f}", "",
+            "| path | median wall s | images/s | wall runs (s) | median CPU s |",
+            "|---|---|---|---|---|"]
+        for k in ("ours", "loop", "bound"):
+            parts.append(f"| {k} | {r['median_s'][k]:.2f} | {r['images_per_s'][k]:.2f} | "
+                         f"{', '.join(f'{t:.2f}' for t in r['times_s'][k])} | "
+                         f"{r['median_cpu_s'][k]:.2f} |")
+        parts += [
+            "",
+            f"- ours vs the per-prompt loop: **{r['speedup_vs_loop']:.2f}x** (goal >= 2x); "
+            f"by CPU time {r['cpu_speedup_vs_loop']:.2f}x",
+            f"- bound time / our time: **{100 * r['fraction_of_bound']:.1f} %** (goal >= 90 %); "
+            f"by CPU time {100 * r['cpu_fraction_of_bound']:.1f} % (above 100 % = within noise)",
+            f"- the bound itself vs the loop: {r['ceiling_vs_loop']:.2f}x (CPU time "
+            f"{r['cpu_ceiling_vs_loop']:.2f}x): the most any sampler that runs these UNet "
+            "forwards could gain over the loop on this machine",
+            "- ours and the loop make the same images: max pixel difference "
+            f"{r['max_pixel_diff_ours_vs_loop']}/255", ""]
     if sweep:
-        parts.append("## Ours by batch size (images per pipeline call), median s\n\n"
-                     "| batch | " + " | ".join(str(b) for b in sweep) + " |\n|---|"
-                     + "---|" * len(sweep) + "\n| s | "
-                     + " | ".join(f"{t:.2f}" for t in sweep.values()) + " |\n")
+        parts += ["## Ours by batch size (images per pipeline call), median wall s", "",
+                  "| batch | " + " | ".join(str(b) for b in sweep) + f" | {r0['batch_size']} "
+                  "(above) |",
+                  "|---|" + "---|" * (len(sweep) + 1),
+                  "| s | " + " | ".join(f"{t:.2f}" for t in sweep.values())
+                  + f" | {r0['median_s']['ours']:.2f} |", ""]
+    parts.append(notes(results))
     return "\n".join(parts)
+
+
+def notes(results: list[dict]) -> str:
+    r = results[0]
+    speed_ok = r["speedup_vs_loop"] >= 2
+    bound_ok = r["fraction_of_bound"] >= 0.9
+    lines = ["## Notes", ""]
+    lines.append(
+        f"- Bound goal (>= 90 %): {'met' if bound_ok else 'NOT met'}. Our path spends its time "
+        "in the UNet forwards; text encoding (once per distinct prompt), noise drawing, the "
+        "scheduler, one batched VAE decode per call and the PIL conversion are within the "
+        "run-to-run noise of this machine.")
+    lines.append(
+        f"- Speed-up goal (>= 2x over the per-prompt loop): {'met' if speed_ok else 'NOT met'} "
+        "on this machine. "
+        + ("" if speed_ok else
+           "Batching cannot reach it here: the UNet forwards alone (the bound) are only "
+           f"{r['ceiling_vs_loop']:.2f}x faster than the loop. On one CPU thread the toy UNet is "
+           "compute-bound and its cost per sample hardly depends on the batch size (see the "
+           "batch-size table), so the loop loses only its per-call overhead: text encoder and "
+           "negative prompt on every call, a VAE decode of a few images, pipeline set-up, "
+           "small-batch kernel overhead. The goal's premise, per-call overhead dominating a "
+           "small model, is expected where kernels are launch-bound (a GPU); no GPU was lent "
+           "to this session, so that is not measured: run the script with `--device cuda` "
+           "there."))
+    lines.append(
+        "- Not done to chase 2x: making our UNet math cheaper than the loop's (bf16 autocast, "
+        "channels-last, torch.compile) changes the model's numerics or mutates the caller's "
+        "pipeline, and would move the bound with it; those are model-level choices for the "
+        "caller (model.dtype), not generation's.")
+    lines.append(
+        "- The machine is a shared 2-core VM and other jobs ran during the measurement (see the "
+        "load average): wall times are up to 2x the CPU times. The three paths are timed in "
+        "rotating order in every round so that load drifts hit them alike, and CPU-time "
+        "ratios are given as a cross-check. Two torch threads were much slower than one in a "
+        "probe with other jobs running, so the benchmark uses one.")
+    lines.append(
+        "- Same work: (a) and (b) are checked to make the same images (the loop passes "
+        "`generator=[one generator per image]` with the same seeds).")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
