@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from craft.generation import SamplingParams, generate_images  # noqa: E402
-from craft.toyworld.grammar import PALETTE, all_plain_prompts, parse_caption, rich_caption  # noqa: E402
+from craft.toyworld.grammar import (PALETTE, Scene, all_plain_prompts, caption,  # noqa: E402
+                                    parse_caption, rich_caption)
 from craft.toyworld.rewards import TOY_REWARDS, analyse, components  # noqa: E402
 
 WORDS = {"size": "large", "sharpness": "sharp", "position": "in the center", "texture": "plain"}
@@ -32,8 +33,15 @@ WORD_METRIC = {"size": ("radius", "object radius (px)"),
                "sharpness": ("edge_contrast", "edge contrast (0-1)"),
                "position": ("centre_offset", "distance from centre (px)"),
                "texture": ("background_std", "background std (RGB)")}
+POSITION_PROBES = ("in the top left", "on the right", "at the bottom")
 _NAMES = list(PALETTE)
 _PAL = np.array(list(PALETTE.values()), dtype=np.float32)
+
+
+def position_caption(plain: str, position: str) -> str:
+    p = parse_caption(plain)
+    return caption(Scene(p["colour"], p["shape"], p["background"], position=position),
+                   ["position"])
 
 
 def nearest_colour(rgb) -> str:
@@ -44,7 +52,8 @@ def measure(images, plain_prompts) -> dict[str, np.ndarray]:
     arrs = [np.asarray(im) for im in images]
     out = {name: fn(arrs, plain_prompts) for name, fn in TOY_REWARDS.items()}
     rows = [analyse(a) for a in arrs]
-    for field in ("radius", "edge_contrast", "centre_offset", "background_std"):
+    for field in ("radius", "edge_contrast", "centre_offset", "background_std", "centroid_dx",
+                  "centroid_dy"):
         out[field] = np.array([getattr(r, field) for r in rows])
     parsed = [parse_caption(p) for p in plain_prompts]
     out["object_colour_ok"] = np.array([r.present and nearest_colour(r.object_rgb) == p["colour"]
@@ -103,6 +112,8 @@ def main() -> None:
     conditions = {"plain": plain, "rich": [rich_caption(p) for p in plain]}
     for attr, word in WORDS.items():
         conditions[f"+{word}"] = [rich_caption(p, [attr]) for p in plain]
+    for pos in POSITION_PROBES:
+        conditions[pos] = [position_caption(p, pos) for p in plain]
     t0 = time.time()
     images, results = {}, {}
     for name, prompts in conditions.items():
@@ -158,6 +169,22 @@ def main() -> None:
         lines.append(f"| \"{word}\" | {label} | {mean_se(P[metric])} | {mean_se(W[metric])} | "
                      f"{d.mean():+.3f} ± {se:.3f} | {d.mean() / se:+.1f} | "
                      f"{da.mean():+.3f} ± {da.std(ddof=1) / np.sqrt(len(da)):.3f} |")
+    lines += [
+        "",
+        "## Position phrases (plain vs plain + phrase, shared seeds)",
+        "",
+        "Signed centroid of the object relative to the image centre (pixels; x right, y down). "
+        "A phrase that binds moves the centroid its way.",
+        "",
+        "| phrase | mean dx | mean dy | paired Δdx | paired Δdy |",
+        "|---|---|---|---|---|",
+        f"| (plain) | {mean_se(P['centroid_dx'])} | {mean_se(P['centroid_dy'])} | | |",
+    ]
+    for pos in POSITION_PROBES:
+        W = results[pos]
+        ddx, ddy = W["centroid_dx"] - P["centroid_dx"], W["centroid_dy"] - P["centroid_dy"]
+        lines.append(f"| \"{pos}\" | {mean_se(W['centroid_dx'])} | {mean_se(W['centroid_dy'])} | "
+                     f"{mean_se(ddx)} | {mean_se(ddy)} |")
     lines += ["", "## Samples", "",
               "![plain vs rich](toy_base_grid.png)", "",
               "Each row: one plain prompt, 6 seeds; left the plain prompt, right its full rich "

@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete the run dir first")
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse-craft", default=None, metavar="DIR",
+                    help="a finished `craft run` of the same config on --run-dir: reuse its "
+                         "tuned pipeline (DIR = RUN/final) instead of training CRAFT again")
     args = ap.parse_args()
 
     import numpy as np
@@ -64,14 +67,17 @@ def main() -> None:
     kept = training_set(store, cfg)
     control = random_subset(store, cfg, len(kept), seed=cfg.train.seed)
     results = {}
-    for name, df in (("craft", kept), ("control", control)):
+    runs = [("control", control)] + ([] if args.reuse_craft else [("craft", kept)])
+    for name, df in runs:
         t0 = time.time()
         res = train(cfg, df, run_dir / f"train-{name}", store=store, run_name=name, pipe=pipe)
         t[f"train {name}"] = time.time() - t0
-        results[name] = res
+        results[name] = res.final_dir
+    if args.reuse_craft:
+        results["craft"] = Path(args.reuse_craft)
     t0 = time.time()
-    models = {"base": cfg.model.pretrained, "craft": str(results["craft"].final_dir),
-              "control": str(results["control"].final_dir)}
+    models = {"base": cfg.model.pretrained, "craft": str(results["craft"]),
+              "control": str(results["control"])}
     ev = evaluate(cfg, store, models, name="bench", pipes={"base": pipe})
     t["evaluate"] = time.time() - t0
     out = Path(args.out)

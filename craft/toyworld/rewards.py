@@ -45,6 +45,8 @@ class Analysis:
     background_rgb: tuple[float, float, float]
     radius: float  # half the larger side of the object's bounding box, pixels
     centre_offset: float  # distance of the object's centroid from the image centre, pixels
+    centroid_dx: float  # signed centroid offset from the centre, pixels (x right, y down)
+    centroid_dy: float
     fill: float  # object area / bounding-box area
     vertical_centroid: float  # centroid height inside the bounding box, 0 top .. 1 bottom
     edge_contrast: float  # steepest step across the object's edge / object contrast: ~0.6 sharp, <0.35 blurry
@@ -68,8 +70,8 @@ def analyse(image) -> Analysis:
     d = np.linalg.norm(img - bg, axis=-1)
     peak = float(np.sort(d, axis=None)[-8:].mean())
     if peak < _MIN_PEAK:
-        return Analysis(0.0, tuple(bg), tuple(bg), 0.0, float(np.hypot(h, w) / 2), 0.0, 0.5,
-                        0.0, float(img.std(axis=(0, 1)).mean()), 0.0)
+        return Analysis(0.0, tuple(bg), tuple(bg), 0.0, float(np.hypot(h, w) / 2), 0.0, 0.0,
+                        0.0, 0.5, 0.0, float(img.std(axis=(0, 1)).mean()), 0.0)
     above = d > 0.5 * peak
     labels, n = ndimage.label(above)
     sizes = ndimage.sum(above, labels, index=np.arange(1, n + 1))
@@ -97,7 +99,8 @@ def analyse(image) -> Analysis:
     edge_contrast = float(np.percentile(step[boundary], 75) / peak) if boundary.any() else 0.0
     bg_pixels = img[~ndimage.binary_dilation(above, iterations=3)]
     bg_std = float(bg_pixels.std(axis=0).mean()) if len(bg_pixels) > 16 else 50.0
-    return Analysis(1.0, tuple(obj), tuple(bg), max(bw, bh) / 2.0, offset, fill, vcent,
+    return Analysis(1.0, tuple(obj), tuple(bg), max(bw, bh) / 2.0, offset, float(cx - w / 2),
+                    float(cy - h / 2), fill, vcent,
                     edge_contrast, bg_std, stray)
 
 
