@@ -226,7 +226,9 @@ def launch(app: StudioApp, host: str = "127.0.0.1", port: int | None = DEFAULT_P
         server_name=host, server_port=port, auth=auth, allowed_paths=app.ctx.allowed_paths,
         max_file_size=max_upload, css=CSS, ssr_mode=False, share=False, quiet=quiet,
         prevent_thread_lock=not block, show_error=True, footer_links=["settings"],
-        mcp_server=False)
+        # Gradio's run history would store every event's inputs and outputs in the browser:
+        # the Curate tab sends hundreds, and each slider move got slower as it grew.
+        run_history=False, mcp_server=False)
 
 
 __all__ = ["StudioApp", "TAB_NAMES", "build_app", "launch"]
