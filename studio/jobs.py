@@ -262,6 +262,13 @@ class JobManager:
         self._by_thread: dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._handler: _ThreadLogHandler | None = None
+
+    def _capture_logs(self) -> None:
+        """On the first job: route the ``craft`` / ``studio`` loggers' INFO records to the jobs
+        (importing this module changes no logging configuration)."""
+        if self._handler is not None:
+            return
         self._handler = _ThreadLogHandler(self)
         for name in ("craft", "studio"):
             log = logging.getLogger(name)
@@ -272,6 +279,7 @@ class JobManager:
     def start(self, kind: str, title: str, fn: Callable[[JobContext], Any]) -> JobSnapshot:
         """Run ``fn(ctx)`` in a new thread; raises JobBusyError if ``kind`` is busy."""
         with self._lock:
+            self._capture_logs()
             busy = self.running(kind)
             if busy is not None:
                 raise JobBusyError(f"a {kind} job is already running ({busy.title}); cancel it "
