@@ -166,6 +166,18 @@ def test_bad_upload_shows_an_error_and_loses_nothing(page, studio, tmp_path):
     assert studio[0].ctx.counts()["prompts"] == 4  # the run's prompts are untouched
 
 
+def test_pasted_prompts_are_previewed(page, studio):
+    page.get_by_label("Paste text").check()
+    fill(page, "prompts-paste", "a red circle on a blue background\n\n"
+                                "a green square on a white background\n"
+                                "a red circle on a blue background\n")
+    page.get_by_role("button", name="Use pasted text").click()
+    page.wait_for_selector("#prompts-message:has-text('1 duplicate')")
+    assert table_rows(page, "prompts-preview-table") == 2
+    assert "pasted-" in page.input_value("#prompts-source textarea")
+    assert studio[0].ctx.counts()["prompts"] == 4  # previewed, not added
+
+
 def test_generate_in_the_background(page, studio):
     tab(page, "Generate")
     page.click("#gen-start")
