@@ -727,8 +727,12 @@ def config_to_dict(cfg: CraftConfig) -> dict[str, dict[str, Any]]:
 
 
 def config_to_yaml(cfg: CraftConfig) -> str:
-    """Every field, in declaration order; ``load_config`` of the text gives back ``cfg``."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True,
+    """Every field, in declaration order; ``load_config`` of the text gives back ``cfg``.
+
+    Non-ASCII is written escaped (``allow_unicode=False``): written raw, YAML folds Unicode line
+    breaks such as U+0085 or U+2028 inside a prompt into spaces, and the round trip is lost.
+    """
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=False,
                           default_flow_style=False, width=100)
 
 

@@ -249,3 +249,9 @@ def test_resolve_path(tmp_path, monkeypatch):
     assert resolve_path("configs/toy.yaml") == tmp_path / "configs" / "toy.yaml"  # cwd first
     assert resolve_path("runwayml/stable-diffusion-v1-5") is None  # a hub id
     assert resolve_path(str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("prompt", ["\x85", "a\u2028b", "caf\u00e9 \u00e0 la cr\u00e8me", "\u65e5\u672c"])
+def test_round_trip_keeps_unicode_line_breaks_and_non_ascii(prompt):
+    cfg = CraftConfig(train=TrainConfig(preview_prompts=(prompt,)))
+    assert config_from_dict(__import__("yaml").safe_load(config_to_yaml(cfg))) == cfg
