@@ -199,14 +199,13 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
         fn = load_reward(r, device=cfg.rewards.device, batch_size=cfg.rewards.batch_size,
                          path=cfg.rewards.paths.get(r))
         scores[r] = fn(images, scores["prompt"].tolist())
+    from craft.filtering import normalize
+
     weights = {k: v for k, v in cfg.filter.weights.items() if k in scores}
     total_w = sum(weights.values()) or 1.0
-    comp = np.zeros(len(scores))
-    for r, w in weights.items():
-        x = scores[r].to_numpy(float)
-        sd = np.nanstd(x)
-        comp += (w / total_w) * ((x - np.nanmean(x)) / sd if sd > 0 else 0.0)
-    scores["composite"] = comp
+    z = normalize(scores, list(weights), "zscore")  # one scale over all models' images
+    scores["composite"] = sum((w / total_w) * z[r].to_numpy() for r, w in weights.items()) \
+        if weights else 0.0
     summary = summarize(scores, labels, ["composite", *rewards])
     grid = side_by_side(scores, labels, out / "side_by_side.png")
     result = EvalResult(name, labels, scores, summary, grid)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -102,8 +101,3 @@ def random_subset(store, cfg, n: int, seed: int = 0) -> pd.DataFrame:
         raise CraftError(f"the control needs {n} plain-prompt candidates but the run has "
                          f"{len(plain)}; generate more seeds (generation.seeds_per_prompt)")
     return plain.sample(n=n, random_state=seed).assign(weight=1.0)
-
-
-def run_dir_paths(run_dir: str | Path) -> dict[str, Path]:
-    run_dir = Path(run_dir)
-    return {"train": run_dir / "train", "final": run_dir / "final"}

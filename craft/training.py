@@ -305,6 +305,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
     """
     from accelerate import Accelerator
 
+    from craft.config import config_to_dict
     from craft.generation import SamplingParams, generate_images
     from craft.models import load_from_config, resolve_device
 
@@ -382,8 +383,6 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
 
     run_id = None
     if store is not None and accelerator.is_main_process:
-        from craft.config import config_to_dict
-
         run_id = store.create_train_run(run_name, config_to_dict(cfg), checkpoint_dir=str(out_dir))
     start = 0
     if resume:
@@ -521,18 +520,12 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
             tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), pipe.unet.dtype)
             final_dir = save_pipeline(pipe, tuned, out_dir / "final")
             (out_dir / "final" / "craft_train.json").write_text(json.dumps(
-                {**meta, "steps": start, "config": _jsonable_cfg(cfg)}, indent=1))
+                {**meta, "steps": start, "config": config_to_dict(cfg)}, indent=1))
             log.info("training done: %d steps; tuned pipeline at %s", start, final_dir)
         if store is not None and run_id is not None:
             store.update_train_run(run_id, status=status,
                                    checkpoint_dir=str(final_dir or last_ckpt or out_dir))
     return TrainResult(run_id, status, start, out_dir, final_dir, last_ckpt)
-
-
-def _jsonable_cfg(cfg) -> dict:
-    from craft.config import config_to_dict
-
-    return config_to_dict(cfg)
 
 
 def weighted_epochs(n_samples: int, steps: int, effective_batch: int) -> float:
