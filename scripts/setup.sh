@@ -19,6 +19,18 @@ fi
 # builds run on CPU and CUDA alike); the pip cache makes re-runs fast.
 .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[test]'
 
+# The `image-reward` package with its own pins, in a side folder that only the ImageReward parity
+# test puts on PYTHONPATH (it cannot be imported beside transformers 5; CRAFT ports its model).
+REF=.venv/reference/imagereward
+if [ ! -f "$REF/.complete" ]; then
+    echo "setup: installing the image-reward reference code for the parity test ($REF)"
+    rm -rf "$REF"
+    .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --target "$REF" \
+        image-reward==1.5 timm==0.6.13 fairscale==0.4.13 transformers==4.36.2 \
+        tokenizers==0.15.2 huggingface-hub==0.20.3
+    touch "$REF/.complete"
+fi
+
 # Browser tests drive the studio with the system Chromium (never `playwright install`).
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

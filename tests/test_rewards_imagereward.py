@@ -1,181 +1,221 @@
-"""ImageReward (optional, package-backed).
+"""ImageReward: our port on transformers' BLIP classes against the package's own model code.
 
-The ``image-reward`` package is not installed here (it pins timm==0.6.13), so these tests
-(1) check the teaching error when it is missing, and (2) run our batched scorer against a
-stand-in package with the same interface (``ImageReward.load`` -> a model with ``blip``,
-``mlp``, ``preprocess``, ``mean``, ``std`` and a per-image ``score``): that proves our batching,
-prompt mapping and normalisation reproduce the package's own ``score`` logic, not that the real
-BLIP weights load.
+The `image-reward` package cannot be imported beside transformers 5, so scripts/setup.sh puts it
+with its pins in a side environment (``.venv/reference/imagereward``) and
+tests/imagereward_reference.py runs it there: it builds the package's ImageReward model (a small
+ViT of the package's own class in place of ViT-L), randomises every weight, saves ImageReward.pt
+in the real layout and scores each image with the package's per-image ``score``. Here we load
+that file through the registry and must give the same scores within 1e-4.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import reward_fixtures as rf
-from craft.rewards import MissingDependencyError, MissingWeightsError, check_available, load_reward
+from craft.rewards import MissingWeightsError, RewardError, check_available, load_reward
 from craft.rewards import imagereward as ir
 
 torch.set_num_threads(1)
 
-# A stand-in for the `image-reward` package: the same public pieces, tiny modules. Its
-# ``score`` is the package's per-image code path (ImageReward.score), line for line.
-FAKE_PACKAGE = textwrap.dedent('''
-    import os
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    from transformers import BatchEncoding
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_ENV = ROOT / ".venv" / "reference" / "imagereward"
+PROMPTS = rf.PROMPTS + ["A Café at NIGHT, with neon signs!", "x" * 80, ""]
+VIT = {"width": 128, "depth": 2, "heads": 2, "patch": 16}  # heads of 64 channels, as in BLIP
+WORDS = sorted({w.strip("!,.").lower() for p in PROMPTS for w in p.split()} - {""})
 
-    LOADS = []
 
-    class Tokenizer:
-        def __call__(self, texts, padding, truncation, max_length, return_tensors):
-            assert padding == "max_length" and truncation and return_tensors == "pt"
-            texts = [texts] if isinstance(texts, str) else texts
-            ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, t in enumerate(texts):
-                row = [101] + [ord(c) % 97 + 1 for c in t][: max_length - 2] + [102]
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+def write_bert_vocab(cache: Path) -> Path:
+    """A small bert-base-uncased vocab.txt in the HF cache layout: specials first (ids differ from
+    the real 30522-token file, which is fine: both sides read the same file)."""
+    snap = rf.hf_cache_snapshot(cache, "bert-base-uncased")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("!,.'") + letters
+              + ["##" + c for c in letters] + [w for w in WORDS if w.isalpha() and len(w) > 1])
+    (snap / "vocab.txt").write_text("\n".join(dict.fromkeys(tokens)) + "\n")
+    return snap
 
-    class Out:
-        def __init__(self, h):
-            self.last_hidden_state = h
 
-    class TextEncoder(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.emb = nn.Embedding(128, d)
-            self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+def med_config(vocab_size: int) -> dict:
+    # The real file's keys; hidden_size must stay 768 (the package's MLP(768) is fixed), the
+    # depth and widths are small.
+    return {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1,
+            "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+            "initializer_range": 0.02, "intermediate_size": 256, "layer_norm_eps": 1e-12,
+            "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
+            "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2,
+            "vocab_size": vocab_size, "encoder_width": 768, "add_cross_attention": True}
 
-        def forward(self, ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                    return_dict):
-            x = self.emb(ids) * attention_mask[..., None]
-            y, _ = self.attn(x, encoder_hidden_states, encoder_hidden_states)
-            return Out(x + y)
 
-    class Visual(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.proj = nn.Linear(3 * 4 * 4, d)
+def sample_images():
+    images = rf.images(6, seed=3, sizes=((64, 64), (300, 200), (50, 80), (224, 224)))
+    images[4] = images[4].convert("L")  # the package converts to RGB after the crop
+    images[5] = images[5].convert("RGBA")
+    return images
 
-        def forward(self, image):  # (B, 3, 8, 8) -> (B, 4 patches, d)
-            b = image.shape[0]
-            patches = image.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5)
-            return self.proj(patches.reshape(b, 4, -1))
 
-    class Blip(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.visual_encoder = Visual(d)
-            self.text_encoder = TextEncoder(d)
-            self.tokenizer = Tokenizer()
-
-    def preprocess(img):
-        arr = np.asarray(img.convert("RGB").resize((8, 8)), dtype=np.float32) / 255.0
-        return torch.from_numpy(arr).permute(2, 0, 1)
-
-    class ImageReward(nn.Module):
-        def __init__(self, device="cpu"):
-            super().__init__()
-            self.device = device
-            torch.manual_seed(0)
-            self.blip = Blip(16)
-            self.preprocess = preprocess
-            self.mlp = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 1))
-            self.mean = 0.16717362830052426
-            self.std = 1.0333394966054072
-
-        def score(self, prompt, image):
-            text_input = self.blip.tokenizer(prompt, padding='max_length', truncation=True,
-                                             max_length=35, return_tensors="pt").to(self.device)
-            image = self.preprocess(image).unsqueeze(0).to(self.device)
-            image_embeds = self.blip.visual_encoder(image)
-            image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long).to(self.device)
-            text_output = self.blip.text_encoder(text_input.input_ids,
-                                                 attention_mask=text_input.attention_mask,
-                                                 encoder_hidden_states=image_embeds,
-                                                 encoder_attention_mask=image_atts,
-                                                 return_dict=True)
-            txt_features = text_output.last_hidden_state[:, 0, :].float()
-            rewards = self.mlp(txt_features)
-            rewards = (rewards - self.mean) / self.std
-            return rewards.detach().cpu().numpy().item()
-
-    def load(name="ImageReward-v1.0", device="cpu", download_root=None, med_config=None):
-        assert os.path.isfile(name) and os.path.isfile(med_config), (name, med_config)
-        LOADS.append((name, med_config))
-        return ImageReward(device=device).to(device).eval()
-''')
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Run the package in its side environment; return the work folder and its results."""
+    if not (REFERENCE_ENV / "ImageReward").is_dir():
+        pytest.skip(f"the image-reward side environment is missing ({REFERENCE_ENV}); "
+                    "run `bash scripts/setup.sh`")
+    work = tmp_path_factory.mktemp("imagereward")
+    cache = work / "hf"
+    vocab = write_bert_vocab(cache)
+    n_vocab = len((vocab / "vocab.txt").read_text().split())
+    (work / "med_config.json").write_text(json.dumps(med_config(n_vocab + 2)))
+    names = []
+    for i, image in enumerate(sample_images()):
+        names.append(f"image{i}.png")
+        image.save(work / names[-1])
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    prompts[:3] = PROMPTS[-3:]  # the accent/case, the truncated and the empty prompt
+    (work / "inputs.json").write_text(json.dumps(
+        {"images": names, "prompts": prompts, "seed": 7, "vit": VIT}))
+    env = {**os.environ, "PYTHONPATH": str(REFERENCE_ENV), "HF_HUB_CACHE": str(cache),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name(
+        "imagereward_reference.py")), str(work)], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((work / "reference.json").read_text())
+    assert result["transformers"].startswith("4."), result["transformers"]
+    return work, prompts, result
 
 
 @pytest.fixture
-def fake_package(tmp_path, monkeypatch):
-    pkg = tmp_path / "site" / "ImageReward"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(FAKE_PACKAGE)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.delitem(sys.modules, "ImageReward", raising=False)
+def hf_cache(reference, monkeypatch):
+    work = reference[0]
+    monkeypatch.setenv("HF_HUB_CACHE", str(work / "hf"))
+    monkeypatch.setenv("HOME", str(work / "home"))
+    return work
+
+
+def test_scores_equal_the_packages_own_model_code(reference, hf_cache):
+    work, prompts, result = reference
+    reward = load_reward("imagereward", path=work, batch_size=4)
+    images = [Image.open(work / f"image{i}.png") for i in range(len(prompts))]
+    ours = reward(images, prompts)
+    ref = np.array(result["scores"])
+    assert ours.dtype == np.float64
+    assert ref.std() > 0.1, ref  # random weights that really move the score
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    # Same token ids as the package's tokenizer (transformers 4 slow BertTokenizer + BLIP's two
+    # added tokens), the 35-token truncation included.
+    ids = reward.tokenizer(prompts, padding="max_length", truncation=True,
+                           max_length=ir.MAX_TOKENS)["input_ids"]
+    assert ids == result["input_ids"]
+    # One prompt repeated across the batch (a CRAFT group) gives each image's own score.
+    same = reward(images, [prompts[3]] * len(images))
+    singles = [reward([im], [prompts[3]])[0] for im in images]
+    np.testing.assert_allclose(same, singles, atol=1e-5)
+
+
+def test_checkpoint_is_read_without_unpickling_code(reference, hf_cache, tmp_path):
+    """weights_only loading: a pickle that would run code is refused with a one-line error."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(hf_cache / "med_config.json", bad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, bad / "ImageReward.pt")
+    with pytest.raises(RewardError, match=r"cannot read .*ImageReward\.pt as a state dict"):
+        load_reward("imagereward", path=bad)
+
+
+def test_foreign_or_mismatched_checkpoints_are_refused(reference, hf_cache, tmp_path):
+    sd = torch.load(hf_cache / "ImageReward.pt", weights_only=True)
+    folder = tmp_path / "other"
+    folder.mkdir()
+    shutil.copy(hf_cache / "med_config.json", folder)
+    torch.save({**sd, "blip.itm_head.weight": torch.zeros(2, 768)}, folder / "ImageReward.pt")
+    with pytest.raises(RewardError, match=r"keys that ImageReward v1\.0 does not have.*itm_head"):
+        load_reward("imagereward", path=folder)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("mlp.layers.7")},
+               folder / "ImageReward.pt")
+    with pytest.raises(RewardError, match=r"missing 2: mlp\.7\.bias, mlp\.7\.weight"):
+        load_reward("imagereward", path=folder)
+    med = json.loads((hf_cache / "med_config.json").read_text())
+    (folder / "med_config.json").write_text(json.dumps({**med, "intermediate_size": 128}))
+    torch.save(sd, folder / "ImageReward.pt")
+    with pytest.raises(RewardError, match="does not fit the model built from med_config.json"):
+        load_reward("imagereward", path=folder)
+    (folder / "med_config.json").write_text(json.dumps(med))
+    other_vocab = tmp_path / "vocab"
+    other_vocab.mkdir()
+    words = (hf_cache / "hf").glob("models--bert-base-uncased/snapshots/*/vocab.txt")
+    (other_vocab / "vocab.txt").write_text(next(words).read_text() + "extra\n")
+    with pytest.raises(RewardError, match=r"has 93 tokens .* med_config.json says vocab_size=92"):
+        load_reward("imagereward", path=folder, tokenizer_path=other_vocab)
+
+
+def test_real_sizes_give_vit_large_and_bert_base():
+    """The config read off real-shaped tensors is BLIP's ViT-L/16 at 224 px (24 layers, 16
+    heads) and the real med_config.json gives BERT-base with cross-attention to 1024 wide."""
+    from accelerate import init_empty_weights
+
+    shapes = {"embeddings.class_embedding": (1, 1, 1024),
+              "embeddings.patch_embedding.weight": (1024, 3, 16, 16),
+              "embeddings.position_embedding": (1, 197, 1024),
+              "encoder.layers.0.mlp.fc1.weight": (4096, 1024),
+              "encoder.layers.23.mlp.fc1.weight": (4096, 1024)}
+    vcfg = ir.vision_config_from({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert (vcfg.hidden_size, vcfg.num_hidden_layers, vcfg.num_attention_heads,
+            vcfg.image_size, vcfg.patch_size) == (1024, 24, 16, 224, 16)
+    real = {**med_config(30524), "intermediate_size": 3072, "num_hidden_layers": 12,
+            "max_position_embeddings": 512}
+    tcfg = ir.text_config_from(real, vcfg.hidden_size)
+    with init_empty_weights():
+        model = ir._module_class()(vcfg, tcfg)
+    n_vision = sum(p.numel() for p in model.vision.parameters())
+    n_text = sum(p.numel() for p in model.text.parameters())
+    assert 303e6 < n_vision < 304.5e6  # ViT-L/16
+    # BERT-base (embeddings 23.8 M + 12 x 7.1 M) plus 12 cross-attention blocks reading 1024-wide
+    # image tokens (12 x 2.76 M), no pooler: 142.0 M by hand.
+    assert 141.5e6 < n_text < 142.5e6
+
+
+def test_weights_in_the_hf_cache_or_the_package_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    vocab = rf.hf_cache_snapshot(tmp_path / "hf", "bert-base-uncased")
-    (vocab / "vocab.txt").write_text("[PAD]\n")
-    weights = tmp_path / "ir"
-    weights.mkdir()
-    (weights / "ImageReward.pt").write_bytes(b"stand-in")
-    (weights / "med_config.json").write_text("{}")
-    yield weights
-    sys.modules.pop("ImageReward", None)
-
-
-def test_missing_package_is_explained(monkeypatch):
-    monkeypatch.setattr(ir, "import_available", lambda module: False)
-    with pytest.raises(MissingDependencyError, match=r"pip install image-reward.*eval_names"):
-        check_available("imagereward")
-
-
-def test_batched_scores_equal_the_packages_per_image_score(fake_package):
-    found = check_available("imagereward", path=fake_package)
-    assert found == {"checkpoint": fake_package / "ImageReward.pt",
-                     "med_config": fake_package / "med_config.json"}
-    reward = load_reward("imagereward", path=fake_package / "ImageReward.pt", batch_size=3)
-    import ImageReward
-
-    assert ImageReward.LOADS == [(str(found["checkpoint"]), str(found["med_config"]))]
-    images = rf.images(7, seed=1)
-    prompts = [rf.PROMPTS[0]] * 3 + rf.PROMPTS[1:] + ["x" * 80]  # shared, distinct, truncated
-    ours = reward(images, prompts)
-    ref = [reward.model.score(p, im) for im, p in zip(images, prompts)]
-    assert ours.dtype == np.float64
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
-    assert reward.mean == pytest.approx(0.16717, abs=1e-5)
-    assert reward.std == pytest.approx(1.03334, abs=1e-5)
-
-
-def test_weights_in_the_hf_cache_or_the_package_folder(fake_package, tmp_path):
-    with pytest.raises(MissingWeightsError, match="THUDM/ImageReward"):
+    with pytest.raises(MissingWeightsError, match=r"ImageReward\.pt \(hub: THUDM/ImageReward\)"):
         check_available("imagereward")
     home = tmp_path / "home" / ".cache" / "ImageReward"
     home.mkdir(parents=True)
     for f in ("ImageReward.pt", "med_config.json"):
-        (home / f).write_bytes((fake_package / f).read_bytes())
+        (home / f).write_bytes(b"x")
+    with pytest.raises(MissingWeightsError, match=r"bert-base-uncased tokenizer \(vocab\.txt\)"):
+        check_available("imagereward")
+    write_bert_vocab(tmp_path / "hf")
     assert check_available("imagereward")["checkpoint"] == home / "ImageReward.pt"
     snap = rf.hf_cache_snapshot(tmp_path / "hf", "THUDM/ImageReward")
     (snap / "ImageReward.pt").write_bytes(b"x")
-    assert check_available("imagereward")["checkpoint"] == snap / "ImageReward.pt"
+    (snap / "med_config.json").write_bytes(b"x")
+    found = check_available("imagereward")
+    assert found["checkpoint"] == snap / "ImageReward.pt"
+    assert found["tokenizer"].name == "0" * 40
 
 
-def test_bert_tokenizer_must_be_cached(fake_package, tmp_path):
-    import shutil
-
-    shutil.rmtree(tmp_path / "hf" / "models--bert-base-uncased")
-    with pytest.raises(MissingWeightsError, match="bert-base-uncased"):
-        check_available("imagereward", path=fake_package)
+def test_explicit_tokenizer_path_must_hold_vocab(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "ir").mkdir()
+    for f in ("ImageReward.pt", "med_config.json"):
+        (tmp_path / "ir" / f).write_bytes(b"x")
+    with pytest.raises(MissingWeightsError, match=r"vocab\.txt.*tokenizer_path="):
+        check_available("imagereward", path=tmp_path / "ir", tokenizer_path=tmp_path / "nope")
+    (tmp_path / "ir" / "vocab.txt").write_text("[PAD]\n")
+    assert check_available("imagereward", path=tmp_path / "ir")["tokenizer"] == tmp_path / "ir"

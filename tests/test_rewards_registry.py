@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import craft
-from craft.rewards import (FunctionReward, MissingDependencyError, MissingWeightsError, Reward,
+from craft.rewards import (FunctionReward, MissingWeightsError, Reward,
                            RewardError, UnknownRewardError, available_rewards, check_available,
                            load_reward, register_reward)
 from craft.rewards import base as reward_base
@@ -215,16 +215,6 @@ def test_a_given_path_that_does_not_exist_is_reported(name, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(MissingWeightsError, match=f"path={missing}"):
         check_available(name, path=missing)
-
-
-def test_imagereward_without_its_package_says_how_to_install(monkeypatch):
-    import craft.rewards.imagereward as ir
-
-    monkeypatch.setattr(ir, "import_available", lambda m: False)
-    for call in (check_available, load_reward):
-        with pytest.raises(MissingDependencyError, match="pip install image-reward") as err:
-            call("imagereward")
-        assert isinstance(err.value, ImportError) and isinstance(err.value, craft.CraftError)
 
 
 def test_import_and_check_stay_light():

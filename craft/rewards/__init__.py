@@ -7,8 +7,9 @@ Registered names:
 - ``hpsv2``, ``hpsv21``: HPSv2 / HPSv2.1, raw cosine, x100 in reports (:mod:`.hps`).
 - ``pickscore``: PickScore v1, ``logit_scale.exp() * cosine`` (:mod:`.pickscore`).
 - ``aes``: LAION improved aesthetic predictor on CLIP ViT-L/14, about 1-10 (:mod:`.aesthetic`).
-- ``imagereward``: ImageReward v1.0 through the ``image-reward`` package, normalised as
-  ``(r - 0.16717) / 1.03334`` (:mod:`.imagereward`).
+- ``imagereward``: ImageReward v1.0 on transformers' BLIP classes (its checkpoint ported key
+  for key, no ``image-reward`` package), normalised as ``(r - 0.16717) / 1.03334``
+  (:mod:`.imagereward`).
 
 Not provided: **MPS**. Its published checkpoint is a whole pickled model object; loading it means
 unpickling (running) code from the MPS repository, and this project only reads plain tensor
