@@ -1,11 +1,13 @@
 """Reward scoring speed: hpsv2.score's loop vs our batched HPS scorer vs the bare model forward.
 
-    .venv/bin/python benchmarks/rewards.py [--images 64] [--repeats 5] [--sizes 64 512]
+    .venv/bin/python benchmarks/rewards.py [--model geometry224|tests] [--images 64]
+                                           [--repeats 5] [--sizes 64 512] [--distinct]
 
-All three run the same tiny open_clip model of the ViT-H-14 classes (real input geometry:
-224 px, 14 px patches, 77-token text; 64-wide, 2-layer towers; random weights, no download),
-on the same images and prompts, with ``torch.set_num_threads(1)``, interleaved in each repeat;
-medians are reported.
+All cases run the same tiny open_clip model of the ViT-H-14 classes (random weights, real
+vocabulary and 77-token text, no download), on the same images and prompts, with
+``torch.set_num_threads(1)``, interleaved in each repeat; medians are reported. ``--model
+geometry224`` (default): 64-wide 2-layer towers at the real input geometry (224 px, 14 px
+patches); ``--model tests``: the HPS parity test's model (64 px input, 16 px patches).
 
 (a) hpsv2.score-style: the hpsv2 package's own ``img_score.score(image, prompt, cp=...)``,
     called once per image as its API invites. Like the real thing it re-reads the checkpoint
@@ -76,10 +78,10 @@ def prompts_for(n: int, distinct: bool, group: int = 8) -> list[str]:
     return [f"{rf.PROMPTS[(i // group) % len(rf.PROMPTS)]}, group {i // group}" for i in range(n)]
 
 
-def build_hpsv2_side(ckpt: Path, workdir: Path):
+def build_hpsv2_side(ckpt: Path, workdir: Path, model_config: dict = BENCH_CONFIG):
     """hpsv2.img_score with its model slot filled by the tiny model from hpsv2's factory."""
     hoc = rf.import_hpsv2_open_clip()
-    name = rf.register_hpsv2_config(hoc, workdir / "cfg", "craft-bench-hps", BENCH_CONFIG)
+    name = rf.register_hpsv2_config(hoc, workdir / "cfg", "craft-bench-hps", model_config)
     model, _, preprocess_val = hoc.create_model_and_transforms(
         name, None, precision="amp", device="cpu", light_augmentation=True, output_dict=True)
     from hpsv2 import img_score
@@ -131,17 +133,20 @@ def timed_both(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+MODELS = {"geometry224": BENCH_CONFIG, "tests": rf.TINY_OPEN_CLIP}
+
+
 def run(n_images: int, repeats: int, size: int, distinct: bool, batch_size: int,
-        workdir: Path) -> dict:
+        workdir: Path, model_config: dict = BENCH_CONFIG) -> dict:
     images = rf.images(n_images, sizes=((size, size),), seed=size)
     prompts = prompts_for(n_images, distinct)
-    ckpt = rf.write_hps_checkpoint(workdir, "HPS_v2.1_compressed.pt", BENCH_CONFIG, seed=0)
+    ckpt = rf.write_hps_checkpoint(workdir, "HPS_v2.1_compressed.pt", model_config, seed=0)
     t0 = time.perf_counter()
-    ours = load_reward("hpsv21", path=ckpt, model_config=BENCH_CONFIG, batch_size=batch_size)
+    ours = load_reward("hpsv21", path=ckpt, model_config=model_config, batch_size=batch_size)
     load_s = time.perf_counter() - t0
-    ours_pf = load_reward("hpsv21", path=ckpt, model_config=BENCH_CONFIG,
+    ours_pf = load_reward("hpsv21", path=ckpt, model_config=model_config,
                           batch_size=batch_size, prefetch=True)
-    hpsv2_loop, hpsv2_batches = build_hpsv2_side(ckpt, workdir)
+    hpsv2_loop, hpsv2_batches = build_hpsv2_side(ckpt, workdir, model_config)
     batches = bare_forward_inputs(ours, images, prompts, batch_size)
 
     # Same numbers from all three (the benchmark compares like with like).
@@ -187,6 +192,7 @@ def run(n_images: int, repeats: int, size: int, distinct: bool, batch_size: int,
     reload_s = statistics.median(timed(reload) for _ in range(max(5, repeats)))
     ips = {k: n_images / v for k, v in med.items()}
     return {"size": size, "distinct": distinct, "n": n_images, "repeats": repeats,
+            "input_px": model_config["vision_cfg"]["image_size"],
             "load_s": load_s, "max_abs_diff_vs_hpsv2": max_diff, "reload_s": reload_s,
             "checkpoint_mb": ckpt.stat().st_size / 1e6, "median_s": med,
             "images_per_s": ips, "all_s": times, "cpu_median_s": cpu_med, "all_cpu_s": cpu,
@@ -230,18 +236,22 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 512],
                    help="input image sizes (square), e.g. 64 (toy world) and 512 (SD1.5)")
     p.add_argument("--distinct", action="store_true", help="also run with one prompt per image")
+    p.add_argument("--model", choices=sorted(MODELS), default="geometry224",
+                   help="geometry224: tiny widths at ViT-H-14's input geometry (224 px, 257 "
+                        "tokens); tests: the tiny model of the HPS parity test (64 px input)")
     p.add_argument("--json", type=Path, help="write the raw timings here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
     logger.setLevel(logging.INFO)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    logger.info("machine: %s", machine())
+    logger.info("machine: %s; model: %s %s", machine(), args.model, MODELS[args.model])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for distinct in ([False, True] if args.distinct else [False]):
-                r = run(args.images, args.repeats, size, distinct, args.batch_size, Path(tmp))
+                r = run(args.images, args.repeats, size, distinct, args.batch_size, Path(tmp),
+                        MODELS[args.model])
                 logger.info("size %d, %s prompts: %s", size,
                             "distinct" if distinct else "grouped",
                             {k: f"{v:.3f}s" for k, v in r["median_s"].items()})

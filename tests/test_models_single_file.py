@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sd_fixtures as sf
 from conftest import tiny_config
@@ -104,3 +105,30 @@ def test_the_published_sdxl_key_is_what_diffusers_reads(tmp_path):
                torch.zeros(77, 4)}, str(path))
     assert detect_family(path) == "sdxl"
     assert default_single_file_config(path) == DEFAULT_REPO["sdxl"]
+
+
+def test_compare_tab_evaluates_a_checkpoint_inside_a_single_file_base(files, tmp_path):
+    """The studio's Compare tab runs an intermediate ``checkpoint-N`` (a UNet only) inside the
+    base pipeline; a single-file base must load there as it does for training (its
+    single_file_config), and the checkpoint's UNet must be the one generating."""
+    from craft.store import RunStore
+    from craft.stages import prepare_prompts
+    from studio.tabs.compare import run_evaluation
+
+    f = files["sd15"]
+    ckpt = tmp_path / "train" / "checkpoint-2"
+    unet = sf.build("sd15", tmp_path / "other").unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    unet.save_pretrained(ckpt / "unet")
+    cfg = tiny_config(str(f.single), **{"model.single_file_config": str(f.configs)})
+    with RunStore(tmp_path / "run") as store:
+        prepare_prompts(store, cfg)
+        result = run_evaluation(cfg, store, str(f.single), str(ckpt), name="cmp")
+    out = tmp_path / "run" / "eval" / "cmp"
+    n = cfg.eval.num_prompts * cfg.eval.seeds_per_prompt
+    base = [np.asarray(Image.open(out / "base" / f"{i:05d}.png")) for i in range(n)]
+    tuned = [np.asarray(Image.open(out / "tuned" / f"{i:05d}.png")) for i in range(n)]
+    assert all(np.abs(b.astype(int) - t.astype(int)).mean() > 1 for b, t in zip(base, tuned))
+    assert set(result.summary["model"]) == {"base", "tuned"}

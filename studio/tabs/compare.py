@@ -64,10 +64,11 @@ def run_evaluation(cfg, store, base: str, tuned: str, name: str, progress=None,
                              f"unet/ folder")
         from diffusers import UNet2DConditionModel
 
-        from craft.models import load_pipeline
+        from craft.models import load_from_config
 
-        m = cfg.model
-        pipe = load_pipeline(base, family=m.family, dtype=m.dtype, device=m.device)
+        # The base exactly as training saw it: revision, variant, single-file config, memory
+        # options (a single-file base cannot load from family/dtype/device alone).
+        pipe = load_from_config(cfg.model, pretrained=base)
         unet = UNet2DConditionModel.from_pretrained(str(tuned_path / "unet"))
         pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
         pipes["tuned"] = pipe
