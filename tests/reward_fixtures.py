@@ -6,7 +6,6 @@ two calls give the same weights.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import os
@@ -123,19 +122,11 @@ def register_hpsv2_config(hoc, folder: Path, name: str = "craft-tiny-hps",
 # transformers CLIP (PickScore, AES)
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def clip_tokenizer():
-    """A transformers ``CLIPTokenizer`` with the real CLIP BPE vocabulary, built offline from
-    the ``bpe_simple_vocab_16e6.txt.gz`` that open_clip ships."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
+    """CLIP's real BPE vocabulary as a transformers tokenizer (the library's builder)."""
+    from craft.rewards.clip_shipped import clip_tokenizer as build
 
-    st = SimpleTokenizer()
-    vocab = dict(st.encoder)
-    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {specials.get(k, k): v for k, v in vocab.items()}
-    merges = [tuple(pair) for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    return build()
 
 
 def tiny_clip_config(image_size: int = 32, projection_dim: int = 16):
@@ -167,12 +158,9 @@ def write_tiny_clip(folder: Path, *, image_size: int = 32, projection_dim: int =
 
 
 def write_clip_processor(folder: Path, *, image_size: int = 32) -> Path:
-    from transformers import CLIPImageProcessor, CLIPProcessor
+    from craft.rewards.clip_shipped import clip_processor
 
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
-    processor.save_pretrained(folder)
+    clip_processor(image_size).save_pretrained(folder)
     return folder
 
 

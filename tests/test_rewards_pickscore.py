@@ -74,14 +74,22 @@ def test_batching_and_shared_prompts_do_not_change_scores(reward, model_dir):
 
 
 def test_processor_from_the_hf_cache_or_processor_path(tmp_path, monkeypatch, model_dir):
-    """The real layout: PickScore_v1 ships no processor; it comes from the LAION repo."""
+    """The real layout: PickScore_v1 ships no processor; it comes from the LAION repo, or is
+    built from the shipped CLIP files."""
     bare = tmp_path / "model"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(model_dir / name, bare / name)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    # Neither given nor cached: built from what the packages ship (open_clip's CLIP vocabulary,
+    # CLIP preprocessing at the model's image size), the same scores as the saved processor.
+    assert check_available("pickscore", path=bare) == {"model": bare, "processor": None}
+    images, prompts = rf.images(3), rf.prompts_for(3)
+    np.testing.assert_allclose(load_reward("pickscore", path=bare)(images, prompts),
+                               load_reward("pickscore", path=model_dir)(images, prompts),
+                               atol=1e-6)
     with pytest.raises(MissingWeightsError, match=PROCESSOR_ID):
-        check_available("pickscore", path=bare)
+        check_available("pickscore", path=bare, processor_path=tmp_path / "no-processor")
 
     proc = rf.write_clip_processor(tmp_path / "proc")
     assert check_available("pickscore", path=bare, processor_path=proc) == {
@@ -95,7 +103,6 @@ def test_processor_from_the_hf_cache_or_processor_path(tmp_path, monkeypatch, mo
     for f in bare.iterdir():
         shutil.copy(f, model_snap / f.name)
     assert check_available("pickscore") == {"model": model_snap, "processor": snap}
-    images, prompts = rf.images(3), rf.prompts_for(3)
     np.testing.assert_allclose(load_reward("pickscore")(images, prompts),
                                load_reward("pickscore", path=model_dir)(images, prompts),
                                atol=1e-5)

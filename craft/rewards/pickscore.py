@@ -11,7 +11,9 @@ Where the files come from (offline only):
 - the model: ``path`` (a folder saved with ``save_pretrained``: config.json + weights), else the
   Hugging Face cache of ``model_id``;
 - the processor: ``processor_path`` if given, else ``path`` when that folder also holds a
-  ``preprocessor_config.json``, else the Hugging Face cache of ``processor_id``.
+  ``preprocessor_config.json``, else the Hugging Face cache of ``processor_id``, else built
+  from what the packages ship (:mod:`.clip_shipped`: open_clip's CLIP vocabulary and the
+  standard CLIP preprocessing, which is what that repo holds).
 
 Each distinct prompt of a batch is encoded once (a CRAFT group shares its original prompt).
 """
@@ -58,12 +60,16 @@ def find_pretrained_dir(reward: str, what: str, repo_id: str, required, path=Non
 
 def find_pickscore_files(path=None, *, processor_path=None, model_id: str = MODEL_ID,
                          processor_id: str = PROCESSOR_ID) -> dict[str, Path]:
+    """The model folder, and the processor folder (None: build it from the shipped CLIP files,
+    see :mod:`.clip_shipped`). An explicit ``processor_path`` must hold a processor."""
     model_dir = find_pretrained_dir("pickscore", "model", model_id, MODEL_FILES, path)
-    if processor_path is None and not missing_files(model_dir, PROCESSOR_FILES):
-        processor_dir = model_dir
-    else:
+    if processor_path is not None:
         processor_dir = find_pretrained_dir("pickscore", "processor", processor_id,
                                             PROCESSOR_FILES, processor_path)
+    elif not missing_files(model_dir, PROCESSOR_FILES):
+        processor_dir = model_dir
+    else:
+        processor_dir = find_hf_snapshot(processor_id, PROCESSOR_FILES)
     return {"model": model_dir, "processor": processor_dir}
 
 
@@ -134,8 +140,14 @@ def load_pickscore(*, device: str = "cpu", dtype=None, batch_size: int = 32, pat
                                  processor_id=processor_id)
     from transformers import CLIPModel, CLIPProcessor
 
-    processor = CLIPProcessor.from_pretrained(str(files["processor"]), local_files_only=True)
     model = from_pretrained_strict(CLIPModel, files["model"], "pickscore")
-    logger.info("pickscore: model from %s, processor from %s", files["model"], files["processor"])
+    if files["processor"] is not None:
+        processor = CLIPProcessor.from_pretrained(str(files["processor"]), local_files_only=True)
+    else:
+        from .clip_shipped import clip_processor
+
+        processor = clip_processor(int(model.config.vision_config.image_size))
+    logger.info("pickscore: model from %s, processor from %s", files["model"],
+                files["processor"] or "open_clip's CLIP vocabulary + CLIP preprocessing")
     return PickScoreReward(model, processor, device=device, dtype=dtype, batch_size=batch_size,
                            prefetch=prefetch)
