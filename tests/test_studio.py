@@ -306,3 +306,28 @@ def test_studio_and_cli_keep_the_same_set(app):
     finally:
         store.set_override(excluded, None)
     assert studio_kept == cli_kept and excluded not in cli_kept
+
+
+def test_compare_pairs_are_labelled_side_by_side(tmp_path):
+    """Each pair is base | tuned under a header with both labels (the gallery shows the whole
+    sheet), and the deltas table has one row per (prompt, seed)."""
+    import pandas as pd
+    from PIL import Image
+
+    from studio.tabs.compare import CELL, GAP, HEADER, pair_images
+
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "b.png")
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "t.png")
+    rows = [{"model": m, "prompt": "a red circle", "seed": 7, "toy_fidelity": v,
+             "image_path": str(tmp_path / f)} for m, v, f in (("base", 0.25, "b.png"),
+                                                               ("tuned", 0.75, "t.png"))]
+    items, deltas = pair_images(pd.DataFrame(rows), tmp_path / "out", ["toy_fidelity"])
+    assert len(items) == 1 and "seed 7" in items[0][1] and "+0.50" in items[0][1]
+    assert deltas.to_dict("records") == [{"prompt": "a red circle", "seed": 7, "Δ fid": 0.5}]
+    sheet = np.asarray(Image.open(items[0][0]))
+    assert sheet.shape == (HEADER + CELL, 2 * CELL + GAP, 3)
+    assert tuple(sheet[HEADER + 5, 5]) == (0, 0, 255)
+    assert tuple(sheet[HEADER + 5, CELL + GAP + 5]) == (255, 0, 0)
+    header = sheet[:HEADER]
+    for x0 in (0, CELL + GAP):  # dark label pixels above each image
+        assert (header[:, x0:x0 + CELL].min(axis=2) < 128).sum() > 20

@@ -4,6 +4,7 @@ same seeds, images side by side with per-reward deltas, a win-rate table and a m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +22,14 @@ from studio.ui import JobPanel, ok_md, short_name, user_error
 
 MAX_PAIRS = 24
 CELL = 128
+HEADER, GAP = 22, 8  # pixels above the pair for its labels; between the two images
+
+
+@functools.lru_cache(maxsize=1)
+def _label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=14)
 
 
 def checkpoint_choices(ctx: StudioContext) -> list[tuple[str, str]]:
@@ -109,15 +118,17 @@ def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
                      **{f"Δ {short_name(r)}": round(d, 3) for r, d in deltas.items()}})
         if i >= limit:
             continue
-        path = out_dir / f"pair-{i:04d}.png"
+        path = out_dir / f"pair2-{i:04d}.png"  # "2": labelled layout (a header row)
         if not path.exists():
             with Image.open(b["image_path"]) as ib, Image.open(t["image_path"]) as it:
-                sheet = Image.new("RGB", (2 * CELL + 8, CELL + 14), "white")
-                sheet.paste(ib.convert("RGB").resize((CELL, CELL), Image.NEAREST), (0, 14))
-                sheet.paste(it.convert("RGB").resize((CELL, CELL), Image.NEAREST), (CELL + 8, 14))
+                sheet = Image.new("RGB", (2 * CELL + GAP, HEADER + CELL), "white")
                 d = ImageDraw.Draw(sheet)
-                d.text((2, 1), "base", fill="black")
-                d.text((CELL + 10, 1), "tuned", fill="black")
+                for k, (label, im) in enumerate((("base", ib), ("tuned", it))):
+                    x = k * (CELL + GAP)
+                    sheet.paste(im.convert("RGB").resize((CELL, CELL), Image.NEAREST),
+                                (x, HEADER))
+                    d.text((x + CELL / 2, HEADER / 2), label, fill="black", font=_label_font(),
+                           anchor="mm")
                 sheet.save(path)
         text = " ".join(f"Δ{short_name(r)} {d:+.2f}" for r, d in deltas.items())
         items.append((str(path), f"{key[0]} · seed {key[1]}\n{text}"))
