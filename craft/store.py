@@ -287,6 +287,32 @@ class RunStore:
         cur = self._conn().execute(sql, params)
         return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
 
+    # ---------------------------------------------------------------- summaries
+
+    def counts(self) -> dict[str, int]:
+        """Rows per kind: train/eval prompts, train variants (the original excluded),
+        candidates, scored candidates, training runs, evaluations. A few aggregate queries:
+        cheap enough for a UI to poll while a job writes (WAL: readers never wait)."""
+        q = {
+            "prompts": "SELECT count(*) FROM prompts WHERE split='train'",
+            "eval_prompts": "SELECT count(*) FROM prompts WHERE split='eval'",
+            "variants": "SELECT count(*) FROM variants v JOIN prompts p ON p.id=v.prompt_id "
+                        "WHERE p.split='train' AND v.idx>0",
+            "candidates": "SELECT count(*) FROM candidates",
+            "scored": "SELECT count(DISTINCT candidate_id) FROM scores",
+            "train_runs": "SELECT count(*) FROM train_runs",
+            "evaluations": "SELECT count(*) FROM evaluations",
+        }
+        return {k: int(self._query(sql)[0][0]) for k, sql in q.items()}
+
+    def data_version(self) -> tuple:
+        """A value that changes whenever candidates or scores are added or rescored, so a
+        cache of the joined candidate table knows when to rebuild."""
+        row = self._query(
+            "SELECT (SELECT count(*) FROM candidates), (SELECT max(id) FROM candidates), "
+            "(SELECT count(*) FROM scores), (SELECT max(created) FROM scores)")[0]
+        return tuple(row)
+
     def close(self) -> None:
         """Close every thread's connection and release the lock; safe to call twice."""
         self._closed = True

@@ -9,7 +9,6 @@ directory it was started for, so switching runs while a job runs is safe.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -85,31 +84,11 @@ class StudioContext:
                 f"{counts['train_runs']} training runs · {counts['evaluations']} evaluations")
 
     def counts(self) -> dict[str, int]:
-        q = {
-            "prompts": "SELECT count(*) FROM prompts WHERE split='train'",
-            "eval_prompts": "SELECT count(*) FROM prompts WHERE split='eval'",
-            "variants": "SELECT count(*) FROM variants v JOIN prompts p ON p.id=v.prompt_id "
-                        "WHERE p.split='train' AND v.idx>0",
-            "candidates": "SELECT count(*) FROM candidates",
-            "scored": "SELECT count(DISTINCT candidate_id) FROM scores",
-            "train_runs": "SELECT count(*) FROM train_runs",
-            "evaluations": "SELECT count(*) FROM evaluations",
-        }
-        with self._ro() as conn:
-            return {k: conn.execute(sql).fetchone()[0] for k, sql in q.items()}
-
-    def _ro(self) -> sqlite3.Connection:
-        """A short-lived read-only connection for cheap counts (never blocks writers)."""
-        conn = sqlite3.connect(f"file:{self.store.db_path}?mode=ro", uri=True, timeout=30)
-        return _Closing(conn)
+        return self.store.counts()
 
     def data_version(self) -> tuple:
         """Changes whenever candidates or scores change (cheap: a few aggregate queries)."""
-        with self._ro() as conn:
-            row = conn.execute(
-                "SELECT (SELECT count(*) FROM candidates), (SELECT max(id) FROM candidates), "
-                "(SELECT count(*) FROM scores), (SELECT max(created) FROM scores)").fetchone()
-        return (str(self.run_dir), self.cfg.model.pretrained, *row)
+        return (str(self.run_dir), self.cfg.model.pretrained, *self.store.data_version())
 
     # ------------------------------------------------------------------ config
 
@@ -165,17 +144,3 @@ class StudioContext:
     def invalidate(self) -> None:
         with self._lock:
             self._frame_cache = None
-
-
-class _Closing:
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-
-__all__ = ["ASSETS_DIR", "StudioContext"]

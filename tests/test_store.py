@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import os
 import signal
 import sqlite3
@@ -360,3 +361,22 @@ def test_sigkilled_writer_leaves_a_consistent_resumable_store(tmp_path, pause):
         assert len(df) == total
         assert not df.duplicated(["prompt_id", "variant_id", "seed", "model"]).any()
         assert all(Path(p).is_file() for p in df.image_path)
+
+
+def test_counts_and_data_version(store):
+    empty = store.counts()
+    assert set(empty.values()) == {0} and len(empty) == 7
+    v0 = store.data_version()
+    ids = seeded(store, n_prompts=2, n_variants=2, seeds=2)  # originals + 2 variants each
+    store.add_prompts(["held out"], split="eval")
+    c = store.counts()
+    assert (c["prompts"], c["eval_prompts"], c["variants"], c["candidates"], c["scored"]) == \
+        (2, 1, 4, 12, 0)
+    v1 = store.data_version()
+    assert v1 != v0
+    store.add_scores([(ids[0], "h", 1.0)])
+    v2 = store.data_version()
+    assert v2 != v1 and store.counts()["scored"] == 1
+    time.sleep(0.01)
+    store.add_scores([(ids[0], "h", 2.0)])  # a rescore changes the version, not the count
+    assert store.data_version() != v2 and store.counts()["scored"] == 1
