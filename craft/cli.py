@@ -50,6 +50,20 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    from craft.preflight import preflight
+
+    checks = preflight(config_from_args(args))
+    width = max(len(c.what) for c in checks)
+    for c in checks:
+        sys.stdout.write(f"{'ok     ' if c.ok else 'MISSING'}  {c.what:<{width}}  {c.detail}\n")
+    bad = [c for c in checks if not c.ok]
+    sys.stdout.write(f"{len(checks) - len(bad)} of {len(checks)} ready" +
+                     (f"; fix the {len(bad)} MISSING line(s) before `craft run`\n" if bad
+                      else "; `craft run` will find everything it reads\n"))
+    return EXIT_USER_ERROR if bad else 0
+
+
 def _add_config(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("config", help="inspect configs")
     sub = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -57,6 +71,11 @@ def _add_config(subparsers: argparse._SubParsersAction) -> None:
                                        "YAML; fails on unknown keys or invalid values")
     add_config_arguments(show, positional=True)
     show.set_defaults(handler=_config_show)
+    check = sub.add_parser("check", help="check everything a run will read (base model, prompt "
+                                         "files, expander, every reward's weights, training "
+                                         "options) and list what is missing; reads no weights")
+    add_config_arguments(check, positional=True)
+    check.set_defaults(handler=_config_check)
 
 
 # ------------------------------------------------------------------------------------ toy

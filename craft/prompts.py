@@ -250,9 +250,9 @@ def _check_args(format: str, max_prompts: int | None, max_chars: int, max_bytes:
 def _find_file(name: str) -> Path:
     path = resolve_path(name)
     if path is None:
-        raise PromptError(f"prompt file {name!r} not found (looked in {Path.cwd()} and "
-                          f"{PROJECT_ROOT}); pass an existing file, or one of the built-in sets "
-                          f"{list(BUILTIN_SOURCES)}")
+        places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), PROJECT_ROOT)))
+        raise PromptError(f"prompt file {name!r} not found (looked in {places}); pass an "
+                          f"existing file, or one of the built-in sets {list(BUILTIN_SOURCES)}")
     if not path.is_file():
         raise PromptError(f"prompt source {str(path)!r} is not a file; pass a .txt, .csv, .tsv, "
                           f".json, .jsonl or .parquet file")
