@@ -72,6 +72,8 @@ class StudioApp:
                     self.load_file = gr.File(label="Load settings (.yaml)",
                                              file_types=[".yaml", ".yml"], type="filepath",
                                              elem_id="settings-load")
+                    self.check_btn = gr.Button("Check what these settings need",
+                                               elem_id="settings-check")
                 self.settings_msg = gr.Markdown(elem_id="settings-message")
                 self.settings_file = gr.File(label="Saved settings", visible=False,
                                              elem_id="settings-file")
@@ -156,6 +158,14 @@ class StudioApp:
         self.save_btn.click(on_save, bound, [self.settings_msg, self.settings_file,
                                              self.settings_yaml])
 
+        def on_check(*values):
+            try:
+                return check_markdown(self.settings.config_from(ctx.cfg, values))
+            except Exception as e:  # noqa: BLE001
+                return user_error(e)
+
+        self.check_btn.click(on_check, bound, self.settings_msg)
+
         def on_load(path):
             if not path:
                 return [gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
@@ -178,6 +188,21 @@ class StudioApp:
                                     [self.settings_msg, self.settings_yaml, *bound])
         dep = dep.then(lambda: ctx.describe(), None, self.run_info)
         self._refresh_all(dep)
+
+
+def check_markdown(cfg) -> str:
+    """:func:`craft.preflight.preflight` as a table: every piece the settings need, found or
+    missing, with the fix for each missing one (the studio's `craft config check`)."""
+    from craft.preflight import preflight
+
+    checks = preflight(cfg)
+    bad = sum(not c.ok for c in checks)
+    rows = [f"| {'✓' if c.ok else '✗ missing'} | {c.what} | "
+            f"{c.detail.replace('|', '/').replace(chr(10), ' ')} |" for c in checks]
+    head = (f"**{len(checks) - bad} of {len(checks)} ready**" +
+            (f": fix the {bad} missing item(s) before generating or training." if bad else
+             ": every file and setting these settings need is here."))
+    return "\n".join([head, "", "| | item | detail |", "|---|---|---|", *rows])
 
 
 def sibling_runs(run_dir: Path) -> list[str]:

@@ -331,3 +331,16 @@ def test_compare_pairs_are_labelled_side_by_side(tmp_path):
     header = sheet[:HEADER]
     for x0 in (0, CELL + GAP):  # dark label pixels above each image
         assert (header[:, x0:x0 + CELL].min(axis=2) < 128).sum() > 20
+
+
+def test_settings_check_lists_what_the_settings_need(app, tmp_path):
+    from studio.app import check_markdown
+
+    out = check_markdown(app.ctx.cfg)
+    assert out.startswith("**9 of 9 ready**") and "| ✓ | reward toy_heldout (evaluation only)" in out
+    values = app.settings.values_from(app.ctx.cfg)
+    values[app.settings.index("model.pretrained")] = str(tmp_path / "no-model")
+    cfg = app.settings.config_from(app.ctx.cfg, values)
+    out = check_markdown(cfg)
+    assert out.startswith("**8 of 9 ready**: fix the 1 missing item(s)")
+    assert "| ✗ missing | model |" in out and "no-model" in out
