@@ -59,21 +59,57 @@ class TrainResult:
 # ------------------------------------------------------------------------ timestep weighting
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _prediction_type(scheduler) -> str:
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise CraftError(f"the model's scheduler has prediction_type={kind!r}; training supports "
+                         f"{', '.join(PREDICTION_TYPES)}; fix scheduler/scheduler_config.json")
+    return kind
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output: the noise (epsilon models: SD1.5, SDXL), the
+    velocity alpha*eps - sigma*x0 (v-prediction: SD2.x-v, zero-terminal-SNR models) or x0."""
+    kind = _prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
 def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tensor:
     """w(t) for every training timestep, normalised to mean 1 so learning rates carry over.
 
-    - uniform: the usual epsilon-prediction loss.
-    - elbo: the paper's eq. 9 weight, (1 - abar_t) / (2 sigma_t^2 abar_t) with sigma_t^2 = beta_t.
-    - min_snr: min(SNR_t, gamma) / SNR_t (Hang et al. 2023).
+    - uniform: the plain MSE on the model's own target (noise, velocity or x0).
+    - elbo: the paper's eq. 9 weight on the epsilon error, (1 - abar_t) / (2 sigma_t^2 abar_t)
+      with sigma_t^2 = beta_t.
+    - min_snr: min(SNR_t, gamma) / SNR_t on the epsilon error (Hang et al. 2023).
+
+    elbo and min_snr are defined on the epsilon error; for a v- or x0-prediction model they are
+    carried over exactly, since ||eps_hat - eps||^2 = abar_t ||v_hat - v||^2 =
+    SNR_t ||x0_hat - x0||^2. The products are written out so that a zero-terminal-SNR schedule
+    (abar = 0 at the last step) stays finite.
     """
+    kind = _prediction_type(scheduler)
     abar = scheduler.alphas_cumprod.double()
+    beta = scheduler.betas.double()
+    snr = abar / (1 - abar)
     if mode == "uniform":
         w = torch.ones_like(abar)
     elif mode == "elbo":
-        w = (1 - abar) / (2 * scheduler.betas.double() * abar)
+        w = {"epsilon": (1 - abar) / (2 * beta * abar.clamp_min(1e-12)),
+             "v_prediction": (1 - abar) / (2 * beta),
+             "sample": 1 / (2 * beta)}[kind]
     elif mode == "min_snr":
-        snr = abar / (1 - abar)
-        w = torch.clamp(snr, max=snr_gamma) / snr
+        clipped = torch.clamp(snr, max=snr_gamma)
+        w = {"epsilon": clipped / snr.clamp_min(1e-12),
+             "v_prediction": clipped / (snr + 1),
+             "sample": clipped}[kind]
     else:
         raise CraftError(f"train.timestep_weighting={mode!r} is not one of uniform, elbo, min_snr")
     return (w / w.mean()).float()
@@ -471,7 +507,8 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
                                            empty[k].expand_as(c[k]), c[k])
                 with accelerator.autocast():
                     pred = _unet_forward(unet, xt, t, c)
-                per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(
+                target = training_target(noise_sched, x0, noise, t)
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
                     dim=tuple(range(1, pred.dim())))
                 loss = (weights[dev_idx] * w_t[t] * per_sample).mean() / accum
                 accelerator.backward(loss)

@@ -247,6 +247,61 @@ def test_timestep_weights_unknown_mode():
         timestep_weights(build_scheduler(), "snr")
 
 
+def _scheduler(**changes):
+    from diffusers import DDPMScheduler
+
+    from craft.toyworld.model import SCHEDULER_CONFIG
+
+    return DDPMScheduler.from_config({**SCHEDULER_CONFIG, **changes})
+
+
+def test_the_target_follows_the_models_prediction_type():
+    from craft.training import training_target
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    eps = _scheduler()
+    assert torch.equal(training_target(eps, x0, noise, t), noise)
+    v = _scheduler(prediction_type="v_prediction")
+    abar = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    np.testing.assert_allclose(training_target(v, x0, noise, t),
+                               abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
+    assert torch.equal(training_target(_scheduler(prediction_type="sample"), x0, noise, t), x0)
+    with pytest.raises(CraftError, match="prediction_type='flow'.*epsilon, v_prediction, sample"):
+        training_target(_scheduler(prediction_type="flow"), x0, noise, t)
+
+
+@pytest.mark.parametrize("mode", ["elbo", "min_snr"])
+def test_weights_carry_the_epsilon_objective_to_other_targets(mode):
+    """||eps_hat - eps||^2 = abar ||v_hat - v||^2 = SNR ||x0_hat - x0||^2, so a weight defined on
+    the epsilon error becomes w * abar for v-prediction and w * SNR for x0-prediction (up to the
+    mean-one normalisation); a zero-terminal-SNR schedule stays finite."""
+    w_eps = timestep_weights(_scheduler(), mode).double()
+    abar = _scheduler().alphas_cumprod.double()
+    for kind, factor in (("v_prediction", abar), ("sample", abar / (1 - abar))):
+        w = timestep_weights(_scheduler(prediction_type=kind), mode).double()
+        ratio = w / (w_eps * factor)
+        np.testing.assert_allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-6)
+    zero = timestep_weights(_scheduler(prediction_type="v_prediction",
+                                       rescale_betas_zero_snr=True), mode)
+    assert torch.isfinite(zero).all() and zero.mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_v_prediction_model_trains(tmp_path, tiny_model_dir, images):
+    from diffusers import DDIMScheduler
+
+    from craft.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, family="sd15", dtype="float32", device="cpu")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
+                                               prediction_type="v_prediction")
+    result = train(cfg_for(tiny_model_dir), frame(images, [1.0] * 6), tmp_path / "out", pipe=pipe)
+    assert result.status == "done"
+    saved = json.loads((result.final_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+
+
 # ------------------------------------------------------------------------ accelerate launch
 
 LAUNCHED = textwrap.dedent("""
