@@ -15,4 +15,10 @@ class CraftError(Exception):
     """
 
 
-__all__ = ["CraftError", "__version__"]
+class MissingWeightsError(CraftError, FileNotFoundError):
+    """A weight file or model folder named by the config is not on this machine. The message
+    names what was asked for, every place searched, and how to provide it (download command or
+    config key). One class for the diffusion model and the rewards alike."""
+
+
+__all__ = ["CraftError", "MissingWeightsError", "__version__"]

@@ -31,13 +31,11 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 import yaml
 
 from craft import CraftError
+from craft.vocab import LEVEL_ROLES, LEVELS, NORMALIZATIONS, ROLES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
 
-# CRF levels and the reward roles each one compares against the reference.
-LEVEL_ROLES: dict[str, tuple[str, ...]] = {"h": ("h",), "ha": ("h", "a"), "hpa": ("h", "p", "a")}
-ROLES: tuple[str, ...] = ("h", "p", "a")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
@@ -377,9 +375,9 @@ class FilterConfig(_Section):
 
     section: ClassVar[str] = "filter"
 
-    normalization: Literal["zscore", "rank", "minmax"] = _opt(
+    normalization: Literal[NORMALIZATIONS] = _opt(
         "zscore", "How each reward is mapped to a common scale over the whole candidate pool.")
-    level: Literal["h", "ha", "hpa", "custom", "none"] = _opt(
+    level: Literal[LEVELS] = _opt(
         "hpa", "Pass rule: beat the group's reference on h / h+a / h+p+a, on filter.require "
                "(custom), or keep everything (none).")
     require: tuple[str, ...] = _opt((), "Rewards a candidate must beat the reference on "

@@ -297,12 +297,13 @@ class LocalLLMExpander(_LLMExpander):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype)
+        from craft.devices import resolve_device, resolve_dtype
+
+        self.device = resolve_device(device, key="expander device")
+        # LLMs are trained in bfloat16: "auto" means bf16 on CUDA here, not the float16 that
+        # craft.devices picks for diffusion models.
+        torch_dtype = (torch.bfloat16 if dtype == "auto" and self.device.type == "cuda"
+                       else resolve_dtype(dtype, self.device, key="expander dtype"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(

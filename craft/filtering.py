@@ -41,16 +41,10 @@ import numpy as np
 import pandas as pd
 
 from craft import CraftError
+from craft.vocab import LEVEL_ROLES, LEVELS, NORMALIZATIONS, OVERRIDE_ACTIONS, ROLES
 
 logger = logging.getLogger(__name__)
 
-NORMALIZATIONS: tuple[str, ...] = ("zscore", "rank", "minmax")
-LEVELS: tuple[str, ...] = ("h", "ha", "hpa", "custom", "none")
-# The roles each paper level compares against the reference (I_h, I_ha, I_hpa).
-LEVEL_ROLES: dict[str, tuple[str, ...]] = {"none": (), "h": ("h",), "ha": ("h", "a"),
-                                           "hpa": ("h", "p", "a")}
-ROLES: tuple[str, ...] = ("h", "p", "a")
-OVERRIDE_ACTIONS: tuple[str, ...] = ("include", "exclude")
 ID_COLUMNS: tuple[str, ...] = ("candidate_id", "prompt_id", "variant_idx", "seed")
 # Columns apply_filter (and the advantage stage) write; never mistaken for reward columns, and
 # replaced rather than duplicated when an annotated frame is filtered again.

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from craft import CraftError
+from craft import CraftError, MissingWeightsError
+from craft.devices import resolve_device, resolve_dtype  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -40,49 +41,6 @@ DEFAULT_CONFIG_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                         "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 # Pipeline components that are never loaded: StableDiffusionPipeline gets None for both.
 _SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
-
-
-class MissingWeightsError(CraftError, FileNotFoundError):
-    """Weights named by the config are not on this machine."""
-
-
-# ------------------------------------------------------------------------ device and dtype
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; an unusable CUDA device is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CraftError(f"model.device={device!r} is not a device; use 'auto', 'cpu', 'cuda' "
-                         "or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?)")
-            raise CraftError(f"model.device={device!r} but no CUDA device is available here "
-                             f"({why}); use --set model.device=cpu (or auto)")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise CraftError(f"model.device={device!r} but this machine has {count} CUDA "
-                             f"device(s) (cuda:0..cuda:{count - 1}); pick one of those")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is fp16 on CUDA and fp32 on CPU (fp16 on CPU is slow and lossy)."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise CraftError(f"model.dtype={dtype!r} is not one of {['auto', *table]}")
-    if dtype == "float16" and device.type == "cpu":
-        raise CraftError("model.dtype='float16' but the model runs on the CPU, where float16 is "
-                         "slow and many kernels lack it; use --set model.dtype=float32 (or auto, "
-                         "which picks float16 on CUDA and float32 on the CPU)")
-    return table[dtype]
 
 
 # ------------------------------------------------------------------------ where the files are

@@ -38,6 +38,7 @@ import pandas as pd
 from PIL import Image
 
 from craft import CraftError
+from craft.vocab import OVERRIDE_ACTIONS
 
 try:  # POSIX only; without it the store skips the "am I alone?" test and always cleans up.
     import fcntl
@@ -53,7 +54,6 @@ IMAGES_DIR = "images"
 TMP_PREFIX = ".tmp-"
 TRAIN_STATUSES = ("running", "done", "failed", "cancelled")
 SPLITS = ("train", "eval")
-OVERRIDE_ACTIONS = ("include", "exclude")
 
 _SCHEMA = """
 CREATE TABLE config (

@@ -145,12 +145,17 @@ def test_register_a_custom_reward():
 def test_resolve_dtype(value, expected):
     import torch
 
-    assert reward_base.resolve_dtype(value) == getattr(torch, expected)
+    from craft.devices import resolve_dtype
+
+    assert resolve_dtype(value) == getattr(torch, expected)
 
 
 def test_resolve_dtype_rejects_unknown():
-    with pytest.raises(RewardError, match="float32, float16, bfloat16"):
-        reward_base.resolve_dtype("int8")
+    from craft import CraftError
+    from craft.devices import resolve_dtype
+
+    with pytest.raises(CraftError, match="float32, float16, bfloat16"):
+        resolve_dtype("int8", key="reward dtype")
 
 
 def test_unique_prompts():

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from craft import CraftError
+from craft import CraftError, MissingWeightsError
+from craft.devices import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ __all__ = [
     "Reward", "FunctionReward", "TorchReward", "RewardSpec", "RewardError",
     "UnknownRewardError", "MissingWeightsError", "MissingDependencyError",
     "register_reward", "load_reward", "check_available", "available_rewards", "reward_spec",
-    "NOT_PROVIDED", "resolve_device", "resolve_dtype", "unique_prompts",
+    "NOT_PROVIDED", "unique_prompts",
     # offline weight lookup and safe loading, shared by the reward modules
     "hf_cache_dir", "find_hf_file", "find_hf_snapshot", "missing_files", "missing_weights",
     "download_hint", "import_available", "load_tensor_state_dict", "load_matching",
@@ -58,11 +59,6 @@ class RewardError(CraftError):
 
 class UnknownRewardError(RewardError, ValueError):
     """The name is not in the registry; the message lists the known names."""
-
-
-class MissingWeightsError(RewardError, FileNotFoundError):
-    """A weight file is not on disk. The one-line message names the hub id and file, every
-    place that was searched, and how to provide the file (download command or config key)."""
 
 
 class MissingDependencyError(RewardError, ImportError):
@@ -182,7 +178,7 @@ class TorchReward(Reward):
         import torch
 
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, key="reward dtype")
         self.prefetch = self.device.type != "cpu" if prefetch is None else bool(prefetch)
 
     def __repr__(self) -> str:
@@ -232,39 +228,6 @@ def unique_prompts(prompts: Sequence[str]) -> tuple[list[str], list[int]]:
     index: dict[str, int] = {}
     inverse = [index.setdefault(p, len(index)) for p in prompts]
     return list(index), inverse
-
-
-# --------------------------------------------------------------------------------------------
-# Device, dtype
-# --------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-           "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def resolve_device(device: str | None) -> str:
-    """``'auto'`` (or None) -> ``'cuda'`` when available, else ``'cpu'``; anything else as is."""
-    if device in (None, "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def resolve_dtype(dtype):
-    """None -> float32; a torch dtype or one of the names in ``_DTYPES`` -> the torch dtype."""
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise RewardError(f"dtype {dtype!r} is not supported; use one of float32, float16, "
-                          "bfloat16 (or None for float32)")
-    return getattr(torch, _DTYPES[key])
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +380,7 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RewardError(f"load_reward({name!r}): batch_size must be a positive integer, got "
                           f"{batch_size!r}; use e.g. 32")
-    reward = spec.factory(device=resolve_device(device), dtype=dtype, batch_size=batch_size,
+    reward = spec.factory(device=str(resolve_device(device, key="rewards.device")), dtype=dtype, batch_size=batch_size,
                           path=None if path is None else str(path), **kw)
     logger.info("loaded reward %s: %r", name, reward)
     return reward
