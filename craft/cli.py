@@ -1,43 +1,29 @@
 """The ``craft`` command line: one subcommand per pipeline stage, each a thin call into the library.
 
 Adding a command: write ``_add_NAME(subparsers)`` that registers the subparser and sets
-``handler=`` (a function ``args -> int | None``), then list it in ``COMMANDS``. Handlers raise
-:class:`craft.CraftError` for anything the user can fix; ``main`` turns that into a one-line
-message and exit code 2, so no traceback reaches a user for a typo.
+``handler=`` (a function ``args -> int | None``), then list it in ``COMMANDS`` (or, from
+another package, register the function under the ``craft.commands`` entry-point group).
+Handlers raise :class:`craft.CraftError` for anything the user can fix; ``main`` turns that into
+a one-line message and exit code 2, so no traceback reaches a user for a typo; a stage stopped
+on request exits 3 (see craft.cli_common).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
 from craft import CraftError, __version__
+from craft.cli_common import EXIT_STOPPED, EXIT_USER_ERROR, add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
-EXIT_USER_ERROR = 2
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, positional: bool = False) -> None:
-    """The config options every pipeline command shares: a YAML file and ``--set`` overrides."""
-    help_text = "YAML config (default: configs/toy.yaml)"
-    if positional:
-        parser.add_argument("config", nargs="?", default=None, help=help_text)
-    else:
-        parser.add_argument("--config", "-c", default=None, help=help_text)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override one config value (YAML syntax), e.g. --set train.lr=5e-5; "
-                             "repeatable")
-
-
-def config_from_args(args: argparse.Namespace):
-    """The resolved :class:`craft.config.CraftConfig` for parsed ``add_config_arguments``."""
-    from craft.config import load_config
-
-    return load_config(args.config, args.overrides)
+# Other packages (the studio, the toy world) add commands through this entry-point group: each
+# entry point is a function ``register(subparsers)``. The library itself imports neither.
+COMMAND_PLUGINS = "craft.commands"
 
 
 # ------------------------------------------------------------------------------------ config
@@ -78,46 +64,30 @@ def _add_config(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(handler=_config_check)
 
 
-# ------------------------------------------------------------------------------------ toy
-
-
-def _add_toy(subparsers: argparse._SubParsersAction) -> None:
-    """The toy world's commands live in craft.toyworld; register the group only if it exists.
-
-    ``add_toy_subparsers(sub)`` adds actions to ``sub`` and sets ``handler`` on each. It runs
-    for every ``craft`` invocation, so cli_toy must import heavy modules inside its handlers.
-    """
-    try:
-        from craft.toyworld.cli_toy import add_toy_subparsers
-    except ModuleNotFoundError as e:
-        if e.name not in ("craft.toyworld", "craft.toyworld.cli_toy"):
-            raise  # a real missing dependency inside the toy world: show it
-        logger.debug("toy world commands unavailable: %s", e)
-        return
-    parser = subparsers.add_parser("toy", help="the embedded toy world (base model, demo)")
-    sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
-    add_toy_subparsers(sub)
-
-
 def _add_stages(subparsers: argparse._SubParsersAction) -> None:
     from craft.cli_stages import add_stage_commands
 
     add_stage_commands(subparsers)
 
 
-def _add_studio(subparsers: argparse._SubParsersAction) -> None:
-    """``craft studio``: the Gradio app; its arguments live in studio.cli (no Gradio import)."""
-    from studio.cli import add_studio_parser
+def _add_plugins(subparsers: argparse._SubParsersAction) -> None:
+    """Commands registered by installed packages (``craft studio``, ``craft toy``)."""
+    from importlib.metadata import entry_points
 
-    add_studio_parser(subparsers)
+    for ep in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:  # a plugin whose dependencies are missing: say so, go on
+            logger.debug("craft command %s unavailable: %s", ep.name, e)
+            continue
+        register(subparsers)
 
 
 # Command name -> function that registers its subparser, in the order `craft --help` lists them.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "config": _add_config,
     "stages": _add_stages,
-    "toy": _add_toy,
-    "studio": _add_studio,
+    "plugins": _add_plugins,
 }
 
 
@@ -134,23 +104,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under a multi-process launch only the main process logs below WARNING (one log, not N).
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if _rank() > 0 and args.verbose < 2:
+        level = logging.WARNING
+    prefix = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args) or 0
     except (CraftError, OSError) as e:  # OSError: unreadable file, full disk, no permission...
         if args.verbose >= 2:
             raise
+        from craft.stages import StageStopped
+
         message = " ".join(str(e).split())
+        if isinstance(e, StageStopped):
+            print(f"craft: stopped: {message}", file=sys.stderr)
+            return EXIT_STOPPED
         print(f"craft: error: {message} (-vv shows the traceback)" if isinstance(e, OSError)
               else f"craft: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("craft: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the launch's process group cleanly (torch warns at exit otherwise)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":

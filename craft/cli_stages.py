@@ -1,9 +1,10 @@
-"""``craft prompts | expand | generate | score | filter | train | evaluate | run``.
+"""``craft prompts | expand | generate | score | filter | train | publish | evaluate | export | run``.
 
-Each command acts on a run directory (``--run-dir``) with a config (``--config`` + ``--set``).
-The run's first command stores its resolved config in the run; later commands use the stored
-config unless ``--config`` / ``--set`` are given again, so a stage resumed after a crash runs with
-the settings it started with. Heavy modules are imported inside the handlers.
+Each command is a thin call into one stage of :mod:`craft.stages` on a run directory
+(``--run-dir``) with a config (``--config`` + ``--set``; without them, the config stored in the
+run by its first command). The same command works as ``accelerate launch [...] -m craft.cli
+COMMAND ...``: every process runs it, the stages split the work, only the main process prints,
+and every process exits 0 on success. Heavy modules are imported inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,236 +13,200 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
-from craft import CraftError
+from craft.cli_common import (Reporter, add_config_arguments, add_job_arguments, stop_check,
+                              write_result)
 
 log = logging.getLogger(__name__)
 
 
-def _tqdm_progress(desc: str):
-    from tqdm import tqdm
-
-    state: dict = {}
-
-    def progress(done: int, total: int) -> None:
-        bar = state.get("bar")
-        if bar is None:
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
-                                      file=sys.stderr)
-        bar.total = total
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return progress
-
-
 def _open(args):
-    """The run store and the config for this command (see the module docstring)."""
-    import torch
+    """The run (this process's view of it) and the config for this command."""
+    from craft.run import run_config
+    from craft.stages import open_run
 
-    from craft.cli import config_from_args
-    from craft.config import config_from_dict, config_to_yaml
-    from craft.store import RunStore
-
-    torch.set_flush_denormal(True)
-    store = RunStore(args.run_dir)
-    stored = store.get_config()
-    if stored is not None and args.config is None and not args.overrides:
-        import yaml
-
-        cfg = config_from_dict(yaml.safe_load(stored), source=f"{args.run_dir}/store.sqlite")
-    else:
-        cfg = config_from_args(args)
-        store.set_config(config_to_yaml(cfg))
-    return store, cfg
+    cfg, given = run_config(args.run_dir, args.config, args.overrides)
+    run = open_run(args.run_dir, cfg)
+    if given:
+        run.save_config(cfg)
+    return run, cfg
 
 
-def _check_weights(cfg, rewards=None, train: bool = False) -> None:
-    """Fail before any work when a model or reward named by the config is not on disk (or,
-    with ``train``, when a training option cannot run here, e.g. 8-bit Adam without
-    bitsandbytes)."""
-    from craft.models import check_model
+def _say(run, text: str) -> None:
+    if run.is_main:
+        print(text, flush=True)
 
-    check_model(cfg.model)
-    if train:
-        from craft.training import check_train_options
 
-        check_train_options(cfg)
-    try:
-        from craft.rewards import check_available
-    except ImportError:
-        return
-    for name in rewards or (*cfg.rewards.names, *cfg.rewards.eval_names):
-        check_available(name, cfg.rewards.paths.get(name))
+def _reporter(args, run) -> Reporter:
+    return Reporter(args.progress_file, enabled=run.is_main)
+
+
+def _finish(args, run, result: dict) -> int:
+    if run.is_main:
+        write_result(args.result_file, {"status": "done", **result})
+    return 0
 
 
 def cmd_prompts(args) -> int:
-    from craft.stages import prepare_prompts
+    from craft.stages import stage_prompts
 
-    store, cfg = _open(args)
-    info = prepare_prompts(store, cfg, _tqdm_progress("expand"))
-    print(f"training prompts: {info['train_summary']}\nevaluation prompts: {info['eval_summary']}"
-          f"\nvariants written for {info['expanded']} prompts (V={cfg.prompts.num_variants})")
-    return 0
+    run, cfg = _open(args)
+    with run:
+        info = stage_prompts(run, cfg, _reporter(args, run).stage("prompts"))
+        _say(run, f"training prompts: {info['train_summary']}\nevaluation prompts: "
+                  f"{info['eval_summary']}\nvariants written for {info['expanded']} prompts "
+                  f"(V={cfg.prompts.num_variants})")
+        return _finish(args, run, info)
 
 
 def cmd_generate(args) -> int:
-    from craft.generation import generate_candidates
+    from craft.stages import stage_generate
 
-    store, cfg = _open(args)
-    _check_weights(cfg, rewards=[])
-    if store.variants_df("train").empty:
-        raise CraftError(f"run {args.run_dir} has no prompts yet; run `craft prompts --run-dir "
-                         f"{args.run_dir}` first")
-    n = generate_candidates(store, cfg, progress=_tqdm_progress("generate"))
-    total = len(store.candidates_df(model=cfg.model.pretrained, split="train"))
-    print(f"generated {n} new candidates; {total} in the run")
-    return 0
+    run, cfg = _open(args)
+    with run:
+        out = stage_generate(run, cfg, _reporter(args, run).stage("generate"),
+                             stop_check(args.stop_file))
+        _say(run, f"generated {out['written']} new candidates; {out['total']} in the run")
+        return _finish(args, run, out)
 
 
 def cmd_score(args) -> int:
-    from craft.scoring import score_candidates
+    from craft.stages import stage_score
 
-    store, cfg = _open(args)
-    names = args.rewards.split(",") if args.rewards else None
-    _check_weights(cfg, rewards=names or cfg.rewards.names)
-    n = score_candidates(store, cfg, names, force=args.force, split="train",
-                         progress=_tqdm_progress("score"))
-    print(f"wrote {n} scores")
-    return 0
+    run, cfg = _open(args)
+    with run:
+        names = args.rewards.split(",") if args.rewards else None
+        out = stage_score(run, cfg, names, force=args.force,
+                          progress=_reporter(args, run).stage("score"),
+                          should_stop=stop_check(args.stop_file))
+        _say(run, f"wrote {out['written']} scores")
+        return _finish(args, run, out)
 
 
 def cmd_filter(args) -> int:
-    from craft.stages import training_set
+    from craft.stages import stage_filter
 
-    store, cfg = _open(args)
-    kept = training_set(store, cfg)
-    cols = ["candidate_id", "prompt", "variant", *cfg.rewards.names, "composite", "advantage",
-            "weight"]
-    import pandas as pd
+    run, cfg = _open(args)
+    with run:
+        kept = stage_filter(run, cfg)
+        if run.is_main:
+            import pandas as pd
 
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-        print(kept[cols].head(args.show).to_string(index=False))
-    print(f"kept {len(kept)} candidates (level {cfg.filter.level}, top_k {cfg.filter.top_k}); "
-          "saved as selection 'craft'")
-    return 0
-
-
-def _train(store, cfg, args, kept, name: str, out: Path):
-    from tqdm import tqdm
-
-    from craft.training import TrainCallbacks, train
-
-    bar = tqdm(total=cfg.train.steps, desc=f"train {name}", unit="step", dynamic_ncols=True,
-               file=sys.stderr)
-
-    def on_step(step, total, metrics):
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-
-    result = train(cfg, kept, out, store=store, run_name=name,
-                   callbacks=TrainCallbacks(on_step=on_step), resume=args.resume)
-    bar.close()
-    return result
+            cols = ["candidate_id", "prompt", "variant", *cfg.rewards.names, "composite",
+                    "advantage", "weight"]
+            with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+                print(kept[cols].head(args.show).to_string(index=False))
+        _say(run, f"kept {len(kept)} candidates (level {cfg.filter.level}, top_k "
+                  f"{cfg.filter.top_k}); saved as selection 'craft'")
+        return _finish(args, run, {"kept": len(kept)})
 
 
-def _publish_final(result, run_dir: Path) -> Path:
-    """Copy the tuned pipeline to RUN/final, where `craft evaluate` and users look for it."""
-    import shutil
-
-    final = run_dir / "final"
-    tmp = run_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(result.final_dir, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+def _train_result(result) -> dict:
+    return {"run_id": result.run_id, "training": result.status, "steps": result.steps_done,
+            "final": result.final_dir, "checkpoint": result.last_checkpoint}
 
 
 def cmd_train(args) -> int:
-    from craft.stages import training_set
+    from craft.stages import StageStopped, stage_publish, stage_train
 
-    store, cfg = _open(args)
-    _check_weights(cfg, rewards=[], train=True)
-    kept = training_set(store, cfg)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "train"
-    result = _train(store, cfg, args, kept, "craft", out)
-    if result.final_dir is None:
-        print(f"training {result.status} after {result.steps_done} steps; checkpoint "
-              f"{result.last_checkpoint}; rerun with --resume to continue")
-        return 0
-    final = result.final_dir if args.out else _publish_final(result, Path(args.run_dir))
-    print(f"training {result.status} after {result.steps_done} steps; tuned pipeline at {final}")
-    return 0
+    run, cfg = _open(args)
+    with run:
+        resume = True if args.resume else (False if args.new else None)
+        result = stage_train(run, cfg, args.name, resume=resume,
+                             progress=_reporter(args, run).stage("train"),
+                             should_stop=stop_check(args.stop_file))
+        if result.status != "done":
+            if run.is_main:
+                write_result(args.result_file, {"status": "stopped", **_train_result(result)})
+            raise StageStopped(f"training {args.name} stopped on request after "
+                               f"{result.steps_done} steps (checkpoint "
+                               f"{result.last_checkpoint or 'none: nothing trained yet'}); "
+                               f"`craft train --run-dir {args.run_dir} --name {args.name}` "
+                               f"continues it")
+        final = stage_publish(run, result)
+        _say(run, f"training {result.status} after {result.steps_done} steps; tuned pipeline "
+                  f"at {final} (from {result.final_dir})")
+        return _finish(args, run, {**_train_result(result), "published": final})
+
+
+def cmd_publish(args) -> int:
+    from craft.stages import stage_publish, train_dir
+    from craft.training import TrainResult
+
+    run, cfg = _open(args)
+    with run:
+        out = train_dir(run.run_dir, args.name)
+        status = run.dist.on_main(lambda: (run.store.train_run_by_name(args.name) or {}).get(
+            "status", "missing"))
+        result = TrainResult(None, status, 0, out, out / "final" if status == "done" else None,
+                             None)
+        final = stage_publish(run, result)
+        _say(run, f"published {out / 'final'} as {final}")
+        return _finish(args, run, {"published": final})
 
 
 def cmd_evaluate(args) -> int:
-    from craft.evaluation import evaluate
+    from craft.stages import stage_evaluate
 
-    store, cfg = _open(args)
-    tuned = args.tuned or str(Path(args.run_dir) / "final")
-    if args.tuned is None and not Path(tuned).exists():
-        raise CraftError(f"no tuned pipeline at {tuned}; run `craft train --run-dir "
-                         f"{args.run_dir}` first, or pass --tuned PATH")
-    models = {"base": args.base or cfg.model.pretrained, "craft": tuned}
-    result = evaluate(cfg, store, models, name=args.name, progress=_tqdm_progress("evaluate"))
-    print(result.table())
-    print(f"side-by-side grid: {result.grid_path}")
-    return 0
+    run, cfg = _open(args)
+    with run:
+        ev = stage_evaluate(run, cfg, tuned=args.tuned, base=args.base, name=args.name,
+                            label=args.label, progress=_reporter(args, run).stage("evaluate"),
+                            should_stop=stop_check(args.stop_file))
+        _say(run, ev.table())
+        _say(run, f"side-by-side grid: {ev.grid_path}")
+        return _finish(args, run, {"evaluation_id": ev.evaluation_id, "grid": ev.grid_path})
+
+
+def cmd_export(args) -> int:
+    from craft.stages import stage_export
+
+    run, cfg = _open(args)
+    with run:
+        folder, archive = stage_export(run, cfg, name=args.name)
+        _say(run, f"exported the kept set to {folder} (and {archive}); load it with "
+                  f"datasets.load_dataset('imagefolder', data_dir='{folder}')")
+        return _finish(args, run, {"folder": folder, "zip": archive})
 
 
 def cmd_run(args) -> int:
     """All stages in order; leaves the tuned pipeline at RUN/final and prints the evaluation."""
-    from craft.evaluation import evaluate
-    from craft.generation import generate_candidates
-    from craft.scoring import score_candidates
-    from craft.stages import prepare_prompts, training_set
+    from craft.stages import run_all
 
     t0 = time.time()
-    store, cfg = _open(args)
-    _check_weights(cfg, train=True)
-    run_dir = Path(args.run_dir)
-    timings = {}
+    run, cfg = _open(args)
+    with run:
+        rep = _reporter(args, run)
 
-    def stage(name, fn):
-        t = time.time()
-        out = fn()
-        timings[name] = time.time() - t
-        return out
+        def on_stage(stage: str) -> None:
+            if stage == "train" and run.is_main:
+                log.info("training on the kept set")
+            rep.write(stage, 0, 0, force=True)
 
-    stage("prompts", lambda: prepare_prompts(store, cfg))
-    from craft.models import load_from_config
-
-    pipe = load_from_config(cfg.model)
-    stage("generate", lambda: generate_candidates(store, cfg, pipe=pipe,
-                                                  progress=_tqdm_progress("generate")))
-    stage("score", lambda: score_candidates(store, cfg, split="train",
-                                            progress=_tqdm_progress("score")))
-    kept = stage("filter", lambda: training_set(store, cfg))
-    print(f"kept {len(kept)} candidates for training", file=sys.stderr)
-    result = stage("train", lambda: _train(store, cfg, args, kept, "craft", run_dir / "train"))
-    if result.final_dir is None:
-        print(f"training {result.status}; rerun with --resume to continue", file=sys.stderr)
-        return 1
-    final = _publish_final(result, run_dir)
-    ev = stage("evaluate", lambda: evaluate(cfg, store, {"base": cfg.model.pretrained,
-                                                         "craft": str(final)},
-                                            pipes={"base": pipe},
-                                            progress=_tqdm_progress("evaluate")))
-    print(ev.table())
-    print(f"\ntuned pipeline: {final}\nside-by-side grid: {ev.grid_path}\n"
-          + "stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-          + f"; total {time.time() - t0:.0f}s")
-    return 0
+        out = run_all(run, cfg, args.name, progress_for=rep.stage,
+                      should_stop=stop_check(args.stop_file), on_stage=on_stage)
+        ev = out["eval"]
+        _say(run, ev.table())
+        _say(run, f"\nkept {out['kept']} candidates; training run {args.name}: "
+                  f"{out['train'].steps_done} steps\ntuned pipeline: {out['final']}\n"
+                  f"side-by-side grid: {ev.grid_path}\nstage times: "
+                  + ", ".join(f"{k} {v:.0f}s" for k, v in out["timings"].items())
+                  + f"; total {time.time() - t0:.0f}s")
+        return _finish(args, run, {"evaluation_id": ev.evaluation_id, "final": out["final"],
+                                   "kept": out["kept"], **_train_result(out["train"])})
 
 
 def _common(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
-    from craft.cli import add_config_arguments
-
     p.add_argument("--run-dir", required=True, help="the run directory (created if missing)")
     add_config_arguments(p, positional=config_positional)
+    add_job_arguments(p)
+
+
+def _name(p: argparse.ArgumentParser) -> None:
+    from craft.stages import DEFAULT_RUN_NAME
+
+    p.add_argument("--name", default=DEFAULT_RUN_NAME,
+                   help=f"training run name: RUN/train/NAME (default {DEFAULT_RUN_NAME})")
 
 
 def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -251,8 +216,11 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
         ("generate", cmd_generate, "generate candidates (resumable; skips stored ones)"),
         ("score", cmd_score, "score candidates against their original prompt (cached)"),
         ("filter", cmd_filter, "Composite Reward Filtering: show and save the kept set"),
-        ("train", cmd_train, "advantage-weighted fine-tuning on the kept set"),
+        ("train", cmd_train, "advantage-weighted fine-tuning on the kept set, then publish "
+                             "RUN/final (an unfinished run continues from its checkpoint)"),
+        ("publish", cmd_publish, "copy a finished training run's pipeline to RUN/final"),
         ("evaluate", cmd_evaluate, "base vs tuned on held-out prompts, same seeds"),
+        ("export", cmd_export, "write the kept set as a Hugging Face imagefolder (+ zip)"),
     ]
     for name, fn, help_text in specs:
         p = subparsers.add_parser(name, help=help_text)
@@ -263,14 +231,31 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--force", action="store_true", help="re-score stored scores")
         if name == "filter":
             p.add_argument("--show", type=int, default=10, help="rows to print")
+        if name in ("train", "publish"):
+            _name(p)
         if name == "train":
-            p.add_argument("--out", default=None, help="output dir (default RUN/train)")
-            p.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+            how = p.add_mutually_exclusive_group()
+            how.add_argument("--resume", action="store_true",
+                             help="require an unfinished run of this name to continue")
+            how.add_argument("--new", action="store_true",
+                             help="require a new name (refuse to continue an existing run)")
         if name == "evaluate":
             p.add_argument("--base", default=None, help="reference model (default model.pretrained)")
-            p.add_argument("--tuned", default=None, help="tuned pipeline (default RUN/final)")
-            p.add_argument("--name", default="eval")
-    run = subparsers.add_parser("run", help="every stage in order; leaves RUN/final")
+            p.add_argument("--tuned", default=None,
+                           help="tuned pipeline or RUN/train/NAME/checkpoint-N (default RUN/final)")
+            p.add_argument("--name", default="eval", help="evaluation name: RUN/eval/NAME")
+            p.add_argument("--label", default=None,
+                           help="the tuned model's label (default: its training run's name)")
+        if name == "export":
+            p.add_argument("--name", default=None,
+                           help="export name: RUN/exports/NAME (default kept-DATE-TIME)")
+    run = subparsers.add_parser("run", help="every stage in order; leaves RUN/final; rerun the "
+                                            "same command to resume")
     _common(run, config_positional=True)
-    run.add_argument("--resume", action="store_true", help="resume training from a checkpoint")
+    _name(run)
+    run.add_argument("--resume", action="store_true",
+                     help="accepted for older scripts: `craft run` always resumes")
     run.set_defaults(handler=cmd_run)
+
+
+__all__ = ["add_stage_commands"]

@@ -130,77 +130,192 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
     return path
 
 
-def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
+def load_for_eval(cfg, path: str, device: str | None = None):
+    """A model to evaluate: a complete diffusers pipeline, a single-file checkpoint, or an
+    intermediate training checkpoint (``checkpoint-N`` holds only a UNet), which is evaluated
+    inside the base pipeline exactly as training saw it (revision, variant, single-file config,
+    memory options)."""
+    from craft.models import load_from_config
+
+    p = Path(path)
+    if p.is_dir() and not (p / "model_index.json").exists():
+        if not (p / "unet").is_dir():
+            raise CraftError(f"{path} is neither a diffusers pipeline nor a training checkpoint "
+                             f"with a unet/ folder; pass a pipeline folder, RUN/final, or "
+                             f"RUN/train/NAME/checkpoint-N")
+        from diffusers import UNet2DConditionModel
+
+        pipe = load_from_config(cfg.model, device=device)
+        unet = UNet2DConditionModel.from_pretrained(str(p / "unet"))
+        pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
+        return pipe
+    return load_from_config(cfg.model, pretrained=str(path), device=device)
+
+
+def _check_loadable(cfg, label: str, path: str) -> None:
+    from craft import MissingWeightsError
+    from craft.models import check_model
+
+    p = Path(path)
+    if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
+        path = cfg.model.pretrained  # a UNet checkpoint: the base pipeline must be there
+    try:
+        check_model(cfg.model, pretrained=str(path))
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"evaluate: model {label!r} ({path}) is not on this machine: "
+                                  f"{e}") from None
+
+
+def evaluation_key(cfg, models: Mapping[str, str]) -> str:
+    """Equal keys mean an evaluation would repeat itself exactly: same models (and weights),
+    prompts, seeds, sampler, rewards and composite weights."""
+    import hashlib
+
+    from craft.fsutil import fingerprint
+
+    e = cfg.eval
+    text = json.dumps([{k: [v, fingerprint(v)] for k, v in models.items()},
+                       e.num_prompts, e.seeds_per_prompt, e.num_inference_steps,
+                       e.guidance_scale, cfg.generation.seed, cfg.generation.scheduler,
+                       list(cfg.rewards.eval_names), dict(cfg.filter.weights)], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def stored_evaluation(store, evaluation_id: int) -> EvalResult:
+    """An evaluation record (and its scores.csv) as an :class:`EvalResult`."""
+    ev = store.evaluations_df()
+    row = ev[ev["id"] == evaluation_id]
+    if row.empty:
+        raise CraftError(f"no evaluation #{evaluation_id} in {store.run_dir}")
+    row = row.iloc[0]
+    settings, results = json.loads(row["settings_json"]), json.loads(row["results_json"])
+    summary = pd.DataFrame(results["summary"])
+    scores_csv = Path(results["scores_csv"])
+    scores = pd.read_csv(scores_csv) if scores_csv.exists() else pd.DataFrame()
+    labels = list(settings.get("models", {})) or list(dict.fromkeys(summary["model"]))
+    return EvalResult(row["name"], labels, scores, summary, Path(results["grid"]),
+                      int(row["id"]))
+
+
+def _find_evaluation(store, name: str, key: str) -> int | None:
+    ev = store.evaluations_df()
+    for r in list(ev[ev["name"] == name].itertuples())[::-1]:
+        if json.loads(r.settings_json).get("key") == key:
+            return int(r.id)
+    return None
+
+
+def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
              out_dir: str | Path | None = None, pipes: Mapping[str, object] | None = None,
              progress: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> EvalResult:
+             should_stop: Callable[[], bool] | None = None, reuse: bool = True) -> EvalResult:
     """Evaluate ``models`` (label -> pipeline path; the first is the reference) on the run's
-    held-out prompts with shared seeds, store the result and return it.
+    held-out prompts with shared seeds, store the result and return it (on every process).
 
-    Images are written under ``out_dir`` (default RUN/eval/NAME/LABEL/) so they can be shown
-    side by side; a rerun reuses images already there.
+    ``run`` is a :class:`craft.run.Run` (or, in a single process, a RunStore). Images are
+    written under ``out_dir`` (default RUN/eval/NAME/LABEL/) so they can be shown side by side;
+    a rerun reuses images already there. Under several processes each generates and scores its
+    share of the images; the main process merges the scores before any statistic. With
+    ``reuse``, an earlier evaluation of the same name and :func:`evaluation_key` is returned
+    instead of being repeated (a rerun of ``craft run`` adds no second record).
     """
+    from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, apply_scheduler, generate_images
-    from craft.models import MissingWeightsError, check_model, load_from_config
     from craft.rewards import load_reward
+    from craft.run import as_run
 
+    run = as_run(run)
+    dist = run.dist
     if len(models) < 2:
         raise CraftError(f"evaluate needs a reference and at least one model to compare, got "
                          f"{list(models)}")
-    plan = eval_plan(store, cfg)
-    out = Path(out_dir) if out_dir else Path(store.run_dir) / "eval" / name
+    key = evaluation_key(cfg, models)
+    if reuse:
+        found = dist.on_main(lambda: _find_evaluation(run.store, name, key))
+        if found is not None:
+            log.info("evaluation %r: reusing record #%d (same models, prompts and settings)",
+                     name, found)
+            return dist.on_main(lambda: stored_evaluation(run.store, found))
+    plan = dist.broadcast(eval_plan(run.store, cfg) if run.is_main else None)
+    out = Path(out_dir) if out_dir else run.run_dir / "eval" / name
     e = cfg.eval
     params = SamplingParams(num_inference_steps=e.num_inference_steps,
                             guidance_scale=e.guidance_scale)
     labels = list(models)
+    paths = {label: [out / label / f"{i:05d}.png" for i in range(len(plan))] for label in labels}
+    todo = None
+    if run.is_main:  # the images already there are reused (a rerun, or a cancelled run)
+        todo = {label: [i for i, p in enumerate(paths[label]) if not p.exists()]
+                for label in labels}
+    todo = dist.broadcast(todo)
     # Fail before any work when a model that still has images to make is not on disk.
     for label in labels:
-        if (pipes or {}).get(label) is None and not all(
-                (out / label / f"{i:05d}.png").exists() for i in range(len(plan))):
-            try:
-                check_model(cfg.model, pretrained=str(models[label]))
-            except MissingWeightsError as e:
-                raise MissingWeightsError(f"evaluate: model {label!r} ({models[label]}) is not "
-                                          f"on this machine: {e}") from None
-    total = len(plan) * len(labels)
-    frames = []
-    done = 0
+        if todo[label] and (pipes or {}).get(label) is None:
+            _check_loadable(cfg, label, str(models[label]))
+    device = str(dist.model_device(cfg.model.device))
+    total, done = len(plan) * len(labels), 0
     for label in labels:
-        mdir = out / label
-        mdir.mkdir(parents=True, exist_ok=True)
-        paths = [mdir / f"{i:05d}.png" for i in range(len(plan))]
-        missing = [i for i, p in enumerate(paths) if not p.exists()]
-        if missing:
-            pipe = (pipes or {}).get(label)
-            if pipe is None:
-                pipe = load_from_config(cfg.model, pretrained=str(models[label]))
-            apply_scheduler(pipe, cfg.generation.scheduler)  # every model: the same sampler
-            for sl, images in generate_images(pipe, [plan[i][0] for i in missing],
-                                              [plan[i][1] for i in missing], params,
-                                              e.batch_size, should_stop=should_stop):
-                for i, im in zip(missing[sl], images):
-                    tmp = paths[i].with_suffix(".tmp.png")
-                    im.save(tmp)
-                    tmp.replace(paths[i])
-                done += len(images)
+        missing = todo[label]
+        done += len(plan) - len(missing)
+        if not missing:
+            continue
+        mine = missing[dist.rank::dist.world]
+        rounds = -(-len(missing[0::dist.world]) // e.batch_size)
+        pipe = (pipes or {}).get(label) or load_for_eval(cfg, str(models[label]), device)
+        apply_scheduler(pipe, cfg.generation.scheduler)  # every model: the same sampler
+        batches = generate_images(pipe, [plan[i][0] for i in mine], [plan[i][1] for i in mine],
+                                  params, e.batch_size)
+        if run.is_main and progress:
+            progress(done, total)
+        for _ in range(rounds):
+            if dist.any(should_stop is not None and should_stop()):
+                raise CraftError("evaluation cancelled; the images made so far are kept and a "
+                                 "rerun continues from them")
+            sl, images = next(batches, (slice(0, 0), []))
+            for i, im in zip(mine[sl], images):
+                save_image_atomic(im, paths[label][i], fsync=False)
+            counts = dist.gather(len(images))
+            if run.is_main:
+                done += sum(counts)
                 if progress:
                     progress(done, total)
-            if should_stop is not None and should_stop():
-                raise CraftError("evaluation cancelled")
-        else:
-            done += len(plan)
-        frames.append(pd.DataFrame({"model": label, "prompt": [p for p, _ in plan],
-                                    "seed": [s for _, s in plan],
-                                    "image_path": [str(p) for p in paths]}))
-    scores = pd.concat(frames, ignore_index=True)
+        del pipe, batches
+    dist.barrier()  # every image exists before anyone scores
+
+    rows = [(label, i) for label in labels for i in range(len(plan))]
+    mine = rows[dist.rank::dist.world]
     rewards = list(cfg.rewards.eval_names)
-    images = [Image.open(p).convert("RGB") for p in scores["image_path"]]
+    images = [Image.open(paths[label][i]).convert("RGB") for label, i in mine]
+    prompts = [plan[i][0] for _, i in mine]
+    values = {}
+    rdevice = str(dist.model_device(cfg.rewards.device, key="rewards.device"))
     for r in rewards:
-        fn = load_reward(r, device=cfg.rewards.device, batch_size=cfg.rewards.batch_size,
+        fn = load_reward(r, device=rdevice, batch_size=cfg.rewards.batch_size,
                          path=cfg.rewards.paths.get(r))
-        scores[r] = fn(images, scores["prompt"].tolist())
+        values[r] = [float(v) for v in fn(images, prompts)] if images else []
+    gathered = dist.gather((mine, values))
+    result = None
+    if run.is_main:
+        result = _summarize_and_store(run.store, cfg, name, models, labels, plan, paths, out,
+                                      rewards, gathered, key)
+    return dist.broadcast(result)
+
+
+def _summarize_and_store(store, cfg, name, models, labels, plan, paths, out, rewards,
+                         gathered, key: str) -> EvalResult:
+    """The main process: merge every process's scores, then composite, statistics, grid, and
+    the evaluation record."""
     from craft.filtering import normalize
 
+    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    for keys, values in gathered:
+        for k, key in enumerate(keys):
+            by_key[tuple(key)] = {r: values[r][k] for r in rewards}
+    frame = [{"model": label, "prompt": plan[i][0], "seed": plan[i][1],
+              "image_path": str(paths[label][i]), **by_key[(label, i)]}
+             for label in labels for i in range(len(plan))]
+    scores = pd.DataFrame(frame)
+    e = cfg.eval
     weights = {k: v for k, v in cfg.filter.weights.items() if k in scores}
     total_w = sum(weights.values()) or 1.0
     z = normalize(scores, list(weights), "zscore")  # one scale over all models' images
@@ -212,7 +327,8 @@ def evaluate(cfg, store, models: Mapping[str, str], name: str = "eval",
     result.evaluation_id = store.add_evaluation(
         name, models[labels[0]], json.dumps({k: models[k] for k in labels[1:]}),
         {"prompts": len(set(scores.prompt)), "seeds_per_prompt": e.seeds_per_prompt,
-         "steps": e.num_inference_steps, "guidance": e.guidance_scale, "models": dict(models)},
+         "steps": e.num_inference_steps, "guidance": e.guidance_scale, "models": dict(models),
+         "key": key},
         {"summary": summary.to_dict(orient="records"),
          "scores_csv": str(out / "scores.csv"), "grid": str(grid)})
     scores.to_csv(out / "scores.csv", index=False)

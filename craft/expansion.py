@@ -1,7 +1,7 @@
 """Expand each original prompt into V more descriptive variants (CRAFT stage 1).
 
 Variants are used only to *generate* candidates: every candidate is scored and trained against
-its original prompt (DESIGN.md section 1). The point of a variant is to steer the base model
+its original prompt (craft/scoring.py). The point of a variant is to steer the base model
 toward a better image for the same intent, so a good variant keeps every object, colour and
 relation of the original and adds detail (size, lighting, composition, texture, style).
 
@@ -13,9 +13,10 @@ be able to see (and filter on) how much of a run really came from the LLM.
 
 Built-in expanders, by name (:func:`make_expander`):
 
-- ``template``: offline and deterministic. Toy-world prompts get
-  :func:`craft.toyworld.grammar.template_variants` (rich words of the toy vocabulary, which the
-  toy base model was trained to bind). Any other prompt gets the original followed by a few
+- ``template``: offline and deterministic. A prompt that a registered template rewriter claims
+  (:func:`register_template_rewriter`; the toy world registers one for its grammar, with the
+  rich words its base model was trained to bind) gets that rewriter's variants. Any other
+  prompt gets the original followed by a few
   generic descriptive phrases (lighting, composition, detail, style) drawn from fixed lists by
   the seed. That is a *weak stand-in* for an LLM rewrite: it never adds content specific to the
   prompt (a corgi's fur, a lighthouse's beam), so expect smaller gains on real prompts than the
@@ -99,14 +100,17 @@ def _rng(seed: int, *parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in (seed, *parts)))
 
 
-def _is_toy(prompt: str) -> bool:
-    from craft.toyworld.grammar import PALETTE, parse_caption
+# Template rewriters for prompts of a known grammar: (name, claims(prompt), variants(prompt, n,
+# seed)). The first one that claims a prompt rewrites it; plugins add theirs.
+_REWRITERS: list[tuple[str, Callable[[str], bool], Callable[..., list[str]]]] = []
 
-    try:
-        parsed = parse_caption(prompt)
-    except ValueError:
-        return False
-    return parsed["colour"] != parsed["background"] and parsed["colour"] in PALETTE
+
+def register_template_rewriter(name: str, claims: Callable[[str], bool],
+                               variants: Callable[..., list[str]]) -> None:
+    """Rewrite the prompts ``claims(prompt)`` accepts with ``variants(prompt, n, seed)`` in the
+    ``template`` expander (registering a name again replaces it)."""
+    _REWRITERS[:] = [r for r in _REWRITERS if r[0] != name]
+    _REWRITERS.append((name, claims, variants))
 
 
 def generic_template_variants(prompt: str, num_variants: int, seed: int = 0) -> list[str]:
@@ -146,11 +150,14 @@ def generic_template_variants(prompt: str, num_variants: int, seed: int = 0) -> 
 
 
 def template_variants(prompt: str, num_variants: int, seed: int = 0) -> list[str]:
-    """Toy-grammar rewrites for toy prompts, generic phrase templates for anything else."""
-    if _is_toy(prompt):
-        from craft.toyworld.grammar import template_variants as toy_variants
+    """A registered rewriter's variants for the prompts it claims (toy prompts: the toy
+    grammar's), generic phrase templates for anything else."""
+    from craft.plugins import load_plugins
 
-        return toy_variants(prompt, num_variants, seed)
+    load_plugins()
+    for _name, claims, variants in _REWRITERS:
+        if claims(prompt):
+            return variants(prompt, num_variants, seed)
     return generic_template_variants(prompt, num_variants, seed)
 
 
@@ -596,4 +603,5 @@ __all__ = ["API_KEY_ENV", "EXPANDERS", "Expander", "Expansion", "ExpansionError"
            "GENERIC_PHRASES", "HTTPExpander", "LocalLLMExpander", "TemplateExpander",
            "build_messages", "chat_completions_url", "expand_prompts", "expander_from_config",
            "fill_with_templates", "generic_template_variants", "make_expander",
-           "parse_variant_lines", "register_expander", "template_variants"]
+           "parse_variant_lines", "register_expander", "register_template_rewriter",
+           "template_variants"]

@@ -9,8 +9,8 @@ Three properties make the candidate pool trustworthy and cheap:
   so any single candidate can be regenerated exactly, alone or in any batch.
 
 ``generate_images`` is the pure part (pipeline in, images out). ``generate_candidates`` adds the
-run store: it skips (prompt, variant, seed) keys already stored, writes each batch as it is done,
-and shards work across ``accelerate`` processes, so a killed run resumes with no duplicates.
+run: it skips (prompt, variant, seed) keys already stored, writes each batch as it is done, and
+shards work across ``accelerate`` processes, so a killed run resumes with no duplicates.
 """
 
 from __future__ import annotations
@@ -189,46 +189,62 @@ def plan_candidates(store, cfg, split: str = "train") -> list[tuple[int, int, in
             for r in variants.itertuples() for s in range(S)]
 
 
-def generate_candidates(store, cfg, pipe=None, split: str = "train",
+def generate_candidates(run, cfg, pipe=None, split: str = "train",
                         progress: ProgressFn | None = None,
                         should_stop: Callable[[], bool] | None = None) -> int:
-    """Generate every planned candidate that is not yet in ``store``; returns how many it wrote.
+    """Generate every planned candidate that is not yet in the run; returns how many were
+    written (the same number on every process).
 
-    Resumable: finished batches are committed (images first, then rows) as they come, and a
-    rerun skips every stored key. Under ``accelerate launch`` each process takes every n-th
-    missing candidate, so processes never write the same key.
+    ``run`` is a :class:`craft.run.Run` (or, in a single process, a RunStore). Resumable: the
+    main process plans the missing keys and hands them out; process ``r`` of ``n`` takes every
+    n-th one. The processes move in rounds of one batch each: every process writes its batch's
+    images, then sends the rows to the main process, which commits them, so a killed launch
+    loses at most the round in flight and a rerun skips every stored key. No process returns
+    before every candidate of this call exists (the next stage may read them all).
     """
-    from accelerate import PartialState
+    from craft.run import as_run
+    from craft.store import NewCandidate, write_candidate_images, writing_images
 
-    from craft.models import load_from_config, resolve_device
-
-    # cpu=True when the model runs on the CPU: without it accelerate reports a single process
-    # under a multi-process CPU launch (torchrun sets the ranks, but PartialState() only looks
-    # for accelerators), every process would generate every key, and the second writer of a
-    # key would fail. Training asks for the same (Accelerator(cpu=...)).
-    state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
-    model = cfg.model.pretrained
-    done = store.existing_candidate_keys(model)
-    todo = [c for c in plan_candidates(store, cfg, split) if c[:3] not in done]
-    todo = todo[state.process_index::state.num_processes]
+    run = as_run(run)
+    dist, model = run.dist, cfg.model.pretrained
+    todo = None
+    if run.is_main:
+        done = run.store.existing_candidate_keys(model)
+        todo = [c for c in plan_candidates(run.store, cfg, split) if c[:3] not in done]
+        if not todo:
+            log.info("generation: nothing to do (%d candidates already stored)", len(done))
+    todo = dist.broadcast(todo)
     if not todo:
-        log.info("generation: nothing to do (%d candidates already stored)", len(done))
         return 0
-    if pipe is None:
-        pipe = load_from_config(cfg.model)
     g = cfg.generation
+    mine = todo[dist.rank::dist.world]
+    rounds = -(-len(todo[0::dist.world]) // g.batch_size)  # process 0 has the most keys
+    if pipe is None:
+        from craft.models import load_from_config
+
+        pipe = load_from_config(cfg.model, device=str(dist.model_device(cfg.model.device)))
     apply_scheduler(pipe, g.scheduler)
     params = SamplingParams(num_inference_steps=g.num_inference_steps,
                             guidance_scale=g.guidance_scale, height=g.height, width=g.width)
-    from craft.store import NewCandidate
-
+    batches = generate_images(pipe, [t for *_, t in mine], [c[2] for c in mine], params,
+                              g.batch_size)
     written = 0
-    for sl, images in generate_images(pipe, [t for *_, t in todo], [c[2] for c in todo], params,
-                                      g.batch_size, should_stop=should_stop):
-        store.add_candidates([NewCandidate(pid, vid, seed, model, params.as_dict(), im)
-                              for (pid, vid, seed, _), im in zip(todo[sl], images)])
-        written += len(images)
-        if progress:
-            progress(written, len(todo))
+    if run.is_main and progress:
+        progress(0, len(todo))
+    with writing_images(run.run_dir):
+        for _ in range(rounds):
+            if dist.any(should_stop is not None and should_stop()):
+                break
+            sl, images = next(batches, (slice(0, 0), []))
+            rows = write_candidate_images(run.run_dir, [
+                NewCandidate(pid, vid, seed, model, params.as_dict(), im)
+                for (pid, vid, seed, _), im in zip(mine[sl], images)])
+            gathered = dist.gather(rows)
+            if run.is_main:
+                written += len(run.store.record_candidates([r for part in gathered for r in part]))
+                if progress:
+                    progress(written, len(todo))
+        dist.barrier()  # every process's last rows are committed: its marker can go
+    written = dist.broadcast(written)
     log.info("generation: wrote %d candidates", written)
     return written

@@ -397,13 +397,14 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
     return pipe
 
 
-def load_from_config(model_cfg, pretrained: str | None = None):
+def load_from_config(model_cfg, pretrained: str | None = None, device: str | None = None):
     """``load_pipeline`` with the fields of a :class:`craft.config.ModelConfig`;
     ``pretrained`` loads another model (e.g. a tuned one) with the same family, dtype, device
-    and memory options."""
+    and memory options; ``device`` overrides ``model.device`` (each process of a multi-GPU
+    launch loads onto its own GPU)."""
     name, revision, variant, single_file_config = _source(model_cfg, pretrained)
     return load_pipeline(name, family=model_cfg.family, dtype=model_cfg.dtype,
-                         device=model_cfg.device, revision=revision, variant=variant,
+                         device=device or model_cfg.device, revision=revision, variant=variant,
                          attention=model_cfg.attention, vae_tiling=model_cfg.vae_tiling,
                          vae_slicing=model_cfg.vae_slicing,
                          single_file_config=single_file_config)

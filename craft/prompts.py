@@ -8,9 +8,9 @@ in :attr:`PromptSet.skipped` with its line or row number so a user can find it i
 
 Sources:
 
-- ``"toy"`` / ``"toy-heldout"``: the toy world's fixed training / evaluation split
-  (:func:`craft.toyworld.grammar.toy_prompt_split`). Built-in names win over a file of the same
-  name; pass ``"./toy"`` to read such a file.
+- a registered prompt set, by name (:func:`register_prompt_source`): the toy world registers
+  ``"toy"`` / ``"toy-heldout"``, its fixed training / evaluation split (craft/toyworld/plugin.py).
+  Registered names win over a file of the same name; pass ``"./toy"`` to read such a file.
 - ``"sample"``: ``assets/prompts/sample.txt``, a small shipped set of natural prompts in the style
   of HPDv2 / Parti-Prompts, for trying the real-model path without downloading a dataset.
 - a file path (relative paths: working directory first, then the project root, as in
@@ -47,7 +47,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from craft import CraftError
 from craft.config import PROJECT_ROOT, resolve_path
@@ -57,7 +57,23 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CHARS = 500
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 SAMPLE_PATH = PROJECT_ROOT / "assets" / "prompts" / "sample.txt"
-BUILTIN_SOURCES: tuple[str, ...] = ("toy", "toy-heldout", "sample")
+# Registered prompt sets: name -> (loader returning the raw prompts, the format name reported
+# in PromptSet.format, one line on what it is).
+_SOURCES: dict[str, tuple[Callable[[], Sequence[str]], str, str]] = {}
+
+
+def register_prompt_source(name: str, load: Callable[[], Sequence[str]], format: str,
+                           description: str = "") -> None:
+    """Make ``load_prompts(name)`` read ``load()`` (a plugin's built-in prompt set)."""
+    _SOURCES[name] = (load, format, description)
+
+
+def builtin_sources() -> list[str]:
+    """Names ``prompts.source`` accepts besides a file path."""
+    from craft.plugins import load_plugins
+
+    load_plugins()
+    return [*_SOURCES, "sample"]
 FORMATS: tuple[str, ...] = ("auto", "txt", "csv", "tsv", "json", "jsonl", "parquet",
                             "hpdv2", "parti", "pickapic")
 # Auto-detected prompt columns, in order of preference (matched case-insensitively).
@@ -199,13 +215,10 @@ def load_prompts(source: str | Path, format: str = "auto", column: str | None = 
     """
     _check_args(format, max_prompts, max_chars, max_bytes)
     name = str(source)
-    if name in ("toy", "toy-heldout"):
-        from craft.toyworld.grammar import toy_prompt_split
-
-        train, heldout = toy_prompt_split()
-        raw = train if name == "toy" else heldout
-        prompts, skipped = clean_prompts(enumerate(raw, 1), "line", max_chars)
-        result = PromptSet(prompts, skipped, name, "toy")
+    if name in builtin_sources() and name != "sample":
+        load, kind, _ = _SOURCES[name]
+        prompts, skipped = clean_prompts(enumerate(load(), 1), "line", max_chars)
+        result = PromptSet(prompts, skipped, name, kind)
     else:
         path = SAMPLE_PATH if name == "sample" else _find_file(name)
         result = _load_file(path, format, column, max_chars, max_bytes)
@@ -252,7 +265,7 @@ def _find_file(name: str) -> Path:
     if path is None:
         places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), PROJECT_ROOT)))
         raise PromptError(f"prompt file {name!r} not found (looked in {places}); pass an "
-                          f"existing file, or one of the built-in sets {list(BUILTIN_SOURCES)}")
+                          f"existing file, or one of the built-in sets {builtin_sources()}")
     if not path.is_file():
         raise PromptError(f"prompt source {str(path)!r} is not a file; pass a .txt, .csv, .tsv, "
                           f".json, .jsonl or .parquet file")
@@ -472,6 +485,6 @@ def _read_parquet(path: Path, format: str, column: str | None, max_chars: int,
     return PromptSet(prompts, skipped, str(path), _layout(format, columns, "parquet"), name)
 
 
-__all__ = ["BUILTIN_SOURCES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_CHARS", "FORMATS",
+__all__ = ["builtin_sources", "register_prompt_source", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_CHARS", "FORMATS",
            "PROMPT_COLUMNS", "PromptError", "PromptSet", "SAMPLE_PATH", "Skipped",
            "clean_prompts", "load_prompts", "normalize_prompt"]

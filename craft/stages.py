@@ -1,27 +1,120 @@
-"""The CRAFT stages over a run store, in the order data flows; the CLI and the studio call these.
+"""The CRAFT stages over a run: the one engine that ``craft …`` and the studio both call.
 
-prompts -> variants -> candidates -> scores -> selection -> training -> evaluation. Each stage
-reads what the previous one stored and writes its own result, so any stage can be re-run or
-resumed on its own (``craft generate`` after a crash, a new filter in the studio, ...).
+    prompts -> generate -> score -> filter -> train -> publish -> evaluate   (and export)
+
+Each stage is one function over (run, config, progress, should_stop) that owns
+
+- its **preflight**: what it will read (model, reward weights, training options) is checked on
+  this machine before any work, with an error that says how to provide it;
+- its **process set-up**: under ``accelerate launch`` work that is the same for everyone
+  (prompts, the selection, publishing, statistics) is done once by the main process while the
+  others wait; work that splits (generation, scoring, evaluation) is sharded by rank, and no
+  process moves on before the whole stage's output exists; training is data parallel;
+- its part of the **run layout**::
+
+      RUN/images/…              candidates                              (generate)
+      RUN/train/NAME/           checkpoint-N/, previews/, final/        (train)
+      RUN/final                 the published tuned pipeline            (publish)
+      RUN/eval/NAME/            images, scores.csv, side_by_side.png    (evaluate)
+      RUN/exports/NAME[.zip]    a kept set as an imagefolder            (export)
+
+so a run started in one front end can be finished in the other. ``progress(done, total)`` is
+called on the main process only; ``should_stop()`` may be asked on any process and stops all of
+them at the next batch or optimizer step, leaving what was committed resumable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
+import json
 import logging
+import re
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from craft import CraftError
+from craft.distributed import Dist, setup_process
+from craft.run import Run, as_run
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+StopFn = Callable[[], bool]
+
+# What each stage's progress counts (front ends label their bars with it).
+STAGE_UNITS = {"prompts": "prompt", "generate": "img", "score": "score", "train": "step",
+               "evaluate": "img"}
+STAGES = ("prompts", "generate", "score", "filter", "train", "publish", "evaluate")
+DEFAULT_RUN_NAME = "craft"  # the training run `craft run` / `craft train` make
+FINAL_DIR = "final"
+TRAIN_DIR = "train"
+TRAIN_LOCK = "train.lock"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class StageStopped(CraftError):
+    """A stage stopped because it was asked to (cancel); what it committed is resumable."""
+
+
+def open_run(run_dir: str | Path, cfg, dist: Dist | None = None) -> Run:
+    """The run for this process: the process group of a launch (or none), process-level
+    settings, and the store on the main process."""
+    setup_process()
+    if dist is None:
+        dist = Dist.for_config(cfg) if Dist.launched() else Dist.local()
+    if not dist.is_main:  # one set of loading bars per launch, not one per process
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    return Run.open(run_dir, dist)
+
+
+# ------------------------------------------------------------------------ preflight
+
+
+def require(cfg, *, model: bool = False, rewards=(), train: bool = False) -> None:
+    """Fail before any work when something the stage reads is not on this machine: the base
+    model's files, each reward's weights, training options (e.g. 8-bit Adam without
+    bitsandbytes). Reads no weights."""
+    if model:
+        from craft.models import check_model
+
+        check_model(cfg.model)
+    if train:
+        from craft.training import check_train_options
+
+        check_train_options(cfg)
+    if rewards:
+        from craft.rewards import check_available
+
+        for name in dict.fromkeys(rewards):
+            check_available(name, cfg.rewards.paths.get(name))
+
+
+def check_run_name(name: str) -> str:
+    name = (name or "").strip()
+    if not _NAME_RE.match(name):
+        raise CraftError(f"training run name {name!r}: use letters, digits, '-', '_' or '.' "
+                         f"(up to 64, starting with a letter or digit), e.g. craft-1")
+    return name
+
+
+def train_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / TRAIN_DIR / name
+
+
+# ------------------------------------------------------------------------ prompts
 
 
 def prepare_prompts(store, cfg, progress: ProgressFn | None = None) -> dict:
-    """Load the training and evaluation prompt sets into the store and expand the variants."""
+    """Load the training and evaluation prompt sets into the store and expand the variants
+    (one process: the main one)."""
     from craft.expansion import expand_prompts, expander_from_config
     from craft.prompts import load_prompts
 
@@ -48,6 +141,60 @@ def prepare_prompts(store, cfg, progress: ProgressFn | None = None) -> dict:
             "train_summary": train.summary(), "eval_summary": held.summary()}
     log.info("prompts: %s", info)
     return info
+
+
+def stage_prompts(run: Run, cfg, progress: ProgressFn | None = None,
+                  should_stop: StopFn | None = None) -> dict:
+    """Prompts and variants, written once by the main process; the others wait."""
+    run = as_run(run)
+    return run.dist.on_main(lambda: prepare_prompts(run.store, cfg, progress))
+
+
+# ------------------------------------------------------------------------ generate, score
+
+
+def stage_generate(run: Run, cfg, progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None, pipe=None) -> dict:
+    """Every planned candidate of the base model (sharded; resumable)."""
+    from craft.generation import generate_candidates
+
+    run = as_run(run)
+    require(cfg, model=pipe is None)
+    if run.dist.on_main(lambda: run.store.variants_df("train").empty):
+        raise CraftError(f"run {run.run_dir} has no prompts yet; run the prompts stage first "
+                         f"(`craft prompts --run-dir {run.run_dir}`)")
+    written = generate_candidates(run, cfg, pipe=pipe, progress=progress,
+                                  should_stop=should_stop)
+    total = run.dist.on_main(lambda: len(run.store.candidates_df(model=cfg.model.pretrained,
+                                                                 split="train")))
+    _stopped(run, should_stop, "generation", f"{total} candidates are stored")
+    return {"written": written, "total": total}
+
+
+def stage_score(run: Run, cfg, names=None, force: bool = False,
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> dict:
+    """Every candidate scored with ``names`` (default ``rewards.names``) against its original
+    prompt (sharded; cached)."""
+    from craft.scoring import score_candidates
+
+    run = as_run(run)
+    names = list(names or cfg.rewards.names)
+    require(cfg, rewards=names)
+    if run.dist.on_main(lambda: run.store.counts()["candidates"] == 0):
+        raise CraftError(f"run {run.run_dir} has no candidates yet; run the generate stage "
+                         f"first (`craft generate --run-dir {run.run_dir}`)")
+    written = score_candidates(run, cfg, names, force=force, split="train", progress=progress,
+                               should_stop=should_stop)
+    _stopped(run, should_stop, "scoring", f"{written} scores were written")
+    return {"written": written, "rewards": names}
+
+
+def _stopped(run: Run, should_stop: StopFn | None, what: str, kept: str) -> None:
+    if run.dist.any(should_stop is not None and should_stop()):
+        raise StageStopped(f"{what} stopped on request; {kept}, and running it again continues")
+
+
+# ------------------------------------------------------------------------ filter
 
 
 def candidate_frame(store, cfg, split: str = "train") -> pd.DataFrame:
@@ -78,18 +225,23 @@ def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd
     from craft.advantages import select_for_training
 
     df = candidate_frame(store, cfg)
-    missing = [n for n in cfg.rewards.names if df[n].isna().all()]
     if df.empty:
         raise CraftError("no candidates in this run yet; run `craft generate` first")
+    missing = [n for n in cfg.rewards.names if df[n].isna().all()]
     if missing:
         raise CraftError(f"rewards {missing} have no scores in this run; run `craft score` first")
     settings = settings or filter_settings(cfg)
     a = cfg.advantage
     kept = select_for_training(df, settings, a.mode, a.tau, a.eps, store.overrides())
     if save_as:
-        store.save_selection(save_as, dataclasses.asdict(settings) | {"advantage": a.mode},
-                             kept[["candidate_id", "composite", "advantage", "weight"]])
+        store.save_selection(save_as, selection_record(settings, cfg), kept)
     return kept
+
+
+def selection_record(settings, cfg, **extra) -> dict:
+    """What a saved selection records about how it was made."""
+    return dataclasses.asdict(settings) | {"advantage": cfg.advantage.mode,
+                                           "tau": cfg.advantage.tau} | extra
 
 
 def random_subset(store, cfg, n: int, seed: int = 0) -> pd.DataFrame:
@@ -101,3 +253,362 @@ def random_subset(store, cfg, n: int, seed: int = 0) -> pd.DataFrame:
         raise CraftError(f"the control needs {n} plain-prompt candidates but the run has "
                          f"{len(plain)}; generate more seeds (generation.seeds_per_prompt)")
     return plain.sample(n=n, random_state=seed).assign(weight=1.0)
+
+
+def kept_digest(kept: pd.DataFrame) -> str:
+    """A short fingerprint of a kept set (which candidates, with which weights), so processes
+    and resumed runs can check they train on the same data."""
+    rows = sorted(zip(kept["candidate_id"].astype(int), kept["weight"].astype(float)))
+    text = ";".join(f"{c}:{w:.8g}" for c, w in rows)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _portable(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """Image paths relative to the run, for sending to processes that may mount it elsewhere."""
+    root = str(run_dir) + "/"
+    return frame.assign(image_path=[str(p).removeprefix(root) for p in frame["image_path"]])
+
+
+def _localize(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    return frame.assign(image_path=[str(run_dir / p) for p in frame["image_path"]])
+
+
+def stage_filter(run: Run, cfg, settings=None, save_as: str | None = "craft") -> pd.DataFrame:
+    """The kept set, computed once by the main process and the same on every process."""
+    run = as_run(run)
+    kept = run.dist.on_main(lambda: _portable(training_set(run.store, cfg, settings, save_as),
+                                              run.run_dir))
+    return _localize(kept, run.run_dir)
+
+
+# ------------------------------------------------------------------------ train
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """What the main process decided for a training stage (sent to every process)."""
+
+    action: str  # "train" or "skip" (finished already)
+    resume: bool
+    run_id: int | None
+    config: dict  # the config the run trains with (a resumed run: the one it started with)
+    kept: pd.DataFrame | None  # image paths relative to the run
+    settings: dict | None  # how the kept set was selected (recorded with it)
+
+
+def _lock_is_free(out_dir: Path) -> bool:
+    lock = out_dir / TRAIN_LOCK
+    if not lock.exists():
+        return True
+    with open(lock, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> TrainPlan:
+    from craft.config import config_from_dict, config_to_dict
+
+    store, out_dir = run.store, train_dir(run.run_dir, name)
+    if not _lock_is_free(out_dir):
+        raise CraftError(f"training run {name!r} is being trained by another process right "
+                         f"now ({out_dir / TRAIN_LOCK} is locked); wait for it, cancel it, or "
+                         f"pick another name")
+    rec = store.train_run_by_name(name)
+    if rec is None:
+        if resume:
+            raise CraftError(f"there is no training run named {name!r} to resume in "
+                             f"{run.run_dir}; start it instead")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise CraftError(f"{out_dir} exists but no training run named {name!r} is recorded "
+                             f"in this run's store; delete the folder or pick another name")
+        settings = settings or filter_settings(cfg)
+        kept = training_set(store, cfg, settings, save_as=None)
+        return TrainPlan("train", False, None, config_to_dict(cfg), _portable(kept, run.run_dir),
+                         selection_record(settings, cfg))
+    if rec["status"] == "done":
+        if resume is False:
+            raise CraftError(f"a training run named {name!r} exists and is finished; pick "
+                             f"another name")
+        if not (out_dir / FINAL_DIR / "model_index.json").exists():
+            raise CraftError(f"training run {name!r} is recorded as finished but "
+                             f"{out_dir / FINAL_DIR} is missing; pick another name, or delete "
+                             f"{out_dir} and its record to train it again")
+        log.info("training run %r is finished (%s); not training it again", name, out_dir)
+        return TrainPlan("skip", False, rec["id"], {}, None, None)
+    if resume is False:
+        raise CraftError(f"a training run named {name!r} exists ({rec['status']}); resume it "
+                         f"or pick another name")
+    config = json.loads(rec["config_json"])
+    cfg_then = config_from_dict(config, f"training run {name}")
+    if rec.get("selection_id") is not None:
+        items = store.selection_items_df(int(rec["selection_id"]))
+        frame = candidate_frame(store, cfg_then).drop(
+            columns=["composite", "advantage", "weight"], errors="ignore")
+        kept = frame.merge(items, on="candidate_id", how="inner")
+        if len(kept) != len(items):
+            raise CraftError(f"training run {name!r} trained on {len(items)} candidates, of "
+                             f"which {len(items) - len(kept)} are gone from the store; it "
+                             f"cannot be resumed on the same data: train under a new name")
+        kept = kept.sort_values(["composite", "candidate_id"], ascending=[False, True])
+        recorded = json.loads(store.selections_df().set_index("id").loc[
+            int(rec["selection_id"]), "settings_json"])
+    else:  # a run recorded before selections were linked: select as its config says
+        settings = filter_settings(cfg_then)
+        kept = training_set(store, cfg_then, settings, save_as=None)
+        recorded = selection_record(settings, cfg_then)
+    return TrainPlan("train", True, rec["id"], config, _portable(kept, run.run_dir), recorded)
+
+
+def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
+                resume: bool | None = None, progress: ProgressFn | None = None,
+                should_stop: StopFn | None = None, callbacks=None, pipe=None):
+    """Advantage-weighted fine-tuning of the kept set into RUN/train/NAME.
+
+    ``resume``: None (``craft run``) continues an unfinished run of this name from its last
+    checkpoint, starts a new one otherwise, and does not train a finished one again; True
+    requires an unfinished run; False requires a new name. A resumed run trains on the very
+    selection it recorded when it started, with the config it started with. Every process
+    returns the :class:`craft.training.TrainResult` (``run_id`` set).
+    """
+    from craft.config import config_from_dict
+    from craft.training import TrainCallbacks, TrainResult, train, weighted_epochs
+
+    run = as_run(run)
+    dist = run.dist
+    name = check_run_name(name)
+    out_dir = train_dir(run.run_dir, name)
+    plan: TrainPlan = dist.on_main(lambda: _plan_training(run, cfg, name, resume, settings))
+    if plan.action == "skip":
+        steps = dist.on_main(lambda: _steps_done(run.store, plan.run_id))
+        return TrainResult(plan.run_id, "done", steps, out_dir, out_dir / FINAL_DIR,
+                           _latest(out_dir))
+    cfg = config_from_dict(plan.config, f"training run {name}")
+    require(cfg, model=pipe is None, train=True)
+    kept = _localize(plan.kept, run.run_dir)
+    digest = kept_digest(kept)
+    digests = dist.gather(digest)
+
+    def record() -> int:
+        if len(set(digests)) != 1:
+            raise CraftError(f"the processes hold different kept sets ({digests}); this is a "
+                             f"bug in the selection broadcast")
+        settings_rec = {**(plan.settings or {}), "kept_digest": digest,
+                        "digest_by_process": digests, "processes": dist.world}
+        if plan.resume:
+            run.store.update_train_run(plan.run_id, status="running")
+            return plan.run_id
+        sid = run.store.save_selection(f"train:{name}", settings_rec, kept)
+        return run.store.create_train_run(name, plan.config, checkpoint_dir=str(out_dir),
+                                          selection_id=sid)
+
+    run_id = dist.on_main(record)
+    log.info("training %s on %d kept candidates (~%.0f passes)%s; output %s", name, len(kept),
+             weighted_epochs(len(kept), cfg.train.steps, cfg.train.effective_batch),
+             " (resumed)" if plan.resume else "", out_dir)
+    user = callbacks or TrainCallbacks()
+
+    def on_step(step, total, metrics):
+        if run.is_main:
+            run.store.add_metrics(run_id, [{"step": step, **metrics}])
+            if progress:
+                progress(step, total)
+            if user.on_step:
+                user.on_step(step, total, metrics)
+
+    def on_checkpoint(step, path):
+        run.store.update_train_run(run_id, checkpoint_dir=str(path))
+        if user.on_checkpoint:
+            user.on_checkpoint(step, path)
+
+    def stop() -> bool:
+        asked = (should_stop is not None and should_stop()) or (
+            user.should_stop is not None and user.should_stop())
+        return dist.any(asked)
+
+    lock = _hold_lock(out_dir) if run.is_main else None
+    try:
+        result = train(cfg, kept, out_dir, resume=plan.resume, pipe=pipe,
+                       meta={"run_name": name, "kept_digest": digest},
+                       callbacks=TrainCallbacks(on_step=on_step, on_preview=user.on_preview,
+                                                on_checkpoint=on_checkpoint, should_stop=stop))
+    except BaseException as e:
+        if run.is_main:
+            run.store.update_train_run(run_id, status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+    if run.is_main:
+        run.store.update_train_run(run_id, status=result.status, checkpoint_dir=str(
+            result.final_dir or result.last_checkpoint or out_dir))
+    result.run_id = run_id
+    return result
+
+
+def _hold_lock(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / TRAIN_LOCK, "a+b")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise CraftError(f"{out_dir} is being trained by another process; wait for it or "
+                         f"cancel it") from None
+    return f
+
+
+def _steps_done(store, run_id: int) -> int:
+    m = store.metrics_df(run_id)
+    return int(m["step"].max()) if not m.empty else 0
+
+
+def _latest(out_dir: Path):
+    from craft.training import latest_checkpoint
+
+    return latest_checkpoint(out_dir)
+
+
+def stage_publish(run: Run, result) -> Path:
+    """Copy a finished training run's pipeline to RUN/final, where `craft evaluate`, the
+    studio and users look for the tuned model (the main process; the others wait)."""
+    from craft.fsutil import copy_dir_atomic
+
+    run = as_run(run)
+    final = run.run_dir / FINAL_DIR
+    if result.status != "done" or result.final_dir is None:
+        raise CraftError(f"training run ended {result.status} at step {result.steps_done}; "
+                         f"only a finished run is published")
+    from craft.fsutil import fingerprint
+
+    def publish():
+        if final.exists() and fingerprint(final) == fingerprint(result.final_dir):
+            log.info("%s already holds %s", final, result.final_dir)
+        else:
+            copy_dir_atomic(result.final_dir, final)
+
+    run.dist.on_main(publish)
+    return final
+
+
+# ------------------------------------------------------------------------ evaluate, export
+
+
+def tuned_label(path: str | Path) -> str:
+    """A tuned model's label in evaluations: the training run that made it (from its
+    craft_train.json, or RUN/train/NAME/...), else "tuned"."""
+    p = Path(path)
+    meta = p / "craft_train.json"
+    if meta.is_file():
+        try:
+            return str(json.loads(meta.read_text())["run_name"])
+        except (ValueError, KeyError):
+            pass
+    if p.parent.parent.name == TRAIN_DIR:  # RUN/train/NAME/final or .../checkpoint-N
+        return p.parent.name
+    return "tuned"
+
+
+def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | None = None,
+                   name: str = "eval", label: str | None = None,
+                   progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                   pipes=None):
+    """Base vs tuned on the held-out prompts with shared seeds (sharded; images reused on a
+    rerun); the same evaluation record whichever front end asks. ``tuned`` defaults to
+    RUN/final; it may also be a training checkpoint (RUN/train/NAME/checkpoint-N)."""
+    from craft.evaluation import evaluate
+
+    run = as_run(run)
+    tuned = str(tuned or run.run_dir / FINAL_DIR)
+    if not Path(tuned).exists():
+        raise CraftError(f"no tuned model at {tuned}; train and publish first (`craft train "
+                         f"--run-dir {run.run_dir}`), or pass --tuned PATH")
+    require(cfg, rewards=cfg.rewards.eval_names)
+    label = label or tuned_label(tuned)
+    if label == "base":
+        raise CraftError("the tuned model's label must not be 'base' (that is the reference)")
+    models = {"base": base or cfg.model.pretrained, label: tuned}
+    return evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
+                    should_stop=should_stop)
+
+
+def stage_export(run: Run, cfg, settings=None, name: str | None = None) -> tuple[Path, Path]:
+    """The kept set as a Hugging Face imagefolder under RUN/exports/NAME (+ a zip); the
+    selection is recorded as ``export:NAME``."""
+    import time
+
+    from craft.export import export_imagefolder
+
+    run = as_run(run)
+    name = name or time.strftime("kept-%Y%m%d-%H%M%S")
+    settings = settings or filter_settings(cfg)
+
+    def export():
+        kept = training_set(run.store, cfg, settings, save_as=f"export:{name}")
+        return export_imagefolder(kept, run.run_dir, list(settings.rewards),
+                                  selection_record(settings, cfg), name)
+
+    return run.dist.on_main(export)
+
+
+# ------------------------------------------------------------------------ all of it
+
+
+def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
+            progress_for: Callable[[str], ProgressFn | None] | None = None,
+            should_stop: StopFn | None = None, on_stage: Callable[[str], None] | None = None
+            ) -> dict:
+    """Every stage in order; leaves the tuned pipeline at RUN/final and returns the stage times,
+    the kept count, the training result and the evaluation. Rerunning it resumes: stored
+    candidates and scores are skipped, an unfinished training run continues from its last
+    checkpoint, a finished one is not trained again."""
+    import time
+
+    from craft.models import load_from_config
+
+    run = as_run(run)
+    require(cfg, model=True, rewards=[*cfg.rewards.names, *cfg.rewards.eval_names], train=True)
+    progress_for = progress_for or (lambda stage: None)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn):
+        if on_stage:
+            on_stage(stage)
+        t = time.time()
+        out = fn()
+        timings[stage] = time.time() - t
+        return out
+
+    timed("prompts", lambda: stage_prompts(run, cfg, progress_for("prompts")))
+    pipe = load_from_config(cfg.model, device=str(run.dist.model_device(cfg.model.device)))
+    timed("generate", lambda: stage_generate(run, cfg, progress_for("generate"), should_stop,
+                                             pipe=pipe))
+    timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
+                                       should_stop=should_stop))
+    result = timed("train", lambda: stage_train(run, cfg, name, progress=progress_for("train"),
+                                                should_stop=should_stop, pipe=pipe))
+    if result.status != "done":
+        raise StageStopped(f"training {name} stopped on request at step {result.steps_done} "
+                           f"(checkpoint {result.last_checkpoint}); run the same command again "
+                           f"to continue")
+    final = timed("publish", lambda: stage_publish(run, result))
+    ev = timed("evaluate", lambda: stage_evaluate(run, cfg, final, name="eval",
+                                                  progress=progress_for("evaluate"),
+                                                  should_stop=should_stop,
+                                                  pipes={"base": pipe}))
+    kept = run.dist.on_main(lambda: _kept_count(run.store, result.run_id))
+    return {"timings": timings, "kept": kept, "train": result, "final": final, "eval": ev}
+
+
+def _kept_count(store, run_id: int) -> int | None:
+    sid = store.get_train_run(run_id).get("selection_id")
+    return None if sid is None else len(store.selection_items_df(int(sid)))
+
+
+__all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPlan",
+           "candidate_frame", "check_run_name", "filter_settings", "kept_digest", "open_run",
+           "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
+           "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
+           "stage_score", "stage_train", "train_dir", "training_set", "tuned_label"]

@@ -8,13 +8,23 @@ and the studio alike. Layout::
 
 Crash safety rests on one ordering rule: an image is fully on disk (temporary file, fsync,
 atomic rename) *before* the row that points at it is committed. A killed writer therefore leaves
-at most a temporary file or an image without a row, never a row without its image; the next
-opener removes such leftovers, and a resumed writer skips the keys that have rows.
+at most a temporary file or an image without a row, never a row without its image, and a resumed
+writer skips the keys that have rows (an image path is a function of its key, so a regenerated
+image replaces an orphan).
+
+Recovery without a scan on every open: walking the image folder costs seconds at the paper's
+scale (~100k candidates), and every command and every studio job opens the store. So each image
+writer holds a marker file in ``RUN/.writing/`` while it writes and removes it when its rows are
+committed. Only a writer that died leaves its marker; the next opener that has the store to
+itself then reconciles rows and files once (temporary files, images without a row, rows whose
+image has gone) and clears the markers. :meth:`RunStore.reconcile` runs the same check on demand.
 
 Concurrency: SQLite in WAL mode with a busy timeout, one connection per thread, so a Gradio app,
-its job threads and several generation processes can share a store. The leftover clean-up runs
-only when no other process has the store open (an exclusive ``flock`` on ``store.lock``), so it
-never deletes a file another writer is about to commit.
+its job threads and several processes *of one machine* can share a store. WAL needs shared
+memory, which a network filesystem does not give processes on different machines, so under a
+multi-machine launch only the global main process opens the store (craft.distributed). The
+clean-up runs only when no other process has the store open (an exclusive ``flock`` on
+``store.lock``), so it never deletes a file another writer is about to commit.
 """
 
 from __future__ import annotations
@@ -26,8 +36,8 @@ import logging
 import math
 import os
 import re
+import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, is_dataclass
@@ -38,6 +48,7 @@ import pandas as pd
 from PIL import Image
 
 from craft import CraftError
+from craft.fsutil import TMP_PREFIX, fsync_dir, save_image_atomic
 from craft.vocab import OVERRIDE_ACTIONS
 
 try:  # POSIX only; without it the store skips the "am I alone?" test and always cleans up.
@@ -47,11 +58,11 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "store.sqlite"
 LOCK_NAME = "store.lock"
 IMAGES_DIR = "images"
-TMP_PREFIX = ".tmp-"
+WRITERS_DIR = ".writing"
 TRAIN_STATUSES = ("running", "done", "failed", "cancelled")
 SPLITS = ("train", "eval")
 
@@ -114,7 +125,7 @@ CREATE TABLE selection_items (
 );
 CREATE TABLE overrides (
     candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id) ON DELETE CASCADE,
-    action TEXT NOT NULL CHECK (action IN ('include', 'exclude')),
+    action TEXT NOT NULL CHECK (action IN ({actions})),
     created REAL NOT NULL
 );
 CREATE TABLE train_runs (
@@ -125,7 +136,8 @@ CREATE TABLE train_runs (
     started REAL NOT NULL,
     ended REAL,
     checkpoint_dir TEXT,
-    error TEXT
+    error TEXT,
+    selection_id INTEGER REFERENCES selections(id) ON DELETE SET NULL
 );
 CREATE TABLE train_metrics (
     run_id INTEGER NOT NULL REFERENCES train_runs(id) ON DELETE CASCADE,
@@ -137,6 +149,7 @@ CREATE TABLE train_metrics (
     created REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
+CREATE INDEX train_runs_name ON train_runs(name);
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -146,11 +159,16 @@ CREATE TABLE evaluations (
     results_json TEXT NOT NULL,
     created REAL NOT NULL
 );
-"""
+""".replace("{actions}", ", ".join(f"'{a}'" for a in OVERRIDE_ACTIONS))
 
 # Forward migrations: MIGRATIONS[v] lists the statements that upgrade version v to v + 1. They run
 # inside the opening transaction (so not via executescript, which would commit half-way).
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # v2: a training run records the selection it trained on; runs are looked up by name.
+    1: ("ALTER TABLE train_runs ADD COLUMN selection_id INTEGER REFERENCES selections(id) "
+        "ON DELETE SET NULL",
+        "CREATE INDEX train_runs_name ON train_runs(name)"),
+}
 
 
 class StoreError(CraftError):
@@ -206,7 +224,8 @@ class RunStore:
     """A run directory's database and images; creates the run on first use.
 
     Use as a context manager, or call :meth:`close`. Methods may be called from any thread.
-    ``cleanup=False`` skips the leftover scan on open (it reads the image folder once).
+    ``cleanup=False`` skips recovery on open (closing stale training runs, and reconciling
+    images after a writer died: see the module docstring).
     """
 
     def __init__(self, run_dir: str | Path, *, create: bool = True, cleanup: bool = True):
@@ -226,7 +245,7 @@ class RunStore:
         try:
             self._init_schema()
             if cleanup and exclusive:
-                self._cleanup()
+                self._recover()
             elif cleanup:
                 logger.debug("%s is open in another process; leftover clean-up skipped",
                              self.run_dir)
@@ -364,9 +383,33 @@ class RunStore:
                 conn.execute(f"PRAGMA user_version={version}")
                 logger.info("upgraded run store %s to schema version %d", self.run_dir, version)
 
-    def _cleanup(self) -> None:
-        """Remove what a killed writer can leave: temporary files, images without a row, rows
-        whose image has gone (deleted by hand), training runs still marked running."""
+    def _recover(self) -> None:
+        """What an opener that has the store to itself repairs: training runs still marked
+        running (their process is gone), and, only if an image writer died (its marker is
+        left), the rows and files it may have left inconsistent."""
+        with self._tx() as conn:
+            n = conn.execute("UPDATE train_runs SET status='failed', ended=?, error=? "
+                             "WHERE status='running'",
+                             (_now(), "the training process ended without closing the run "
+                                      "(killed or crashed); resume from its last checkpoint"),
+                             ).rowcount
+        if n:
+            logger.warning("marked %d interrupted training run(s) as failed", n)
+        writers = self.run_dir / WRITERS_DIR
+        left = sorted(writers.iterdir()) if writers.is_dir() else []
+        if left:
+            logger.warning("%d image writer(s) of %s stopped without finishing (%s); checking "
+                           "images against rows", len(left), self.run_dir,
+                           ", ".join(p.name for p in left[:3]))
+            self.reconcile()
+            for marker in left:
+                marker.unlink(missing_ok=True)
+
+    def reconcile(self) -> dict[str, int]:
+        """Walk the image folder once and make rows and files agree: remove temporary files,
+        images without a candidate row, and rows whose image has gone (deleted by hand; their
+        scores and selection entries go with them and generation makes them again). Returns
+        the counts. Call it only while no other writer is active."""
         on_disk: set[str] = set()
         tmp: list[Path] = []
         for root, _dirs, files in os.walk(self.images_dir):
@@ -396,14 +439,8 @@ class RunStore:
         if orphans:
             logger.info("removed %d image(s) without a candidate row (a writer stopped between "
                         "saving an image and recording it)", len(orphans))
-        with self._tx() as conn:
-            n = conn.execute("UPDATE train_runs SET status='failed', ended=?, error=? "
-                             "WHERE status='running'",
-                             (_now(), "the training process ended without closing the run "
-                                      "(killed or crashed); resume from its last checkpoint"),
-                             ).rowcount
-        if n:
-            logger.warning("marked %d interrupted training run(s) as failed", n)
+        return {"temporary": len(tmp), "rows_without_image": len(missing),
+                "images_without_row": len(orphans)}
 
     # ---------------------------------------------------------------- config
 
@@ -502,9 +539,7 @@ class RunStore:
         return {(r[0], r[1], r[2]) for r in rows}
 
     def image_relpath(self, prompt_id: int, variant_id: int, seed: int, model: str) -> str:
-        """Where a candidate's PNG lives, relative to the run directory (deterministic, so a
-        regenerated image replaces an orphan of an interrupted run)."""
-        return f"{IMAGES_DIR}/p{prompt_id:06d}/v{variant_id}_s{seed}_{_slug(model)}.png"
+        return image_relpath(prompt_id, variant_id, seed, model)
 
     def add_candidate(self, prompt_id: int, variant_id: int, seed: int, model: str,
                       params: Mapping[str, Any], image: Image.Image) -> int:
@@ -516,45 +551,37 @@ class RunStore:
         """Save images atomically, then record them in one transaction; returns their ids.
 
         A key that is already stored is an error (its image may have been scored); skip the
-        keys in :meth:`existing_candidate_keys` when resuming.
+        keys in :meth:`existing_candidate_keys` when resuming. (Under a multi-process launch
+        the other processes call :func:`write_candidate_images` and the main process
+        :meth:`record_candidates`; this is both in one process.)
         """
         items = list(items)
         if not items:
             return []
-        keys = [(c.prompt_id, c.variant_id, c.seed, c.model) for c in items]
-        if len(set(keys)) != len(keys):
-            raise StoreError("the batch holds the same (prompt_id, variant_id, seed, model) twice;"
-                             " give each image its own seed")
-        for c in items:
-            if not isinstance(c.image, Image.Image):
-                raise StoreError(f"candidate {c.prompt_id}/{c.variant_id}/{c.seed}: image must be "
-                                 f"a PIL.Image, got {type(c.image).__name__}")
-        done = self._stored_keys(keys)
+        _check_new_candidates(items)
+        done = self._stored_keys([(c.prompt_id, c.variant_id, c.seed, c.model) for c in items])
         if done:
             raise StoreError(f"{len(done)} candidate(s) already stored, e.g. (prompt_id, "
                              f"variant_id, seed, model) = {sorted(done)[0]}; skip the keys in "
                              f"existing_candidate_keys(model) when resuming")
-        paths = [self.image_relpath(*k) for k in keys]
-        dirs = set()
-        for c, rel in zip(items, paths):
-            target = self.run_dir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _write_png_atomic(c.image, target)
-            dirs.add(target.parent)
-        for d in dirs:  # make the renames durable before the rows that point at them
-            _fsync_dir(d)
+        with writing_images(self.run_dir):
+            rows = write_candidate_images(self.run_dir, items)
+            return self.record_candidates(rows)
+
+    def record_candidates(self, rows: Sequence[CandidateRow]) -> list[int]:
+        """Record candidates whose images :func:`write_candidate_images` already wrote (by this
+        or another process); one transaction; returns their ids in order."""
+        if not rows:
+            return []
         now = _now()
-        rows = [(c.prompt_id, c.variant_id, c.seed, c.model, _json(dict(c.params)), rel, now)
-                for c, rel in zip(items, paths)]
         try:
             with self._tx() as conn:
-                ids = [conn.execute("INSERT INTO candidates(prompt_id, variant_id, seed, model, "
-                                    "params_json, image_path, created) VALUES (?,?,?,?,?,?,?)",
-                                    row).lastrowid for row in rows]
+                return [conn.execute("INSERT INTO candidates(prompt_id, variant_id, seed, model, "
+                                     "params_json, image_path, created) VALUES (?,?,?,?,?,?,?)",
+                                     (*row, now)).lastrowid for row in rows]
         except sqlite3.IntegrityError as e:
             raise StoreError(f"could not record candidates ({e}): each variant_id must belong to "
                              f"its prompt_id, and a key may be written only once") from None
-        return ids
 
     def _stored_keys(self, keys: Iterable[tuple[int, int, int, str]]
                      ) -> set[tuple[int, int, int, str]]:
@@ -698,26 +725,36 @@ class RunStore:
 
     # ---------------------------------------------------------------- training
 
-    def create_train_run(self, name: str, config: Any, checkpoint_dir: str | Path | None = None
-                         ) -> int:
-        """Start a training-run record with status 'running'; returns its id."""
+    def create_train_run(self, name: str, config: Any, checkpoint_dir: str | Path | None = None,
+                         selection_id: int | None = None) -> int:
+        """Start a training-run record with status 'running'; returns its id. ``selection_id``
+        names the saved selection (:meth:`save_selection`) it trains on."""
         with self._tx() as conn:
             return conn.execute("INSERT INTO train_runs(name, config_json, status, started, "
-                                "checkpoint_dir) VALUES (?,?,?,?,?)",
+                                "checkpoint_dir, selection_id) VALUES (?,?,?,?,?,?)",
                                 (name, _json(config), "running", _now(),
-                                 None if checkpoint_dir is None else str(checkpoint_dir))
-                                ).lastrowid
+                                 None if checkpoint_dir is None else str(checkpoint_dir),
+                                 selection_id)).lastrowid
+
+    def train_run_by_name(self, name: str) -> dict[str, Any] | None:
+        """The latest training run called ``name`` (a resumed run keeps its one row), or None."""
+        rows = self._query("SELECT * FROM train_runs WHERE name=? ORDER BY id DESC LIMIT 1",
+                           (name,))
+        return dict(rows[0]) if rows else None
 
     def update_train_run(self, run_id: int, *, status: str | None = None,
                          checkpoint_dir: str | Path | None = None, error: str | None = None
                          ) -> None:
-        """Change a run's status / checkpoint / error; leaving 'running' stamps ``ended``."""
+        """Change a run's status / checkpoint / error; leaving 'running' stamps ``ended``, going
+        back to 'running' (a resume) clears ``ended`` and the old error."""
         if status is not None and status not in TRAIN_STATUSES:
             raise StoreError(f"train run status {status!r} must be one of {TRAIN_STATUSES}")
         sets, params = [], []
         if status is not None:
             sets += ["status=?", "ended=?"]
             params += [status, None if status == "running" else _now()]
+            if status == "running" and error is None:
+                sets.append("error=NULL")
         if checkpoint_dir is not None:
             sets.append("checkpoint_dir=?")
             params.append(str(checkpoint_dir))
@@ -781,28 +818,61 @@ class RunStore:
         return self._df("SELECT * FROM evaluations ORDER BY id")
 
 
-def _write_png_atomic(image: Image.Image, target: Path) -> None:
-    """Write to a temporary file beside ``target``, fsync, then rename over it: readers see
-    either no file or the whole image, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", compress_level=3)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ------------------------------------------------------------------------ image writers
+# Used by any process of a launch: they touch files only, never the database.
+
+CandidateRow = tuple  # (prompt_id, variant_id, seed, model, params_json, image_path)
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def image_relpath(prompt_id: int, variant_id: int, seed: int, model: str) -> str:
+    """Where a candidate's PNG lives, relative to the run directory (a function of its key, so
+    a regenerated image replaces an orphan of an interrupted run)."""
+    return f"{IMAGES_DIR}/p{prompt_id:06d}/v{variant_id}_s{seed}_{_slug(model)}.png"
 
 
-__all__ = ["NewCandidate", "RunStore", "SCHEMA_VERSION", "StoreError"]
+def _check_new_candidates(items: Sequence[NewCandidate]) -> None:
+    keys = [(c.prompt_id, c.variant_id, c.seed, c.model) for c in items]
+    if len(set(keys)) != len(keys):
+        raise StoreError("the batch holds the same (prompt_id, variant_id, seed, model) twice;"
+                         " give each image its own seed")
+    for c in items:
+        if not isinstance(c.image, Image.Image):
+            raise StoreError(f"candidate {c.prompt_id}/{c.variant_id}/{c.seed}: image must be "
+                             f"a PIL.Image, got {type(c.image).__name__}")
+
+
+def write_candidate_images(run_dir: str | Path, items: Sequence[NewCandidate]
+                           ) -> list[CandidateRow]:
+    """Write each image atomically (and make the renames durable) under ``run_dir``; return the
+    rows :meth:`RunStore.record_candidates` commits. Call it inside :func:`writing_images`."""
+    run_dir = Path(run_dir)
+    _check_new_candidates(items)
+    rows, dirs = [], set()
+    for c in items:
+        rel = image_relpath(c.prompt_id, c.variant_id, c.seed, c.model)
+        target = run_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(c.image, target, format="PNG", compress_level=3)
+        dirs.add(target.parent)
+        rows.append((int(c.prompt_id), int(c.variant_id), int(c.seed), str(c.model),
+                     _json(dict(c.params)), rel))
+    for d in dirs:  # the renames are durable before the rows that point at them
+        fsync_dir(d)
+    return rows
+
+
+@contextlib.contextmanager
+def writing_images(run_dir: str | Path) -> Iterator[Path]:
+    """Hold a marker in ``RUN/.writing/`` while this writer's images may lack their rows. It is
+    removed on a normal exit only: after a crash or an exception the next exclusive opener of
+    the store reconciles images and rows (see the module docstring)."""
+    folder = Path(run_dir) / WRITERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+    marker.write_text(f"{time.time()}\n")
+    yield marker
+    marker.unlink(missing_ok=True)
+
+
+__all__ = ["CandidateRow", "NewCandidate", "RunStore", "SCHEMA_VERSION", "StoreError",
+           "image_relpath", "write_candidate_images", "writing_images"]

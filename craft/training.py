@@ -8,10 +8,32 @@ variants' quality over to plain prompts. The rest is ordinary diffusion fine-tun
 gradient accumulation to an effective batch, the base model's empty-prompt dropout (so
 classifier-free guidance stays calibrated), an EMA of the tuned weights (what gets saved),
 full UNet or LoRA, checkpoints in diffusers format, resume, and a cancel that stops within one
-optimizer step and leaves a loadable checkpoint. It runs unchanged under ``accelerate launch``.
+optimizer step and leaves a loadable checkpoint. It runs unchanged under ``accelerate launch``
+(data parallel: every process draws its own micro-batches, gradients are averaged).
 
-The loop talks to the outside through ``TrainCallbacks`` (progress, previews, cancel) and the run
-store (metrics), never through prints, so the CLI and the studio drive it the same way.
+:func:`train` is the loop, top to bottom; each phase is a named helper above it (build the
+trainable model and optimiser, encode the data set once, resume, one micro-batch loss, save).
+It talks to the outside only through :class:`TrainCallbacks` (metrics, previews, checkpoints,
+cancel), never through prints or the run store, so the CLI, the studio and the benchmarks drive
+it alike; craft.stages records runs and metrics in the store.
+
+Which library pieces are used, and where they differ from a hand-written loop:
+
+- ``accelerator.accumulate`` for gradient accumulation (no gradient all-reduce on the
+  micro-batches before the last; ``accelerator.backward`` divides by the accumulation steps).
+- diffusers' ``EMAModel`` for the EMA of the trainable weights. Its decay is
+  min(ema_decay, k / (k + 9)) at optimizer step k, as before, except that its first update is a
+  plain copy (decay 0, where the earlier loop used 0.1): after step 1 the EMA equals the live
+  weights.
+- diffusers' ``compute_snr`` for the SNR in the min-SNR and ELBO weights (float32; the earlier
+  table was float64, the weights agree to ~1e-6).
+- Not ``get_scheduler("constant_with_warmup")``: it gives lr 0 on the first step (a wasted
+  step); the warm-up here is lr * (step + 1) / warmup, equal from the second step on.
+- Not ``accelerator.save_state``: it pickles the RNG states and loads them with
+  ``weights_only=False``. Here the data order is a function of (seed, step, micro-batch,
+  process), so no RNG state is needed, and ``state.pt`` holds tensors and numbers only, read
+  back with ``weights_only=True``. A checkpoint also holds a complete diffusers UNet, so it can
+  be evaluated without the training code.
 """
 
 from __future__ import annotations
@@ -43,12 +65,12 @@ class TrainCallbacks:
     on_step: Callable[[int, int, dict], None] | None = None  # (step, total, metrics)
     on_preview: Callable[[int, list, list], None] | None = None  # (step, images, prompts)
     on_checkpoint: Callable[[int, Path], None] | None = None
-    should_stop: Callable[[], bool] | None = None  # checked before every micro-batch
+    should_stop: Callable[[], bool] | None = None  # checked before every optimizer step
 
 
 @dataclasses.dataclass
 class TrainResult:
-    run_id: int | None
+    run_id: int | None  # the run store's row (set by craft.stages; None when called directly)
     status: str  # done | cancelled
     steps_done: int
     out_dir: Path
@@ -95,10 +117,12 @@ def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tens
     SNR_t ||x0_hat - x0||^2. The products are written out so that a zero-terminal-SNR schedule
     (abar = 0 at the last step) stays finite.
     """
+    from diffusers.training_utils import compute_snr
+
     kind = _prediction_type(scheduler)
     abar = scheduler.alphas_cumprod.double()
     beta = scheduler.betas.double()
-    snr = abar / (1 - abar)
+    snr = compute_snr(scheduler, torch.arange(len(abar))).double()
     if mode == "uniform":
         w = torch.ones_like(abar)
     elif mode == "elbo":
@@ -229,13 +253,12 @@ def _trainable(unet) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def export_unet(unet, ema_params: list[torch.Tensor] | None, lora: bool):
-    """A plain UNet (no adapters) holding the weights to ship: EMA if kept, LoRA merged in."""
+def export_unet(unet, ema=None, lora: bool = False):
+    """A plain UNet (no adapters) holding the weights to ship: EMA if kept, LoRA merged in.
+    ``ema`` is an ``EMAModel`` over the trainable parameters, or None."""
     out = copy.deepcopy(unet)
-    if ema_params is not None:
-        with torch.no_grad():
-            for p, e in zip(_trainable(out), ema_params):
-                p.copy_(e)
+    if ema is not None:
+        ema.copy_to(_trainable(out))
     if lora:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -256,43 +279,44 @@ def _as_dtype(module, dtype):
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((p for p in out_dir.glob("checkpoint-*") if (p / "state.pt").exists()),
+    ckpts = sorted((p for p in Path(out_dir).glob("checkpoint-*") if (p / "state.pt").exists()),
                    key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(out_dir: Path, step: int, unet, ema_params, opt, lora: bool,
-                     meta: dict) -> Path:
+def checkpoint_meta(ckpt: Path) -> dict:
+    """The ``meta`` a checkpoint was saved with (run name, kept-set digest, ...)."""
+    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)["meta"]
+
+
+def save_checkpoint(out_dir: Path, step: int, unet, ema, opt, lora: bool, meta: dict) -> Path:
     """Write checkpoint-<step>/ atomically: a complete diffusers UNet + the resumable state."""
-    final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    export_unet(unet, ema_params, lora).save_pretrained(tmp / "unet", safe_serialization=True)
-    torch.save({"step": step, "trainable": [p.detach().cpu() for p in _trainable(unet)],
-                "ema": None if ema_params is None else [e.cpu() for e in ema_params],
-                "opt": opt.state_dict(), "meta": meta}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    from craft.fsutil import atomic_dir
+
+    final = Path(out_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        export_unet(unet, ema, lora).save_pretrained(tmp / "unet", safe_serialization=True)
+        torch.save({"step": step, "trainable": [p.detach().cpu() for p in _trainable(unet)],
+                    "ema": None if ema is None else ema.state_dict(),
+                    "opt": opt.state_dict(), "meta": meta}, tmp / "state.pt")
     return final
 
 
 def save_pipeline(pipe, unet, out: Path) -> Path:
     """The base pipeline with ``unet`` swapped in, saved complete in diffusers format."""
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from craft.fsutil import atomic_dir
+
     original = pipe.unet
     pipe.unet = unet
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
     finally:
         pipe.unet = original
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return Path(out)
 
 
-# ------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------ options
 
 
 def resolve_mixed_precision(mode: str, device: torch.device) -> str:
@@ -310,7 +334,7 @@ def check_train_options(cfg) -> None:
     calls this before generating, so a missing package does not surface hours later)."""
     import importlib.util
 
-    from craft.models import resolve_device
+    from craft.devices import resolve_device
 
     tc = cfg.train
     device = resolve_device(cfg.model.device)
@@ -331,44 +355,41 @@ def check_train_options(cfg) -> None:
                          "use 'fp16' or 'auto'")
 
 
-def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
-          run_name: str = "craft", callbacks: TrainCallbacks | None = None,
-          resume: bool = False, pipe=None) -> TrainResult:
-    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
-
-    ``store`` (a RunStore) receives the run row and per-step metrics. ``pipe`` may be passed to
-    reuse an already loaded base pipeline (it is not modified).
-    """
-    from accelerate import Accelerator
-
-    from craft.config import config_to_dict
-    from craft.generation import SamplingParams, generate_images
-    from craft.models import load_from_config, resolve_device
-
-    tc = cfg.train
-    cb = callbacks or TrainCallbacks()
-    _check_training_frame(train_df)
-    check_train_options(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    device = resolve_device(cfg.model.device)
-    mp = resolve_mixed_precision(tc.mixed_precision, device)
-    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
-    n_proc = accelerator.num_processes
-    if tc.effective_batch % (tc.micro_batch * n_proc):
+def gradient_accumulation(tc, n_processes: int) -> int:
+    """Micro-batches per optimizer step on each process, so that micro_batch x processes x
+    accumulation = effective_batch."""
+    if tc.effective_batch % (tc.micro_batch * n_processes):
         raise CraftError(
             f"train.effective_batch={tc.effective_batch} is not a multiple of micro_batch "
-            f"({tc.micro_batch}) x processes ({n_proc}); choose effective_batch as a multiple of "
-            f"{tc.micro_batch * n_proc}")
-    accum = tc.effective_batch // (tc.micro_batch * n_proc)
-    torch.manual_seed(tc.seed)
+            f"({tc.micro_batch}) x processes ({n_processes}); choose effective_batch as a "
+            f"multiple of {tc.micro_batch * n_processes}")
+    return tc.effective_batch // (tc.micro_batch * n_processes)
 
-    if pipe is None:
-        pipe = load_from_config(cfg.model)
-    pipe.to(accelerator.device)
-    base_unet = pipe.unet
-    unet = copy.deepcopy(base_unet).float()
+
+# ------------------------------------------------------------------------ the phases
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The kept set, encoded once: latent posteriors, text conditioning, loss weights."""
+
+    lat_mean: torch.Tensor
+    lat_std: torch.Tensor
+    cond: dict
+    empty: dict  # the conditioning prompt dropout substitutes
+    weights: torch.Tensor
+    scaling: float
+    shift: float
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def build_trainable(cfg, pipe, accelerator):
+    """A float32 copy of the base UNet to train (all of it, or LoRA adapters), its AdamW and
+    its EMA, prepared by accelerate. Returns (unet, raw_unet, optimizer, ema, params)."""
+    tc = cfg.train
+    unet = copy.deepcopy(pipe.unet).float()
     unet.train()
     unet.requires_grad_(not tc.lora)
     if tc.lora:
@@ -380,189 +401,250 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *, store=None,
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = _trainable(unet)
+    betas = (tc.adam_beta1, tc.adam_beta2)
     if tc.use_8bit_adam:
         import bitsandbytes as bnb  # present: check_train_options said so
 
-        opt = bnb.optim.AdamW8bit(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay)
+        opt = bnb.optim.AdamW8bit(params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
     else:
         # fused: one kernel for all tensors (the per-tensor default loop dominated CPU steps)
-        opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                weight_decay=tc.weight_decay, fused=True)
+        opt = torch.optim.AdamW(params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay,
+                                fused=True)
     unet, opt = accelerator.prepare(unet, opt)
     raw_unet = accelerator.unwrap_model(unet)
-
-    # Frozen parts: latents and text conditioning are computed once.
-    from diffusers import DDPMScheduler
-
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(accelerator.device)
-    # Train at the resolution the candidates were generated at (the native one by default).
-    native_h, native_w = native_size(pipe)
-    size = (cfg.generation.height or native_h, cfg.generation.width or native_w)
-    pixels = load_training_images(list(train_df["image_path"]), size)
-    lat_mean, lat_std = encode_latents(pipe.vae, pixels, accelerator.device)
-    scaling = pipe.vae.config.scaling_factor
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
-    cond = encode_text(pipe, list(train_df[text_col]), accelerator.device, size)
-    empty = empty_conditioning(pipe, accelerator.device, size)
-    cond = {k: v.float() for k, v in cond.items()}
-    empty = {k: v.float() for k, v in empty.items()}
-    weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,
-                           device=accelerator.device)
-    n = len(train_df)
-
     ema = None
     if tc.ema_decay > 0:
-        ema = [p.detach().clone().float() for p in _trainable(raw_unet)]
+        from diffusers.training_utils import EMAModel
 
-    run_id = None
-    if store is not None and accelerator.is_main_process:
-        run_id = store.create_train_run(run_name, config_to_dict(cfg), checkpoint_dir=str(out_dir))
-    start = 0
-    if resume:
-        ck = latest_checkpoint(out_dir)
-        if ck is None:
-            log.info("resume requested but no checkpoint in %s; starting from step 0", out_dir)
-        else:
-            state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
-            with torch.no_grad():
-                for p, v in zip(_trainable(raw_unet), state["trainable"]):
-                    p.copy_(v)
-                if ema is not None and state["ema"] is not None:
-                    for e, v in zip(ema, state["ema"]):
-                        e.copy_(v)
-            opt.load_state_dict(state["opt"])
-            start = state["step"]
-            log.info("resumed from %s (step %d)", ck, start)
+        ema = EMAModel(_trainable(raw_unet), decay=tc.ema_decay, foreach=True)
+    return unet, raw_unet, opt, ema, params
+
+
+def training_size(cfg, pipe) -> tuple[int, int]:
+    """Train at the resolution the candidates were generated at (the native one by default)."""
+    native_h, native_w = native_size(pipe)
+    return cfg.generation.height or native_h, cfg.generation.width or native_w
+
+
+def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
+    """Latents and text conditioning of every kept image, computed once (VAE and text encoders
+    are frozen), on ``device``."""
+    tc = cfg.train
+    size = training_size(cfg, pipe)
+    pixels = load_training_images(list(train_df["image_path"]), size)
+    lat_mean, lat_std = encode_latents(pipe.vae, pixels, device)
+    text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
+    cond = encode_text(pipe, list(train_df[text_col]), device, size)
+    empty = empty_conditioning(pipe, device, size)
+    weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,
+                           device=device)
+    return TrainData(lat_mean, lat_std, {k: v.float() for k, v in cond.items()},
+                     {k: v.float() for k, v in empty.items()}, weights,
+                     pipe.vae.config.scaling_factor,
+                     getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+
+
+def resume_from(out_dir: Path, raw_unet, ema, opt, meta: dict) -> int:
+    """Load the latest checkpoint in ``out_dir`` into the live weights, the EMA and AdamW;
+    returns its step (0 without a checkpoint). The state is read with ``weights_only=True``.
+    A checkpoint of another kept set is refused: resuming it would mix two data sets."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        log.info("no checkpoint in %s; starting from step 0", out_dir)
+        return 0
+    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+    saved = state["meta"].get("kept_digest")
+    if saved is not None and meta.get("kept_digest") not in (None, saved):
+        raise CraftError(f"{ck} was trained on another kept set (digest {saved[:12]}, now "
+                         f"{meta['kept_digest'][:12]}); resume needs the same selection: train "
+                         f"under a new run name, or delete {out_dir} to start this one again")
+    with torch.no_grad():
+        for p, v in zip(_trainable(raw_unet), state["trainable"]):
+            p.copy_(v)
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+        ema.to(device=next(raw_unet.parameters()).device)  # loaded on the CPU
+    opt.load_state_dict(state["opt"])
+    log.info("resumed from %s (step %d)", ck, state["step"])
+    return int(state["step"])
+
+
+def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, step: int,
+                     micro: int, process: int, accelerator) -> torch.Tensor:
+    """One micro-batch of L = mean_i weight_i * w(t_i) * ||pred - target||^2.
+
+    Samples, noise, timesteps and dropout come from a generator seeded by (seed, step,
+    micro-batch, process): a resumed run draws exactly what the uninterrupted run drew.
+    """
+    device = accelerator.device
+    gen = torch.Generator().manual_seed(
+        ((tc.seed * 1_000_003 + step) * 1009 + micro) * 97 + process)
+    idx = torch.randint(0, len(data), (tc.micro_batch,), generator=gen).to(device)
+    x0 = data.lat_mean[idx] + data.lat_std[idx] * torch.randn(
+        data.lat_mean[idx].shape, generator=gen).to(device)
+    x0 = (x0 - data.shift) * data.scaling
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),),
+                      generator=gen).to(device)
+    xt = noise_sched.add_noise(x0, noise, t)
+    c = _gather(data.cond, idx)
+    drop = (torch.rand(len(idx), generator=gen) < tc.cond_dropout).to(device)
+    if drop.any():
+        for k in c:
+            c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
+                               data.empty[k].expand_as(c[k]), c[k])
+    with accelerator.autocast():
+        pred = _unet_forward(unet, xt, t, c)
+    target = training_target(noise_sched, x0, noise, t)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, pred.dim())))
+    return (data.weights[idx] * w_t[t] * per_sample).mean()
+
+
+def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple[list, list]:
+    """Fixed-seed previews of the current (EMA) weights, saved under previews/step-N/."""
+    from craft.generation import SamplingParams, generate_images
+
+    tc = cfg.train
+    prompts = list(tc.preview_prompts)
+    params = SamplingParams(num_inference_steps=cfg.eval.num_inference_steps,
+                            guidance_scale=cfg.eval.guidance_scale)
+    tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), pipe.unet.dtype).eval()
+    original = pipe.unet
+    pipe.unet = tuned
+    try:
+        images = [im for _, b in generate_images(pipe, prompts, list(range(len(prompts))),
+                                                 params) for im in b]
+    finally:
+        pipe.unet = original
+    pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
+    pdir.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(pdir / f"{i}.png")
+    return images, prompts
+
+
+def finish(cfg, pipe, raw_unet, ema, out_dir: Path, steps: int, meta: dict) -> Path:
+    """The complete tuned pipeline at out_dir/final (EMA weights, LoRA merged) with a
+    craft_train.json saying what made it."""
+    from craft.config import config_to_dict
+
+    tuned = _as_dtype(export_unet(raw_unet, ema, cfg.train.lora), pipe.unet.dtype)
+    final_dir = save_pipeline(pipe, tuned, Path(out_dir) / "final")
+    (final_dir / "craft_train.json").write_text(json.dumps(
+        {**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1))
+    log.info("training done: %d steps; tuned pipeline at %s", steps, final_dir)
+    return final_dir
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
+          callbacks: TrainCallbacks | None = None, resume: bool = False, pipe=None,
+          meta: dict | None = None) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
+
+    ``pipe`` may be passed to reuse an already loaded base pipeline (it is not modified).
+    ``meta`` is saved with every checkpoint (craft.stages puts the run name and the kept-set
+    digest there). Under several processes the main one saves; every process returns.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from craft.devices import resolve_device
+    from craft.models import load_from_config
+
+    tc = cfg.train
+    cb = callbacks or TrainCallbacks()
+    _check_training_frame(train_df)
+    check_train_options(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.model.device)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
+                              cpu=device.type == "cpu")
+    accum = gradient_accumulation(tc, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = accum
+    main = accelerator.is_main_process
+    torch.manual_seed(tc.seed)
+    if pipe is None:
+        pipe = load_from_config(cfg.model, device=str(accelerator.device))
+    pipe.to(accelerator.device)
+
+    unet, raw_unet, opt, ema, params = build_trainable(cfg, pipe, accelerator)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
+        accelerator.device)
+    data = encode_dataset(cfg, pipe, train_df, accelerator.device)
+    meta = {"n_train": len(data), "base": cfg.model.pretrained, **(meta or {})}
+    start = resume_from(out_dir, raw_unet, ema, opt, meta) if resume else 0
 
     def lr_at(step: int) -> float:
         if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
             return tc.lr * (step + 1) / tc.lr_warmup_steps
         return tc.lr
 
-    preview_params = SamplingParams(num_inference_steps=cfg.eval.num_inference_steps,
-                                    guidance_scale=cfg.eval.guidance_scale)
-    meta = {"run_name": run_name, "n_train": n, "base": cfg.model.pretrained}
-
-    def preview(step: int) -> None:
-        if not (accelerator.is_main_process and tc.preview_every and tc.preview_prompts):
-            return
-        prompts = list(tc.preview_prompts)
-        tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), pipe.unet.dtype).eval()
-        original = pipe.unet
-        pipe.unet = tuned
-        try:
-            images = [im for _, b in generate_images(pipe, prompts, list(range(len(prompts))),
-                                                     preview_params) for im in b]
-        finally:
-            pipe.unet = original
-        pdir = out_dir / "previews" / f"step-{step:06d}"
-        pdir.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            im.save(pdir / f"{i}.png")
-        if cb.on_preview:
-            cb.on_preview(step, images, prompts)
-
     def checkpoint(step: int) -> Path | None:
-        if not accelerator.is_main_process:
+        if not main:
             return None
-        path = _save_checkpoint(out_dir, step, raw_unet, ema, opt, tc.lora, meta)
+        path = save_checkpoint(out_dir, step, raw_unet, ema, opt, tc.lora, meta)
         if cb.on_checkpoint:
             cb.on_checkpoint(step, path)
         return path
 
-    status, last_ckpt = "done", latest_checkpoint(out_dir)
-    if start == 0 and accelerator.is_main_process and tc.preview_every:
-        preview(0)
-    try:
-        for step in range(start, tc.steps):
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            total_loss = 0.0
-            stopped = False
-            for micro in range(accum):
-                if cb.should_stop is not None and cb.should_stop():
-                    stopped = True
-                    break
-                gen = torch.Generator().manual_seed(
-                    ((tc.seed * 1_000_003 + step) * 1009 + micro) * 97 + accelerator.process_index)
-                idx = torch.randint(0, n, (tc.micro_batch,), generator=gen)
-                dev_idx = idx.to(accelerator.device)
-                x0 = lat_mean[dev_idx] + lat_std[dev_idx] * torch.randn(
-                    lat_mean[dev_idx].shape, generator=gen).to(accelerator.device)
-                x0 = (x0 - shift) * scaling
-                noise = torch.randn(x0.shape, generator=gen).to(accelerator.device)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),),
-                                  generator=gen).to(accelerator.device)
-                xt = noise_sched.add_noise(x0, noise, t)
-                c = _gather(cond, dev_idx)
-                drop = (torch.rand(len(idx), generator=gen) < tc.cond_dropout).to(
-                    accelerator.device)
-                if drop.any():
-                    for k in c:
-                        c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
-                                           empty[k].expand_as(c[k]), c[k])
-                with accelerator.autocast():
-                    pred = _unet_forward(unet, xt, t, c)
-                target = training_target(noise_sched, x0, noise, t)
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-                    dim=tuple(range(1, pred.dim())))
-                loss = (weights[dev_idx] * w_t[t] * per_sample).mean() / accum
-                accelerator.backward(loss)
-                total_loss += loss.item()
-            if stopped:
-                opt.zero_grad(set_to_none=True)
-                status = "cancelled"
-                break
-            grad_norm = (accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                         if tc.max_grad_norm > 0 else
-                         torch.norm(torch.stack([p.grad.norm() for p in params
-                                                 if p.grad is not None])))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    decay = min(tc.ema_decay, (1 + step) / (10 + step))
-                    live = [p.detach().float() for p in _trainable(raw_unet)]
-                    torch._foreach_lerp_(ema, live, 1 - decay)
-            done = step + 1
-            metrics = {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr_at(step),
-                       "step_time": time.perf_counter() - t0}
-            if store is not None and run_id is not None:
-                store.add_metrics(run_id, [{"step": done, **metrics}])
-            if cb.on_step:
-                cb.on_step(done, tc.steps, metrics)
-            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-                last_ckpt = checkpoint(done) or last_ckpt
-            if tc.preview_every and done % tc.preview_every == 0:
-                preview(done)
-            start = done
-    except BaseException as e:
-        if store is not None and run_id is not None:
-            store.update_train_run(run_id, status="failed", error=f"{type(e).__name__}: {e}")
-        raise
+    def preview(step: int) -> None:
+        if main and tc.preview_every and tc.preview_prompts:
+            images, prompts = render_previews(cfg, pipe, raw_unet, ema, out_dir, step)
+            if cb.on_preview:
+                cb.on_preview(step, images, prompts)
 
-    final_dir = None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if status == "cancelled":
-            if start > 0:
-                last_ckpt = checkpoint(start)
-            log.info("training cancelled at step %d; checkpoint %s", start, last_ckpt)
-        else:
-            last_ckpt = checkpoint(start)
-            tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), pipe.unet.dtype)
-            final_dir = save_pipeline(pipe, tuned, out_dir / "final")
-            (out_dir / "final" / "craft_train.json").write_text(json.dumps(
-                {**meta, "steps": start, "config": config_to_dict(cfg)}, indent=1))
-            log.info("training done: %d steps; tuned pipeline at %s", start, final_dir)
-        if store is not None and run_id is not None:
-            store.update_train_run(run_id, status=status,
-                                   checkpoint_dir=str(final_dir or last_ckpt or out_dir))
-    return TrainResult(run_id, status, start, out_dir, final_dir, last_ckpt)
+    status = "done"
+    if start == 0:
+        preview(0)
+    for step in range(start, tc.steps):
+        if cb.should_stop is not None and cb.should_stop():
+            status = "cancelled"
+            break
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        losses = []
+        for micro in range(accum):
+            with accelerator.accumulate(unet):
+                loss = micro_batch_loss(unet, noise_sched, w_t, data, tc, step, micro,
+                                        accelerator.process_index, accelerator)
+                accelerator.backward(loss)  # divides by the accumulation steps
+                losses.append(loss.item())
+        grad_norm = (accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                     if tc.max_grad_norm > 0 else
+                     torch.norm(torch.stack([p.grad.norm() for p in params
+                                             if p.grad is not None])))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(_trainable(raw_unet))
+        start = done = step + 1
+        if cb.on_step:
+            cb.on_step(done, tc.steps, {"loss": float(np.mean(losses)),
+                                        "grad_norm": float(grad_norm), "lr": lr_at(step),
+                                        "step_time": time.perf_counter() - t0})
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+            checkpoint(done)
+        if tc.preview_every and done % tc.preview_every == 0:
+            preview(done)
+
+    if status == "done" or start > 0:
+        checkpoint(start)
+    if status == "done" and main:
+        finish(cfg, pipe, raw_unet, ema, out_dir, start, meta)
+    accelerator.wait_for_everyone()  # the main process's files are there for everyone now
+    last_ckpt = latest_checkpoint(out_dir)
+    if status == "cancelled":
+        log.info("training cancelled at step %d; %s", start,
+                 f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (nothing trained yet)")
+    final_dir = out_dir / "final" if status == "done" else None
+    return TrainResult(None, status, start, out_dir, final_dir, last_ckpt)
 
 
 def weighted_epochs(n_samples: int, steps: int, effective_batch: int) -> float:

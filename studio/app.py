@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import gradio as gr
 
 from craft.config import config_to_yaml, load_config
-from studio.cli import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
+from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
 from studio.context import StudioContext
 from studio.settings import Settings
 from studio.ui import CSS, error_md, ok_md, user_error

@@ -11,10 +11,7 @@ from craft import CraftError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = "runs/studio"
-DEFAULT_PORT = 7860
-DEFAULT_MAX_UPLOAD = "20mb"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR, LOCAL_HOSTS
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -53,10 +50,10 @@ def studio_command(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS and auth is None:
         logger.warning("binding %s without --auth: anyone who can reach this port can use the "
                        "studio", args.host)
-    import torch
-
-    torch.set_flush_denormal(True)
+    from craft.distributed import setup_process
     from studio.app import build_app, launch
+
+    setup_process()
 
     app = build_app(args.run_dir, args.config, args.overrides)
     print(f"CRAFT Studio on http://{args.host}:{args.port} · run {app.ctx.run_dir}", flush=True)

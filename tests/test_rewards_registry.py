@@ -17,7 +17,7 @@ from craft.rewards import (FunctionReward, MissingWeightsError, Reward,
                            RewardError, UnknownRewardError, available_rewards, check_available,
                            load_reward, register_reward)
 from craft.rewards import base as reward_base
-from craft.rewards.toy import TOY_REWARD_NAMES
+from craft.toyworld.plugin import TOY_REWARD_NAMES
 
 REAL = ["hpsv2", "hpsv21", "pickscore", "aes", "imagereward"]
 ROOT = Path(__file__).resolve().parents[1]

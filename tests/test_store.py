@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from craft.store import SCHEMA_VERSION, NewCandidate, RunStore, StoreError
+from craft.store import SCHEMA_VERSION, WRITERS_DIR, NewCandidate, RunStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,8 +199,9 @@ def test_overrides_selections_training_evaluations_config(store):
     assert store.get_config() == "train:\n  lr: 2.0e-4\n"
 
 
-def test_open_removes_leftovers_and_closes_interrupted_runs(tmp_path, caplog):
-    run = tmp_path / "run"
+def _leftovers(run):
+    """A run with what a dead writer and a careless user can leave: a training run still marked
+    running, an image deleted by hand, a temporary file and an image without a row."""
     with RunStore(run) as s:
         ids = seeded(s, n_prompts=1, n_variants=1, seeds=2)
         s.add_scores([(ids[0], "h", 1.0)])
@@ -213,24 +214,54 @@ def test_open_removes_leftovers_and_closes_interrupted_runs(tmp_path, caplog):
     stray.write_bytes(b"partial")
     orphan = kept.parent / "v9_s9_orphan.png"
     image().save(orphan)  # an image whose row was never committed
+    return ids, rid, kept, stray, orphan
+
+
+def _check_reconciled(s, ids, kept, stray, orphan):
+    assert ids[0] not in set(s.candidates_df().id)
+    assert ids[1] in set(s.candidates_df().id)
+    assert s.scores_df().empty and s.overrides() == {}  # went with the row
+    assert not stray.exists() and not orphan.exists() and kept.exists()
+
+
+def test_open_after_a_dead_writer_reconciles_and_closes_interrupted_runs(tmp_path, caplog):
+    run = tmp_path / "run"
+    ids, rid, kept, stray, orphan = _leftovers(run)
+    marker = run / WRITERS_DIR / "host-1234-5678"  # what a killed writer leaves
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text("0\n")
     with RunStore(run) as s:
-        assert ids[0] not in set(s.candidates_df().id)
-        assert ids[1] in set(s.candidates_df().id)
-        assert s.scores_df().empty and s.overrides() == {}  # went with the row
+        _check_reconciled(s, ids, kept, stray, orphan)
         assert s.get_train_run(rid)["status"] == "failed"
         assert "killed or crashed" in s.get_train_run(rid)["error"]
-    assert not stray.exists() and not orphan.exists() and kept.exists()
+    assert not marker.exists()
     assert "whose image file is missing" in caplog.text
+
+
+def test_open_without_a_dead_writer_does_not_scan_images(tmp_path):
+    """The image folder is walked only after a crash (100k files take seconds); by hand, or
+    when asked, reconcile() does the same check."""
+    run = tmp_path / "run"
+    ids, rid, kept, stray, orphan = _leftovers(run)
+    with RunStore(run) as s:
+        assert s.get_train_run(rid)["status"] == "failed"  # cheap: always repaired
+        assert ids[0] in set(s.candidates_df().id) and stray.exists() and orphan.exists()
+        assert s.reconcile() == {"temporary": 1, "rows_without_image": 1,
+                                 "images_without_row": 1}
+        _check_reconciled(s, ids, kept, stray, orphan)
 
 
 def test_cleanup_waits_for_other_openers(tmp_path):
     """While another process (here: another RunStore) has the store open, an opener must not
-    delete files that writer may be about to commit."""
+    delete files that writer may be about to commit, even when a dead writer's marker says a
+    check is due."""
     run = tmp_path / "run"
     with RunStore(run) as first:
         seeded(first, n_prompts=1, n_variants=0, seeds=1)
         pending = first.images_dir / ".tmp-inflight.png"
         pending.write_bytes(b"being written")
+        (run / WRITERS_DIR).mkdir(exist_ok=True)
+        (run / WRITERS_DIR / "dead-writer").write_text("0\n")
         with RunStore(run) as second:
             assert len(second.candidates_df()) == 1
         assert pending.exists()
@@ -270,7 +301,7 @@ def test_closed_store_says_so(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from PIL import Image
-    import craft.store
+    import craft.fsutil, craft.store
     from craft.store import RunStore
 
     run_dir, n_prompts, seeds, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -288,9 +319,9 @@ WRITER = textwrap.dedent("""
         return wrapper
 
     if pause == "before_rename":
-        craft.store.os.replace = pausing(craft.store.os.replace)
+        craft.fsutil.os.replace = pausing(craft.fsutil.os.replace)
     elif pause == "before_commit":
-        craft.store._fsync_dir = pausing(craft.store._fsync_dir)
+        craft.store.fsync_dir = pausing(craft.store.fsync_dir)
 
     with RunStore(run_dir) as store:
         pids = store.add_prompts([f"prompt {i}" for i in range(n_prompts)])

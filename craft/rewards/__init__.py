@@ -3,7 +3,7 @@
 Registered names:
 
 - ``toy_fidelity``, ``toy_selection``, ``toy_aesthetic``, ``toy_heldout``: the toy world's pixel
-  rewards (no weights; :mod:`craft.rewards.toy`).
+  rewards (no weights), registered by its plugin (craft/toyworld/plugin.py; see craft/plugins.py).
 - ``hpsv2``, ``hpsv21``: HPSv2 / HPSv2.1, raw cosine, x100 in reports (:mod:`.hps`).
 - ``pickscore``: PickScore v1, ``logit_scale.exp() * cosine`` (:mod:`.pickscore`).
 - ``aes``: LAION improved aesthetic predictor on CLIP ViT-L/14, about 1-10 (:mod:`.aesthetic`).
@@ -25,7 +25,7 @@ from .base import (FunctionReward, MissingDependencyError, MissingWeightsError, 
                    RewardError, RewardSpec, TorchReward, UnknownRewardError, available_rewards,
                    check_available, load_reward, register_reward, reward_spec)
 # Importing a reward module registers its factories (and imports nothing heavy).
-from . import aesthetic, hps, imagereward, pickscore, toy  # noqa: E402,F401
+from . import aesthetic, hps, imagereward, pickscore  # noqa: E402,F401
 
 __all__ = [
     "Reward", "FunctionReward", "TorchReward", "RewardSpec", "RewardError", "UnknownRewardError",

@@ -332,12 +332,18 @@ def register_reward(name: str, *, check: Callable[..., Mapping[str, Any]] | None
 
 
 def available_rewards() -> list[str]:
-    """The registered reward names, sorted."""
+    """The registered reward names (plugins' included), sorted."""
+    from craft.plugins import load_plugins
+
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def reward_spec(name: str) -> RewardSpec:
     """The registered spec for ``name``; unknown names raise with the list of known ones."""
+    from craft.plugins import load_plugins
+
+    load_plugins()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -380,8 +386,8 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RewardError(f"load_reward({name!r}): batch_size must be a positive integer, got "
                           f"{batch_size!r}; use e.g. 32")
-    reward = spec.factory(device=str(resolve_device(device, key="rewards.device")), dtype=dtype, batch_size=batch_size,
-                          path=None if path is None else str(path), **kw)
+    reward = spec.factory(device=str(resolve_device(device, key="rewards.device")), dtype=dtype,
+                          batch_size=batch_size, path=None if path is None else str(path), **kw)
     logger.info("loaded reward %s: %r", name, reward)
     return reward
 

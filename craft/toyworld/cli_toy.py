@@ -120,3 +120,10 @@ def add_toy_subparsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--guidance", type=float, default=3.0)
     demo.add_argument("--out", default="toy_demo.png")
     demo.set_defaults(handler=_demo)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``craft toy ...`` (registered through the ``craft.commands`` entry points)."""
+    parser = subparsers.add_parser("toy", help="the embedded toy world (base model, demo)")
+    sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
+    add_toy_subparsers(sub)
