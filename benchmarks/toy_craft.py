@@ -78,7 +78,7 @@ def main() -> None:
     t0 = time.time()
     models = {"base": cfg.model.pretrained, "craft": str(results["craft"]),
               "control": str(results["control"])}
-    ev = evaluate(cfg, store, models, name="bench", pipes={"base": pipe})
+    ev = evaluate(store, cfg, models, name="bench", pipes={"base": pipe})
     t["evaluate"] = time.time() - t0
     out = Path(args.out)
     grid = out / "toy_craft_grid.png"

@@ -21,4 +21,9 @@ class MissingWeightsError(CraftError, FileNotFoundError):
     config key). One class for the diffusion model and the rewards alike."""
 
 
-__all__ = ["CraftError", "MissingWeightsError", "__version__"]
+class StageStopped(CraftError):
+    """A stage stopped because it was asked to (a cancel, a stop file); what it committed is
+    consistent and running the stage again continues from there."""
+
+
+__all__ = ["CraftError", "MissingWeightsError", "StageStopped", "__version__"]

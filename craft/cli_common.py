@@ -50,9 +50,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Reporter:
-    """Progress for the main process: a tqdm bar per stage on stderr, and, with
-    ``--progress-file``, a JSON snapshot a front end polls (rewritten at most 4 times a second
-    and at every stage's end)."""
+    """Progress for the main process: a tqdm bar per stage on stderr or, with
+    ``--progress-file``, a JSON snapshot that the front end driving the command polls
+    (rewritten at most 4 times a second and at every stage's end; no bars then)."""
 
     def __init__(self, path: str | None = None, enabled: bool = True):
         self.path = Path(path) if path else None
@@ -71,6 +71,9 @@ class Reporter:
         state: dict = {}
 
         def progress(done: int, total: int) -> None:
+            if self.path is not None:
+                self.write(name, done, total, unit, force=done >= total)
+                return
             bar = state.get("bar")
             if bar is None:
                 bar = state["bar"] = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True,
@@ -79,7 +82,6 @@ class Reporter:
             bar.update(done - bar.n)
             if done >= total:
                 bar.close()
-            self.write(name, done, total, unit, force=done >= total)
 
         return progress
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from craft import CraftError
+from craft import CraftError, StageStopped
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +269,8 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
             progress(done, total)
         for _ in range(rounds):
             if dist.any(should_stop is not None and should_stop()):
-                raise CraftError("evaluation cancelled; the images made so far are kept and a "
-                                 "rerun continues from them")
+                raise StageStopped("evaluation stopped on request; the images made so far are "
+                                   "kept and running it again continues from them")
             sl, images = next(batches, (slice(0, 0), []))
             for i, im in zip(mine[sl], images):
                 save_image_atomic(im, paths[label][i], fsync=False)

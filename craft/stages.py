@@ -36,7 +36,7 @@ from typing import Callable
 
 import pandas as pd
 
-from craft import CraftError
+from craft import CraftError, StageStopped
 from craft.distributed import Dist, setup_process
 from craft.run import Run, as_run
 
@@ -54,10 +54,6 @@ FINAL_DIR = "final"
 TRAIN_DIR = "train"
 TRAIN_LOCK = "train.lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class StageStopped(CraftError):
-    """A stage stopped because it was asked to (cancel); what it committed is resumable."""
 
 
 def open_run(run_dir: str | Path, cfg, dist: Dist | None = None) -> Run:
@@ -373,20 +369,22 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
     selection it recorded when it started, with the config it started with. Every process
     returns the :class:`craft.training.TrainResult` (``run_id`` set).
     """
-    from craft.config import config_from_dict
+    from craft.config import config_from_dict, config_to_dict
     from craft.training import TrainCallbacks, TrainResult, train, weighted_epochs
 
     run = as_run(run)
     dist = run.dist
     name = check_run_name(name)
     out_dir = train_dir(run.run_dir, name)
+    require(cfg, model=pipe is None, train=True)
     plan: TrainPlan = dist.on_main(lambda: _plan_training(run, cfg, name, resume, settings))
     if plan.action == "skip":
         steps = dist.on_main(lambda: _steps_done(run.store, plan.run_id))
         return TrainResult(plan.run_id, "done", steps, out_dir, out_dir / FINAL_DIR,
                            _latest(out_dir))
-    cfg = config_from_dict(plan.config, f"training run {name}")
-    require(cfg, model=pipe is None, train=True)
+    if plan.config != config_to_dict(cfg):  # a resumed run: the config it started with
+        cfg = config_from_dict(plan.config, f"training run {name}")
+        require(cfg, model=pipe is None, train=True)
     kept = _localize(plan.kept, run.run_dir)
     digest = kept_digest(kept)
     digests = dist.gather(digest)
@@ -534,9 +532,12 @@ def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | N
                     should_stop=should_stop)
 
 
-def stage_export(run: Run, cfg, settings=None, name: str | None = None) -> tuple[Path, Path]:
+def stage_export(run: Run, cfg, settings=None, name: str | None = None,
+                 kept: pd.DataFrame | None = None) -> tuple[Path, Path]:
     """The kept set as a Hugging Face imagefolder under RUN/exports/NAME (+ a zip); the
-    selection is recorded as ``export:NAME``."""
+    selection is recorded as ``export:NAME``. ``kept`` (rows with composite, advantage and
+    weight, e.g. what the studio's Curate tab shows) is exported as given; by default it is
+    :func:`training_set` with ``settings``."""
     import time
 
     from craft.export import export_imagefolder
@@ -544,11 +545,15 @@ def stage_export(run: Run, cfg, settings=None, name: str | None = None) -> tuple
     run = as_run(run)
     name = name or time.strftime("kept-%Y%m%d-%H%M%S")
     settings = settings or filter_settings(cfg)
+    record = selection_record(settings, cfg)
 
     def export():
-        kept = training_set(run.store, cfg, settings, save_as=f"export:{name}")
-        return export_imagefolder(kept, run.run_dir, list(settings.rewards),
-                                  selection_record(settings, cfg), name)
+        rows = kept
+        if rows is None:
+            rows = training_set(run.store, cfg, settings, save_as=None)
+        out = export_imagefolder(rows, run.run_dir, list(settings.rewards), record, name)
+        run.store.save_selection(f"export:{name}", record, rows)
+        return out
 
     return run.dist.on_main(export)
 

@@ -5,12 +5,8 @@ toggle manual overrides, export the kept set as a Hugging Face ``imagefolder``."
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import threading
 import time
-import zipfile
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -220,57 +216,14 @@ def groups_table(c: Curation) -> pd.DataFrame:
     return agg.reset_index().sort_values("kept", ascending=False, kind="stable")
 
 
-def export_imagefolder(c: Curation, run_dir: Path, rewards: Sequence[str],
-                       adv_mode: str = "clamp", tau: float = 1.0,
-                       name: str | None = None) -> tuple[Path, Path]:
-    """Write the kept set as an HF ``imagefolder`` (``load_dataset("imagefolder", data_dir=...)``):
-    ``images/*.png`` plus ``metadata.jsonl`` with the original prompt as ``text`` and every
-    score, the composite, the advantage and the training weight. Returns (folder, zip)."""
+def kept_rows(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> pd.DataFrame:
+    """The kept candidates of a filter run with their training weights, best first: what
+    training and export receive (craft.stages.training_set computes the same)."""
     kept = c.frame.loc[c.frame["kept"].to_numpy()].sort_values(
         ["composite", "candidate_id"], ascending=[False, True], kind="stable")
-    if kept.empty:
-        raise ValueError("nothing is kept with these settings; loosen the level, margin or top-K")
-    weights = training_weights(kept["advantage"].to_numpy(), adv_mode, tau)
-    name = name or time.strftime("kept-%Y%m%d-%H%M%S")
-    folder = Path(run_dir) / "exports" / name
-    tmp = folder.with_name(f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    lines = []
-    for row, w in zip(kept.itertuples(), weights):
-        rel = f"images/c{int(row.candidate_id):07d}.png"
-        shutil.copyfile(row.image_path, tmp / rel)
-        rec = {"file_name": rel, "text": row.prompt, "variant": row.variant,
-               "variant_idx": int(row.variant_idx), "seed": int(row.seed),
-               "candidate_id": int(row.candidate_id), "prompt_id": int(row.prompt_id),
-               **{r: _num(getattr(row, r)) for r in rewards},
-               "composite": _num(row.composite), "advantage": _num(row.advantage),
-               "weight": _num(w),
-               "override": None if pd.isna(row.override) else str(row.override)}
-        lines.append(json.dumps(rec))
-    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (tmp / "filter_settings.json").write_text(json.dumps(
-        {**_settings_dict(c.settings), "advantage_mode": adv_mode, "tau": tau}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    archive = folder.with_suffix(".zip")
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
-        for p in sorted(folder.rglob("*")):
-            z.write(p, p.relative_to(folder.parent))
-    return folder, archive
-
-
-def _num(v: Any) -> float | None:
-    v = float(v)
-    return v if np.isfinite(v) else None
-
-
-def _settings_dict(s: FilterSettings) -> dict:
-    d = dataclasses.asdict(s)
-    return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
-            for k, v in d.items()}
+    return kept.assign(weight=training_weights(kept["advantage"].to_numpy(), adv_mode, tau))
 
 
 __all__ = ["Curation", "CurationCache", "MAX_GALLERY", "VIEWS", "caption", "curate", "effective_count",
-           "export_imagefolder", "gallery_items", "gallery_rows", "groups_table", "kept_line",
+           "kept_rows", "gallery_items", "gallery_rows", "groups_table", "kept_line",
            "level_pass_table", "levels_line", "make_settings", "toggle_action"]

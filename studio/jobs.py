@@ -19,7 +19,9 @@ Rules that keep the UI honest:
   the job's own ring buffer, so the studio shows the last lines of *that* job.
 
 The manager is a module-level singleton (:data:`JOBS`) so every browser session sees the same
-jobs, and a page reload finds a running job again.
+jobs, and a page reload finds a running job again. A job's function may run the stage in this
+process or drive a ``craft`` subprocess on several processes (studio.launcher); the job looks
+the same either way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable
 
-from craft import CraftError
+from craft import CraftError, StageStopped
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +194,9 @@ class Job:
             if self.cancel_event.is_set():
                 status = "cancelled"
         except BaseException as e:  # noqa: BLE001 - every way out must end the job
-            if self.cancel_event.is_set() and isinstance(e, (KeyboardInterrupt,)):
+            if self.cancel_event.is_set() and isinstance(e, (KeyboardInterrupt, StageStopped)):
                 status = "cancelled"
+                self.append_log(str(e))
             else:
                 status = "failed"
                 error = _error_text(e)
@@ -276,8 +279,10 @@ class JobManager:
             if log.level == logging.NOTSET or log.level > logging.INFO:
                 log.setLevel(logging.INFO)
 
-    def start(self, kind: str, title: str, fn: Callable[[JobContext], Any]) -> JobSnapshot:
-        """Run ``fn(ctx)`` in a new thread; raises JobBusyError if ``kind`` is busy."""
+    def start(self, kind: str, title: str, fn: Callable[[JobContext], Any],
+              info: dict | None = None) -> JobSnapshot:
+        """Run ``fn(ctx)`` in a new thread; raises JobBusyError if ``kind`` is busy. ``info``
+        starts the job's info (what the UI shows about it, e.g. the training run's name)."""
         with self._lock:
             self._capture_logs()
             busy = self.running(kind)
@@ -285,6 +290,7 @@ class JobManager:
                 raise JobBusyError(f"a {kind} job is already running ({busy.title}); cancel it "
                                    f"or wait for it to finish")
             job = Job(next(self._ids), kind, title, fn, self._by_thread)
+            job.info = dict(info or {})
             self._jobs[job.id] = job
             job.thread.start()
         return job.snapshot()

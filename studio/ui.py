@@ -100,6 +100,14 @@ class JobPanel:
         return gr.Timer(active=True) if self.is_running() else gr.skip()
 
 
+def processes_control(kind: str) -> Any:
+    """How many processes a stage runs on: 1 = a thread of this studio; N > 1 = ``accelerate
+    launch`` with N processes (one per GPU), the same command the README gives."""
+    return gr.Number(1, precision=0, minimum=1, maximum=256, step=1, label="processes",
+                     info="1: in this studio; N: accelerate launch with N processes",
+                     elem_id=f"{kind}-processes", min_width=120, scale=0)
+
+
 def _bar(snap: JobSnapshot | None) -> str:
     if snap is None:
         return "<div class='job-bar'><div style='width:0%'></div></div>"
@@ -124,5 +132,5 @@ def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Call
     return wrapper
 
 
-__all__ = ["CSS", "JobPanel", "POLL_SECONDS", "error_md", "ok_md", "safe", "short_name",
-           "user_error"]
+__all__ = ["CSS", "JobPanel", "POLL_SECONDS", "error_md", "ok_md", "processes_control", "safe",
+           "short_name", "user_error"]

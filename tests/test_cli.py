@@ -58,23 +58,48 @@ def test_toy_group_is_absent_without_the_toy_cli(monkeypatch):
     assert e.value.code == 2  # argparse: invalid choice, not a stub that pretends to work
 
 
-def test_toy_group_hook(monkeypatch, capsys):
-    """craft.toyworld.cli_toy.add_toy_subparsers(sub) registers actions under `craft toy`."""
-    fake = types.ModuleType("craft.toyworld.cli_toy")
+def test_commands_come_from_entry_points(monkeypatch, capsys):
+    """Packages add `craft` commands through the craft.commands entry points (the studio and
+    the toy world do); the library imports neither."""
+    import importlib.metadata
 
-    def add_toy_subparsers(sub):
-        hello = sub.add_parser("hello")
+    fake = types.ModuleType("fake_plugin")
+
+    def register(subparsers):
+        hello = subparsers.add_parser("hello")
         hello.add_argument("--fail", action="store_true")
         hello.set_defaults(handler=lambda args: fail() if args.fail else print("hi"))
 
     def fail():
         raise CraftError("no base model at assets/toy-base; run `craft toy train-base`")
 
-    fake.add_toy_subparsers = add_toy_subparsers
-    monkeypatch.setitem(sys.modules, "craft.toyworld.cli_toy", fake)
-    assert main(["toy", "hello"]) == 0 and capsys.readouterr().out == "hi\n"
-    assert main(["toy", "hello", "--fail"]) == 2
+    fake.register = register
+    monkeypatch.setitem(sys.modules, "fake_plugin", fake)
+    real = importlib.metadata.entry_points
+
+    def entry_points(group=None, **kw):
+        found = list(real(group=group, **kw))
+        if group == "craft.commands":
+            found.append(importlib.metadata.EntryPoint("hello", "fake_plugin:register", group))
+        return found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    assert main(["hello"]) == 0 and capsys.readouterr().out == "hi\n"
+    assert main(["hello", "--fail"]) == 2
     assert "craft: error: no base model" in capsys.readouterr().err
+    names = {e.name for e in real(group="craft.commands")}
+    assert {"studio", "toy"} <= names
+
+
+def test_the_library_imports_no_front_end_and_no_toy_world():
+    """craft's core modules import neither the studio nor the toy world (they plug in)."""
+    code = ("import sys, craft.cli, craft.stages, craft.prompts, craft.expansion, "
+            "craft.rewards, craft.config, craft.filtering, craft.store; "
+            "bad = [m for m in sys.modules if m.startswith(('studio', 'craft.toyworld', "
+            "'gradio'))]; print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_console_script_entry_point(tmp_path):

@@ -73,7 +73,8 @@ def test_each_stage_command_in_turn(tmp_path, tiny_model_dir, capsys):
     assert main(["evaluate", "--run-dir", run]) == 0
     out = capsys.readouterr().out
     assert "craft win%" in out and "side-by-side grid" in out
-    assert _load_and_generate(Path(run) / "train" / "final").size == (16, 16)
+    assert _load_and_generate(Path(run) / "train" / "craft" / "final").size == (16, 16)
+    assert _load_and_generate(Path(run) / "final").size == (16, 16)  # published
 
 
 def _one_line_error(capsys) -> str:

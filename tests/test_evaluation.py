@@ -69,7 +69,7 @@ def test_evaluate_writes_images_scores_summary_grid_and_store_row(tmp_path, tiny
     with RunStore(tmp_path / "run") as store:
         prepare_prompts(store, cfg)
         progress = []
-        result = evaluate(cfg, store, models, name="ev", pipes={"base": tiny_pipe},
+        result = evaluate(store, cfg, models, name="ev", pipes={"base": tiny_pipe},
                           progress=lambda d, t: progress.append((d, t)))
         evals = store.evaluations_df()
     out = tmp_path / "run" / "eval" / "ev"
@@ -119,7 +119,7 @@ def test_evaluate_writes_images_scores_summary_grid_and_store_row(tmp_path, tiny
     # A rerun reuses the images already written (no pipeline is loaded or called).
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("0*.png")}
     with RunStore(tmp_path / "run") as store:
-        again = evaluate(cfg, store, models, name="ev",
+        again = evaluate(store, cfg, models, name="ev",
                          pipes={k: _NoCalls() for k in models})
     assert {p: p.stat().st_mtime_ns for p in out.rglob("0*.png")} == mtimes
     pd.testing.assert_frame_equal(again.summary, result.summary)
@@ -134,9 +134,9 @@ def test_evaluate_needs_two_models_and_eval_prompts(tmp_path, tiny_model_dir):
     cfg = tiny_config(tiny_model_dir)
     with RunStore(tmp_path / "run") as store:
         with pytest.raises(CraftError, match="at least one model to compare"):
-            evaluate(cfg, store, {"base": tiny_model_dir})
+            evaluate(store, cfg, {"base": tiny_model_dir})
         with pytest.raises(CraftError, match="no evaluation prompts"):
-            evaluate(cfg, store, {"base": tiny_model_dir, "tuned": tiny_model_dir})
+            evaluate(store, cfg, {"base": tiny_model_dir, "tuned": tiny_model_dir})
 
 
 def test_evaluate_fails_before_any_work_when_a_model_is_missing(tmp_path, tiny_model_dir,
@@ -148,6 +148,6 @@ def test_evaluate_fails_before_any_work_when_a_model_is_missing(tmp_path, tiny_m
     with RunStore(tmp_path / "run") as store:
         prepare_prompts(store, cfg)
         with pytest.raises(MissingWeightsError, match="model 'tuned'"):
-            evaluate(cfg, store, {"base": tiny_model_dir, "tuned": str(tmp_path / "nope")},
+            evaluate(store, cfg, {"base": tiny_model_dir, "tuned": str(tmp_path / "nope")},
                      pipes={"base": tiny_pipe})
     assert not list((tmp_path / "run").rglob("*.png"))  # not even the base images

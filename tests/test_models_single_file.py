@@ -108,12 +108,12 @@ def test_the_published_sdxl_key_is_what_diffusers_reads(tmp_path):
 
 
 def test_compare_tab_evaluates_a_checkpoint_inside_a_single_file_base(files, tmp_path):
-    """The studio's Compare tab runs an intermediate ``checkpoint-N`` (a UNet only) inside the
-    base pipeline; a single-file base must load there as it does for training (its
+    """Evaluation (the studio's Compare tab, `craft evaluate --tuned`) runs an intermediate
+    ``checkpoint-N`` (a UNet only) inside the base pipeline; a single-file base must load there as it does for training (its
     single_file_config), and the checkpoint's UNet must be the one generating."""
     from craft.store import RunStore
     from craft.stages import prepare_prompts
-    from studio.tabs.compare import run_evaluation
+    from craft.stages import stage_evaluate
 
     f = files["sd15"]
     ckpt = tmp_path / "train" / "checkpoint-2"
@@ -125,7 +125,8 @@ def test_compare_tab_evaluates_a_checkpoint_inside_a_single_file_base(files, tmp
     cfg = tiny_config(str(f.single), **{"model.single_file_config": str(f.configs)})
     with RunStore(tmp_path / "run") as store:
         prepare_prompts(store, cfg)
-        result = run_evaluation(cfg, store, str(f.single), str(ckpt), name="cmp")
+        result = stage_evaluate(store, cfg, tuned=str(ckpt), base=str(f.single), name="cmp",
+                                label="tuned")
     out = tmp_path / "run" / "eval" / "cmp"
     n = cfg.eval.num_prompts * cfg.eval.seeds_per_prompt
     base = [np.asarray(Image.open(out / "base" / f"{i:05d}.png")) for i in range(n)]

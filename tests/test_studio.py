@@ -210,11 +210,12 @@ def test_click_toggles_include_exclude_and_back(app):
 
 
 def test_export_is_an_hf_imagefolder(app, tmp_path):
-    from studio.curation import export_imagefolder
+    from craft.export import export_imagefolder
+    from studio.curation import kept_rows
 
     c = _curation(app)
     rewards = list(app.ctx.cfg.rewards.names)
-    folder, archive = export_imagefolder(c, tmp_path, rewards)
+    folder, archive = export_imagefolder(kept_rows(c), tmp_path, rewards, {"level": "hpa"})
     rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == c.result.counts.kept and archive.exists()
     assert all((folder / r["file_name"]).is_file() for r in rows)

@@ -349,9 +349,12 @@ def test_cancel_a_second_run(page, studio):
     page.click("#train-cancel")
     wait_job(page, "train", status="cancelled", title="Resume long")
     runs = ctx.store.train_runs_df()
-    resumed = runs[runs["name"] == "long"].iloc[-1]
-    metrics = ctx.store.metrics_df(int(resumed["id"]))
-    assert resumed["status"] == "cancelled" and int(metrics["step"].min()) == steps + 1
+    resumed = runs[runs["name"] == "long"]
+    assert len(resumed) == 1, "a resumed run keeps its one row (listed once)"
+    metrics = ctx.store.metrics_df(int(resumed["id"].iloc[0]))
+    assert resumed["status"].iloc[0] == "cancelled"
+    assert metrics["step"].tolist() == list(range(1, int(metrics["step"].max()) + 1))
+    assert int(metrics["step"].max()) > steps
 
 
 def test_compare_base_and_tuned(page, studio):

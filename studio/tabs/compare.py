@@ -18,7 +18,8 @@ from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.plots import empty_figure, mean_reward_bars
 from studio.settings import Settings, none_as_zero, optional_int
-from studio.ui import JobPanel, ok_md, short_name, user_error
+from studio.launcher import stage_job
+from studio.ui import JobPanel, ok_md, processes_control, short_name, user_error
 
 MAX_PAIRS = 24
 CELL = 128
@@ -59,32 +60,6 @@ def eval_name(base: str, tuned: str, cfg) -> str:
     return f"studio-{label}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def run_evaluation(cfg, store, base: str, tuned: str, name: str, progress=None,
-                   should_stop=None):
-    """:func:`craft.evaluation.evaluate` for base vs one tuned model; an intermediate
-    ``checkpoint-N`` (a UNet only) is evaluated inside the base pipeline."""
-    from craft.evaluation import evaluate
-
-    pipes = {}
-    tuned_path = Path(tuned)
-    if not (tuned_path / "model_index.json").exists():
-        if not (tuned_path / "unet").is_dir():
-            raise ValueError(f"{tuned} is neither a diffusers pipeline nor a checkpoint with a "
-                             f"unet/ folder")
-        from diffusers import UNet2DConditionModel
-
-        from craft.models import load_from_config
-
-        # The base exactly as training saw it: revision, variant, single-file config, memory
-        # options (a single-file base cannot load from family/dtype/device alone).
-        pipe = load_from_config(cfg.model, pretrained=base)
-        unet = UNet2DConditionModel.from_pretrained(str(tuned_path / "unet"))
-        pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
-        pipes["tuned"] = pipe
-    return evaluate(cfg, store, {"base": base, "tuned": tuned}, name=name, pipes=pipes,
-                    progress=progress, should_stop=should_stop)
-
-
 def win_table(summary: pd.DataFrame) -> pd.DataFrame:
     if summary is None or summary.empty:
         return pd.DataFrame()
@@ -102,12 +77,19 @@ def win_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def tuned_label_of(scores: pd.DataFrame) -> str:
+    """The compared model's label in an evaluation (the one that is not "base")."""
+    others = [m for m in dict.fromkeys(scores["model"]) if m != "base"]
+    return others[0] if others else "tuned"
+
+
 def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
                 limit: int = MAX_PAIRS) -> tuple[list[tuple[str, str]], pd.DataFrame]:
     """One PNG per (prompt, seed): base | tuned, upscaled without smoothing, and a caption with
     the per-reward deltas; plus the deltas table for every pair."""
+    label = tuned_label_of(scores)
     base = scores[scores["model"] == "base"].set_index(["prompt", "seed"])
-    tuned = scores[scores["model"] == "tuned"].set_index(["prompt", "seed"])
+    tuned = scores[scores["model"] == label].set_index(["prompt", "seed"])
     keys = [k for k in base.index if k in tuned.index]
     rows, items = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,17 +100,17 @@ def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
                      **{f"Δ {short_name(r)}": round(d, 3) for r, d in deltas.items()}})
         if i >= limit:
             continue
-        path = out_dir / f"pair2-{i:04d}.png"  # "2": labelled layout (a header row)
+        path = out_dir / f"pair3-{i:04d}.png"  # "3": labelled with the tuned model's name
         if not path.exists():
             with Image.open(b["image_path"]) as ib, Image.open(t["image_path"]) as it:
                 sheet = Image.new("RGB", (2 * CELL + GAP, HEADER + CELL), "white")
                 d = ImageDraw.Draw(sheet)
-                for k, (label, im) in enumerate((("base", ib), ("tuned", it))):
+                for k, (text, im) in enumerate((("base", ib), (label, it))):
                     x = k * (CELL + GAP)
                     sheet.paste(im.convert("RGB").resize((CELL, CELL), Image.NEAREST),
                                 (x, HEADER))
-                    d.text((x + CELL / 2, HEADER / 2), label, fill="black", font=_label_font(),
-                           anchor="mm")
+                    d.text((x + CELL / 2, HEADER / 2), text[:18], fill="black",
+                           font=_label_font(), anchor="mm")
                 sheet.save(path)
         text = " ".join(f"Δ{short_name(r)} {d:+.2f}" for r, d in deltas.items())
         items.append((str(path), f"{key[0]} · seed {key[1]}\n{text}"))
@@ -206,6 +188,7 @@ class CompareTab:
             self.guidance = settings.bind("eval.guidance_scale", gr.Number(
                 e.guidance_scale, label="guidance scale"))
         with gr.Row():
+            self.processes = processes_control("compare")
             self.start = gr.Button("Compare", variant="primary", elem_id="compare-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
             self.past = gr.Dropdown([], label="show evaluation", elem_id="compare-past", scale=2)
@@ -227,7 +210,7 @@ class CompareTab:
         ctx = self.ctx
         views = [self.head, self.pairs, self.wins, self.bars, self.deltas]
 
-        def on_start(base, tuned, *values):
+        def on_start(base, tuned, processes, *values):
             try:
                 if not tuned:
                     raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
@@ -240,25 +223,25 @@ class CompareTab:
 
                 base_path = str(resolve_path(base) or base)
                 name = eval_name(base_path, tuned, cfg)
-                run_dir = ctx.run_dir
 
-                def job(jc):
-                    from craft.store import RunStore
+                def in_process(jc, run):
+                    from craft.stages import stage_evaluate
 
                     jc.log(f"{name}: base {base_path} vs {tuned}")
-                    with RunStore(run_dir) as store:
-                        res = run_evaluation(cfg, store, base_path, tuned, name, jc.progress,
-                                             jc.should_stop)
+                    res = stage_evaluate(run, cfg, tuned=tuned, base=base_path, name=name,
+                                         progress=jc.progress, should_stop=jc.should_stop)
                     jc.log(res.table())
                     return {"evaluation_id": res.evaluation_id}
 
-                JOBS.start("compare", "Compare base vs tuned", job)
+                command = ["evaluate", "--tuned", tuned, "--base", base_path, "--name", name]
+                JOBS.start("compare", "Compare base vs tuned", stage_job(
+                    "compare", command, ctx.run_dir, cfg, processes, in_process))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip()
             return ok_md("evaluation started"), gr.Timer(active=True)
 
-        self.start.click(on_start, [self.base, self.tuned, *app.settings.components],
-                         [self.message, self.panel.timer])
+        self.start.click(on_start, [self.base, self.tuned, self.processes,
+                                    *app.settings.components], [self.message, self.panel.timer])
         self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="compare")
                           else "no evaluation is running", None, self.message)
 
@@ -306,4 +289,4 @@ class CompareTab:
                 self.panel.keep_polling()]
 
 
-__all__ = ["CompareTab", "checkpoint_choices", "pair_images", "run_evaluation", "win_table"]
+__all__ = ["CompareTab", "checkpoint_choices", "pair_images", "win_table"]

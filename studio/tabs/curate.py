@@ -5,13 +5,12 @@ saved in the run and honoured by training and export."""
 
 from __future__ import annotations
 
-import numpy as np
 import gradio as gr
 
 from craft.config import field_choices, field_help
 from studio.context import StudioContext
-from studio.curation import (VIEWS, Curation, CurationCache, curate, export_imagefolder,
-                             gallery_items, gallery_rows, kept_line, levels_line, make_settings,
+from studio.curation import (VIEWS, Curation, CurationCache, curate, gallery_items,
+                             kept_rows, gallery_rows, kept_line, levels_line, make_settings,
                              toggle_action)
 from studio.plots import composite_histogram, empty_figure
 from studio.settings import Settings
@@ -188,17 +187,17 @@ class CurateTab:
 
         def on_export(*values):
             try:
+                from craft.run import Run
+                from craft.stages import stage_export
+
                 c = self.run(values)
                 a = ctx.cfg.advantage
-                folder, archive = export_imagefolder(c, ctx.run_dir, self.rewards, a.mode, a.tau)
-                ctx.store.save_selection(f"export:{folder.name}", {
-                    "filter": c.settings.__class__.__name__, "weights": dict(c.settings.weights),
-                    "level": c.settings.level, "top_k": c.settings.top_k},
-                    c.frame.loc[c.frame["kept"].to_numpy()].assign(
-                        weight=np.nan)[["candidate_id", "composite", "advantage", "weight"]])
-                n = int(c.frame["kept"].sum())
-                return (ok_md(f"exported {n} images to `{folder}` (load with "
-                              f"`datasets.load_dataset('imagefolder', data_dir=...)`)"),
+                kept = kept_rows(c, a.mode, a.tau)
+                folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings,
+                                               kept=kept)
+                return (ok_md(f"exported {len(kept)} images to `{folder}` (load with "
+                              f"`datasets.load_dataset('imagefolder', data_dir=...)`; the same "
+                              f"as `craft export`)"),
                         gr.update(value=str(archive), visible=True))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip()

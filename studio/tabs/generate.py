@@ -9,7 +9,8 @@ from craft.config import field_choices, field_help
 from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.settings import Settings, none_as_zero, optional_int
-from studio.ui import JobPanel, ok_md, user_error
+from studio.launcher import stage_job
+from studio.ui import JobPanel, ok_md, processes_control, user_error
 
 LATEST = 32
 
@@ -74,6 +75,7 @@ class GenerateTab:
                 to_ui=none_as_zero, from_ui=optional_int)
         self.plan = gr.Markdown(elem_id="gen-plan")
         with gr.Row():
+            self.processes = processes_control("gen")
             self.start = gr.Button("Generate", variant="primary", elem_id="gen-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
         self.message = gr.Markdown(elem_id="gen-message")
@@ -86,38 +88,29 @@ class GenerateTab:
     def wire(self, app) -> None:
         ctx = self.ctx
 
-        def on_start(*values):
+        def on_start(processes, *values):
             try:
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
                 ctx.remember_config()
                 if ctx.counts()["prompts"] == 0:
                     raise ValueError("this run has no prompts yet; add some in the Prompts tab")
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip()
-            run_dir = ctx.run_dir
 
-            def job(jc):
-                import torch
+                def in_process(jc, run):
+                    from craft.stages import stage_generate
 
-                from craft.generation import generate_candidates
-                from craft.store import RunStore
+                    jc.log(f"loading {cfg.model.pretrained}")
+                    out = stage_generate(run, cfg, jc.progress, jc.should_stop)
+                    jc.log(f"wrote {out['written']} candidates; {out['total']} in the run")
+                    return out
 
-                torch.set_flush_denormal(True)
-                jc.log(f"loading {cfg.model.pretrained}")
-                with RunStore(run_dir) as store:
-                    n = generate_candidates(store, cfg, progress=jc.progress,
-                                            should_stop=jc.should_stop)
-                jc.log(f"wrote {n} candidates")
-                return n
-
-            try:
-                JOBS.start("generate", "Generate candidates", job)
+                JOBS.start("generate", "Generate candidates", stage_job(
+                    "generate", ["generate"], ctx.run_dir, cfg, processes, in_process))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip()
             return ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx)
 
-        self.start.click(on_start, app.settings.components,
+        self.start.click(on_start, [self.processes, *app.settings.components],
                          [self.message, self.panel.timer, self.plan])
         self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="generate")
                           else "no generation is running", None, self.message)

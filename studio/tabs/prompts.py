@@ -16,6 +16,7 @@ from craft.config import field_choices, field_help
 from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.settings import Settings, none_as_zero, optional_int
+from studio.launcher import stage_job
 from studio.ui import JobPanel, error_md, ok_md, safe, user_error
 
 UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
@@ -212,21 +213,18 @@ class PromptsTab:
                 ctx.remember_config()
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip()]
-            run_dir = ctx.run_dir
-
-            def job(jc):
-                from craft.stages import prepare_prompts
-                from craft.store import RunStore
+            def in_process(jc, run):
+                from craft.stages import stage_prompts
 
                 jc.log(f"loading {cfg.prompts.source} and {cfg.prompts.eval_source}")
-                with RunStore(run_dir) as store:
-                    info = prepare_prompts(store, cfg, progress=jc.progress)
+                info = stage_prompts(run, cfg, progress=jc.progress)
                 jc.log(f"train: {info['train_summary']}; eval: {info['eval_summary']}; "
                        f"expanded {info['expanded']} prompt(s)")
                 return info
 
             try:
-                JOBS.start("prompts", "Add prompts", job)
+                JOBS.start("prompts", "Add prompts", stage_job("prompts", ["prompts"],
+                                                               ctx.run_dir, cfg, 1, in_process))
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip()]
             return [ok_md("adding prompts…"), gr.Timer(active=True)]

@@ -11,7 +11,8 @@ from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.plots import correlation_heatmap, reward_histograms
 from studio.settings import Settings
-from studio.ui import JobPanel, ok_md, user_error
+from studio.launcher import stage_job
+from studio.ui import JobPanel, ok_md, processes_control, user_error
 
 
 def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
@@ -60,6 +61,7 @@ class ScoreTab:
             self.batch = settings.bind("rewards.batch_size", gr.Number(
                 cfg.rewards.batch_size, precision=0, minimum=1, label="rewards.batch_size"))
         with gr.Row():
+            self.processes = processes_control("score")
             self.start = gr.Button("Score", variant="primary", elem_id="score-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="score-cancel")
         self.message = gr.Markdown(elem_id="score-message")
@@ -73,7 +75,7 @@ class ScoreTab:
         n = len(app.settings.components)
 
         def on_start(*values):
-            *cfg_values, names, force = values
+            *cfg_values, names, force, processes = values
             try:
                 cfg = app.settings.config_from(ctx.cfg, cfg_values)
                 ctx.set_config(cfg)
@@ -82,29 +84,26 @@ class ScoreTab:
                     raise ValueError("tick at least one reward to compute")
                 if ctx.counts()["candidates"] == 0:
                     raise ValueError("this run has no candidates yet; run the Generate step")
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
-            run_dir = ctx.run_dir
 
-            def job(jc):
-                from craft.scoring import score_candidates
-                from craft.store import RunStore
+                def in_process(jc, run):
+                    from craft.stages import stage_score
 
-                jc.log(f"scoring with {', '.join(names)}")
-                with RunStore(run_dir) as store:
-                    written = score_candidates(store, cfg, names=list(names), force=bool(force),
-                                               progress=jc.progress, should_stop=jc.should_stop)
-                jc.log(f"wrote {written} scores")
-                return written
+                    jc.log(f"scoring with {', '.join(names)}")
+                    out = stage_score(run, cfg, list(names), force=bool(force),
+                                      progress=jc.progress, should_stop=jc.should_stop)
+                    jc.log(f"wrote {out['written']} scores")
+                    return out
 
-            try:
-                JOBS.start("score", "Score candidates", job)
+                command = ["score", "--rewards", ",".join(names), *(["--force"] if force else [])]
+                JOBS.start("score", "Score candidates", stage_job(
+                    "score", command, ctx.run_dir, cfg, processes, in_process))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip()
             return ok_md("scoring started"), gr.Timer(active=True)
 
         assert n == len(app.settings.components)
-        self.start.click(on_start, [*app.settings.components, self.rewards, self.force],
+        self.start.click(on_start, [*app.settings.components, self.rewards, self.force,
+                                    self.processes],
                          [self.message, self.panel.timer])
         self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="score")
                           else "no scoring job is running", None, self.message)

@@ -1,11 +1,11 @@
-"""Train: advantage-weighted fine-tuning on the kept set, in a background thread, with a live
-loss curve, step / ETA, fixed-seed previews, cancel (stops within one step and leaves a loadable
-checkpoint) and resume."""
+"""Train: advantage-weighted fine-tuning on the kept set, in a background job (a thread of the
+studio, or ``accelerate launch`` on several processes), with a live loss curve, step / ETA,
+fixed-seed previews, cancel (stops within one step and leaves a loadable checkpoint) and resume.
+A finished run is published as RUN/final, as ``craft train`` does."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import gradio as gr
@@ -16,13 +16,9 @@ from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.plots import loss_curve
 from studio.settings import Settings, lines_to_list, list_to_lines
-from studio.ui import JobPanel, error_md, ok_md, user_error
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def train_dir(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "train" / name
+from craft.stages import check_run_name, train_dir
+from studio.launcher import stage_job
+from studio.ui import JobPanel, error_md, ok_md, processes_control, user_error
 
 
 def runs_table(ctx: StudioContext) -> pd.DataFrame:
@@ -47,18 +43,13 @@ def run_names(ctx: StudioContext) -> list[str]:
 
 
 def resumable(ctx: StudioContext) -> list[str]:
-    from craft.training import latest_checkpoint
-
-    out = []
+    """Runs that did not finish (cancelled, failed, killed): each continues from its last
+    checkpoint, or from step 0 when it has none."""
     runs = ctx.store.train_runs_df()
     if runs.empty:
-        return out
+        return []
     last = runs.groupby("name").tail(1)
-    for r in last.itertuples():
-        if r.status in ("cancelled", "failed") and latest_checkpoint(
-                train_dir(ctx.run_dir, r.name)) is not None:
-            out.append(r.name)
-    return out
+    return [r.name for r in list(last.itertuples())[::-1] if r.status in ("cancelled", "failed")]
 
 
 def next_name(ctx: StudioContext) -> str:
@@ -169,6 +160,7 @@ class TrainTab:
                 to_ui=list_to_lines, from_ui=lines_to_list)
         with gr.Row():
             self.name = gr.Textbox("craft-1", label="run name", elem_id="train-name", scale=2)
+            self.processes = processes_control("train")
             self.start = gr.Button("Start training", variant="primary", elem_id="train-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
         with gr.Row():
@@ -190,83 +182,77 @@ class TrainTab:
 
     # ------------------------------------------------------------------ jobs
 
-    def _start(self, cfg, name: str, resume: bool) -> str:
+    def _start(self, cfg, name: str, resume: bool, processes: int) -> str:
         ctx = self.ctx
-        run_dir = ctx.run_dir
-        out_dir = train_dir(run_dir, name)
 
-        def job(jc):
-            import torch
+        def in_process(jc, run):
+            from craft.stages import stage_publish, stage_train
+            from craft.training import TrainCallbacks
 
-            from craft.stages import training_set
-            from craft.store import RunStore
-            from craft.training import TrainCallbacks, train, weighted_epochs
+            jc.set_info(name=name, out_dir=str(train_dir(run.run_dir, name)))
 
-            torch.set_flush_denormal(True)
-            jc.set_info(name=name, out_dir=str(out_dir))
-            with RunStore(run_dir) as store:
-                kept = training_set(store, cfg, save_as=f"train:{name}")
-                jc.log(f"training on {len(kept)} kept candidates "
-                       f"(~{weighted_epochs(len(kept), cfg.train.steps, cfg.train.effective_batch):.0f}"
-                       f" passes); output {out_dir}")
+            def on_step(step, total, metrics):
+                jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
 
-                def on_step(step, total, metrics):
-                    jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
+            result = stage_train(run, cfg, name, resume=resume, should_stop=jc.should_stop,
+                                 callbacks=TrainCallbacks(
+                                     on_step=on_step,
+                                     on_preview=lambda step, ims, ps: jc.log(
+                                         f"previews at step {step}"),
+                                     on_checkpoint=lambda step, path: jc.log(
+                                         f"checkpoint at step {step}: {path}")))
+            out = {"status": result.status, "steps": result.steps_done,
+                   "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
+            if result.status == "done":
+                out["final"] = str(stage_publish(run, result))
+                jc.log(f"done after {result.steps_done} steps; published as {out['final']}")
+            else:
+                jc.log(f"{result.status} after {result.steps_done} steps; "
+                       + (f"checkpoint {result.last_checkpoint}" if result.last_checkpoint
+                          else "no checkpoint (nothing trained yet); Resume starts at step 0"))
+            return out
 
-                def on_preview(step, images, prompts):
-                    jc.log(f"previews at step {step}")
-
-                def on_checkpoint(step, path):
-                    jc.log(f"checkpoint at step {step}: {path}")
-
-                result = train(cfg, kept, out_dir, store=store, run_name=name,
-                               callbacks=TrainCallbacks(on_step, on_preview, on_checkpoint,
-                                                        jc.should_stop), resume=resume)
-            jc.log(f"{result.status} after {result.steps_done} steps; "
-                   f"{result.final_dir or result.last_checkpoint}")
-            return {"status": result.status, "steps": result.steps_done,
-                    "final": str(result.final_dir) if result.final_dir else None,
-                    "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
-
-        JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}", job)
+        command = ["train", "--name", name, "--resume" if resume else "--new"]
+        fn = stage_job("train", command, ctx.run_dir, cfg, processes, in_process)
+        JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}"
+                   + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
+                   info={"name": name})
         return name
 
     def wire(self, app) -> None:
         ctx = self.ctx
 
-        def on_start(name, *values):
+        def on_start(name, processes, *values):
             try:
-                name = (name or "").strip()
-                if not _NAME_RE.match(name):
-                    raise ValueError(f"run name {name!r}: use letters, digits, '-', '_' or '.' "
-                                     f"(up to 64), e.g. craft-1")
+                name = check_run_name(name)
                 if name in run_names(ctx) or train_dir(ctx.run_dir, name).exists():
                     raise ValueError(f"a training run named {name!r} exists; pick another name "
                                      f"or resume it")
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
                 ctx.remember_config()
-                self._start(cfg, name, resume=False)
+                self._start(cfg, name, resume=False, processes=processes)
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip()
             return (ok_md(f"training {name} started"), gr.Timer(active=True),
                     gr.update(choices=[name, *run_names(ctx)], value=name), next_name(ctx))
 
-        self.start.click(on_start, [self.name, *app.settings.components],
+        self.start.click(on_start, [self.name, self.processes, *app.settings.components],
                          [self.message, self.panel.timer, self.view, self.name])
 
-        def on_resume(name):
+        def on_resume(name, processes):
             try:
                 if not name:
                     raise ValueError("pick a cancelled or failed run to resume")
                 cfg = stored_config(ctx, name)
-                self._start(cfg, name, resume=True)
+                self._start(cfg, name, resume=True, processes=processes)
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip()
             return (ok_md(f"resuming {name} from its last checkpoint"), gr.Timer(active=True),
                     gr.update(choices=run_names(ctx), value=name))
 
-        self.resume.click(on_resume, self.resume_name, [self.message, self.panel.timer, self.view])
+        self.resume.click(on_resume, [self.resume_name, self.processes],
+                          [self.message, self.panel.timer, self.view])
         self.cancel.click(lambda: ok_md("cancel requested: stopping after the current step and "
                                         "saving a checkpoint") if JOBS.cancel(kind="train")
                           else "no training is running", None, self.message)

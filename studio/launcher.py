@@ -1,0 +1,181 @@
+"""Run a stage as a ``craft`` subprocess, on one or several processes (``accelerate launch``),
+inside a studio job: same progress, ETA, log lines, cancel and resume as an in-process job.
+
+Why a subprocess: several GPUs need several processes, which a thread in the studio cannot
+give; the command is exactly the one a user would type (it is logged), so what the studio runs
+on N processes is what the README documents. How it talks to the command:
+
+- ``--config FILE``: the studio's current settings, written into the job's folder;
+- ``--progress-file``: the command's main process writes its stage progress there as JSON, and
+  the job polls it every half second;
+- ``--stop-file``: Cancel creates it; the command stops at the next batch or optimizer step,
+  leaving what it committed (and, in training, a checkpoint), and exits 3. If it has not ended
+  :data:`STOP_GRACE_S` later, its whole process group is sent SIGTERM, then SIGKILL;
+- ``--result-file``: what the command made (training run, checkpoint, evaluation id).
+
+Job folders live under RUN/.studio-jobs/ (config, log, progress, result), so a finished job can
+still be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from craft import CraftError
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = ".studio-jobs"
+STOP_GRACE_S = 120.0
+POLL_S = 0.5
+_BAR = re.compile(r"\d+%\|.*\|")  # a tqdm bar line: not worth a log line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_prefix(processes: int) -> list[str]:
+    """The program that runs ``craft``: this Python for one process, ``accelerate launch`` with
+    ``processes`` processes on this machine otherwise (one per GPU, or CPU processes)."""
+    if processes <= 1:
+        return [sys.executable, "-m", "craft.cli"]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or \
+        shutil.which("accelerate")
+    if accelerate is None:
+        raise CraftError("several processes need accelerate's launcher, but the `accelerate` "
+                         "command is not installed beside this Python; pip install accelerate")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "craft.cli"]
+
+
+def subprocess_job(command: list[str], run_dir: Path, cfg, processes: int,
+                   kind: str) -> Callable[[Any], Any]:
+    """The job function (``fn(jc)`` for :meth:`studio.jobs.JobManager.start`) that runs
+    ``craft COMMAND --run-dir RUN ...`` in a subprocess and relays it to the job."""
+    from craft.config import save_config
+
+    def job(jc):
+        folder = Path(run_dir) / JOBS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = save_config(cfg, folder / "config.yaml")
+        files = {k: folder / f"{k}.json" for k in ("progress", "result")}
+        stop = folder / "stop"
+        argv = [*launch_prefix(processes), *command, "--run-dir", str(run_dir), "--config",
+                str(config), "--progress-file", str(files["progress"]), "--stop-file", str(stop),
+                "--result-file", str(files["result"])]
+        jc.set_info(processes=processes, command=" ".join(argv), job_dir=str(folder))
+        jc.log("$ " + " ".join(argv))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if processes > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")  # N CPU processes share the cores
+        with open(folder / "log.txt", "w") as logfile:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env, start_new_session=True)
+            reader = threading.Thread(target=_relay, args=(proc, jc, logfile), daemon=True)
+            reader.start()
+            rc = _watch(proc, jc, files["progress"], stop)
+            reader.join(timeout=10)
+        result = json.loads(files["result"].read_text()) if files["result"].exists() else {}
+        if rc == 0:
+            return result
+        if jc.should_stop():
+            jc.log(f"stopped (exit code {rc}); run it again to continue")
+            return result
+        from craft.cli_common import EXIT_STOPPED
+
+        if rc == EXIT_STOPPED:
+            return result
+        last = _last_error(folder / "log.txt")
+        raise CraftError(f"`craft {command[0]}` on {processes} process(es) failed (exit code "
+                         f"{rc}): {last}")
+
+    return job
+
+
+def _relay(proc, jc, logfile) -> None:
+    for line in proc.stdout:
+        line = line.rstrip()
+        logfile.write(line + "\n")
+        logfile.flush()
+        if line and not _BAR.search(line):
+            jc.log(line)
+
+
+def _watch(proc, jc, progress_file: Path, stop: Path) -> int:
+    stop_sent = None
+    signalled = 0
+    while proc.poll() is None:
+        _read_progress(jc, progress_file)
+        if jc.should_stop() and stop_sent is None:
+            stop.touch()
+            stop_sent = time.time()
+            jc.log("cancel requested: the command stops at its next batch or step")
+        if stop_sent is not None and time.time() - stop_sent > STOP_GRACE_S * (1 + signalled):
+            sig = signal.SIGTERM if signalled == 0 else signal.SIGKILL
+            jc.log(f"the command did not stop within {STOP_GRACE_S:.0f} s; sending "
+                   f"{sig.name} to its processes")
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            signalled += 1
+        time.sleep(POLL_S)
+    _read_progress(jc, progress_file)
+    return proc.returncode
+
+
+def _read_progress(jc, path: Path) -> None:
+    try:
+        p = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if p.get("total"):
+        jc.progress(int(p["done"]), int(p["total"]), f"{p.get('stage', '')} "
+                    f"{p['done']}/{p['total']} {p.get('unit', '')}".strip())
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("craft: error:") or "Error" in ln:
+            return ln.removeprefix("craft: error:").strip()[:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+def stage_job(kind: str, command: list[str], run_dir: Path, cfg, processes: int,
+              in_process: Callable[[Any, Any], Any]) -> Callable[[Any], Any]:
+    """A job function for one stage: ``in_process(jc, run)`` in a thread of the studio for one
+    process, or ``craft COMMAND`` on ``processes`` processes (:func:`subprocess_job`)."""
+    processes = int(processes or 1)
+    if processes < 1:
+        raise CraftError(f"processes = {processes}: use 1 (in the studio) or more (accelerate "
+                         f"launch)")
+    if processes > 1:
+        return subprocess_job(command, run_dir, cfg, processes, kind)
+
+    def job(jc):
+        from craft.stages import open_run
+
+        with open_run(run_dir, cfg) as run:
+            return in_process(jc, run)
+
+    return job
+
+
+__all__ = ["JOBS_DIR", "STOP_GRACE_S", "launch_prefix", "stage_job", "subprocess_job"]
