@@ -308,9 +308,9 @@ def _summarize_and_store(store, cfg, name, models, labels, plan, paths, out, rew
     from craft.filtering import normalize
 
     by_key: dict[tuple[str, int], dict[str, float]] = {}
-    for keys, values in gathered:
-        for k, key in enumerate(keys):
-            by_key[tuple(key)] = {r: values[r][k] for r in rewards}
+    for rows, values in gathered:
+        for k, row in enumerate(rows):
+            by_key[tuple(row)] = {r: values[r][k] for r in rewards}
     frame = [{"model": label, "prompt": plan[i][0], "seed": plan[i][1],
               "image_path": str(paths[label][i]), **by_key[(label, i)]}
              for label in labels for i in range(len(plan))]

@@ -74,18 +74,20 @@ def open_run(run_dir: str | Path, cfg, dist: Dist | None = None) -> Run:
 # ------------------------------------------------------------------------ preflight
 
 
-def require(cfg, *, model: bool = False, rewards=(), train: bool = False) -> None:
+def require(cfg, *, model: bool = False, rewards=(), train: bool = False,
+            processes: int = 1) -> None:
     """Fail before any work when something the stage reads is not on this machine: the base
     model's files, each reward's weights, training options (e.g. 8-bit Adam without
-    bitsandbytes). Reads no weights."""
+    bitsandbytes, an effective batch that ``processes`` cannot split). Reads no weights."""
     if model:
         from craft.models import check_model
 
         check_model(cfg.model)
     if train:
-        from craft.training import check_train_options
+        from craft.training import check_train_options, gradient_accumulation
 
         check_train_options(cfg)
+        gradient_accumulation(cfg.train, processes)
     if rewards:
         from craft.rewards import check_available
 
@@ -376,7 +378,7 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
     dist = run.dist
     name = check_run_name(name)
     out_dir = train_dir(run.run_dir, name)
-    require(cfg, model=pipe is None, train=True)
+    require(cfg, model=pipe is None, train=True, processes=dist.world)
     plan: TrainPlan = dist.on_main(lambda: _plan_training(run, cfg, name, resume, settings))
     if plan.action == "skip":
         steps = dist.on_main(lambda: _steps_done(run.store, plan.run_id))
@@ -384,7 +386,7 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
                            _latest(out_dir))
     if plan.config != config_to_dict(cfg):  # a resumed run: the config it started with
         cfg = config_from_dict(plan.config, f"training run {name}")
-        require(cfg, model=pipe is None, train=True)
+        require(cfg, model=pipe is None, train=True, processes=dist.world)
     kept = _localize(plan.kept, run.run_dir)
     digest = kept_digest(kept)
     digests = dist.gather(digest)
@@ -574,7 +576,8 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     from craft.models import load_from_config
 
     run = as_run(run)
-    require(cfg, model=True, rewards=[*cfg.rewards.names, *cfg.rewards.eval_names], train=True)
+    require(cfg, model=True, rewards=[*cfg.rewards.names, *cfg.rewards.eval_names], train=True,
+            processes=run.dist.world)
     progress_for = progress_for or (lambda stage: None)
     timings: dict[str, float] = {}
 

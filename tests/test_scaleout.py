@@ -1,0 +1,231 @@
+"""The shipped multi-process commands, run for real on CPU: ``accelerate launch --multi_gpu
+--num_processes 2 -m craft.cli run`` (one machine), the same as two "machines" (two launchers,
+machine ranks 0 and 1, main process at 127.0.0.1), and a run whose rank is SIGKILLed
+mid-generation and mid-training, then resumed by the same command.
+
+What every run must show: exit 0 on every process; every planned candidate stored once; every
+score once; the same kept set on every process (each records its digest); one finished
+training run; one evaluation; RUN/final loads. And a 2-process run equals a 1-process run:
+same candidates (bitwise: batch size 1 makes every image's computation the same), same scores,
+same kept set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from craft.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sets(model_dir: str, **extra) -> list[str]:
+    # batch size 1: every image is computed alone, so any sharding gives bitwise the same images
+    base = {"generation.batch_size": 1, "eval.batch_size": 1, "train.steps": 4,
+            "train.checkpoint_every": 2}
+    return [x for o in tiny_overrides(model_dir, **{**base, **extra}) for x in ("--set", o)]
+
+
+def _launcher(processes: int, machines: int = 1, machine_rank: int = 0,
+              port: int | None = None) -> list[str]:
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port or _port()), "--monitor_interval", "0.5"]
+    if machines > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return [*cmd, "-m", "craft.cli"]
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _craft_run(run: Path, sets: list[str]) -> list[str]:
+    return ["run", "--run-dir", str(run), *sets]
+
+
+def _state(run: Path) -> dict:
+    """What a finished run holds, keyed by content (ids differ between runs)."""
+    with RunStore(run) as store:
+        c = store.candidates_df()
+        key = {int(r.id): (r.prompt, r.variant, int(r.seed)) for r in c.itertuples()}
+        scores = store.scores_df(wide=False)
+        runs = store.train_runs_df()
+        sel = store.selections_df().set_index("id")
+        kept = [key[i] for i in store.selection_items_df(int(runs["selection_id"].iloc[0]))[
+            "candidate_id"]] if len(runs) and runs["selection_id"].notna().all() else []
+        recorded = json.loads(sel.loc[int(runs["selection_id"].iloc[0]), "settings_json"]) \
+            if kept else {}
+        metrics = store.metrics_df(int(runs["id"].iloc[0])) if len(runs) else None
+        return {
+            "keys": [key[i] for i in c["id"]],
+            "images": {key[int(r.id)]: Path(r.image_path).read_bytes() for r in c.itertuples()},
+            "score_rows": [(key[int(r.candidate_id)], r.reward) for r in scores.itertuples()],
+            "scores": {(key[int(r.candidate_id)], r.reward): r.value for r in scores.itertuples()},
+            "rewards": sorted(set(scores["reward"])),
+            "runs": runs[["name", "status"]].values.tolist(),
+            "kept": sorted(kept), "selection": recorded,
+            "steps": None if metrics is None else metrics["step"].tolist(),
+            "evaluations": len(store.evaluations_df()),
+        }
+
+
+def _check_complete(state: dict, cfg_prompts=4, variants=2, seeds=2, rewards=3, steps=4,
+                    processes: int = 2) -> None:
+    n = cfg_prompts * (1 + variants) * seeds
+    assert len(state["keys"]) == n and len(set(state["keys"])) == n  # every candidate once
+    assert len(state["score_rows"]) == n * rewards  # every score once
+    assert len(set(state["score_rows"])) == n * rewards
+    assert state["runs"] == [["craft", "done"]]  # one finished training run
+    assert state["steps"] == list(range(1, steps + 1))
+    assert state["evaluations"] == 1
+    sel = state["selection"]
+    assert sel["processes"] == processes and len(sel["digest_by_process"]) == processes
+    assert len(set(sel["digest_by_process"])) == 1, "the kept set differs between processes"
+    assert state["kept"]
+
+
+def _final_loads(run: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(run / "final")
+    assert pipe.unet is not None
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    """The same run on one process (plain `craft run`), for comparison."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    proc = _run([sys.executable, "-m", "craft.cli", *_craft_run(run, _sets(tiny_model_dir))])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return _state(run)
+
+
+def test_shipped_command_on_two_processes(tmp_path, tiny_model_dir, one_process):
+    run = tmp_path / "run"
+    proc = _run([*_launcher(2), *_craft_run(run, _sets(tiny_model_dir))])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.count("craft win%") == 1  # only the main process prints the table
+    assert "[rank 1]" not in proc.stderr or "ERROR" not in proc.stderr
+    state = _state(run)
+    _check_complete(state)
+    _final_loads(run)
+    # Two processes make exactly what one process makes.
+    assert sorted(state["keys"]) == sorted(one_process["keys"])
+    assert state["images"] == one_process["images"]
+    assert state["scores"] == one_process["scores"]
+    assert state["kept"] == one_process["kept"]
+    assert one_process["selection"]["kept_digest"] == state["selection"]["kept_digest"]
+    # A rerun of the finished run adds nothing: no second training run, no second evaluation.
+    again = _run([*_launcher(2), *_craft_run(run, [])])
+    assert again.returncode == 0, again.stderr[-6000:]
+    after = _state(run)
+    assert after["runs"] == [["craft", "done"]] and after["evaluations"] == 1
+    assert after["keys"] == state["keys"]
+
+
+def test_two_machines_on_one_host(tmp_path, tiny_model_dir, one_process):
+    """Two launchers as two machines (machine ranks 0 and 1): only the global main process
+    (machine 0) opens the store; machine 1's process sends its rows to it."""
+    run, port = tmp_path / "run", _port()
+    args = _craft_run(run, _sets(tiny_model_dir))
+    procs = [subprocess.Popen([*_launcher(2, machines=2, machine_rank=m, port=port), *args],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-6000:]
+    assert outs[0][0].count("craft win%") == 1 and "craft win%" not in outs[1][0]
+    state = _state(run)
+    _check_complete(state)
+    _final_loads(run)
+    assert state["images"] == one_process["images"]
+    assert state["scores"] == one_process["scores"]
+    assert state["kept"] == one_process["kept"]
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "craft.cli" in " ".join(
+                    child.cmdline()):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def _kill_when(launcher, progress: Path, stage: str, at: int, rank: int) -> dict:
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+        try:
+            p = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            p = {}
+        if p.get("stage") == stage and at <= p.get("done", 0) < p.get("total", 0):
+            pid = _rank_pid(launcher, rank)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                return p
+        time.sleep(0.02)
+    raise AssertionError(f"the launch never reached {stage} {at} (rc {launcher.poll()})")
+
+
+@pytest.mark.parametrize("stage, at, rank", [("generate", 6, 1), ("train", 8, 0)])
+def test_a_killed_rank_leaves_a_run_the_same_command_resumes(tmp_path, tiny_model_dir, stage,
+                                                             at, rank):
+    run = tmp_path / "run"
+    progress = tmp_path / "progress.json"
+    # Long enough to be caught mid-stage: 4 prompts x 3 x 4 seeds at 30 steps; 40 train steps.
+    sets = _sets(tiny_model_dir, **{"generation.seeds_per_prompt": 4,
+                                    "generation.num_inference_steps": 30, "train.steps": 40,
+                                    "train.checkpoint_every": 5})
+    cmd = [*_launcher(2), *_craft_run(run, sets)]
+    launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = _kill_when(launcher, progress, stage, at, rank)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0  # the launcher stops the others and fails
+    with RunStore(run) as store:  # a consistent store right after the kill
+        before = len(store.candidates_df())
+        if stage == "generate":
+            assert before < 4 * 3 * 4
+        else:
+            assert store.train_runs_df()["status"].tolist() == ["failed"]
+    again = _run(cmd)
+    assert again.returncode == 0, again.stderr[-6000:]
+    state = _state(run)
+    _check_complete(state, seeds=4, steps=40)
+    _final_loads(run)
+    assert seen["done"] >= at
+
+
+def test_a_batch_two_processes_cannot_split_fails_before_any_work(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    sets = _sets(tiny_model_dir, **{"train.effective_batch": 2, "train.micro_batch": 2})
+    proc = _run([*_launcher(2), *_craft_run(run, sets)])
+    assert proc.returncode != 0
+    assert "multiple of 4" in proc.stderr and "micro_batch (2) x processes (2)" in proc.stderr
+    assert not list(run.glob("images/*/*.png"))  # nothing was generated
