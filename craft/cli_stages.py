@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 from craft.cli_common import (Reporter, add_config_arguments, add_job_arguments, stop_check,

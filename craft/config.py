@@ -736,10 +736,9 @@ def config_to_yaml(cfg: CraftConfig) -> str:
 
 def save_config(cfg: CraftConfig, path: str | Path) -> Path:
     """Write ``cfg`` as YAML (creating parent folders) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_yaml(cfg), encoding="utf-8")
-    return path
+    from craft.fsutil import write_text_atomic
+
+    return write_text_atomic(path, config_to_yaml(cfg))
 
 
 __all__ = [

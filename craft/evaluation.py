@@ -125,9 +125,9 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
             for k, ip in enumerate(sub["image_path"].tolist()[:cols]):
                 im = Image.open(ip).convert("RGB").resize((cell, cell), Image.NEAREST)
                 sheet.paste(im, (label_w + j * (cols * cell + gap) + k * cell, y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    from craft.fsutil import save_image_atomic
+
+    return save_image_atomic(sheet, path)
 
 
 def load_for_eval(cfg, path: str, device: str | None = None):

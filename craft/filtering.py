@@ -195,8 +195,14 @@ class FilterSettings:
                       normalization=f.normalization, level=f.level, roles=dict(r.roles),
                       require=tuple(f.require), margin=f.margin, top_k=f.top_k,
                       include_reference=f.include_reference)
-        values.update(changes)
-        return cls(**values)
+        if changes:  # values from elsewhere (studio controls): check them here
+            return cls(**{**values, **changes})
+        # The config's own checks (craft.config: FilterConfig, RewardsConfig, CraftConfig) have
+        # passed, with errors in the config's terms; checking again would only repeat them.
+        settings = object.__new__(cls)
+        for name, value in values.items():
+            _set(settings, name, value)
+        return settings
 
 
 def required_rewards(settings: FilterSettings) -> list[str]:

@@ -373,7 +373,10 @@ def _read_table(path: Path, text: str, kind: str, format: str, column: str | Non
                 max_chars: int) -> PromptSet:
     first = text.split("\n", 1)[0]
     tab = kind in ("tsv", "parti") or ("\t" in first and "," not in first)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ",")
+    # strict: an opening quote that is never closed is an error, instead of a "prompt" that
+    # swallows every line to the end of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ",",
+                        strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -390,12 +393,19 @@ def _read_table(path: Path, text: str, kind: str, format: str, column: str | Non
     index = header.index(name)
 
     def rows() -> Iterator[tuple[int, Any]]:
+        number, start = 0, reader.line_num + 1
         try:
             for number, row in enumerate(reader, 1):
                 if not row:
                     continue  # a blank line in a csv is layout, as in txt
                 yield number, row[index] if index < len(row) else None
+                start = reader.line_num + 1
         except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise PromptError(f"prompt file {str(path)!r}: the quote opened in row "
+                                  f"{number + 1} (line {start}) is never closed, so the rest of "
+                                  f"the file would be read as one prompt; close the quote or "
+                                  f"remove it") from None
             raise PromptError(f"prompt file {str(path)!r}: csv error near line "
                               f"{reader.line_num} ({e}); fix the quoting there") from None
 

@@ -42,7 +42,6 @@ import copy
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -302,8 +301,9 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, opt, lora: bool, meta: 
     return final
 
 
-def save_pipeline(pipe, unet, out: Path) -> Path:
-    """The base pipeline with ``unet`` swapped in, saved complete in diffusers format."""
+def save_pipeline(pipe, unet, out: Path, extra: dict[str, str] | None = None) -> Path:
+    """The base pipeline with ``unet`` swapped in, saved complete in diffusers format (plus
+    ``extra`` files: name -> text), appearing at ``out`` all at once."""
     from craft.fsutil import atomic_dir
 
     original = pipe.unet
@@ -311,6 +311,8 @@ def save_pipeline(pipe, unet, out: Path) -> Path:
     try:
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
     finally:
         pipe.unet = original
     return Path(out)
@@ -503,6 +505,7 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
 
 def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple[list, list]:
     """Fixed-seed previews of the current (EMA) weights, saved under previews/step-N/."""
+    from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, generate_images
 
     tc = cfg.train
@@ -519,8 +522,8 @@ def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple
         pipe.unet = original
     pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
     pdir.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        im.save(pdir / f"{i}.png")
+    for i, im in enumerate(images):  # the studio shows them while training goes on
+        save_image_atomic(im, pdir / f"{i}.png", fsync=False)
     return images, prompts
 
 
@@ -530,9 +533,8 @@ def finish(cfg, pipe, raw_unet, ema, out_dir: Path, steps: int, meta: dict) -> P
     from craft.config import config_to_dict
 
     tuned = _as_dtype(export_unet(raw_unet, ema, cfg.train.lora), pipe.unet.dtype)
-    final_dir = save_pipeline(pipe, tuned, Path(out_dir) / "final")
-    (final_dir / "craft_train.json").write_text(json.dumps(
-        {**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1))
+    record = json.dumps({**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1)
+    final_dir = save_pipeline(pipe, tuned, Path(out_dir) / "final", {"craft_train.json": record})
     log.info("training done: %d steps; tuned pipeline at %s", steps, final_dir)
     return final_dir
 

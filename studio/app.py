@@ -21,11 +21,11 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from craft.config import config_to_yaml, load_config
+from craft.config import config_to_yaml, load_config, save_config
 from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
 from studio.context import StudioContext
 from studio.settings import Settings
-from studio.ui import CSS, error_md, ok_md, user_error
+from studio.ui import CSS, ok_md, user_error
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,8 @@ class StudioApp:
                 cfg = self.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
                 ctx.remember_config()
-                path = ctx.run_dir / SETTINGS_FILE
+                path = save_config(cfg, ctx.run_dir / SETTINGS_FILE)
                 text = config_to_yaml(cfg)
-                path.write_text(text, encoding="utf-8")
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip()
             return (ok_md(f"saved to `{path}`; the same pipeline from the command line: "

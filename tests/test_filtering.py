@@ -329,3 +329,20 @@ def test_an_empty_pool_gives_an_empty_selection_not_an_error():
     result = apply_filter(TWO_GROUPS.iloc[:0], make_settings(top_k=5))
     assert (result.counts.total, result.counts.kept, result.cutoff) == (0, 0, None)
     assert result.kept.empty and "composite" in result.kept.columns
+
+
+def test_settings_from_a_validated_config_equal_checked_settings():
+    """from_config trusts the config's own checks; the result equals settings built (and
+    checked) field by field, and hashes alike (the studio caches by settings)."""
+    import dataclasses
+
+    from craft.config import load_config
+
+    cfg = load_config(None, ["filter.level=ha", "filter.margin=0.1", "filter.top_k=7"])
+    trusted = FilterSettings.from_config(cfg)
+    checked = FilterSettings(**{f.name: getattr(trusted, f.name)
+                                for f in dataclasses.fields(FilterSettings)})
+    assert trusted == checked and hash(trusted) == hash(checked)
+    assert FilterSettings.from_config(cfg, top_k=3).top_k == 3
+    with pytest.raises(FilterError, match="top_k"):
+        FilterSettings.from_config(cfg, top_k=0)  # a change from outside is checked

@@ -195,6 +195,8 @@ BAD = [
     ("p.json", lambda p: p.write_text('{"prompts": ["a cat"]}'), {},
      ["JSON dict", "list of strings"]),
     ("p.csv", lambda p: p.write_text(""), {}, ["no header row", "prompt column"]),
+    ("p.csv", lambda p: p.write_text('prompt\na cat\n"a dog, running\na bird\nan owl\n'), {},
+     ["quote opened in row 2 (line 3) is never closed", "close the quote"]),
     ("p.txt", lambda p: p.write_text("a"), {"max_prompts": 0}, ["max_prompts=0", ">= 1"]),
     ("p", lambda p: p.write_text("a"), {}, ["extension '(none)'", "format="]),
 ]

@@ -1,5 +1,5 @@
 """The studio in a real browser: headless Debian Chromium driven by Playwright's Python package
-(DESIGN.md §5; never `playwright install`). One studio serves the whole module and the tests walk
+(the flags are in tests/test_studio_browser.py's fixture; never `playwright install`). One studio serves the whole module and the tests walk
 the toy world through every tab in order: load the toy prompts, generate, score, move a weight
 slider and watch the kept count change, open a group, train a few steps and watch loss points
 appear, cancel a second run, compare base and tuned; plus settings round-trip, a bad upload,

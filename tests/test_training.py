@@ -4,11 +4,6 @@ resume, metrics, the w(t) options. (Several processes: tests/test_scaleout.py.)"
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config, tiny_overrides
+from conftest import tiny_config
 from craft import CraftError
-from craft.store import RunStore
 from craft.training import TrainCallbacks, latest_checkpoint, timestep_weights, train
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",

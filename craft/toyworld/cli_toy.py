@@ -6,7 +6,6 @@ Imported on every ``craft`` call, so heavy modules are imported inside the handl
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from craft import CraftError

@@ -4,7 +4,7 @@ The run is seeded and resumable: each phase writes a checkpoint under ``work_dir
 continues from the last one. The shipped model in ``assets/toy-base`` is the output of
 ``craft toy train-base`` with the defaults below.
 
-Choices that matter for CRAFT (DESIGN.md section 3):
+Choices that matter for CRAFT (measured in benchmarks/toy_base.md):
 - Captions mention each rich attribute with probability ``mention_prob`` independently of its
   value, so a plain caption's images follow the world's prior (mostly small, off-centre or
   blurry) while every rich word, whenever present, is true and binds.
@@ -208,12 +208,13 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
         done = step + 1 == cfg.unet_steps
         stop = should_stop is not None and should_stop()
         if (step + 1) % cfg.checkpoint_every == 0 or done or stop:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                        "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1},
-                       tmp)
-            tmp.replace(ckpt_path)
+            from craft.fsutil import atomic_file
+
+            with atomic_file(ckpt_path) as f:
+                torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                            "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                            "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "step": step + 1}, f)
         if stop:
             log.info("stopped at step %d; rerun to resume", step + 1)
             return None

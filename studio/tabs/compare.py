@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from craft.fsutil import save_image_atomic
 from studio.context import StudioContext
 from studio.jobs import JOBS
 from studio.plots import empty_figure, mean_reward_bars
@@ -111,7 +112,7 @@ def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
                                 (x, HEADER))
                     d.text((x + CELL / 2, HEADER / 2), text[:18], fill="black",
                            font=_label_font(), anchor="mm")
-                sheet.save(path)
+                save_image_atomic(sheet, path, fsync=False)
         text = " ".join(f"Δ{short_name(r)} {d:+.2f}" for r, d in deltas.items())
         items.append((str(path), f"{key[0]} · seed {key[1]}\n{text}"))
     return items, pd.DataFrame(rows)

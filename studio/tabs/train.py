@@ -6,7 +6,6 @@ A finished run is published as RUN/final, as ``craft train`` does."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -18,7 +17,7 @@ from studio.plots import loss_curve
 from studio.settings import Settings, lines_to_list, list_to_lines
 from craft.stages import check_run_name, train_dir
 from studio.launcher import stage_job
-from studio.ui import JobPanel, error_md, ok_md, processes_control, user_error
+from studio.ui import JobPanel, ok_md, processes_control, user_error
 
 
 def runs_table(ctx: StudioContext) -> pd.DataFrame:
