@@ -357,6 +357,54 @@ def test_cancel_a_second_run(page, studio):
     assert int(metrics["step"].max()) > steps
 
 
+def test_two_process_training_from_the_page(page, studio):
+    """processes = 2 runs `accelerate launch --num_processes 2 -m craft.cli train` from the
+    page: its progress shows, Cancel stops the subprocesses at a step with a checkpoint, Resume
+    continues it (one training run, one row) to the end and publishes RUN/final."""
+    ctx = studio[0].ctx
+    fill(page, "train-steps", "120")
+    fill(page, "train-micro-batch", "2")  # effective batch 4 = 2 per process x 2 processes
+    fill(page, "train-checkpoint-every", "10")
+    fill(page, "train-name", "multi")
+    fill(page, "train-processes", "2")
+    page.click("#train-start")
+    page.wait_for_selector("#train-job-status:has-text('Train multi (2 processes): running')")
+    page.wait_for_selector("#train-job-status:has-text('/120 step')", timeout=JOB_TIMEOUT_MS)
+    page.wait_for_function("() => { const p = document.querySelector('#train-loss "
+                           ".js-plotly-plot'); return p && p.data && p.data.length && "
+                           "p.layout.title.text.includes('multi') && p.data[0].x.length >= 12; }",
+                           timeout=JOB_TIMEOUT_MS)
+    log = page.input_value("#train-job-log textarea")
+    assert "accelerate launch --multi_gpu --num_processes 2" in log.replace("\n", " ")
+    page.click("#train-cancel")
+    wait_job(page, "train", status="cancelled", title="Train multi (2 processes)")
+    runs = ctx.store.train_runs_df()
+    row = runs[runs["name"] == "multi"]
+    assert row["status"].tolist() == ["cancelled"]
+    steps = int(ctx.store.metrics_df(int(row["id"].iloc[0]))["step"].max())
+    assert 12 <= steps < 120
+    assert (ctx.run_dir / "train" / "multi" / f"checkpoint-{steps}" / "unet").is_dir()
+    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
+                           ".includes('cancelled')")
+    page.click("#train-resume-name input")
+    page.get_by_role("option", name="multi", exact=True).click()
+    page.click("#train-resume")
+    page.wait_for_selector("#train-job-status:has-text('Resume multi (2 processes): running')")
+    wait_job(page, "train", status="done", title="Resume multi (2 processes)")
+    runs = ctx.store.train_runs_df()
+    row = runs[runs["name"] == "multi"]
+    assert row["status"].tolist() == ["done"]
+    metrics = ctx.store.metrics_df(int(row["id"].iloc[0]))
+    assert metrics["step"].tolist() == list(range(1, 121))
+    sel = json.loads(ctx.store.selections_df().set_index("id").loc[
+        int(row["selection_id"].iloc[0]), "settings_json"])
+    assert sel["processes"] == 2 and len(set(sel["digest_by_process"])) == 1
+    final = json.loads((ctx.run_dir / "final" / "craft_train.json").read_text())
+    assert final["run_name"] == "multi" and final["steps"] == 120
+    fill(page, "train-processes", "1")
+    fill(page, "train-micro-batch", "4")
+
+
 def test_compare_base_and_tuned(page, studio):
     tab(page, "Compare")
     page.wait_for_function("() => document.querySelector('#compare-tuned input') && "
@@ -378,6 +426,7 @@ def test_settings_round_trip(page, studio, tmp_path):
     from craft.config import load_config
 
     tab(page, "Train")
+    fill(page, "train-steps", "400")  # set here: the test does not depend on earlier ones
     fill(page, "train-lr", "0.00042")
     page.locator("#train-lr input").first.blur()
     page.get_by_text("Settings: save as / load from").click()
