@@ -39,7 +39,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    from craft.distributed import setup_process
+
+    setup_process()  # flush denormals (the rule lives there)
     from craft.config import config_to_yaml, load_config
     from craft.evaluation import evaluate
     from craft.generation import generate_candidates

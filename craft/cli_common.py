@@ -71,8 +71,9 @@ class Reporter:
         state: dict = {}
 
         def progress(done: int, total: int) -> None:
+            started = state.setdefault("started", time.time())
             if self.path is not None:
-                self.write(name, done, total, unit, force=done >= total)
+                self.write(name, done, total, unit, force=done >= total, started=started)
                 return
             bar = state.get("bar")
             if bar is None:

@@ -229,6 +229,7 @@ def generate_candidates(run, cfg, pipe=None, split: str = "train",
     batches = generate_images(pipe, [t for *_, t in mine], [c[2] for c in mine], params,
                               g.batch_size)
     written = 0
+    dist.barrier()  # every process has its model: the rounds start together
     if run.is_main and progress:
         progress(0, len(todo))
     with writing_images(run.run_dir):

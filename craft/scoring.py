@@ -25,7 +25,9 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     """Score every candidate (of ``split``, default all) with ``names`` (default
     ``cfg.rewards.names``); returns the number of scores written (on every process).
 
-    ``run`` is a :class:`craft.run.Run` (or, in a single process, a RunStore).
+    ``run`` is a :class:`craft.run.Run` (or, in a single process, a RunStore). Every reward is
+    loaded once per process before the first batch, and each batch's images are decoded once
+    for all the rewards they miss.
     """
     from craft.rewards import load_reward
     from craft.run import as_run
@@ -33,46 +35,47 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     run = as_run(run)
     dist = run.dist
     names = list(names or cfg.rewards.names)
-    jobs = None
+    todo = None
     if run.is_main:
         cands = run.store.candidates_df(split=split)
+        have = {n: set() if force else run.store.scored_keys(n) for n in names}
         root = str(run.run_dir) + "/"
-        jobs = []
-        for name in names:
-            have = set() if force else run.store.scored_keys(name)
-            todo = cands[~cands["id"].isin(have)]
-            # paths relative to the run: other machines may mount it elsewhere
-            jobs.append((name, list(zip(todo["id"].tolist(),
-                                        [p.removeprefix(root) for p in todo["image_path"]],
-                                        todo["prompt"].tolist()))))
-    jobs = dist.broadcast(jobs)
-    total = sum(len(t) for _, t in jobs)
+        todo = []  # (candidate id, image path relative to the run, prompt, rewards it misses)
+        for cid, path, prompt in zip(cands["id"].tolist(), cands["image_path"], cands["prompt"]):
+            missing = tuple(n for n in names if cid not in have[n])
+            if missing:  # paths relative to the run: other machines may mount it elsewhere
+                todo.append((cid, path.removeprefix(root), prompt, missing))
+    todo = dist.broadcast(todo)
+    needed = [n for n in names if any(n in t[3] for t in todo)]
+    total = sum(len(t[3]) for t in todo)
     bs = cfg.rewards.batch_size
     device = str(dist.model_device(cfg.rewards.device, key="rewards.device"))
+    rewards = {n: load_reward(n, device=device, batch_size=bs, path=cfg.rewards.paths.get(n))
+               for n in needed}
+    dist.barrier()  # every process has its rewards: the rounds start together
+    mine = todo[dist.rank::dist.world]
+    rounds = -(-len(todo[0::dist.world]) // bs)
     done = written = 0
     if run.is_main and progress and total:
         progress(0, total)
-    for name, todo in jobs:
-        if not todo:
-            continue
-        reward = load_reward(name, device=device, batch_size=bs, path=cfg.rewards.paths.get(name))
-        mine = todo[dist.rank::dist.world]
-        rounds = -(-len(todo[0::dist.world]) // bs)
-        for k in range(rounds):
-            if dist.any(should_stop is not None and should_stop()):
-                return dist.broadcast(written)
-            chunk = mine[k * bs:(k + 1) * bs]
-            rows = []
-            if chunk:
-                images = [Image.open(run.run_dir / rel).convert("RGB") for _, rel, _ in chunk]
-                values = reward(images, [p for *_, p in chunk])
-                rows = [(cid, name, float(v)) for (cid, _, _), v in zip(chunk, values)]
-            gathered = dist.gather(rows)
-            if run.is_main:
-                flat = [r for part in gathered for r in part]
-                written += run.store.add_scores(flat)
-                done += len(flat)
-                if progress:
-                    progress(done, total)
-        log.info("scored %d candidates with %s", len(todo), name)
+    for k in range(rounds):
+        if dist.any(should_stop is not None and should_stop()):
+            break
+        chunk = mine[k * bs:(k + 1) * bs]
+        images = [Image.open(run.run_dir / rel).convert("RGB") for _, rel, _, _ in chunk]
+        rows = []
+        for name, reward in rewards.items():
+            pick = [i for i, t in enumerate(chunk) if name in t[3]]
+            if pick:
+                values = reward([images[i] for i in pick], [chunk[i][2] for i in pick])
+                rows += [(chunk[i][0], name, float(v)) for i, v in zip(pick, values)]
+        gathered = dist.gather(rows)
+        if run.is_main:
+            flat = [r for part in gathered for r in part]
+            written += run.store.add_scores(flat)
+            done += len(flat)
+            if progress:
+                progress(done, total)
+    if todo:
+        log.info("scored %d candidates with %s", len(todo), ", ".join(needed))
     return dist.broadcast(written)

@@ -40,7 +40,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    torch.set_flush_denormal(True)
+    from craft.distributed import setup_process
+
+    setup_process()  # flush denormals (the rule lives there)
     from playwright.sync_api import sync_playwright
 
     from studio.app import build_app, launch

@@ -411,3 +411,25 @@ def test_counts_and_data_version(store):
     time.sleep(0.01)
     store.add_scores([(ids[0], "h", 2.0)])  # a rescore changes the version, not the count
     assert store.data_version() != v2 and store.counts()["scored"] == 1
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    """A run made by the previous release (schema 1) opens, keeps its rows and gains the
+    training runs' selection link."""
+    run = tmp_path / "run"
+    with RunStore(run) as s:
+        ids = seeded(s, n_prompts=1, n_variants=1, seeds=1)
+        s.add_scores([(ids[0], "h", 0.5)])
+        rid = s.create_train_run("old", {"train": {}})
+    conn = sqlite3.connect(run / "store.sqlite")  # take it back to what version 1 had
+    conn.executescript("DROP INDEX train_runs_name; DROP INDEX scores_by_reward; "
+                       "CREATE INDEX scores_reward ON scores(reward); "
+                       "ALTER TABLE train_runs DROP COLUMN selection_id; PRAGMA user_version=1;")
+    conn.close()
+    with RunStore(run) as s:
+        assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert s.get_train_run(rid)["selection_id"] is None
+        assert s.scores_df(["h"])["h"].tolist() == [0.5]
+        sid = s.save_selection("x", {}, [(ids[0], 0.1, 0.2, 1.0)])
+        assert s.get_train_run(s.create_train_run("new", {}, selection_id=sid))[
+            "selection_id"] == sid

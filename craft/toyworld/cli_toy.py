@@ -58,14 +58,16 @@ def _train_base(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from craft.generation import SamplingParams, generate_images
     from craft.models import load_pipeline
     from .grammar import rich_caption, toy_prompt_split
     from .rewards import TOY_REWARDS
 
-    torch.set_flush_denormal(True)
+    from craft.distributed import setup_process
+
+
+    setup_process()  # flush denormals (the rule lives there)
     pipe = load_pipeline(args.model)
     _, held = toy_prompt_split()
     prompts = held[: args.prompts]

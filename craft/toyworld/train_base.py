@@ -229,7 +229,9 @@ def train_base(out_dir: str | Path, work_dir: str | Path, cfg: BaseTrainConfig =
     Returns ``out_dir``, or None when ``should_stop`` ended it early (rerun to resume).
     """
     torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
+    from craft.distributed import setup_process
+
+    setup_process()  # flush denormals (the rule lives there)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = toymodel.load_tokenizer(toymodel.write_tokenizer(work_dir / "tokenizer"))
