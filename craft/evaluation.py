@@ -24,7 +24,8 @@ from craft import CraftError, StageStopped
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 7_777  # evaluation seeds never coincide with candidate-generation seeds
+EVAL_SEED_OFFSET = 7_777
+SUMMARY_COLUMNS = ("model", "reward", "n", "mean", "se", "diff", "diff_se", "win_rate")  # evaluation seeds never coincide with candidate-generation seeds
 
 
 @dataclasses.dataclass
@@ -189,7 +190,8 @@ def stored_evaluation(store, evaluation_id: int) -> EvalResult:
         raise CraftError(f"no evaluation #{evaluation_id} in {store.run_dir}")
     row = row.iloc[0]
     settings, results = json.loads(row["settings_json"]), json.loads(row["results_json"])
-    summary = pd.DataFrame(results["summary"])
+    summary = pd.DataFrame(results["summary"])  # stored with sorted keys: the usual order
+    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary]]
     scores_csv = Path(results["scores_csv"])
     scores = pd.read_csv(scores_csv) if scores_csv.exists() else pd.DataFrame()
     labels = list(settings.get("models", {})) or list(dict.fromkeys(summary["model"]))

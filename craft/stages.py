@@ -593,8 +593,15 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     pipe = load_from_config(cfg.model, device=str(run.dist.model_device(cfg.model.device)))
     timed("generate", lambda: stage_generate(run, cfg, progress_for("generate"), should_stop,
                                              pipe=pipe))
+    device = pipe.device
+    if device.type == "cuda":  # the reward models have the GPU to themselves while they score
+        import torch
+
+        pipe.to("cpu")
+        torch.cuda.empty_cache()
     timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
                                        should_stop=should_stop))
+    pipe.to(device)
     result = timed("train", lambda: stage_train(run, cfg, name, progress=progress_for("train"),
                                                 should_stop=should_stop, pipe=pipe))
     if result.status != "done":
