@@ -390,9 +390,12 @@ class FilterConfig(_Section):
     top_k: int = _opt(100, "K: keep at most this many passing candidates, best composite first.")
     include_reference: bool = _opt(
         True, "Whether images generated from the original prompt itself may be selected.")
+    per_prompt_cap: int | None = _opt(
+        None, "Keep at most this many candidates of one original prompt (its best by R); null = "
+              "no cap. Spreads the kept set over more prompts (coverage).")
 
     def _check(self) -> None:
-        self._positive("top_k")
+        self._positive("top_k", "per_prompt_cap")
         _require(math.isfinite(self.margin), self._key("margin"), self.margin,
                  "must be finite", "use a small number such as 0.0 or 0.1")
         if self.level == "custom":
@@ -500,10 +503,33 @@ class EvalConfig(_Section):
         self._positive("guidance_scale", allow_zero=True)
 
 
+@dataclass(frozen=True)
+class EmbedConfig(_Section):
+    """Image embeddings of the pool: the studio's map, "more like this", near-duplicates."""
+
+    section: ClassVar[str] = "embed"
+
+    encoder: Literal["pixels", "clip"] = _opt(
+        "pixels", "pixels: 16x16 RGB of the image (no weights; enough for the toy world); clip: "
+                  "the projected image embedding of a CLIP vision tower (embed.encoder_model).")
+    encoder_model: str | None = _opt(
+        None, "For encoder = clip: a transformers CLIP folder or a hub id in the local cache; "
+              "null = openai/clip-vit-large-patch14 (the one AES uses).")
+    batch_size: int = _opt(64, "Images per encoder forward pass.")
+    duplicate_threshold: float = _opt(
+        0.98, "Cosine similarity at or above which two kept images count as near-duplicates.")
+
+    def _check(self) -> None:
+        self._positive("batch_size")
+        _require(-1.0 <= self.duplicate_threshold <= 1.0, self._key("duplicate_threshold"),
+                 self.duplicate_threshold, "must lie in [-1, 1] (a cosine similarity)",
+                 "use e.g. 0.98")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     cls.section: cls
     for cls in (ModelConfig, PromptsConfig, GenerationConfig, RewardsConfig, FilterConfig,
-                AdvantageConfig, TrainConfig, EvalConfig)
+                AdvantageConfig, TrainConfig, EvalConfig, EmbedConfig)
 }
 
 
@@ -523,6 +549,7 @@ class CraftConfig:
     advantage: AdvantageConfig = _sub(AdvantageConfig, "Group-advantage loss weights.")
     train: TrainConfig = _sub(TrainConfig, "Advantage-weighted fine-tuning.")
     eval: EvalConfig = _sub(EvalConfig, "Base-vs-tuned evaluation.")
+    embed: EmbedConfig = _sub(EmbedConfig, "Image embeddings for the studio's map.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -742,7 +769,8 @@ def save_config(cfg: CraftConfig, path: str | Path) -> Path:
 
 
 __all__ = [
-    "AdvantageConfig", "ConfigError", "CraftConfig", "DEFAULT_CONFIG_PATH", "EvalConfig",
+    "AdvantageConfig", "ConfigError", "CraftConfig", "DEFAULT_CONFIG_PATH", "EmbedConfig",
+    "EvalConfig",
     "FilterConfig", "GenerationConfig", "LEVEL_ROLES", "ModelConfig", "PROJECT_ROOT",
     "PromptsConfig", "RewardsConfig", "SECTIONS", "TrainConfig", "config_from_dict",
     "config_to_dict", "config_to_yaml", "field_choices", "field_help", "load_config",

@@ -50,7 +50,7 @@ ID_COLUMNS: tuple[str, ...] = ("candidate_id", "prompt_id", "variant_idx", "seed
 # replaced rather than duplicated when an annotated frame is filtered again.
 DERIVED_PREFIXES: tuple[str, ...] = ("norm_", "ref_", "beats_")
 DERIVED_COLUMNS: tuple[str, ...] = ("scorable", "has_reference", "passes", "composite", "rank",
-                                    "kept", "override", "advantage", "weight")
+                                    "capped", "kept", "override", "advantage", "weight")
 
 
 class FilterError(CraftError, ValueError):
@@ -96,6 +96,9 @@ class FilterSettings:
         "help": "Keep at most K passing candidates, best composite first; None = all."})
     include_reference: bool = field(default=True, metadata={
         "help": "Whether images generated from the original prompt may be selected."})
+    per_prompt_cap: int | None = field(default=None, metadata={
+        "help": "Keep at most this many candidates of one original prompt (its best by R); "
+                "None = no cap. Spreads the kept set over more prompts."})
 
     def __post_init__(self) -> None:
         if isinstance(self.rewards, str) or isinstance(self.require, str):
@@ -144,6 +147,12 @@ class FilterSettings:
         if not isinstance(self.include_reference, (bool, np.bool_)):
             _fail("include_reference", self.include_reference, "must be True or False",
                   "pass a bool")
+        if self.per_prompt_cap is not None and (isinstance(self.per_prompt_cap, bool)
+                                                or not isinstance(self.per_prompt_cap,
+                                                                  (int, np.integer))
+                                                or self.per_prompt_cap < 1):
+            _fail("per_prompt_cap", self.per_prompt_cap, "must be an integer >= 1, or None for "
+                  "no cap", "e.g. 3 keeps at most three images of any one prompt")
 
     def _check_weights(self) -> None:
         weights = {str(k): v for k, v in self.weights.items()} or {r: 1.0 for r in self.rewards}
@@ -172,7 +181,7 @@ class FilterSettings:
     def __hash__(self) -> int:
         return hash((self.rewards, tuple(sorted(self.weights.items())), self.normalization,
                      self.level, tuple(sorted(self.roles.items())), self.require, self.margin,
-                     self.top_k, bool(self.include_reference)))
+                     self.top_k, bool(self.include_reference), self.per_prompt_cap))
 
     @property
     def normalized_weights(self) -> dict[str, float]:
@@ -194,7 +203,7 @@ class FilterSettings:
         values = dict(rewards=tuple(f.weights), weights=dict(f.weights),
                       normalization=f.normalization, level=f.level, roles=dict(r.roles),
                       require=tuple(f.require), margin=f.margin, top_k=f.top_k,
-                      include_reference=f.include_reference)
+                      include_reference=f.include_reference, per_prompt_cap=f.per_prompt_cap)
         if changes:  # values from elsewhere (studio controls): check them here
             return cls(**{**values, **changes})
         # The config's own checks (craft.config: FilterConfig, RewardsConfig, CraftConfig) have
@@ -304,6 +313,12 @@ class FilterCounts:
     kept: int
     overrides_applied: dict = field(default_factory=dict)
     overrides_ignored: dict = field(default_factory=dict)
+    # Coverage of the kept set: how many original prompts it draws from, and the largest
+    # number of kept images of one prompt (which prompt: largest_prompt).
+    kept_prompts: int = 0
+    largest_kept: int = 0
+    largest_prompt: Any = None
+    capped: int = 0  # passing candidates left out by per_prompt_cap
 
 
 @dataclass(frozen=True)
@@ -430,6 +445,11 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
     cand_ids = df["candidate_id"].to_numpy()
     pool = np.flatnonzero(passes & eligible)
     ranked = pool[np.lexsort((cand_ids[pool], -composite[pool]))]
+    capped = np.zeros(n, dtype=bool)
+    if settings.per_prompt_cap is not None and ranked.size:
+        over = _rank_within_group(codes[ranked]) >= settings.per_prompt_cap
+        capped[ranked[over]] = True
+        ranked = ranked[~over]
     rank_values = np.zeros(n, dtype=np.int64)
     rank_values[ranked] = np.arange(1, ranked.size + 1)
     kept = np.zeros(n, dtype=bool)
@@ -448,7 +468,7 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
         added[f"beats_{name}"] = beats[:, j]
     added.update(
         scorable=scorable, has_reference=has_ref, passes=passes, composite=composite,
-        rank=pd.arrays.IntegerArray(rank_values, rank_values == 0), kept=kept,
+        rank=pd.arrays.IntegerArray(rank_values, rank_values == 0), capped=capped, kept=kept,
         override=pd.Categorical.from_codes(override_codes, categories=list(OVERRIDE_ACTIONS)))
     base = df.drop(columns=[c for c in df.columns if c in added or c in DERIVED_COLUMNS])
     frame = pd.concat([base, pd.DataFrame(added, index=df.index)], axis=1)
@@ -460,14 +480,33 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
     if groups_without_ref and settings.level != "none":
         logger.info("%d group(s) have no scorable reference image; their candidates cannot "
                     "pass level %s", len(groups_without_ref), settings.level)
+    per_group = np.bincount(codes[kept_pos], minlength=n_groups)
+    largest = int(per_group.argmax()) if kept_pos.size else -1
     counts = FilterCounts(
         total=n, scorable=int(scorable.sum()), unscorable=int(n - scorable.sum()),
         unscorable_ids=tuple(cand_ids[~scorable].tolist()), groups=n_groups,
         groups_without_reference=groups_without_ref, passing=level_pass,
-        kept=int(kept_pos.size), overrides_applied=applied, overrides_ignored=ignored)
+        kept=int(kept_pos.size), overrides_applied=applied, overrides_ignored=ignored,
+        kept_prompts=int((per_group > 0).sum()),
+        largest_kept=int(per_group[largest]) if largest >= 0 else 0,
+        largest_prompt=uniques[largest] if largest >= 0 else None,
+        capped=int(capped.sum()))
     cutoff = float(composite[kept_pos].min()) if kept_pos.size else None
     return FilterResult(frame=frame, kept=kept_frame, counts=counts, cutoff=cutoff,
                         settings=settings)
+
+
+def _rank_within_group(codes: np.ndarray) -> np.ndarray:
+    """For a sequence of group codes (in rank order), each entry's position among the earlier
+    entries of its group: 0 for a group's best, 1 for its second, ... (vectorised)."""
+    order = np.argsort(codes, kind="stable")  # groups contiguous, rank order kept inside
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    lengths = np.diff(np.r_[starts, codes.size])
+    within = np.arange(codes.size) - np.repeat(starts, lengths)
+    out = np.empty(codes.size, dtype=np.int64)
+    out[order] = within
+    return out
 
 
 def level_counts(df: pd.DataFrame, settings: FilterSettings) -> dict[str, int | None]:

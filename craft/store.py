@@ -151,6 +151,12 @@ CREATE TABLE train_metrics (
     PRIMARY KEY (run_id, step)
 );
 CREATE INDEX train_runs_name ON train_runs(name);
+CREATE TABLE embeddings (
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
+    space TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (space, candidate_id)
+);
 CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -166,12 +172,15 @@ CREATE TABLE evaluations (
 # inside the opening transaction (so not via executescript, which would commit half-way).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v2: a training run records the selection it trained on; runs are looked up by name; a
-    # covering index serves the per-reward score columns.
+    # covering index serves the per-reward score columns; image embeddings (the studio's map).
     1: ("ALTER TABLE train_runs ADD COLUMN selection_id INTEGER REFERENCES selections(id) "
         "ON DELETE SET NULL",
         "CREATE INDEX train_runs_name ON train_runs(name)",
         "DROP INDEX scores_reward",
-        "CREATE INDEX scores_by_reward ON scores(reward, candidate_id, value)"),
+        "CREATE INDEX scores_by_reward ON scores(reward, candidate_id, value)",
+        "CREATE TABLE embeddings (candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON "
+        "DELETE CASCADE, space TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (space, "
+        "candidate_id))"),
 }
 
 
@@ -681,6 +690,37 @@ class RunStore:
         wide_df = pd.DataFrame(cols, columns=names, dtype=float)
         wide_df.index.name = "candidate_id"
         return wide_df.sort_index()
+
+    # ---------------------------------------------------------------- embeddings
+
+    def add_embeddings(self, space: str, candidate_ids: Sequence[int], vectors) -> int:
+        """Store one embedding per candidate in ``space`` (float16; replaces earlier ones)."""
+        vectors = np.asarray(vectors, dtype=np.float16)
+        if len(candidate_ids) != len(vectors):
+            raise StoreError(f"{len(candidate_ids)} candidate ids but {len(vectors)} vectors")
+        rows = [(int(c), space, v.tobytes()) for c, v in zip(candidate_ids, vectors)]
+        try:
+            with self._tx() as conn:
+                conn.executemany("INSERT OR REPLACE INTO embeddings(candidate_id, space, vector) "
+                                 "VALUES (?,?,?)", rows)
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"could not record embeddings ({e}): every candidate_id must "
+                             f"exist") from None
+        return len(rows)
+
+    def embedded_ids(self, space: str) -> set[int]:
+        return {r[0] for r in self._query("SELECT candidate_id FROM embeddings WHERE space=?",
+                                          (space,))}
+
+    def embeddings(self, space: str) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate ids, float32 matrix with one row each) of ``space``, by id."""
+        rows = self._query("SELECT candidate_id, vector FROM embeddings WHERE space=? "
+                           "ORDER BY candidate_id", (space,))
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1)
+        return ids, mat.astype(np.float32)
 
     # ---------------------------------------------------------------- curation
 

@@ -1,5 +1,6 @@
 """Walk the toy world through the studio in headless Chromium and save a screenshot of every tab
-under docs/ (the README's "The studio" section shows them).
+under docs/ (the README's "The studio" section shows them), at 1400 px wide and, as
+``studio-<tab>-1024.png``, at 1024 px (a laptop screen).
 
     .venv/bin/python scripts/studio_screenshots.py [--run-dir /tmp/studio-shots] [--model PATH]
 
@@ -74,9 +75,13 @@ def main() -> None:
             time.sleep(2.5)
 
         def shot(name: str) -> None:
-            path = out / f"studio-{name.lower()}.png"
-            page.screenshot(path=str(path), full_page=True)
-            print(f"wrote {path}", file=sys.stderr)
+            for width, suffix in ((1400, ""), (1024, "-1024")):
+                page.set_viewport_size({"width": width, "height": 1000})
+                time.sleep(1.0)
+                path = out / f"studio-{name.lower()}{suffix}.png"
+                page.screenshot(path=str(path), full_page=True)
+                print(f"wrote {path}", file=sys.stderr)
+            page.set_viewport_size({"width": 1400, "height": 1000})
 
         t0 = time.time()
         page.click("#prompts-preview")
@@ -93,7 +98,11 @@ def main() -> None:
         done("score")
         shot("Score")
         tab("Curate")
-        page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length")
+        page.wait_for_function("() => document.querySelectorAll('#curate-grid img').length")
+        page.locator("#curate-grid .tg-item").nth(2).click()  # its "why" shows below the grid
+        page.get_by_text("Map of the pool: image embeddings in 2-D").click()
+        page.click("#curate-map-start")
+        done("map")
         time.sleep(2)
         shot("Curate")
         tab("Groups")

@@ -1,46 +1,79 @@
 """CRAFT Studio: the Gradio app over the whole CRAFT loop.
 
 Layout and event wiring only; every computation is a call into ``craft`` (or the UI-free helpers
-in :mod:`studio.curation`). Long stages run as background jobs (:mod:`studio.jobs`).
+in :mod:`studio.curation`). Long stages run as background jobs (:mod:`studio.jobs`). Each
+browser looks at its own run (:mod:`studio.session`); what a user sets is saved in that run as
+it changes (:mod:`studio.context`).
 
     craft studio                          # the toy world, run directory runs/studio
     craft studio --run-dir runs/sd15 --config configs/sd15.yaml --port 7861 --auth me:secret
+    craft studio --runs-root /data/runs   # serve (open, create) only runs under /data/runs
 
 Security defaults: binds 127.0.0.1 unless ``--host`` says otherwise; ``--auth user:password``
 (or the CRAFT_STUDIO_AUTH environment variable, which keeps the password out of the process
 list) turns on a login; it serves only files under the open run directories and ``assets/``;
-uploads are size-limited, copied into the run as data and parsed as text/tables only (pickle,
-numpy and torch files are refused; configs are read with ``yaml.safe_load``).
+``--runs-root`` confines which folders a browser may open or create; uploads are size-limited,
+copied into the run as data and parsed as text/tables only (pickle, numpy and torch files are
+refused; configs are read with ``yaml.safe_load``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import gradio as gr
 
+from craft import CraftError
 from craft.config import config_to_yaml, load_config, save_config
+from studio.context import RunContext, Studio
 from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
-from studio.context import StudioContext
-from studio.settings import Settings
-from studio.ui import CSS, ok_md, user_error
+from studio.session import current, for_session
+from studio.settings import Settings, UiState
+from studio.ui import HEAD_JS, _page_css, ok_md, user_error
 
 logger = logging.getLogger(__name__)
 
 TAB_NAMES = ("Prompts", "Generate", "Score", "Curate", "Groups", "Train", "Compare")
 SETTINGS_FILE = "studio-settings.yaml"
+RUN_STORAGE_KEY = "craft-studio-run"
 
 
 class StudioApp:
     """Builds the Blocks and keeps references to every tab (tests and screenshots use them)."""
 
-    def __init__(self, ctx: StudioContext):
-        self.ctx = ctx
+    def __init__(self, studio: Studio):
+        self.studio = studio
         self.settings = Settings()
+        self.ui = UiState()
         self.tabs: dict[str, Any] = {}
         self.demo: gr.Blocks | None = None
+
+    @property
+    def ctx(self) -> RunContext:
+        """The context of the run the studio was started on (tests and scripts use it)."""
+        return self.studio.context(self.studio.default_run)
+
+    # ------------------------------------------------------------------ sessions
+
+    def resolve(self, run_value: Any) -> RunContext:
+        """The run a browser's saved value names, or the default run when it cannot be opened
+        (deleted, or outside --runs-root)."""
+        try:
+            return self.studio.context(run_value or self.studio.default_run)
+        except (CraftError, OSError) as e:
+            logger.info("browser's run %r cannot be opened (%s); using the default", run_value, e)
+            return self.ctx
+
+    def on(self, trigger, fn, inputs=None, outputs=None, **kw):
+        """Wire ``fn`` to ``trigger`` (e.g. ``button.click``) with the session's run bound."""
+        return trigger(for_session(fn, self.resolve), [self.run_state, *_listed(inputs)],
+                       outputs, **kw)
+
+    def then(self, dep, fn, inputs=None, outputs=None, **kw):
+        return self.on(dep.then, fn, inputs, outputs, **kw)
 
     # ------------------------------------------------------------------ layout
 
@@ -54,10 +87,15 @@ class StudioApp:
         from studio.tabs.train import TrainTab
 
         ctx = self.ctx
+        secret = hashlib.sha256(f"craft-studio:{self.studio.runs_root or ''}".encode()).hexdigest()
         with gr.Blocks(title="CRAFT Studio", analytics_enabled=False) as demo:
+            # Which run this browser looks at: kept in the browser (a reload or a restart of
+            # the studio finds it again), the default run for a new browser.
+            self.run_state = gr.BrowserState(str(ctx.run_dir), storage_key=RUN_STORAGE_KEY,
+                                             secret=secret)
             gr.Markdown("## CRAFT Studio · align a text-to-image model with composite rewards")
             with gr.Row(equal_height=True):
-                self.run_dir = gr.Dropdown(sibling_runs(ctx.run_dir), value=str(ctx.run_dir),
+                self.run_dir = gr.Dropdown(self.studio.runs(), value=str(ctx.run_dir),
                                            allow_custom_value=True, filterable=True,
                                            label="Run directory (pick one or type a new path)",
                                            scale=4, elem_id="run-dir")
@@ -83,68 +121,90 @@ class StudioApp:
                 with gr.Tab("Prompts", id="prompts") as t_prompts:
                     self.tabs["Prompts"] = PromptsTab(ctx, self.settings)
                 with gr.Tab("Generate", id="generate") as t_generate:
-                    self.tabs["Generate"] = GenerateTab(ctx, self.settings)
+                    self.tabs["Generate"] = GenerateTab(ctx, self.settings, self.ui)
                 with gr.Tab("Score", id="score") as t_score:
-                    self.tabs["Score"] = ScoreTab(ctx, self.settings)
+                    self.tabs["Score"] = ScoreTab(ctx, self.settings, self.ui)
                 with gr.Tab("Curate", id="curate") as t_curate:
-                    self.tabs["Curate"] = CurateTab(ctx, self.settings)
+                    self.tabs["Curate"] = CurateTab(ctx, self.settings, self.ui)
                 with gr.Tab("Groups", id="groups") as t_groups:
-                    self.tabs["Groups"] = GroupsTab(ctx, self.tabs["Curate"])
+                    self.tabs["Groups"] = GroupsTab(ctx, self.tabs["Curate"], self.ui)
                 with gr.Tab("Train", id="train") as t_train:
-                    self.tabs["Train"] = TrainTab(ctx, self.settings)
+                    self.tabs["Train"] = TrainTab(ctx, self.settings, self.ui)
                 with gr.Tab("Compare", id="compare") as t_compare:
-                    self.tabs["Compare"] = CompareTab(ctx, self.settings)
+                    self.tabs["Compare"] = CompareTab(ctx, self.settings, self.ui)
             tab_blocks = dict(zip(TAB_NAMES, (t_prompts, t_generate, t_score, t_curate, t_groups,
                                               t_train, t_compare)))
             for tab in self.tabs.values():
                 tab.wire(self)
             for name, block in tab_blocks.items():
                 self._refresh_event(block.select, name)
-            self._refresh_event(demo.load, "Prompts")
             self._wire_header()
+            self._wire_persistence()
+            # A (re)load restores this browser's run, then shows the first tab; the others
+            # refresh when they are opened.
+            prompts = self.tabs["Prompts"]
+            self.then(self.on(demo.load, self._on_load, None, self._restored_outputs()),
+                      _guarded(prompts.refresh, len(prompts.refresh_outputs)), None,
+                      prompts.refresh_outputs, show_progress="hidden")
         self.demo = demo
         return demo
 
     def _refresh_event(self, event, name: str):
         tab = self.tabs[name]
-        inputs = getattr(tab, "refresh_inputs", [])
-        fn = _guarded(tab.refresh, len(tab.refresh_outputs))
-        dep = event(fn, inputs, tab.refresh_outputs, show_progress="hidden")
-        return dep.then(_guarded(self.ctx.describe, 1), None, self.run_info,
-                        show_progress="hidden")
+        dep = self.on(event, _guarded(tab.refresh, len(tab.refresh_outputs)),
+                      getattr(tab, "refresh_inputs", []), tab.refresh_outputs,
+                      show_progress="hidden")
+        return self.then(dep, _guarded(lambda: current().describe(), 1), None, self.run_info,
+                         show_progress="hidden")
 
     def _refresh_all(self, dep):
         for name in TAB_NAMES:
             tab = self.tabs[name]
-            dep = dep.then(_guarded(tab.refresh, len(tab.refresh_outputs)),
-                           getattr(tab, "refresh_inputs", []), tab.refresh_outputs,
-                           show_progress="hidden")
+            dep = self.then(dep, _guarded(tab.refresh, len(tab.refresh_outputs)),
+                            getattr(tab, "refresh_inputs", []), tab.refresh_outputs,
+                            show_progress="hidden")
         return dep
+
+    # ------------------------------------------------------------------ restoring a run
+
+    def _restored_outputs(self) -> list:
+        return [self.run_dir, self.run_info, *self.settings.components, *self.ui.components]
+
+    def _restored_values(self, ctx: RunContext) -> list:
+        return [gr.update(choices=self.studio.runs(), value=str(ctx.run_dir)), ctx.describe(),
+                *self.settings.values_from(ctx.cfg), *self.ui.values_from(ctx.ui_state())]
+
+    def _on_load(self):
+        """A page (re)load: this browser's run, its saved settings and UI state."""
+        return self._restored_values(current())
 
     # ------------------------------------------------------------------ header
 
     def _wire_header(self) -> None:
-        ctx = self.ctx
-        bound = self.settings.components
+        studio = self.studio
 
         def on_open(path):
             try:
-                info = ctx.open_run(path)
+                ctx = studio.context(path)
             except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), *[gr.skip()] * len(bound)]
-            return [info, gr.update(choices=sibling_runs(ctx.run_dir), value=str(ctx.run_dir)),
-                    *self.settings.values_from(ctx.cfg)]
+                n = len(self._restored_outputs())
+                return [gr.skip(), gr.skip(), user_error(e), *[gr.skip()] * (n - 2)]
+            return [str(ctx.run_dir), *self._restored_values(ctx)]
 
-        self.info_timer.tick(_guarded(ctx.describe, 1), None, self.run_info,
-                             show_progress="hidden")
-        dep = self.open_btn.click(on_open, self.run_dir, [self.run_info, self.run_dir, *bound])
+        outputs = [self.run_state, *self._restored_outputs()]
+        # on_open's outputs start with the run state: the refresh chain that follows runs with
+        # the newly opened run bound.
+        dep = self.open_btn.click(lambda path: on_open(path), self.run_dir, outputs)
         self._refresh_all(dep)
+        self.on(self.info_timer.tick, _guarded(lambda: current().describe(), 1), None,
+                self.run_info, show_progress="hidden")
 
         def on_save(*values):
+            ctx = current()
             try:
                 cfg = self.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
                 path = save_config(cfg, ctx.run_dir / SETTINGS_FILE)
                 text = config_to_yaml(cfg)
             except Exception as e:  # noqa: BLE001
@@ -154,24 +214,26 @@ class StudioApp:
                     gr.update(value=str(path), visible=True),
                     gr.update(value=text, visible=True))
 
-        self.save_btn.click(on_save, bound, [self.settings_msg, self.settings_file,
-                                             self.settings_yaml])
+        self.on(self.save_btn.click, on_save, self.settings.components,
+                [self.settings_msg, self.settings_file, self.settings_yaml])
 
         def on_check(*values):
             try:
-                return check_markdown(self.settings.config_from(ctx.cfg, values))
+                return check_markdown(self.settings.config_from(current().cfg, values))
             except Exception as e:  # noqa: BLE001
                 return user_error(e)
 
-        self.check_btn.click(on_check, bound, self.settings_msg)
+        self.on(self.check_btn.click, on_check, self.settings.components, self.settings_msg)
+        bound = self.settings.components
 
-        def on_load(path):
+        def on_load_file(path):
+            ctx = current()
             if not path:
                 return [gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
             try:
                 cfg = load_config(path)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), *[gr.skip()] * len(bound)]
             note = ""
@@ -183,38 +245,80 @@ class StudioApp:
                                                                         visible=True),
                     *self.settings.values_from(cfg)]
 
-        dep = self.load_file.upload(on_load, self.load_file,
-                                    [self.settings_msg, self.settings_yaml, *bound])
-        dep = dep.then(lambda: ctx.describe(), None, self.run_info)
+        dep = self.on(self.load_file.upload, on_load_file, self.load_file,
+                      [self.settings_msg, self.settings_yaml, *bound])
+        dep = self.then(dep, lambda: current().describe(), None, self.run_info)
         self._refresh_all(dep)
+
+    # ------------------------------------------------------------------ saving as it changes
+
+    def _wire_persistence(self) -> None:
+        """Every bound control saves its value into the run's settings as the user changes it
+        (debounced, off the event's path), every UI-state control into the run's UI state."""
+        for binding in self.settings.bindings:
+            if binding.persisted_by is not None:
+                continue  # its tab saves it with its own event (Curate's filter controls)
+            for trigger in _user_events(binding.component):
+                self.on(trigger, _persist_setting(self.settings, binding.key), binding.component,
+                        None, queue=False, show_progress="hidden")
+        for key, component in self.ui.items():
+            for trigger in _user_events(component):
+                self.on(trigger, _persist_ui(key), component, None, queue=False,
+                        show_progress="hidden")
+
+
+def _persist_setting(settings: Settings, key: str):
+    def persist(value):
+        ctx = current()
+        try:
+            cfg = settings.config_with(ctx.cfg, key, value)
+        except CraftError:
+            return  # a half-typed value: saved once it is valid
+        ctx.set_config(cfg)
+        ctx.schedule_save()
+
+    persist.__name__ = f"persist_{key.replace('.', '_')}"
+    return persist
+
+
+def _persist_ui(key: str):
+    def persist(value):
+        current().save_ui(**{key: value})
+
+    persist.__name__ = f"persist_ui_{key.replace('.', '_')}"
+    return persist
+
+
+def _user_events(component) -> list:
+    """The events by which a user (not the program) changes a control's value."""
+    if isinstance(component, gr.Slider):
+        return [component.release]
+    if isinstance(component, (gr.Number, gr.Textbox)):
+        return [component.input, component.blur]  # blur: a pasted or auto-filled value too
+    return [component.input]
+
+
+def _listed(inputs) -> list:
+    if inputs is None:
+        return []
+    return list(inputs) if isinstance(inputs, (list, tuple, set)) else [inputs]
 
 
 def check_markdown(cfg) -> str:
     """:func:`craft.preflight.preflight` as a table: every piece the settings need, found or
     missing, with the fix for each missing one (the studio's `craft config check`)."""
+    import html
+
     from craft.preflight import preflight
 
     checks = preflight(cfg)
     bad = sum(not c.ok for c in checks)
-    rows = [f"| {'✓' if c.ok else '✗ missing'} | {c.what} | "
-            f"{c.detail.replace('|', '/').replace(chr(10), ' ')} |" for c in checks]
+    rows = [f"| {'✓' if c.ok else '✗ missing'} | {html.escape(c.what)} | "
+            f"{html.escape(c.detail).replace('|', '/').replace(chr(10), ' ')} |" for c in checks]
     head = (f"**{len(checks) - bad} of {len(checks)} ready**" +
             (f": fix the {bad} missing item(s) before generating or training." if bad else
              ": every file and setting these settings need is here."))
     return "\n".join([head, "", "| | item | detail |", "|---|---|---|", *rows])
-
-
-def sibling_runs(run_dir: Path) -> list[str]:
-    """Run directories next to ``run_dir`` (folders holding a run store), for the selector."""
-    from craft.store import DB_NAME
-
-    parent = Path(run_dir).parent
-    found = {str(run_dir)}
-    try:
-        found |= {str(p) for p in parent.iterdir() if (p / DB_NAME).exists()}
-    except OSError:
-        pass
-    return sorted(found)
 
 
 def _guarded(fn, n_outputs: int):
@@ -233,10 +337,9 @@ def _guarded(fn, n_outputs: int):
 
 
 def build_app(run_dir: str | Path = DEFAULT_RUN_DIR, config: str | Path | None = None,
-              overrides: Sequence[str] = ()) -> StudioApp:
-    """Create the context (opening / creating the run) and build the Blocks."""
-    ctx = StudioContext(run_dir, config, tuple(overrides))
-    app = StudioApp(ctx)
+              overrides: Sequence[str] = (), runs_root: str | Path | None = None) -> StudioApp:
+    """Open (create) the run and build the Blocks."""
+    app = StudioApp(Studio(run_dir, config, tuple(overrides), runs_root))
     app.build()
     return app
 
@@ -244,12 +347,13 @@ def build_app(run_dir: str | Path = DEFAULT_RUN_DIR, config: str | Path | None =
 def launch(app: StudioApp, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
            auth: tuple[str, str] | None = None, max_upload: str = DEFAULT_MAX_UPLOAD,
            block: bool = True, quiet: bool = False):
-    """Start the server. ``allowed_paths`` is the context's live list (assets + opened runs)."""
+    """Start the server. ``allowed_paths`` is the studio's live list (assets + opened runs)."""
     app.demo.queue(default_concurrency_limit=4)
     return app.demo.launch(
-        server_name=host, server_port=port, auth=auth, allowed_paths=app.ctx.allowed_paths,
-        max_file_size=max_upload, css=CSS, ssr_mode=False, share=False, quiet=quiet,
-        prevent_thread_lock=not block, show_error=True, footer_links=["settings"],
+        server_name=host, server_port=port, auth=auth, allowed_paths=app.studio.allowed_paths,
+        max_file_size=max_upload, css=_page_css(), head=HEAD_JS, ssr_mode=False, share=False,
+        quiet=quiet, prevent_thread_lock=not block, show_error=True,
+        footer_links=["settings"],
         # Gradio's run history would store every event's inputs and outputs in the browser:
         # the Curate tab sends hundreds, and each slider move got slower as it grew.
         run_history=False, mcp_server=False)

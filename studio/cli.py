@@ -41,6 +41,10 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                         help="require a login (or set CRAFT_STUDIO_AUTH=USER:PASSWORD, which keeps "
                              "the password out of the process list)")
+    parser.add_argument("--runs-root", default=None, metavar="DIR",
+                        help="serve only run directories under DIR: a browser can open or "
+                             "create runs there and nowhere else (relative run paths are taken "
+                             "inside it)")
     parser.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD,
                         help=f"largest accepted upload, e.g. 5mb (default {DEFAULT_MAX_UPLOAD})")
 
@@ -55,8 +59,10 @@ def studio_command(args: argparse.Namespace) -> int:
 
     setup_process()
 
-    app = build_app(args.run_dir, args.config, args.overrides)
-    print(f"CRAFT Studio on http://{args.host}:{args.port} · run {app.ctx.run_dir}", flush=True)
+    app = build_app(args.run_dir, args.config, args.overrides, runs_root=args.runs_root)
+    print(f"CRAFT Studio on http://{args.host}:{args.port} · run {app.ctx.run_dir}"
+          + (f" · runs under {app.studio.runs_root}" if app.studio.runs_root else ""),
+          flush=True)
     launch(app, args.host, args.port, auth, args.max_upload, block=True)
     return 0
 

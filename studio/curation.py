@@ -1,6 +1,7 @@
 """Curation logic behind the Curate and Groups tabs, free of UI code (benchmarked and tested
-directly): re-run Composite Reward Filtering on every control move, caption the kept images,
-toggle manual overrides, export the kept set as a Hugging Face ``imagefolder``."""
+directly): re-run Composite Reward Filtering on every control move; page through any view of
+the pool with a badge per image; say in words and numbers why an image is or is not kept; what
+a move changed (entered / left); how much of the pool the kept set covers."""
 
 from __future__ import annotations
 
@@ -15,20 +16,37 @@ import pandas as pd
 from craft.advantages import group_advantages, training_weights
 from craft.filtering import LEVEL_ROLES, FilterResult, FilterSettings, apply_filter
 
-VIEWS = ("kept", "passing, not kept", "manually excluded", "all, best first")
-MAX_GALLERY = 60
+# The views of the pool the grid pages through (the last two are filled by the map and by
+# "more like this").
+VIEWS = ("kept", "changed by the last move", "passing, not kept", "fails the level",
+         "excluded by hand", "included by hand", "all, best first", "map selection",
+         "similar to the selected image", "near-duplicates in the kept set")
+EXTERNAL_VIEWS = ("changed by the last move", "map selection", "similar to the selected image",
+                  "near-duplicates in the kept set")
+PAGE_SIZE = 60
 
 
 def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: str,
                   require: Sequence[str], margin: float, top_k: int | float | None,
-                  include_reference: bool) -> FilterSettings:
+                  include_reference: bool, per_prompt_cap: int | float | None = None
+                  ) -> FilterSettings:
     """Filter settings from the Curate controls (every reward of ``weights`` is in the
-    composite; a weight of 0 leaves it out of R but it must still be scored)."""
+    composite; a weight of 0 leaves it out of R but it must still be scored). Problems are
+    said in the controls' terms and with this run's rewards."""
+    from craft.filtering import FilterError
+
+    if level == "custom" and not require:
+        raise FilterError(f"the custom level needs at least one reward to beat the reference "
+                          f"on: tick one or more of {', '.join(weights)} under it")
+    if not any(float(v or 0) > 0 for v in weights.values()):
+        raise FilterError("every weight is 0, so there is no composite to rank by: give at "
+                          f"least one of {', '.join(weights)} a weight above 0")
     top = int(top_k) if top_k else None
+    cap = int(per_prompt_cap) if per_prompt_cap else None
     return FilterSettings(rewards=tuple(weights), weights={k: float(v) for k, v in weights.items()},
                           normalization=normalization, level=level, roles=dict(cfg.rewards.roles),
                           require=tuple(require or ()), margin=float(margin or 0.0), top_k=top,
-                          include_reference=bool(include_reference))
+                          include_reference=bool(include_reference), per_prompt_cap=cap)
 
 
 @dataclasses.dataclass
@@ -114,7 +132,9 @@ def effective_count(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> i
     return int((training_weights(adv, adv_mode, tau) > 0).sum())
 
 
-def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> str:
+def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
+              changed: Mapping[int, str] | None = None) -> str:
+    """The kept count and what it rests on; with ``changed``, what the last move changed."""
     counts = c.result.counts
     text = (f"Kept <b id='kept-number'>{counts.kept}</b> of {counts.scorable} scorable candidates"
             f" ({counts.groups} groups) · <span id='effective-number'>"
@@ -126,43 +146,213 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> str:
     if counts.overrides_applied:
         inc = sum(v == "include" for v in counts.overrides_applied.values())
         text += f" · by hand: {inc} included, {len(counts.overrides_applied) - inc} excluded"
+    if changed is not None:
+        entered = sum(v == "entered" for v in changed.values())
+        left = len(changed) - entered
+        text += (f"<br><span id='moved-line'>Last move: <b id='moved-entered'>+{entered}</b> "
+                 f"entered, <b id='moved-left'>−{left}</b> left the kept set"
+                 + (" (the same count, other images: see the view “changed by the last move”)"
+                    if entered and entered == left else "") + "</span>")
     return text
 
 
-def caption(row: Any, rewards: Sequence[str], short: Mapping[str, str]) -> str:
-    parts = [f"{short[r]} {getattr(row, r):.2f}" for r in rewards]
-    head = "★orig" if row.variant_idx == 0 else f"v{row.variant_idx}"
-    marks = ""
-    if row.override == "include":
-        marks = " · ✋ included"
-    elif row.override == "exclude":
-        marks = " · ✋ excluded"
-    r = row.composite
-    a = row.advantage
-    return (f"R {r:+.2f} · A {a:+.2f} · " + " ".join(parts)
-            + f" · {head} s{getattr(row, 'seed_idx', row.seed)}{marks}\n{row.prompt}")
-
-
-def gallery_rows(c: Curation, view: str, limit: int = MAX_GALLERY) -> pd.DataFrame:
+def view_ids(c: Curation, view: str, extra: Sequence[int] = ()) -> np.ndarray:
+    """Candidate ids of ``view``, best composite first (ties by id). ``extra`` holds the ids
+    of the views made elsewhere: the last move's changes, the map selection, the neighbours
+    of the selected image (those keep their own order)."""
     f = c.frame
-    if view == "kept":
-        sel = f["kept"].to_numpy()
-    elif view == "passing, not kept":
-        sel = f["passes"].to_numpy() & ~f["kept"].to_numpy()
-    elif view == "manually excluded":
-        sel = (f["override"] == "exclude").to_numpy()
-    else:
-        sel = f["scorable"].to_numpy()
+    if view in EXTERNAL_VIEWS:
+        known = set(f["candidate_id"].tolist())
+        return np.array([i for i in extra if i in known], dtype=np.int64)
+    kept, passes = f["kept"].to_numpy(), f["passes"].to_numpy()
+    override = f["override"].astype(object).to_numpy()
+    sel = {"kept": kept, "passing, not kept": passes & ~kept,
+           "fails the level": f["scorable"].to_numpy() & ~passes,
+           "excluded by hand": override == "exclude",
+           "included by hand": override == "include",
+           "all, best first": f["scorable"].to_numpy()}.get(view)
+    if sel is None:
+        raise ValueError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
     idx = np.flatnonzero(sel)
     comp = f["composite"].to_numpy()[idx]
-    order = idx[np.lexsort((f["candidate_id"].to_numpy()[idx], -np.nan_to_num(comp, nan=-1e9)))]
-    return f.iloc[order[:limit]]
+    ids = f["candidate_id"].to_numpy()[idx]
+    return ids[np.lexsort((ids, -np.nan_to_num(comp, nan=-1e9)))]
 
 
-def gallery_items(rows: pd.DataFrame, rewards: Sequence[str], short: Mapping[str, str]
-                  ) -> tuple[list[tuple[str, str]], list[int]]:
-    items = [(row.image_path, caption(row, rewards, short)) for row in rows.itertuples()]
-    return items, [int(x) for x in rows["candidate_id"]]
+def page_of(ids: np.ndarray, page: int, size: int = PAGE_SIZE) -> tuple[np.ndarray, int, int]:
+    """The ids on ``page`` (1-based, clamped), the page and the number of pages."""
+    pages = max(1, -(-len(ids) // size))
+    page = min(max(1, int(page or 1)), pages)
+    return ids[(page - 1) * size:page * size], page, pages
+
+
+def showing_line(n_page: int, page: int, pages: int, total: int, view: str,
+                 size: int = PAGE_SIZE) -> str:
+    if total == 0:
+        return f"Nothing to show in “{view}”."
+    first = (page - 1) * size + 1
+    return (f"Showing {first}–{first + n_page - 1} of {total} · page {page} of {pages} · "
+            f"view “{view}”")
+
+
+def failed_rewards(row: Any, settings: FilterSettings) -> list[str]:
+    """The rewards of the level that ``row`` does not beat its group's reference on."""
+    from craft.filtering import required_rewards
+
+    if settings.level == "none":
+        return []
+    return [r for r in required_rewards(settings) if not bool(getattr(row, f"beats_{r}", False))]
+
+
+def badges(row: Any, settings: FilterSettings, changed: Mapping[int, str] | None = None
+           ) -> list[tuple[str, str]]:
+    """(css class, text) badges for one candidate: kept, by hand, reference, what it fails."""
+    out = []
+    if row.override == "exclude":
+        out.append(("excluded", "✋ excluded"))
+    elif row.override == "include":
+        out.append(("included", "✋ included"))
+    if row.kept:
+        out.append(("kept", "kept"))
+    if row.variant_idx == 0:
+        out.append(("reference", "★ ref"))
+    if not row.scorable:
+        out.append(("fails", "unscorable"))
+    elif not row.passes:
+        failed = failed_rewards(row, settings)
+        out.append(("fails", "fails " + ", ".join(short_reward(r) for r in failed)
+                    if failed else "no reference"))
+    elif getattr(row, "capped", False):
+        out.append(("capped", "over cap"))
+    if changed and int(row.candidate_id) in changed:
+        out.append((changed[int(row.candidate_id)], changed[int(row.candidate_id)]))
+    return out
+
+
+def short_reward(reward: str) -> str:
+    """``toy_fidelity`` -> ``fid``; real names keep their first 6 letters (``hpsv21``)."""
+    base = reward[4:] if reward.startswith("toy_") else reward
+    return base[:3] if reward.startswith("toy_") else base[:6]
+
+
+def caption(row: Any, rewards: Sequence[str]) -> str:
+    """The full caption (shown on hover and in the zoom): composite, advantage, each reward."""
+    parts = " · ".join(f"{r} {getattr(row, r):.3f}" for r in rewards)
+    head = "original prompt (★)" if row.variant_idx == 0 else f"variant {row.variant_idx}"
+    return (f"#{int(row.candidate_id)} · R {row.composite:+.3f} · A {row.advantage:+.3f} · "
+            f"{parts} · {head}, seed {getattr(row, 'seed_idx', row.seed)}\n"
+            f"prompt: {row.prompt}\nvariant: {row.variant}")
+
+
+def grid_items(c: Curation, ids: Sequence[int], rewards: Sequence[str],
+               changed: Mapping[int, str] | None = None) -> list[dict]:
+    """What the grid shows of each candidate: image, short and full caption, badges."""
+    f = c.frame.set_index("candidate_id", drop=False)
+    rows = f.loc[[i for i in ids if i in f.index]]
+    return [{"id": int(r.candidate_id), "path": r.image_path,
+             "short": f"R {r.composite:+.2f} · A {r.advantage:+.2f}",
+             "title": caption(r, rewards), "badges": badges(r, c.settings, changed)}
+            for r in rows.itertuples()]
+
+
+def moved(previous: Sequence[int] | None, now: Sequence[int]) -> dict[int, str]:
+    """What a move changed in the kept set: id -> "entered" / "left"."""
+    if previous is None:
+        return {}
+    before, after = set(previous), set(now)
+    return {**{i: "entered" for i in sorted(after - before)},
+            **{i: "left" for i in sorted(before - after)}}
+
+
+def explain(c: Curation, candidate_id: int, rewards: Sequence[str]) -> str:
+    """Why one candidate is or is not kept, in words and numbers (Markdown): the level's
+    rewards against its group's reference and the margin, its composite against the cut-off
+    and its rank, the per-prompt cap, any manual override."""
+    from craft.filtering import required_rewards
+
+    f = c.frame
+    hit = f.loc[f["candidate_id"] == candidate_id]
+    if hit.empty:
+        return f"Candidate #{candidate_id} is not in this run's scored pool."
+    row = next(hit.itertuples())
+    s, res = c.settings, c.result
+    cutoff = res.cutoff
+    origin = "the original prompt (a reference image ★)" if row.variant_idx == 0 else \
+        f"variant {row.variant_idx}: “{_md(row.variant)}”"
+    head = f"**#{candidate_id}** · prompt “{_md(row.prompt)}” · generated from {origin}"
+    required = required_rewards(s) if s.level != "none" else []
+    if not row.scorable:
+        missing = [r for r in s.used_rewards if not np.isfinite(getattr(row, r, np.nan))]
+        verdict = (f"**Not kept: unscorable.** {', '.join(missing)} has no finite score, so it "
+                   "has no composite and cannot be weighted in training.")
+    elif row.override == "exclude":
+        would = "it would be kept otherwise" if row.passes and not row.capped and (
+            cutoff is None or row.composite >= cutoff) else "it would not be kept anyway"
+        verdict = f"**Not kept: excluded by hand** ({would}). Undo or “back to automatic” " \
+                  "restores the automatic choice."
+    elif row.override == "include" and row.kept:
+        verdict = "**Kept: included by hand**, whatever the level, K and the cap say."
+    elif row.kept:
+        verdict = (f"**Kept**: it passes the level and ranks {int(row.rank)} by R among "
+                   f"{int(res.frame['rank'].notna().sum())} eligible passing candidates "
+                   f"(K = {s.top_k or 'all'}; its R {row.composite:+.3f} ≥ cut-off "
+                   f"{cutoff:+.3f}).")
+    elif not row.has_reference and s.level != "none":
+        verdict = ("**Not kept: its group has no scorable reference image** (no image of the "
+                   "original prompt), so nothing can beat the reference.")
+    elif not row.passes:
+        failed = failed_rewards(row, s)
+        verdict = (f"**Not kept: fails level {s.level}** — it does not beat its group's "
+                   f"reference by more than the margin ({s.margin:g}) on "
+                   f"{', '.join(failed)}.")
+    elif row.variant_idx == 0 and not s.include_reference:
+        verdict = ("**Not kept: an original-prompt image**, and “original-prompt images may be "
+                   "kept” is off.")
+    elif getattr(row, "capped", False):
+        verdict = (f"**Not kept: per-prompt cap** — its prompt already has "
+                   f"{s.per_prompt_cap} better images (by R) in the kept set.")
+    else:
+        verdict = (f"**Not kept: below the cut-off** — it passes the level, but its R "
+                   f"{row.composite:+.3f} is under the cut-off {cutoff:+.3f} of the top "
+                   f"K = {s.top_k} (it ranks {int(row.rank)} of "
+                   f"{int(res.frame['rank'].notna().sum())})." if cutoff is not None else
+                   "**Not kept**: nothing is kept with these settings.")
+    lines = [head, "", verdict, "",
+             f"| reward | raw | normalised ({s.normalization}) | group reference | "
+             f"needs > ref + margin | beats? |", "|---|---|---|---|---|---|"]
+    for r in rewards:
+        norm, ref = getattr(row, f"norm_{r}", np.nan), getattr(row, f"ref_{r}", np.nan)
+        need = "**yes** (level)" if r in required else "no"
+        beats = getattr(row, f"beats_{r}", None)
+        lines.append(f"| {r} | {getattr(row, r):.4f} | {norm:+.3f} | {ref:+.3f} | {need} | "
+                     f"{'✓' if beats else '✗'} |")
+    weights = " + ".join(f"{w:.2f}·{short_reward(r)}" for r, w in s.normalized_weights.items())
+    lines += ["", f"Composite R = {weights} = **{row.composite:+.3f}**; group advantage "
+                  f"A = **{row.advantage:+.3f}** (within its prompt's group)."]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    """User text inside Markdown: shown as typed, never read as markup."""
+    import html
+
+    return html.escape(str(text), quote=False).replace("*", "\\*").replace("_", "\\_")
+
+
+def coverage_line(c: Curation) -> str:
+    """How much of the pool the kept set draws from (live, under the kept count)."""
+    n = c.result.counts
+    if not n.kept:
+        return ""
+    prompt = ""
+    if n.largest_prompt is not None:
+        text = c.frame.loc[c.frame["prompt_id"] == n.largest_prompt, "prompt"].iloc[0]
+        prompt = f" (“{_md(text[:60])}”)"
+    cap = f" · per-prompt cap {c.settings.per_prompt_cap} left out {n.capped}" \
+        if c.settings.per_prompt_cap else ""
+    return (f"Coverage: <span id='coverage-prompts'>{n.kept_prompts}</span> of {n.groups} "
+            f"prompts · largest share <span id='coverage-largest'>{n.largest_kept}</span> "
+            f"images ({100 * n.largest_kept / n.kept:.0f} %) from one prompt{prompt}{cap}")
 
 
 def toggle_action(c: Curation, candidate_id: int, current: str | None) -> str | None:
@@ -213,6 +403,8 @@ def groups_table(c: Curation) -> pd.DataFrame:
     agg["best_R"] = agg["best_R"].round(3)
     agg["reference_R"] = agg["reference_R"].round(3)
     agg["gain_R"] = (agg["best_R"] - agg["reference_R"]).round(3)
+    total = max(1, int(agg["kept"].sum()))
+    agg["kept share %"] = (100 * agg["kept"] / total).round(1)
     return agg.reset_index().sort_values("kept", ascending=False, kind="stable")
 
 
@@ -224,6 +416,8 @@ def kept_rows(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> pd.Data
     return kept.assign(weight=training_weights(kept["advantage"].to_numpy(), adv_mode, tau))
 
 
-__all__ = ["Curation", "CurationCache", "MAX_GALLERY", "VIEWS", "caption", "curate", "effective_count",
-           "kept_rows", "gallery_items", "gallery_rows", "groups_table", "kept_line",
-           "level_pass_table", "levels_line", "make_settings", "toggle_action"]
+__all__ = ["Curation", "CurationCache", "PAGE_SIZE", "VIEWS", "badges", "caption", "coverage_line",
+           "curate", "effective_count", "explain", "failed_rewards", "grid_items",
+           "groups_table", "kept_line", "kept_rows", "level_pass_table", "levels_line",
+           "make_settings", "moved", "page_of", "short_reward", "showing_line", "toggle_action",
+           "view_ids"]

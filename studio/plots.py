@@ -58,7 +58,8 @@ def composite_histogram(composite: np.ndarray, passes: np.ndarray, kept: np.ndar
     fig.add_bar(x=centers, y=n_kept, width=width, name="kept", marker_color=COLORS["kept"])
     if cutoff is not None:
         fig.add_vline(x=cutoff, line=dict(color=COLORS["cutoff"], width=2, dash="dash"),
-                      annotation_text=f"cut-off {cutoff:+.2f}", annotation_position="top left")
+                      annotation_text=f"cut-off {cutoff:+.2f}", annotation_position="top left",
+                      annotation=dict(yshift=14, font=dict(size=11, color=COLORS["cutoff"])))
     fig.update_layout(**_LAYOUT, barmode="stack", bargap=0, title=title,
                       xaxis_title="R (normalised units)", yaxis_title="candidates")
     return fig

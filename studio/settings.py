@@ -50,6 +50,7 @@ class Binding:
     component: Any
     to_ui: Callable[[Any], Any] = _identity
     from_ui: Callable[[Any], Any] = _identity
+    persisted_by: str | None = None  # a tab that saves this value with its own event
 
 
 class Settings:
@@ -59,10 +60,10 @@ class Settings:
         self.bindings: list[Binding] = []
 
     def bind(self, key: str, component: Any, to_ui: Callable = _identity,
-             from_ui: Callable = _identity) -> Any:
+             from_ui: Callable = _identity, persisted_by: str | None = None) -> Any:
         if key.count(".") not in (1, 2):
             raise ValueError(f"binding key {key!r} must be section.name[.entry]")
-        self.bindings.append(Binding(key, component, to_ui, from_ui))
+        self.bindings.append(Binding(key, component, to_ui, from_ui, persisted_by))
         return component
 
     @property
@@ -96,6 +97,12 @@ class Settings:
         # only if every weight is 0 (which is an error the user should see).
         return config_from_dict(data, "the studio's settings")
 
+    def config_with(self, base: CraftConfig, key: str, value: Any) -> CraftConfig:
+        """``base`` with the one bound ``key`` set from its control's ``value``."""
+        values = self.values_from(base)
+        values[self.index(key)] = value
+        return self.config_from(base, values)
+
     def index(self, key: str) -> int:
         for i, b in enumerate(self.bindings):
             if b.key == key:
@@ -103,5 +110,34 @@ class Settings:
         raise KeyError(key)
 
 
-__all__ = ["Binding", "ConfigError", "Settings", "as_int", "lines_to_list", "list_to_lines",
+class UiState:
+    """Controls whose values are not config but are saved with the run all the same (the Train
+    form's run name, the chosen views and checkpoint, processes per stage): key -> control,
+    with the value shown when the run has none saved."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[Any, Any]] = {}
+
+    def bind(self, key: str, component: Any, default: Any = None) -> Any:
+        if key in self._items:
+            raise ValueError(f"UI state key {key!r} is bound twice")
+        self._items[key] = (component, default)
+        return component
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, c) for k, (c, _) in self._items.items()]
+
+    @property
+    def components(self) -> list[Any]:
+        return [c for c, _ in self._items.values()]
+
+    def values_from(self, state: dict[str, Any]) -> list[Any]:
+        """Control values for a run's saved UI state; unsaved keys keep the control as it is."""
+        import gradio as gr
+
+        return [state[k] if k in state else (d if d is not None else gr.skip())
+                for k, (_, d) in self._items.items()]
+
+
+__all__ = ["Binding", "ConfigError", "Settings", "UiState", "as_int", "lines_to_list", "list_to_lines",
            "none_as_zero", "optional_int"]

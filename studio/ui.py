@@ -9,7 +9,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from craft import CraftError
-from studio.jobs import JOBS, JobSnapshot
+from studio.jobs import JOBS, JobSnapshot, format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,48 @@ CSS = """
 .kept-count { font-size: 1.25em; }
 .studio-error { color: #b52a25; }
 .job-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
+/* Table headers wrap between words, never letter by letter in a narrow column. */
+table th, [role=columnheader] { word-break: normal !important; overflow-wrap: normal !important;
+                                 white-space: nowrap; }
+#curate-why table { font-size: 12px; }
+#curate-showing p { margin: 0; text-align: center; }
 """
 
 POLL_SECONDS = 1.0
+
+
+def _page_css() -> str:
+    from studio.grid import LIGHTBOX_CSS
+
+    return CSS + LIGHTBOX_CSS
+
+# Page-wide key handling, loaded once in <head>: Enter in a slider's number box applies the
+# typed value at once (Gradio applies it when the box loses focus, so Enter seemed to do
+# nothing).
+HEAD_JS = """
+<script>
+document.addEventListener('keydown', (e) => {
+  const t = e.target;
+  if (e.key === 'Enter' && t && t.tagName === 'INPUT' && t.type === 'number' &&
+      t.closest('.block') && t.closest('.block').querySelector('input[type=range]')) {
+    e.preventDefault();
+    t.blur();
+  }
+}, true);
+</script>
+"""
+
+
+class Tab:
+    """A tab's controls and handlers. ``self.ctx`` is the run of the event being handled (each
+    browser has its own: studio.session); the constructor gets the first run, for initial
+    values only."""
+
+    @property
+    def ctx(self):
+        from studio.session import current
+
+        return current()
 
 
 def short_name(reward: str) -> str:
@@ -40,7 +79,8 @@ def error_md(e: BaseException | str) -> str:
 
 
 def ok_md(text: str) -> str:
-    return f"✓ {text}"
+    """A success line; markup characters in it are shown, not parsed (file names, prompts)."""
+    return f"✓ {html.escape(text, quote=False)}"
 
 
 def user_error(e: BaseException) -> str:
@@ -58,7 +98,7 @@ class JobPanel:
         self.kind = kind
         self.status = gr.Markdown("No job yet.", elem_id=f"{kind}-job-status")
         self.bar = gr.HTML(_bar(None), elem_id=f"{kind}-job-bar")
-        self.log = gr.Textbox(label="Log (last lines)", lines=log_lines, max_lines=log_lines,
+        self.log = gr.Textbox(label="Log (newest first)", lines=log_lines, max_lines=log_lines,
                               interactive=False, elem_classes=["job-log"],
                               elem_id=f"{kind}-job-log")
         self.timer = gr.Timer(POLL_SECONDS, active=False)
@@ -71,14 +111,15 @@ class JobPanel:
         snap = snap if snap is not None else JOBS.latest(self.kind)
         if snap is None:
             return ["No job yet.", _bar(None), ""]
-        return [snap.summary(), _bar(snap), "\n".join(snap.log[-40:])]
+        return [snap.summary(), _bar(snap), "\n".join(reversed(snap.log[-40:]))]
 
     def is_running(self) -> bool:
         return JOBS.running(self.kind) is not None
 
-    def on_tick(self, fn: Callable[..., Any], inputs: Any, outputs: list[Any]) -> Any:
-        """Poll with ``fn``; an exception in it is logged and the outputs are left as they are
-        (a broken refresh must not spam the page with an error every second)."""
+    def on_tick(self, app, fn: Callable[..., Any], inputs: Any, outputs: list[Any]) -> Any:
+        """Poll with ``fn`` (wired through ``app.on``: the session's run is bound); an exception
+        in it is logged and the outputs are left as they are (a broken refresh must not spam
+        the page with an error every second)."""
         n = len(outputs)
 
         def tick(*args: Any) -> Any:
@@ -92,12 +133,37 @@ class JobPanel:
                 return out
 
         tick.__name__ = f"poll_{self.kind}"
-        return self.timer.tick(tick, inputs, outputs, show_progress="hidden")
+        return app.on(self.timer.tick, tick, inputs, outputs, show_progress="hidden")
 
     def keep_polling(self) -> Any:
         """For a tab refresh: start polling if a job runs, else leave the timer alone (a refresh
         racing a Start click must not switch off the poll the click just switched on)."""
         return gr.Timer(active=True) if self.is_running() else gr.skip()
+
+
+def job_buttons(running: bool) -> list[Any]:
+    """Updates for a tab's (Start, Cancel) pair: Start while nothing runs, Cancel while it runs."""
+    return [gr.update(interactive=not running),
+            gr.update(interactive=running, variant="stop" if running else "secondary")]
+
+
+def cancel_message(kind: str, what: str) -> str:
+    if JOBS.cancel(kind=kind):
+        return ok_md(f"cancel requested: the {what} stops after its current batch or step")
+    return f"no {what} is running"
+
+
+def finished_message(snap: JobSnapshot | None) -> Any:
+    """What a tab's message line says once its job has ended (it said "… started" before)."""
+    if snap is None or snap.running:
+        return gr.skip()
+    took = format_seconds(snap.elapsed_s)
+    if snap.status == "done":
+        return ok_md(f"{snap.title}: finished in {took}")
+    if snap.status == "cancelled":
+        return f"{html.escape(snap.title)}: cancelled after {took}; what it made is kept, and " \
+               f"starting it again continues"
+    return error_md(f"{snap.title} failed: {snap.error or 'see its log'}")
 
 
 def processes_control(kind: str) -> Any:
@@ -132,5 +198,6 @@ def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Call
     return wrapper
 
 
-__all__ = ["CSS", "JobPanel", "POLL_SECONDS", "error_md", "ok_md", "processes_control", "safe",
-           "short_name", "user_error"]
+__all__ = ["CSS", "HEAD_JS", "JobPanel", "POLL_SECONDS", "Tab", "cancel_message", "error_md",
+           "finished_message", "job_buttons", "ok_md", "processes_control", "safe", "short_name",
+           "user_error"]

@@ -248,7 +248,7 @@ def test_from_config_mirrors_the_filter_and_rewards_sections():
     cfg = SimpleNamespace(
         filter=SimpleNamespace(weights={"hps": 0.5, "aes": 0.5}, normalization="rank",
                                level="ha", require=(), margin=0.1, top_k=7,
-                               include_reference=False),
+                               include_reference=False, per_prompt_cap=None),
         rewards=SimpleNamespace(roles={"h": "hps", "a": "aes"}))
     s = FilterSettings.from_config(cfg, top_k=3)
     assert (s.rewards, s.level, s.normalization, s.margin, s.top_k, s.include_reference) == (
@@ -346,3 +346,40 @@ def test_settings_from_a_validated_config_equal_checked_settings():
     assert FilterSettings.from_config(cfg, top_k=3).top_k == 3
     with pytest.raises(FilterError, match="top_k"):
         FilterSettings.from_config(cfg, top_k=0)  # a change from outside is checked
+
+
+def test_per_prompt_cap_keeps_each_prompts_best_and_reports_coverage():
+    """A cap of 1 keeps at most one candidate per original prompt (its best by R); top-K then
+    counts among what the cap leaves; what the cap drops is marked and counted; a hand include
+    beats the cap."""
+    rng = np.random.default_rng(0)
+    rows = [(100 * g + i, g, 0 if i < 2 else 1 + i % 3, *rng.normal(size=3))
+            for g in range(1, 6) for i in range(12)]
+    df = frame(rows)
+    free = apply_filter(df, make_settings(level="none"))
+    capped = apply_filter(df, make_settings(level="none", per_prompt_cap=2))
+    assert free.counts.kept == 60 and free.counts.kept_prompts == 5
+    assert free.counts.largest_kept == 12
+    per_group = capped.kept.groupby("prompt_id").size()
+    assert (per_group == 2).all() and len(per_group) == 5 and capped.counts.kept == 10
+    assert capped.counts.capped == 50 and capped.frame["capped"].sum() == 50
+    assert capped.counts.largest_kept == 2 and capped.counts.kept_prompts == 5
+    for g, group in df.assign(R=free.frame["composite"]).groupby("prompt_id"):
+        best = set(group.nlargest(2, "R")["candidate_id"])
+        assert best == set(capped.kept.loc[capped.kept["prompt_id"] == g, "candidate_id"])
+    top3 = apply_filter(df, make_settings(level="none", per_prompt_cap=2, top_k=3))
+    assert top3.counts.kept == 3 and top3.kept["prompt_id"].value_counts().max() <= 2
+    dropped = int(capped.frame.loc[capped.frame["capped"], "candidate_id"].iloc[0])
+    forced = apply_filter(df, make_settings(level="none", per_prompt_cap=2), {dropped: "include"})
+    assert dropped in set(forced.kept["candidate_id"]) and forced.counts.kept == 11
+    with pytest.raises(FilterError, match="per_prompt_cap"):
+        make_settings(per_prompt_cap=0)
+
+
+def test_per_prompt_cap_from_the_config():
+    from craft.config import ConfigError, load_config
+
+    cfg = load_config(None, ["filter.per_prompt_cap=3"])
+    assert FilterSettings.from_config(cfg).per_prompt_cap == 3
+    with pytest.raises(ConfigError, match="filter.per_prompt_cap"):
+        load_config(None, ["filter.per_prompt_cap=0"])

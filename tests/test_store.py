@@ -423,6 +423,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         rid = s.create_train_run("old", {"train": {}})
     conn = sqlite3.connect(run / "store.sqlite")  # take it back to what version 1 had
     conn.executescript("DROP INDEX train_runs_name; DROP INDEX scores_by_reward; "
+                       "DROP TABLE embeddings; "
                        "CREATE INDEX scores_reward ON scores(reward); "
                        "ALTER TABLE train_runs DROP COLUMN selection_id; PRAGMA user_version=1;")
     conn.close()
@@ -430,6 +431,9 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert s.get_train_run(rid)["selection_id"] is None
         assert s.scores_df(["h"])["h"].tolist() == [0.5]
+        s.add_embeddings("pixels16", [ids[0]], [[0.5, -0.25]])
+        got_ids, vectors = s.embeddings("pixels16")
+        assert got_ids.tolist() == [ids[0]] and vectors.tolist() == [[0.5, -0.25]]
         sid = s.save_selection("x", {}, [(ids[0], 0.1, 0.2, 1.0)])
         assert s.get_train_run(s.create_train_run("new", {}, selection_id=sid))[
             "selection_id"] == sid

@@ -284,7 +284,25 @@ def test_bad_auth_is_a_user_error(text):
 def test_run_selector_refuses_a_foreign_folder(app, tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     with pytest.raises(CraftError, match="non-empty folder"):
-        app.ctx.open_run(tmp_path)
+        app.studio.context(tmp_path)
+
+
+def test_runs_root_confines_what_a_studio_may_open(tmp_path):
+    from studio.context import Studio
+
+    root = tmp_path / "runs"
+    studio = Studio("first", overrides=("prompts.max_prompts=2",), runs_root=root)
+    try:
+        assert studio.default_run == (root / "first").resolve()
+        assert studio.context("second").run_dir == (root / "second").resolve()
+        for outside in (tmp_path / "elsewhere", root / ".." / "escape", "/tmp"):
+            with pytest.raises(CraftError, match="outside the folder this studio serves"):
+                studio.context(outside)
+        assert not (tmp_path / "elsewhere").exists()
+        assert sorted(studio.runs()) == [str((root / "first").resolve()),
+                                         str((root / "second").resolve())]
+    finally:
+        studio.close()
 
 
 def test_studio_and_cli_keep_the_same_set(app):
@@ -345,3 +363,47 @@ def test_settings_check_lists_what_the_settings_need(app, tmp_path):
     out = check_markdown(cfg)
     assert out.startswith("**8 of 9 ready**: fix the 1 missing item(s)")
     assert "| ✗ missing | model |" in out and "no-model" in out
+
+
+def test_views_pages_badges_why_and_what_a_move_changed(app):
+    """The Curate tab's logic, without a browser: views page through the whole pool; each
+    image's badges and explanation follow from the filter; a move's entered / left."""
+    from craft.stages import filter_settings
+    from studio.curation import (badges, curate, explain, grid_items, moved, page_of,
+                                 showing_line, view_ids)
+
+    ctx = app.ctx
+    s = filter_settings(ctx.cfg)
+    c = curate(ctx.frame(), s, {})
+    kept = view_ids(c, "kept")
+    assert set(kept.tolist()) == set(c.kept_ids.tolist())
+    composite = c.frame.set_index("candidate_id").loc[kept, "composite"].to_numpy()
+    assert (np.diff(composite) <= 0).all()  # best first
+    ids, page, pages = page_of(np.arange(130), 3, size=60)
+    assert ids.tolist() == list(range(120, 130)) and (page, pages) == (3, 3)
+    assert showing_line(10, 3, 3, 130, "kept", size=60) == \
+        "Showing 121–130 of 130 · page 3 of 3 · view “kept”"
+    rewards = list(ctx.cfg.rewards.names)
+    row = c.frame.loc[c.frame["candidate_id"] == int(kept[0])].iloc[0]
+    assert ("kept", "kept") in badges(row, s)
+    assert explain(c, int(kept[0]), rewards).splitlines()[2].startswith("**Kept**")
+    failing = view_ids(c, "fails the level")
+    if len(failing):
+        text = explain(c, int(failing[0]), rewards)
+        assert "Not kept: fails level" in text
+        item = grid_items(c, [int(failing[0])], rewards)[0]
+        assert any(cls == "fails" for cls, _ in item["badges"])
+    excluded = curate(ctx.frame(), s, {int(kept[0]): "exclude"})
+    assert "excluded by hand" in explain(excluded, int(kept[0]), rewards)
+    assert view_ids(excluded, "excluded by hand").tolist() == [int(kept[0])]
+    assert moved([1, 2, 3], [2, 3, 4]) == {4: "entered", 1: "left"}
+    assert moved(None, [1]) == {}
+
+
+def test_a_custom_level_without_rewards_is_said_in_the_runs_terms(app):
+    from craft import CraftError
+    from studio.curation import make_settings
+
+    weights = {r: 1.0 for r in app.ctx.cfg.rewards.names}
+    with pytest.raises(CraftError, match="tick one or more of toy_fidelity"):
+        make_settings(app.ctx.cfg, weights, "zscore", "custom", [], 0.0, 10, True)

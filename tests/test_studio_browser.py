@@ -216,7 +216,7 @@ def release(page, elem_id: str, value: str) -> None:
 def test_curate_sliders_change_what_is_kept(page, studio):
     tab(page, "Curate")
     page.wait_for_selector("#kept-number")
-    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid img').length > 0")
     before = kept_number(page)  # I_hpa, top-K 10
     assert 0 < before <= 10
     # top-K moves the count
@@ -229,11 +229,11 @@ def test_curate_sliders_change_what_is_kept(page, studio):
     wait_kept(page, f"n === {before}")
     # a weight moves the composite: the cut-off, the captions and the weighted count follow
     line = page.inner_text("#curate-kept")
-    captions = page.inner_text("#curate-gallery")
+    captions = page.inner_text("#curate-grid")
     release(page, "curate-weight-toy_fidelity", "0")
     page.wait_for_function(f"() => document.querySelector('#curate-kept').innerText !== "
                            f"{json.dumps(line)}")
-    page.wait_for_function(f"() => document.querySelector('#curate-gallery').innerText !== "
+    page.wait_for_function(f"() => document.querySelector('#curate-grid').innerText !== "
                            f"{json.dumps(captions)}")
     page.wait_for_selector("#curate-hist .js-plotly-plot")
     # the margin moves the count
@@ -243,29 +243,25 @@ def test_curate_sliders_change_what_is_kept(page, studio):
     wait_kept(page, f"n === {before}")
 
 
-def click_first_image(page, store, want: dict) -> None:
-    """Click the grid's first image until the store shows the override (a click that lands while
-    the grid is being replaced by the previous move's update is lost, as it would be for a
-    person)."""
-    for _ in range(5):
-        page.locator("#curate-gallery .thumbnail-item").first.click()
-        for _ in range(25):
-            if sorted(store.overrides().values()) == sorted(want.values()):
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"overrides {store.overrides()} never became {want}")
-
-
-def test_curate_click_toggles_a_manual_exclude(page, studio):
+def test_curate_select_exclude_and_undo(page, studio):
+    """A click selects (and explains) an image; Exclude excludes it by hand; the view of hand
+    exclusions shows it; Undo restores the automatic choice."""
     ctx = studio[0].ctx
-    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid img').length > 0")
     before = kept_number(page)
-    click_first_image(page, ctx.store, {"any": "exclude"})
+    first = page.locator("#curate-grid .tg-item").first
+    cid = int(first.get_attribute("data-id"))
+    first.click()
+    page.wait_for_selector(f"#curate-why:has-text('#{cid}')")
+    assert ctx.store.overrides() == {}  # selecting changes nothing
+    page.click("#curate-exclude")
     wait_kept(page, f"n === {before - 1}")
-    page.get_by_label("manually excluded").check()
-    page.wait_for_function("() => document.querySelectorAll('#curate-gallery img').length == 1")
-    click_first_image(page, ctx.store, {})  # undo
+    assert ctx.store.overrides() == {cid: "exclude"}
+    page.get_by_label("excluded by hand").check()
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid img').length == 1")
+    page.click("#curate-undo")
     wait_kept(page, f"n === {before}")
+    assert ctx.store.overrides() == {}
     page.get_by_label("kept", exact=True).check()
 
 
@@ -312,6 +308,13 @@ def test_train_a_few_steps_and_watch_the_loss(page, studio):
     page.wait_for_function("() => document.querySelectorAll('#train-previews img').length >= 2")
     final = studio[0].ctx.run_dir / "train" / "tiny" / "final" / "model_index.json"
     assert final.exists()
+    # the runs table says what the run trained on: its kept count and selection settings
+    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
+                           ".includes('hpa, K 10')")
+    runs = studio[0].ctx.store.train_runs_df()
+    row = runs[runs["name"] == "tiny"].iloc[0]
+    items = studio[0].ctx.store.selection_items_df(int(row["selection_id"]))
+    assert len(items) > 0 and items["weight"].notna().all()
 
 
 def test_cancel_a_second_run(page, studio):

@@ -15,12 +15,13 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from craft.fsutil import save_image_atomic
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.plots import empty_figure, mean_reward_bars
-from studio.settings import Settings, none_as_zero, optional_int
+from studio.settings import Settings, UiState, none_as_zero, optional_int
 from studio.launcher import stage_job
-from studio.ui import JobPanel, ok_md, processes_control, short_name, user_error
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
+                       processes_control, short_name, user_error)
 
 MAX_PAIRS = 24
 CELL = 128
@@ -34,7 +35,7 @@ def _label_font():
     return ImageFont.load_default(size=14)
 
 
-def checkpoint_choices(ctx: StudioContext) -> list[tuple[str, str]]:
+def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
     """Tuned models of this run: complete pipelines (``final``) and intermediate UNet
     checkpoints (``checkpoint-N``, evaluated on the base pipeline)."""
     out = []
@@ -118,7 +119,7 @@ def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
     return items, pd.DataFrame(rows)
 
 
-def evaluation_choices(ctx: StudioContext) -> list[tuple[str, int]]:
+def evaluation_choices(ctx: RunContext) -> list[tuple[str, int]]:
     ev = ctx.store.evaluations_df()
     out = []
     for r in list(ev.itertuples())[::-1]:
@@ -130,7 +131,7 @@ def evaluation_choices(ctx: StudioContext) -> list[tuple[str, int]]:
     return out
 
 
-def load_evaluation(ctx: StudioContext, evaluation_id: int):
+def load_evaluation(ctx: RunContext, evaluation_id: int):
     ev = ctx.store.evaluations_df()
     row = ev[ev["id"] == evaluation_id]
     if row.empty:
@@ -143,7 +144,7 @@ def load_evaluation(ctx: StudioContext, evaluation_id: int):
     return row, summary, scores, scores_csv.parent
 
 
-def evaluation_views(ctx: StudioContext, evaluation_id):
+def evaluation_views(ctx: RunContext, evaluation_id):
     if evaluation_id is None:
         return ("No evaluation yet: choose a checkpoint and press Compare.", [], pd.DataFrame(),
                 empty_figure("no evaluation yet"), pd.DataFrame())
@@ -162,9 +163,8 @@ def evaluation_views(ctx: StudioContext, evaluation_id):
     return head, items, win_table(summary), mean_reward_bars(raw), deltas
 
 
-class CompareTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class CompareTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         e = ctx.cfg.eval
         gr.Markdown("Compare the base model with a tuned checkpoint on the **held-out prompts**, "
                     "with the **same seeds** for both, so each image pair differs only by the "
@@ -172,8 +172,8 @@ class CompareTab:
         with gr.Row():
             self.base = gr.Textbox(ctx.model_path(), label="base model", scale=2,
                                    elem_id="compare-base")
-            self.tuned = gr.Dropdown([], label="tuned checkpoint", scale=2,
-                                     elem_id="compare-tuned")
+            self.tuned = ui.bind("compare.tuned", gr.Dropdown(
+                [], label="tuned checkpoint", scale=2, elem_id="compare-tuned"))
             self.refresh_btn = gr.Button("↻", scale=0, min_width=40, size="sm")
         with gr.Row():
             self.n_prompts = settings.bind("eval.num_prompts", gr.Number(
@@ -189,9 +189,10 @@ class CompareTab:
             self.guidance = settings.bind("eval.guidance_scale", gr.Number(
                 e.guidance_scale, label="guidance scale"))
         with gr.Row():
-            self.processes = processes_control("compare")
+            self.processes = ui.bind("compare.processes", processes_control("compare"))
             self.start = gr.Button("Compare", variant="primary", elem_id="compare-start")
-            self.cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+            self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
+                                    elem_id="compare-cancel")
             self.past = gr.Dropdown([], label="show evaluation", elem_id="compare-past", scale=2)
         self.message = gr.Markdown(elem_id="compare-message")
         self.panel = JobPanel("compare", log_lines=4)
@@ -208,10 +209,11 @@ class CompareTab:
                                    interactive=False, max_height=300, elem_id="compare-deltas")
 
     def wire(self, app) -> None:
-        ctx = self.ctx
         views = [self.head, self.pairs, self.wins, self.bars, self.deltas]
+        buttons = [self.start, self.cancel]
 
         def on_start(base, tuned, processes, *values):
+            ctx = self.ctx
             try:
                 if not tuned:
                     raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
@@ -219,7 +221,7 @@ class CompareTab:
                     raise ValueError("give the base model")
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
                 from craft.config import resolve_path
 
                 base_path = str(resolve_path(base) or base)
@@ -235,59 +237,77 @@ class CompareTab:
                     return {"evaluation_id": res.evaluation_id}
 
                 command = ["evaluate", "--tuned", tuned, "--base", base_path, "--name", name]
-                JOBS.start("compare", "Compare base vs tuned", stage_job(
-                    "compare", command, ctx.run_dir, cfg, processes, in_process))
+                JOBS.start("compare", f"Compare base vs tuned · {ctx.run_dir.name}", stage_job(
+                    "compare", command, ctx.run_dir, cfg, processes, in_process),
+                    info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
-            return ok_md("evaluation started"), gr.Timer(active=True)
+                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+            return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)
 
-        self.start.click(on_start, [self.base, self.tuned, self.processes,
-                                    *app.settings.components], [self.message, self.panel.timer])
-        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="compare")
-                          else "no evaluation is running", None, self.message)
+        app.on(self.start.click, on_start, [self.base, self.tuned, self.processes,
+                                            *app.settings.components],
+               [self.message, self.panel.timer, *buttons])
+        app.on(self.cancel.click, lambda: cancel_message("compare", "evaluation"), None,
+               self.message)
 
         def tick():
+            ctx = self.ctx
             snap = JOBS.latest("compare")
             out = self.panel.render(snap)
             if snap is None or snap.running:
-                return [*out, gr.skip(), *[gr.skip()] * len(views), gr.skip()]
-            if snap.status == "done" and snap.result:
+                return [*out, gr.skip(), *[gr.skip()] * len(views), gr.skip(), gr.skip(),
+                        *job_buttons(snap is not None)]
+            done = [finished_message(snap), gr.Timer(active=False), *job_buttons(False)]
+            if snap.status == "done" and snap.result and \
+                    snap.info.get("run_dir") in (None, str(ctx.run_dir)):
                 eid = snap.result["evaluation_id"]
                 return [*out, gr.update(choices=evaluation_choices(ctx), value=eid),
-                        *evaluation_views(ctx, eid), gr.Timer(active=False)]
-            return [*out, gr.skip(), *[gr.skip()] * len(views), gr.Timer(active=False)]
+                        *evaluation_views(ctx, eid), *done]
+            return [*out, gr.skip(), *[gr.skip()] * len(views), *done]
 
-        self.panel.on_tick(tick, None, [*self.panel.outputs, self.past, *views,
-                                           self.panel.timer])
+        self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.past, *views,
+                                             self.message, self.panel.timer, *buttons])
 
         def on_past(eid):
             try:
-                return evaluation_views(ctx, eid)
+                return evaluation_views(self.ctx, eid)
             except Exception as e:  # noqa: BLE001
                 return user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame()
 
-        self.past.input(on_past, self.past, views)
-        self.refresh_btn.click(lambda: gr.update(choices=checkpoint_choices(ctx)), None,
-                               self.tuned)
+        app.on(self.past.input, on_past, self.past, views)
+        app.on(self.refresh_btn.click, lambda: gr.update(choices=checkpoint_choices(self.ctx)),
+               None, self.tuned)
+
+    @property
+    def refresh_inputs(self) -> list:
+        return [self.tuned]
 
     @property
     def refresh_outputs(self) -> list:
-        return [self.base, self.tuned, self.past, self.head, self.pairs, self.wins, self.bars,
-                self.deltas, *self.panel.outputs, self.panel.timer]
+        return [self.base, self.tuned, self.n_prompts, self.past, self.head, self.pairs,
+                self.wins, self.bars, self.deltas, *self.panel.outputs, self.panel.timer,
+                self.start, self.cancel]
 
-    def refresh(self) -> list:
+    def refresh(self, tuned=None) -> list:
         ctx = self.ctx
         ckpts = checkpoint_choices(ctx)
+        paths = [p for _, p in ckpts]
         evals = evaluation_choices(ctx)
         eid = evals[0][1] if evals else None
         try:
             views = evaluation_views(ctx, eid)
         except Exception as e:  # noqa: BLE001
             views = (user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame())
+        held = ctx.counts()["eval_prompts"]
+        wanted = ctx.cfg.eval.num_prompts
+        note = (f"this run has {held} held-out prompts" + (
+            f"; {wanted} asked, so all {held} are used" if wanted and wanted > held else ""))
         return [ctx.model_path(),
-                gr.update(choices=ckpts, value=ckpts[0][1] if ckpts else None),
-                gr.update(choices=evals, value=eid), *views, *self.panel.render(),
-                self.panel.keep_polling()]
+                gr.update(choices=ckpts, value=tuned if tuned in paths else
+                          (paths[0] if paths else None)),
+                gr.update(info=note), gr.update(choices=evals, value=eid), *views,
+                *self.panel.render(), self.panel.keep_polling(),
+                *job_buttons(self.panel.is_running())]
 
 
 __all__ = ["CompareTab", "checkpoint_choices", "pair_images", "win_table"]

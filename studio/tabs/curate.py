@@ -1,30 +1,40 @@
-"""Curate: Composite Reward Filtering, live. Every control move re-runs the filter on the whole
-pool (a pure, vectorised function) and updates the kept count and the composite histogram at
-once, then the grid of kept images. Clicking an image toggles a manual include / exclude that is
-saved in the run and honoured by training and export."""
+"""Curate: Composite Reward Filtering, live, and a review of every image it keeps or leaves.
+
+Every control move re-runs the filter on the whole pool (a pure, vectorised function) and shows
+at once the kept count, what the move changed (entered / left), the coverage of the prompts, then
+the composite histogram, then one page of the chosen view in the grid. Clicking an image selects
+it and says why it is or is not kept; keys or buttons keep / exclude it by hand (saved in the run,
+honoured by training, export and ``craft filter``), undo, clear. The map of the pool projects
+image embeddings to 2-D; a box drawn on it selects images into the grid."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import gradio as gr
+import numpy as np
 
 from craft.config import field_choices, field_help
-from studio.context import StudioContext
-from studio.curation import (VIEWS, Curation, CurationCache, curate, gallery_items,
-                             kept_rows, gallery_rows, kept_line, levels_line, make_settings,
-                             toggle_action)
+from studio.context import RunContext
+from studio.curation import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line, curate,
+                             explain, grid_items, kept_line, kept_rows, levels_line,
+                             make_settings, moved, page_of, showing_line, view_ids)
+from studio.grid import ThumbGrid, event_delta, event_id, item_value
+from studio.jobs import JOBS
+from studio.pool_map import KEPT, PoolMap, in_box, map_value
 from studio.plots import composite_histogram, empty_figure
-from studio.settings import Settings
-from studio.ui import error_md, ok_md, short_name, user_error
+from studio.settings import Settings, UiState, none_as_zero, optional_int
+from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, user_error
 
 LEVEL_LABELS = {"I_h (beat the reference on h)": "h", "I_ha (h and a)": "ha",
                 "I_hpa (h, p and a; strictest)": "hpa", "custom (rewards below)": "custom",
                 "none (keep every scorable)": "none"}
 LEVEL_BY_VALUE = {v: k for k, v in LEVEL_LABELS.items()}
+ACTIONS = {"keep": "include", "exclude": "exclude", "auto": None}
 
 
-class CurateTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class CurateTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         self.cache = CurationCache()
         cfg = ctx.cfg
         f = cfg.filter
@@ -35,67 +45,120 @@ class CurateTab:
                     "pool; a candidate passes a level when it beats its group's reference (the "
                     "original prompt's images) on the level's rewards by more than the margin; "
                     "the composite R = Σ weight·normalised reward ranks the passing ones and the "
-                    "top K are kept. Click an image to include or exclude it by hand.")
+                    "top K are kept. Click an image to see why it is (not) kept; keep or exclude "
+                    "it by hand with the buttons or the keys k / x (arrows move, z enlarges, "
+                    "u undoes).")
+        curated = dict(persisted_by="Curate")
         with gr.Row():
-            with gr.Column(scale=1, min_width=280):
+            with gr.Column(scale=1, min_width=300):
                 self.weights = []
                 for r in self.rewards:
                     role = roles.get(r)
-                    label = f"weight: {r}" + (f" (role {role})" if role else "")
+                    label = f"{r} weight" + (f" · role {role}" if role else "")
                     s = settings.bind(f"filter.weights.{r}", gr.Slider(
                         0.0, max(1.0, *f.weights.values()), value=float(f.weights.get(r, 0.0)),
-                        step=0.05, label=label,
-                        elem_id=f"curate-weight-{r}"))
+                        step=0.05, label=label, elem_id=f"curate-weight-{r}"), **curated)
                     self.weights.append(s)
                 self.normalization = settings.bind("filter.normalization", gr.Dropdown(
                     list(field_choices("filter", "normalization")), value=f.normalization,
                     label="normalisation", info=field_help("filter", "normalization"),
-                    elem_id="curate-normalization"))
+                    elem_id="curate-normalization"), **curated)
                 self.level = settings.bind("filter.level", gr.Radio(
                     list(LEVEL_LABELS), value=LEVEL_BY_VALUE[f.level], label="level",
                     elem_id="curate-level"),
-                    to_ui=lambda v: LEVEL_BY_VALUE[v], from_ui=lambda v: LEVEL_LABELS[v])
+                    to_ui=lambda v: LEVEL_BY_VALUE[v], from_ui=lambda v: LEVEL_LABELS[v],
+                    **curated)
                 self.require = settings.bind("filter.require", gr.CheckboxGroup(
                     self.rewards, value=[r for r in f.require if r in self.rewards],
                     label="custom level: beat the reference on", elem_id="curate-require"),
-                    to_ui=lambda v: [r for r in v if r in self.rewards], from_ui=list)
+                    to_ui=lambda v: [r for r in v if r in self.rewards], from_ui=list,
+                    **curated)
                 self.margin = settings.bind("filter.margin", gr.Slider(
                     0.0, 2.0, value=f.margin, step=0.05, label="margin (normalised units)",
-                    info=field_help("filter", "margin"), elem_id="curate-margin"))
+                    info=field_help("filter", "margin"), elem_id="curate-margin"), **curated)
                 self.top_k = settings.bind("filter.top_k", gr.Slider(
                     1, max(2000, f.top_k), value=f.top_k, step=1, label="top-K",
-                    info=field_help("filter", "top_k"), elem_id="curate-topk"))
+                    info=field_help("filter", "top_k"), elem_id="curate-topk"), **curated)
+                self.cap = settings.bind("filter.per_prompt_cap", gr.Number(
+                    none_as_zero(f.per_prompt_cap), precision=0, minimum=0,
+                    label="at most this many per prompt (0 = no cap)",
+                    info=field_help("filter", "per_prompt_cap"), elem_id="curate-cap"),
+                    to_ui=none_as_zero, from_ui=optional_int, **curated)
                 self.include_ref = settings.bind("filter.include_reference", gr.Checkbox(
                     f.include_reference, label="original-prompt images may be kept",
-                    elem_id="curate-include-ref"))
+                    elem_id="curate-include-ref"), **curated)
             with gr.Column(scale=3):
                 self.kept = gr.HTML("", elem_id="curate-kept", elem_classes=["kept-count"])
+                self.coverage = gr.HTML("", elem_id="curate-coverage")
                 self.levels = gr.Markdown("", elem_id="curate-levels")
                 self.hist = gr.Plot(label="Composite histogram", elem_id="curate-hist")
-                with gr.Row():
-                    self.view = gr.Radio(list(VIEWS), value="kept", label="Show",
-                                         elem_id="curate-view", scale=3)
+                with gr.Row(equal_height=True):
+                    self.view = ui.bind("curate.view", gr.Radio(
+                        list(VIEWS), value="kept", label="Show", elem_id="curate-view",
+                        scale=4))
                     self.export = gr.Button("Export kept set (imagefolder)",
-                                            elem_id="curate-export", scale=1)
+                                            elem_id="curate-export", scale=1, min_width=160)
+                with gr.Row(equal_height=True):
+                    self.prev_btn = gr.Button("◀ previous page", elem_id="curate-prev",
+                                              scale=0, min_width=130)
+                    self.showing = gr.Markdown("", elem_id="curate-showing")
+                    self.next_btn = gr.Button("next page ▶", elem_id="curate-next", scale=0,
+                                              min_width=130)
+                self.grid = ThumbGrid(elem_id="curate-grid")
+                with gr.Row(equal_height=True):
+                    self.keep_btn = gr.Button("Keep (k)", elem_id="curate-keep", min_width=90)
+                    self.exclude_btn = gr.Button("Exclude (x)", elem_id="curate-exclude",
+                                                 min_width=90)
+                    self.auto_btn = gr.Button("Back to automatic (a)", elem_id="curate-auto",
+                                              min_width=150)
+                    self.undo_btn = gr.Button("Undo (u)", elem_id="curate-undo", min_width=90)
+                    self.clear_btn = gr.Button("Clear all overrides", elem_id="curate-clear",
+                                               min_width=150)
+                    self.similar_btn = gr.Button("More like this", elem_id="curate-similar",
+                                                 min_width=120)
                 self.message = gr.Markdown(elem_id="curate-message")
-                self.gallery = gr.Gallery(label="Kept images (click to include / exclude by hand)",
-                                          columns=8, height=520, object_fit="contain",
-                                          allow_preview=False, elem_classes=["pixelated"],
-                                          elem_id="curate-gallery")
+                self.why = gr.Markdown("Click an image to see why it is or is not kept.",
+                                       elem_id="curate-why")
                 self.download = gr.File(label="Exported archive", visible=False,
                                         elem_id="curate-download")
+                with gr.Accordion("Map of the pool: image embeddings in 2-D", open=False,
+                                  elem_id="curate-map-section"):
+                    gr.Markdown("Each point is a candidate (embedding: `embed.encoder`, "
+                                f"{cfg.embed.encoder}), placed by the first two principal "
+                                "components. Drag a box to show those images in the grid; "
+                                "“More like this” shows the selected image's nearest "
+                                "neighbours.")
+                    with gr.Row(equal_height=True):
+                        self.color_by = ui.bind("curate.color_by", gr.Dropdown(
+                            [KEPT, "composite", *self.rewards], value=KEPT,
+                            label="colour by", elem_id="curate-color-by", scale=2))
+                        self.map_btn = gr.Button("Compute the map", elem_id="curate-map-start",
+                                                 scale=1, min_width=150)
+                    self.map_panel = JobPanel("map", log_lines=3)
+                    self.pool_map = PoolMap(elem_id="curate-map")
+                    self.dups = gr.Markdown(elem_id="curate-dups")
+        # Per browser: the page shown (its ids stay put while overrides change badges), the
+        # selected image, the kept set before the last move and what the move changed, the
+        # map's selection and the neighbours of the selected image.
         self.ids = gr.State([])
+        self.page = gr.State(1)
+        self.selected = gr.State(None)
+        self.last_kept = gr.State(None)
+        self.changed = gr.State({})
+        self.map_ids = gr.State([])
+        self.similar_ids = gr.State([])
+        self.dup_ids = gr.State([])
         self.controls = [*self.weights, self.normalization, self.level, self.require,
-                         self.margin, self.top_k, self.include_ref]
+                         self.margin, self.top_k, self.cap, self.include_ref]
 
     # ------------------------------------------------------------------ logic
 
     def settings_from(self, values):
         n = len(self.rewards)
         weights = dict(zip(self.rewards, values[:n]))
-        norm, level_label, require, margin, top_k, include_ref = values[n:]
+        norm, level_label, require, margin, top_k, cap, include_ref = values[n:]
         return make_settings(self.ctx.cfg, weights, norm, LEVEL_LABELS[level_label], require,
-                             margin, top_k, include_ref)
+                             margin, top_k, include_ref, cap)
 
     def run(self, values) -> Curation:
         ctx = self.ctx
@@ -111,14 +174,33 @@ class CurateTab:
         return self.cache.get(key, lambda: curate(df, settings, overrides,
                                                   ctx.cfg.advantage.eps))
 
-    def counts(self, *values):
-        """The fast step (what a slider move waits for): kept count and pass counts."""
+    def _remember(self, settings) -> None:
+        """The Curate settings are the run's filter settings (craft filter / train read them)."""
+        ctx = self.ctx
+        f = dataclasses.replace(
+            ctx.cfg.filter, normalization=settings.normalization, level=settings.level,
+            require=tuple(settings.require), margin=settings.margin,
+            weights=dict(settings.weights), top_k=settings.top_k or ctx.cfg.filter.top_k,
+            include_reference=bool(settings.include_reference),
+            per_prompt_cap=settings.per_prompt_cap)
+        if f != ctx.cfg.filter:
+            ctx.set_config(dataclasses.replace(ctx.cfg, filter=f))
+            ctx.schedule_save()
+
+    def counts(self, last_kept, *values):
+        """The fast step (what a control move waits for): kept count, what the move changed,
+        coverage, pass counts."""
         try:
             c = self.run(values)
         except Exception as e:  # noqa: BLE001
-            return error_md(str(e)) if isinstance(e, ValueError) else user_error(e), ""
+            message = error_md(str(e)) if isinstance(e, ValueError) else user_error(e)
+            return message, "", "", gr.skip(), gr.skip()
+        self._remember(c.settings)
         a = self.ctx.cfg.advantage
-        return kept_line(c, a.mode, a.tau), levels_line(c)
+        now = sorted(int(i) for i in c.kept_ids)
+        changed = moved(last_kept, now)
+        return (kept_line(c, a.mode, a.tau, changed if last_kept is not None else None),
+                coverage_line(c), levels_line(c), now, changed)
 
     def histogram(self, *values):
         try:
@@ -129,63 +211,196 @@ class CurateTab:
         return composite_histogram(f["composite"].to_numpy(float), f["passes"].to_numpy(),
                                    f["kept"].to_numpy(), c.result.cutoff)
 
-    def summary(self, *values):
-        return (*self.counts(*values), self.histogram(*values))
-
-    def gallery_update(self, view, *values):
+    def page_view(self, view, page, selected, changed, map_ids, similar_ids, *values,
+                  keep_ids=None):
+        """One page of ``view``: (grid value, showing line, page ids, page, why text)."""
         try:
             c = self.run(values)
-        except Exception:  # noqa: BLE001 - summary() already showed the message
-            return [], []
-        rows = gallery_rows(c, view)
-        items, ids = gallery_items(rows, self.rewards, self.short)
-        return items, ids
+        except Exception as e:  # noqa: BLE001 - counts() already showed the message
+            empty = item_value([], empty=str(e))
+            return empty, "", [], 1, gr.skip(), None
+        extra = ()
+        if view == "changed by the last move":
+            extra = list(changed or {})
+        elif view == "map selection":
+            extra = map_ids or []
+        elif view == "similar to the selected image":
+            extra = similar_ids or []
+        elif view == "near-duplicates in the kept set":
+            extra = self.duplicates(c)[1]
+        if keep_ids is not None:  # the same images, fresh badges (after an override)
+            ids, total, pages = list(keep_ids), None, None
+        else:
+            all_ids = view_ids(c, view, extra)
+            page_ids, page, pages = page_of(all_ids, page)
+            ids, total = [int(i) for i in page_ids], len(all_ids)
+        items = grid_items(c, ids, self.rewards, changed)
+        if selected not in ids:
+            selected = ids[0] if ids else None
+        value = item_value(items, selected, empty=f"Nothing in “{view}” with these settings.")
+        showing = gr.skip() if total is None else showing_line(len(ids), page, pages, total,
+                                                               view)
+        why = explain(c, selected, self.rewards) if selected is not None else \
+            "Nothing selected."
+        return value, showing, ids, page, why, selected
+
+    def duplicates(self, c: Curation) -> tuple[str, list[int]]:
+        """Near-duplicate groups among the kept images: a line, and their ids group by group."""
+        from craft.embeddings import near_duplicates
+
+        pm = self.ctx.pool_map()
+        if pm is None:
+            return "Near-duplicates: compute the map first.", []
+        ids, _, vectors = pm
+        kept = np.isin(ids, c.kept_ids)
+        t = self.ctx.cfg.embed.duplicate_threshold
+        groups = near_duplicates(ids[kept], vectors[kept], t)
+        flat = [i for g in groups for i in g]
+        if not groups:
+            return f"No near-duplicates in the kept set (cosine similarity ≥ {t:g}).", []
+        return (f"Near-duplicates in the kept set (cosine ≥ {t:g}): "
+                f"<b id='dup-groups'>{len(groups)}</b> groups, {len(flat)} images; the largest "
+                f"has {len(groups[0])} (view “near-duplicates in the kept set”).", flat)
+
+    def map_view(self, color_by, map_ids, *values):
+        """The map and the near-duplicate line for the current settings."""
+        pm = self.ctx.pool_map()
+        if pm is None:
+            return gr.skip(), "Near-duplicates: compute the map first."
+        try:
+            c = self.run(values)
+        except Exception:  # noqa: BLE001 - counts() shows the message
+            return gr.skip(), ""
+        ids, xy, _ = pm
+        return map_value(c.frame, ids, xy, color_by, map_ids), self.duplicates(c)[0]
 
     # ------------------------------------------------------------------ wiring
 
     def wire(self, app) -> None:
-        ctx = self.ctx
-        count_out = [self.kept, self.levels]
-        slow_in = [self.view, *self.controls]
-        slow_out = [self.gallery, self.ids]
         quiet = dict(show_progress="hidden")
+        count_in = [self.last_kept, *self.controls]
+        count_out = [self.kept, self.coverage, self.levels, self.last_kept, self.changed]
+        view_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
+                   self.similar_ids, *self.controls]
+        view_out = [self.grid, self.showing, self.ids, self.page, self.why, self.selected]
+
+        def first_page(view, page, *rest):
+            return self.page_view(view, 1, *rest)
 
         def chain(dep):
-            """After the counts: the histogram, then the grid (each its own round trip, so the
-            count shows as soon as it is known)."""
-            return (dep.then(self.histogram, self.controls, self.hist, **quiet)
-                    .then(self.gallery_update, slow_in, slow_out, **quiet))
+            """After the counts: the histogram, then the first page of the grid (each its own
+            round trip, so the count shows as soon as it is known)."""
+            dep = app.then(dep, self.histogram, self.controls, self.hist, **quiet)
+            return app.then(dep, first_page, view_in, view_out, **quiet)
 
         for control in self.controls:
-            # Sliders answer on release (a click or the end of a drag), other controls on input;
-            # always_last drops moves superseded while one is computing. (Listening to a
-            # slider's input as well would send two events per click: measured slower.) The
-            # count step skips the queue: a plain request, ~50 ms faster than a queued event
-            # on a busy machine (benchmarks/studio.md); histogram and grid stay queued.
-            event = control.release if isinstance(control, gr.Slider) else control.input
-            chain(event(self.counts, self.controls, count_out, trigger_mode="always_last",
-                        queue=False, **quiet))
-        self.view.input(self.gallery_update, slow_in, slow_out, **quiet)
+            # Sliders answer on release (a click, the end of a drag, Enter in the number box),
+            # other controls on input; always_last drops moves superseded while one is
+            # computing. The count step skips the queue: a plain request, ~50 ms faster than a
+            # queued event on a busy machine (benchmarks/studio.md).
+            events = [control.release] if isinstance(control, gr.Slider) else (
+                [control.submit, control.blur] if isinstance(control, gr.Number) else
+                [control.input])
+            for event in events:
+                chain(app.on(event, self.counts, count_in, count_out,
+                             trigger_mode="always_last", queue=False, **quiet))
+        app.on(self.view.input, first_page, view_in, view_out, **quiet)
 
-        def on_select(evt: gr.SelectData, ids, *values):
+        def turn(delta):
+            def fn(view, page, *rest):
+                return self.page_view(view, (page or 1) + delta, *rest)
+            return fn
+
+        app.on(self.prev_btn.click, turn(-1), view_in, view_out, **quiet)
+        app.on(self.next_btn.click, turn(1), view_in, view_out, **quiet)
+
+        def on_page_key(evt: gr.EventData, view, page, *rest):
+            return self.page_view(view, (page or 1) + event_delta(evt), *rest)
+
+        app.on(self.grid.grid_page, on_page_key, view_in, view_out, **quiet)
+
+        def on_pick(evt: gr.EventData, *values):
+            cid = event_id(evt)
             try:
-                cid = int(ids[evt.index])
                 c = self.run(values)
-                current = ctx.store.overrides().get(cid)
-                action = toggle_action(c, cid, current)
-                ctx.store.set_override(cid, action)
-                msg = {None: f"candidate {cid}: back to automatic selection",
-                       "include": f"candidate {cid}: included by hand (click again to undo)",
-                       "exclude": f"candidate {cid}: excluded by hand (click again to undo; "
-                                  f"see 'manually excluded')"}[action]
-                return ok_md(msg)
             except Exception as e:  # noqa: BLE001
-                return user_error(e)
+                return user_error(e), gr.skip()
+            return explain(c, cid, self.rewards), cid
 
-        chain(self.gallery.select(on_select, [self.ids, *self.controls], self.message)
-              .then(self.counts, self.controls, count_out, **quiet))
+        app.on(self.grid.grid_pick, on_pick, self.controls, [self.why, self.selected], **quiet)
+
+        # Overrides: the page keeps its images; their badges, the counts and the why change.
+        after = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
+                 self.grid, self.ids, self.why, self.selected, self.message]
+
+        def overridden(message, view, page, selected, changed, map_ids, similar_ids, ids,
+                       last_kept, values):
+            kept, coverage, levels, now, changed = self.counts(last_kept, *values)
+            value, _, ids, _, why, selected = self.page_view(
+                view, page, selected, changed, map_ids, similar_ids, *values, keep_ids=ids)
+            return [kept, coverage, levels, now, changed, value, ids, why, selected, message]
+
+        state_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
+                    self.similar_ids, self.ids, self.last_kept]
+
+        def set_action(action_name):
+            def fn(cid, view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
+                   *values):
+                ctx = self.ctx
+                cid = selected if cid is None else cid
+                if cid is None:
+                    return [*[gr.skip()] * 9, "Select an image first (click it)."]
+                try:
+                    ctx.set_overrides({int(cid): ACTIONS[action_name]})
+                except Exception as e:  # noqa: BLE001
+                    return [*[gr.skip()] * 9, user_error(e)]
+                text = {"keep": f"#{cid}: kept by hand", "exclude": f"#{cid}: excluded by hand",
+                        "auto": f"#{cid}: back to the automatic choice"}[action_name]
+                return overridden(ok_md(text + " (undo: u)"), view, page, int(cid), changed,
+                                  map_ids, similar_ids, ids, last_kept, values)
+            return fn
+
+        for name, button in (("keep", self.keep_btn), ("exclude", self.exclude_btn),
+                             ("auto", self.auto_btn)):
+            action = set_action(name)
+            app.on(button.click, lambda *a, fn=action: fn(None, *a), [*state_in, *self.controls],
+                   after, **quiet)
+
+            def by_key(evt: gr.EventData, *a, fn=action):
+                return fn(event_id(evt), *a)
+
+            app.on(getattr(self.grid, f"grid_{name}"), by_key, [*state_in, *self.controls], after,
+                   **quiet)
+
+        def on_undo(view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
+                    *values):
+            restored = self.ctx.undo_override()
+            message = "Nothing to undo." if restored is None else ok_md(
+                "undone: " + ", ".join(f"#{c} back to {a or 'automatic'}"
+                                       for c, a in list(restored.items())[:5])
+                + (" …" if len(restored) > 5 else ""))
+            return overridden(message, view, page, selected, changed, map_ids, similar_ids,
+                              ids, last_kept, values)
+
+        app.on(self.undo_btn.click, on_undo, [*state_in, *self.controls], after, **quiet)
+
+        def on_undo_key(evt: gr.EventData, *a):
+            return on_undo(*a)
+
+        app.on(self.grid.grid_undo, on_undo_key, [*state_in, *self.controls], after, **quiet)
+
+        def on_clear(view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
+                     *values):
+            n = self.ctx.clear_overrides()
+            message = ok_md(f"cleared {n} manual override(s) (undo brings them back)") if n \
+                else "There are no manual overrides."
+            return overridden(message, view, page, selected, changed, map_ids, similar_ids,
+                              ids, last_kept, values)
+
+        app.on(self.clear_btn.click, on_clear, [*state_in, *self.controls], after, **quiet)
 
         def on_export(*values):
+            ctx = self.ctx
             try:
                 from craft.run import Run
                 from craft.stages import stage_export
@@ -195,29 +410,126 @@ class CurateTab:
                 kept = kept_rows(c, a.mode, a.tau)
                 folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings,
                                                kept=kept)
-                return (ok_md(f"exported {len(kept)} images to `{folder}` (load with "
-                              f"`datasets.load_dataset('imagefolder', data_dir=...)`; the same "
+                return (ok_md(f"exported {len(kept)} images to {folder} (load with "
+                              f"datasets.load_dataset('imagefolder', data_dir=...); the same "
                               f"as `craft export`)"),
                         gr.update(value=str(archive), visible=True))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip()
 
-        self.export.click(on_export, self.controls, [self.message, self.download])
+        app.on(self.export.click, on_export, self.controls, [self.message, self.download])
+        self._wire_map(app, view_in, view_out)
+
+    def _wire_map(self, app, view_in, view_out) -> None:
+        quiet = dict(show_progress="hidden")
+        map_out = [self.pool_map, self.dups]
+
+        def on_map_start(*values):
+            ctx = self.ctx
+            try:
+                cfg = ctx.cfg
+                from craft.embeddings import check_encoder
+
+                check_encoder(cfg)
+
+                def job(jc):
+                    from craft.embeddings import embed_candidates, project_pool
+                    from craft.store import RunStore
+
+                    with RunStore(ctx.run_dir) as store:
+                        n = embed_candidates(store, cfg, jc.progress, jc.should_stop)
+                        jc.log(f"embedded {n} new candidates ({cfg.embed.encoder})")
+                        m = project_pool(store, cfg)
+                        jc.log(f"map of {m} candidates")
+                    ctx.invalidate()
+                    return {"embedded": n, "mapped": m}
+
+                JOBS.start("map", f"Map the pool · {ctx.run_dir.name}", job,
+                           info={"run_dir": str(ctx.run_dir)})
+            except Exception as e:  # noqa: BLE001
+                return user_error(e), gr.skip()
+            return ok_md("computing the map…"), gr.Timer(active=True)
+
+        app.on(self.map_btn.click, on_map_start, self.controls,
+               [self.dups, self.map_panel.timer])
+
+        def map_tick(color_by, map_ids, *values):
+            snap = JOBS.latest("map")
+            out = self.map_panel.render(snap)
+            if snap is not None and snap.running:
+                return [*out, gr.skip(), gr.skip(), gr.skip()]
+            view, dups = self.map_view(color_by, map_ids, *values)
+            return [*out, view, dups, gr.Timer(active=False)]
+
+        self.map_panel.on_tick(app, map_tick, [self.color_by, self.map_ids, *self.controls],
+                               [*self.map_panel.outputs, *map_out, self.map_panel.timer])
+        app.on(self.color_by.input, self.map_view, [self.color_by, self.map_ids,
+                                                    *self.controls], map_out, **quiet)
+
+        def on_box(evt: gr.EventData, color_by, *values):
+            pm = self.ctx.pool_map()
+            if pm is None:
+                return [gr.skip()] * 4
+            box = getattr(evt, "_data", None) or {}
+            ids, xy, _ = pm
+            chosen = in_box(ids, xy, box)
+            view, dups = self.map_view(color_by, chosen, *values)
+            return [chosen, "map selection", view, dups]
+
+        def show_selection(view, page, selected, changed, map_ids, similar_ids, *values):
+            return self.page_view(view, 1, selected, changed, map_ids, similar_ids, *values)
+
+        dep = app.on(self.pool_map.map_box, on_box, [self.color_by, *self.controls],
+                     [self.map_ids, self.view, *map_out], **quiet)
+        app.then(dep, show_selection, view_in, view_out, **quiet)
+
+        def on_similar(selected, *values):
+            from craft.embeddings import neighbours
+
+            pm = self.ctx.pool_map()
+            if selected is None:
+                return gr.skip(), gr.skip(), "Select an image first (click it)."
+            if pm is None:
+                return gr.skip(), gr.skip(), ("“More like this” needs the map: open “Map of "
+                                              "the pool” and press “Compute the map”.")
+            ids, _, vectors = pm
+            try:
+                near, sims = neighbours(ids, vectors, int(selected), PAGE_SIZE)
+            except Exception as e:  # noqa: BLE001
+                return gr.skip(), gr.skip(), user_error(e)
+            span = f" (cosine {sims[-1]:.3f} to {sims[1]:.3f})" if len(sims) > 1 else ""
+            return (near, "similar to the selected image",
+                    ok_md(f"#{selected} and the {len(near) - 1} images most like it{span}, most "
+                          f"alike first"))
+
+        dep = app.on(self.similar_btn.click, on_similar, [self.selected, *self.controls],
+                     [self.similar_ids, self.view, self.message], **quiet)
+        app.then(dep, show_selection, view_in, view_out, **quiet)
 
     # ------------------------------------------------------------------ refresh
 
     @property
     def refresh_inputs(self) -> list:
-        return [self.view, *self.controls]
+        return [self.view, self.page, self.selected, self.changed, self.map_ids,
+                self.similar_ids, self.color_by, *self.controls]
 
     @property
     def refresh_outputs(self) -> list:
-        return [self.kept, self.levels, self.hist, self.gallery, self.ids]
+        return [self.kept, self.coverage, self.levels, self.hist, self.grid, self.showing,
+                self.ids, self.page, self.why, self.selected, self.last_kept, self.pool_map,
+                self.dups, *self.map_panel.outputs]
 
-    def refresh(self, view, *values) -> list:
-        kept, levels, fig = self.summary(*values)
-        items, ids = self.gallery_update(view, *values) if "kept-number" in kept else ([], [])
-        return [kept, levels, fig, items, ids]
+    def refresh(self, view, page, selected, changed, map_ids, similar_ids, color_by,
+                *values) -> list:
+        kept, coverage, levels, now, _ = self.counts(None, *values)
+        fig = self.histogram(*values)
+        panel = self.map_panel.render()
+        if "kept-number" not in str(kept):
+            return [kept, "", "", fig, item_value([], empty="No candidates to show yet."), "",
+                    [], 1, gr.skip(), None, None, gr.skip(), gr.skip(), *panel]
+        grid = self.page_view(view, page, selected, changed, map_ids, similar_ids, *values)
+        return [kept, coverage, levels, fig, *grid, now,
+                *self.map_view(color_by, map_ids, *values), *panel]
 
 
-__all__ = ["CurateTab", "LEVEL_LABELS"]
+__all__ = ["CurateTab", "LEVEL_LABELS", "PAGE_SIZE"]

@@ -6,16 +6,17 @@ from __future__ import annotations
 import gradio as gr
 
 from craft.config import field_choices, field_help
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.jobs import JOBS
-from studio.settings import Settings, none_as_zero, optional_int
+from studio.settings import Settings, UiState, none_as_zero, optional_int
 from studio.launcher import stage_job
-from studio.ui import JobPanel, ok_md, processes_control, user_error
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
+                       processes_control, user_error)
 
 LATEST = 32
 
 
-def latest_candidates(ctx: StudioContext, n: int = LATEST) -> list[tuple[str, str]]:
+def latest_candidates(ctx: RunContext, n: int = LATEST) -> list[tuple[str, str]]:
     df = ctx.store.candidates_df(split="train")
     if df.empty:
         return []
@@ -25,7 +26,7 @@ def latest_candidates(ctx: StudioContext, n: int = LATEST) -> list[tuple[str, st
                                      df["variant"])]
 
 
-def plan_summary(ctx: StudioContext) -> str:
+def plan_summary(ctx: RunContext) -> str:
     cfg = ctx.cfg
     counts = ctx.counts()
     per_prompt = 1 + cfg.prompts.num_variants
@@ -36,9 +37,8 @@ def plan_summary(ctx: StudioContext) -> str:
             f"{counts['candidates']} stored.")
 
 
-class GenerateTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class GenerateTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         cfg = ctx.cfg
         g = cfg.generation
         gr.Markdown("Generate the **candidates**: for every original prompt and each of its "
@@ -75,9 +75,10 @@ class GenerateTab:
                 to_ui=none_as_zero, from_ui=optional_int)
         self.plan = gr.Markdown(elem_id="gen-plan")
         with gr.Row():
-            self.processes = processes_control("gen")
+            self.processes = ui.bind("generate.processes", processes_control("gen"))
             self.start = gr.Button("Generate", variant="primary", elem_id="gen-start")
-            self.cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+            self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
+                                    elem_id="gen-cancel")
         self.message = gr.Markdown(elem_id="gen-message")
         self.panel = JobPanel("generate")
         self.gallery = gr.Gallery(label="Latest candidates", columns=8, height=420,
@@ -86,13 +87,12 @@ class GenerateTab:
         self._shown = None
 
     def wire(self, app) -> None:
-        ctx = self.ctx
-
         def on_start(processes, *values):
+            ctx = self.ctx
             try:
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
                 if ctx.counts()["prompts"] == 0:
                     raise ValueError("this run has no prompts yet; add some in the Prompts tab")
 
@@ -104,36 +104,44 @@ class GenerateTab:
                     jc.log(f"wrote {out['written']} candidates; {out['total']} in the run")
                     return out
 
-                JOBS.start("generate", "Generate candidates", stage_job(
-                    "generate", ["generate"], ctx.run_dir, cfg, processes, in_process))
+                JOBS.start("generate", f"Generate candidates · {ctx.run_dir.name}", stage_job(
+                    "generate", ["generate"], ctx.run_dir, cfg, processes, in_process),
+                    info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip()
-            return ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx)
+                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx),
+                    *job_buttons(True))
 
-        self.start.click(on_start, [self.processes, *app.settings.components],
-                         [self.message, self.panel.timer, self.plan])
-        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="generate")
-                          else "no generation is running", None, self.message)
+        buttons = [self.start, self.cancel]
+        app.on(self.start.click, on_start, [self.processes, *app.settings.components],
+               [self.message, self.panel.timer, self.plan, *buttons])
+        app.on(self.cancel.click, lambda: cancel_message("generate", "generation"), None,
+               self.message)
 
         def tick():
+            ctx = self.ctx
             snap = JOBS.latest("generate")
             out = self.panel.render(snap)
             n = ctx.counts()["candidates"]
             gallery = latest_candidates(ctx) if n != self._shown else gr.skip()
             self._shown = n
-            timer = gr.skip() if snap is not None and snap.running else gr.Timer(active=False)
-            return [*out, gallery, timer]
+            running = snap is not None and snap.running
+            timer = gr.skip() if running else gr.Timer(active=False)
+            return [*out, gallery, plan_summary(ctx), finished_message(snap), timer,
+                    *job_buttons(running)]
 
-        self.panel.on_tick(tick, None, [*self.panel.outputs, self.gallery, self.panel.timer])
+        self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.gallery, self.plan,
+                                             self.message, self.panel.timer, *buttons])
 
     @property
     def refresh_outputs(self) -> list:
-        return [self.plan, self.gallery, *self.panel.outputs, self.panel.timer]
+        return [self.plan, self.gallery, *self.panel.outputs, self.panel.timer, self.start,
+                self.cancel]
 
     def refresh(self) -> list:
         self._shown = self.ctx.counts()["candidates"]
         return [plan_summary(self.ctx), latest_candidates(self.ctx), *self.panel.render(),
-                self.panel.keep_polling()]
+                self.panel.keep_polling(), *job_buttons(self.panel.is_running())]
 
 
 __all__ = ["GenerateTab", "latest_candidates"]

@@ -7,13 +7,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.curation import groups_table, level_pass_table
 from studio.plots import empty_figure, group_bars
-from studio.ui import error_md, short_name
+from studio.ui import Tab, error_md, short_name
 
 
-def prompt_choices(ctx: StudioContext) -> list[tuple[str, int]]:
+def prompt_choices(ctx: RunContext) -> list[tuple[str, int]]:
     df = ctx.frame()
     if df.empty:
         return []
@@ -54,15 +54,49 @@ def group_view(curation, prompt_id: int, rewards: list[str]):
         table[f"pass {col}"] = levels[col].to_numpy()
     table["kept"] = g["kept"].to_numpy()
     ref = g[g["variant_idx"] == 0]
-    head = (f"**{g['prompt'].iloc[0]}** · {len(g)} candidates "
+    head = (f"**{_md(g['prompt'].iloc[0])}** · {len(g)} candidates "
             f"({len(ref)} from the original prompt, ★) · reference R "
             f"{ref['composite'].mean():+.3f} · kept {int(g['kept'].sum())}")
-    return head, gallery, fig, table
+    why = group_why(curation, g)
+    return head + (f"<br>{why}" if why else ""), gallery, fig, table
 
 
-class GroupsTab:
-    def __init__(self, ctx: StudioContext, curate_tab):
-        self.ctx = ctx
+def group_why(curation, g: pd.DataFrame) -> str:
+    """Why a group with passing candidates keeps fewer of them (or none): the global cut-off,
+    the per-prompt cap, the reference rule or hand exclusions."""
+    s, cutoff = curation.settings, curation.result.cutoff
+    passing = g[g["passes"]]
+    not_kept = passing[~passing["kept"]]
+    if not_kept.empty:
+        return ""
+    parts = []
+    refs = int((not_kept["variant_idx"] == 0).sum()) if not s.include_reference else 0
+    by_hand = int((not_kept["override"] == "exclude").sum())
+    capped = int(not_kept["capped"].sum()) if "capped" in not_kept else 0
+    below = len(not_kept) - refs - by_hand - capped
+    if below > 0 and cutoff is not None:
+        best = not_kept.loc[~not_kept["capped"] & (not_kept["override"] != "exclude"),
+                            "composite"].max()
+        parts.append(f"{below} are below the global cut-off R ≥ {cutoff:+.3f} of the top "
+                     f"K = {s.top_k} over all prompts (the best of them has R {best:+.3f})")
+    if capped:
+        parts.append(f"{capped} are over the per-prompt cap of {s.per_prompt_cap}")
+    if refs:
+        parts.append(f"{refs} are original-prompt images, which may not be kept")
+    if by_hand:
+        parts.append(f"{by_hand} are excluded by hand")
+    return (f"{len(passing)} pass level {s.level}, {int(passing['kept'].sum())} kept: "
+            + "; ".join(parts) + ".")
+
+
+def _md(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=False)
+
+
+class GroupsTab(Tab):
+    def __init__(self, ctx: RunContext, curate_tab, ui=None):
         self.curate = curate_tab
         gr.Markdown("A **group** is every candidate of one original prompt: S images from the "
                     "prompt itself (★, the reference) and S from each variant. Advantages are "
@@ -94,7 +128,7 @@ class GroupsTab:
     def wire(self, app) -> None:
         controls = self.curate.controls
         outs = [self.head, self.gallery, self.bars, self.table]
-        self.prompt.input(self.show, [self.prompt, *controls], outs)
+        app.on(self.prompt.input, self.show, [self.prompt, *controls], outs)
 
         def on_row(evt: gr.SelectData, table):
             try:
@@ -104,9 +138,9 @@ class GroupsTab:
                 return gr.skip()
             return pid
 
-        (self.all_groups.select(on_row, self.all_groups, self.prompt)
-         .then(self.show, [self.prompt, *controls], outs))
-        self.refresh_btn.click(self.refresh, self.refresh_inputs, self.refresh_outputs)
+        app.then(app.on(self.all_groups.select, on_row, self.all_groups, self.prompt),
+                 self.show, [self.prompt, *controls], outs)
+        app.on(self.refresh_btn.click, self.refresh, self.refresh_inputs, self.refresh_outputs)
 
     @property
     def refresh_inputs(self) -> list:

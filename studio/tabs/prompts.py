@@ -5,6 +5,7 @@ an LLM expander can take a while)."""
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 import shutil
 from pathlib import Path
@@ -13,11 +14,11 @@ import gradio as gr
 import pandas as pd
 
 from craft.config import field_choices, field_help
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.settings import Settings, none_as_zero, optional_int
 from studio.launcher import stage_job
-from studio.ui import JobPanel, error_md, ok_md, safe, user_error
+from studio.ui import JobPanel, Tab, finished_message, ok_md, safe, user_error
 
 UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
 SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in, natural "
@@ -32,7 +33,7 @@ def _safe_name(name: str) -> str:
     return stem[:80]
 
 
-def store_upload(ctx: StudioContext, tmp_path: str) -> str:
+def store_upload(ctx: RunContext, tmp_path: str) -> str:
     """Copy an uploaded prompt file into RUN/uploads/ (so the config can point at it and the run
     is self-contained); returns the new path. The file is only ever parsed as text/table data."""
     src = Path(tmp_path)
@@ -48,7 +49,7 @@ def store_upload(ctx: StudioContext, tmp_path: str) -> str:
     return str(dest)
 
 
-def store_paste(ctx: StudioContext, text: str) -> str:
+def store_paste(ctx: RunContext, text: str) -> str:
     if not text or not text.strip():
         raise ValueError("the pasted text is empty; paste one prompt per line")
     dest_dir = ctx.run_dir / "uploads"
@@ -69,10 +70,11 @@ def preview(source: str, fmt: str, column: str, max_prompts, num_variants, expan
                       seed=int(seed or 0))
     table = pd.DataFrame({"#": range(1, len(ps.prompts) + 1), "prompt": ps.prompts}).head(
         PREVIEW_ROWS)
-    msg = f"**{source}** ({ps.format}): {ps.summary()}"
+    msg = f"**{html.escape(str(source))}** ({ps.format}): {html.escape(ps.summary())}"
     if ps.skipped:
         first = ps.skipped[:5]
-        msg += "<br>skipped: " + "; ".join(f"line {s.line}: {s.reason}" for s in first)
+        msg += "<br>skipped: " + "; ".join(f"line {s.line}: {html.escape(s.reason)}"
+                                          for s in first)
         if len(ps.skipped) > 5:
             msg += f"; … {len(ps.skipped) - 5} more"
     nv = int(num_variants or 0)
@@ -87,7 +89,7 @@ def preview(source: str, fmt: str, column: str, max_prompts, num_variants, expan
     return msg, table, variants
 
 
-def stored_tables(ctx: StudioContext) -> tuple[pd.DataFrame, pd.DataFrame]:
+def stored_tables(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame]:
     prompts = ctx.store.prompts_df()
     variants = ctx.store.variants_df("train")
     counts = variants[variants["idx"] > 0].groupby("prompt_id").size()
@@ -99,9 +101,8 @@ def stored_tables(ctx: StudioContext) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, vt
 
 
-class PromptsTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class PromptsTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings):
         cfg = ctx.cfg
         gr.Markdown("Load the **original prompts** CRAFT aligns on and expand each into richer "
                     "**variants** (used only to generate candidates; every image is scored and "
@@ -177,7 +178,6 @@ class PromptsTab:
     # ------------------------------------------------------------------ wiring
 
     def wire(self, app) -> None:
-        ctx = self.ctx
         preview_inputs = [self.source, self.fmt, self.column, self.max_prompts,
                           self.num_variants, self.expander, self.seed]
         preview_outputs = [self.message, self.preview_table, self.preview_variants]
@@ -188,31 +188,34 @@ class PromptsTab:
             return (gr.update(visible=key == "upload"), gr.update(visible=key == "paste"),
                     gr.update(visible=key == "paste"), source)
 
-        (self.kind.input(on_kind, self.kind, [self.upload, self.paste, self.use_paste,
-                                              self.source])
-         .then(safe(preview, 3), preview_inputs, preview_outputs))
+        app.then(app.on(self.kind.input, on_kind, self.kind,
+                        [self.upload, self.paste, self.use_paste, self.source]),
+                 safe(preview, 3), preview_inputs, preview_outputs)
 
         def on_upload(path):
             if not path:
                 return gr.skip(), gr.skip()
             try:
-                return store_upload(ctx, path), ""
+                return store_upload(self.ctx, path), ""
             except Exception as e:  # noqa: BLE001
                 return gr.skip(), user_error(e)
 
-        (self.upload.upload(on_upload, self.upload, [self.source, self.message])
-         .success(safe(preview, 3), preview_inputs, preview_outputs))
-        (self.use_paste.click(lambda t: store_paste(ctx, t), self.paste, self.source)
-         .success(safe(preview, 3), preview_inputs, preview_outputs))
-        self.preview_btn.click(safe(preview, 3), preview_inputs, preview_outputs)
+        app.on(app.on(self.upload.upload, on_upload, self.upload,
+                      [self.source, self.message]).success,
+               safe(preview, 3), preview_inputs, preview_outputs)
+        app.on(app.on(self.use_paste.click, lambda t: store_paste(self.ctx, t), self.paste,
+                      self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
+        app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
 
         def on_add(*values):
+            ctx = self.ctx
             try:
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
             except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip()]
+                return [user_error(e), gr.skip(), gr.skip()]
+
             def in_process(jc, run):
                 from craft.stages import stage_prompts
 
@@ -223,28 +226,30 @@ class PromptsTab:
                 return info
 
             try:
-                JOBS.start("prompts", "Add prompts", stage_job("prompts", ["prompts"],
-                                                               ctx.run_dir, cfg, 1, in_process))
+                JOBS.start("prompts", f"Add prompts · {ctx.run_dir.name}", stage_job(
+                    "prompts", ["prompts"], ctx.run_dir, cfg, 1, in_process),
+                    info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip()]
-            return [ok_md("adding prompts…"), gr.Timer(active=True)]
+                return [user_error(e), gr.skip(), gr.skip()]
+            return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False)]
 
-        self.add_btn.click(on_add, app.settings.components, [self.message, self.panel.timer])
+        app.on(self.add_btn.click, on_add, app.settings.components,
+               [self.message, self.panel.timer, self.add_btn])
 
         def tick():
             snap = JOBS.latest("prompts")
             out = self.panel.render(snap)
             if snap is None or snap.running:
-                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip()]
-            stored, variants = stored_tables(ctx)
+                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            stored, variants = stored_tables(self.ctx)
             msg = (ok_md(f"added: {snap.result['train_summary']} (train), "
                          f"{snap.result['eval_summary']} (held out)")
-                   if snap.status == "done" and snap.result else error_md(
-                       snap.error or snap.status))
-            return [*out, gr.Timer(active=False), stored, variants, msg]
+                   if snap.status == "done" and snap.result else finished_message(snap))
+            return [*out, gr.Timer(active=False), stored, variants, msg,
+                    gr.update(interactive=True)]
 
-        self.panel.on_tick(tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
-                                           self.stored_variants, self.message])
+        self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
+                                             self.stored_variants, self.message, self.add_btn])
 
     # ------------------------------------------------------------------ refresh
 
@@ -254,8 +259,7 @@ class PromptsTab:
 
     def refresh(self) -> list:
         stored, variants = stored_tables(self.ctx)
-        return [stored, variants, *self.panel.render(),
-                self.panel.keep_polling()]
+        return [stored, variants, *self.panel.render(), self.panel.keep_polling()]
 
 
 __all__ = ["PromptsTab", "preview", "store_paste", "store_upload"]

@@ -7,12 +7,13 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.plots import correlation_heatmap, reward_histograms
-from studio.settings import Settings
+from studio.settings import Settings, UiState
 from studio.launcher import stage_job
-from studio.ui import JobPanel, ok_md, processes_control, user_error
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
+                       processes_control, user_error)
 
 
 def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
@@ -34,7 +35,7 @@ def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def score_views(ctx: StudioContext) -> tuple:
+def score_views(ctx: RunContext) -> tuple:
     df = ctx.frame()
     rewards = list(dict.fromkeys([*ctx.cfg.rewards.names, *ctx.cfg.rewards.eval_names]))
     rewards = [r for r in rewards if r in df and df[r].notna().any()]
@@ -42,9 +43,8 @@ def score_views(ctx: StudioContext) -> tuple:
         df, rewards)
 
 
-class ScoreTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class ScoreTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         cfg = ctx.cfg
         choices = list(dict.fromkeys([*cfg.rewards.names, *cfg.rewards.eval_names]))
         gr.Markdown("Score every candidate with the reward models, **always against the original "
@@ -61,9 +61,10 @@ class ScoreTab:
             self.batch = settings.bind("rewards.batch_size", gr.Number(
                 cfg.rewards.batch_size, precision=0, minimum=1, label="rewards.batch_size"))
         with gr.Row():
-            self.processes = processes_control("score")
+            self.processes = ui.bind("score.processes", processes_control("score"))
             self.start = gr.Button("Score", variant="primary", elem_id="score-start")
-            self.cancel = gr.Button("Cancel", variant="stop", elem_id="score-cancel")
+            self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
+                                    elem_id="score-cancel")
         self.message = gr.Markdown(elem_id="score-message")
         self.panel = JobPanel("score", log_lines=5)
         self.table = gr.Dataframe(label="Rewards", interactive=False, elem_id="score-table")
@@ -71,15 +72,13 @@ class ScoreTab:
         self.corr = gr.Plot(label="Reward correlation", elem_id="score-corr")
 
     def wire(self, app) -> None:
-        ctx = self.ctx
-        n = len(app.settings.components)
-
         def on_start(*values):
+            ctx = self.ctx
             *cfg_values, names, force, processes = values
             try:
                 cfg = app.settings.config_from(ctx.cfg, cfg_values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
                 if not names:
                     raise ValueError("tick at least one reward to compute")
                 if ctx.counts()["candidates"] == 0:
@@ -95,36 +94,40 @@ class ScoreTab:
                     return out
 
                 command = ["score", "--rewards", ",".join(names), *(["--force"] if force else [])]
-                JOBS.start("score", "Score candidates", stage_job(
-                    "score", command, ctx.run_dir, cfg, processes, in_process))
+                JOBS.start("score", f"Score candidates · {ctx.run_dir.name}", stage_job(
+                    "score", command, ctx.run_dir, cfg, processes, in_process),
+                    info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
-            return ok_md("scoring started"), gr.Timer(active=True)
+                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+            return ok_md("scoring started"), gr.Timer(active=True), *job_buttons(True)
 
-        assert n == len(app.settings.components)
-        self.start.click(on_start, [*app.settings.components, self.rewards, self.force,
-                                    self.processes],
-                         [self.message, self.panel.timer])
-        self.cancel.click(lambda: ok_md("cancel requested") if JOBS.cancel(kind="score")
-                          else "no scoring job is running", None, self.message)
+        buttons = [self.start, self.cancel]
+        app.on(self.start.click, on_start, [*app.settings.components, self.rewards, self.force,
+                                            self.processes],
+               [self.message, self.panel.timer, *buttons])
+        app.on(self.cancel.click, lambda: cancel_message("score", "scoring"), None, self.message)
 
         def tick():
             snap = JOBS.latest("score")
             out = self.panel.render(snap)
             if snap is not None and snap.running:
-                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip()]
-            return [*out, *score_views(ctx), gr.Timer(active=False)]
+                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                        *job_buttons(True)]
+            return [*out, *score_views(self.ctx), finished_message(snap), gr.Timer(active=False),
+                    *job_buttons(False)]
 
-        self.panel.on_tick(tick, None, [*self.panel.outputs, self.table, self.hists, self.corr,
-                                           self.panel.timer])
+        self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.table, self.hists,
+                                             self.corr, self.message, self.panel.timer,
+                                             *buttons])
 
     @property
     def refresh_outputs(self) -> list:
-        return [self.table, self.hists, self.corr, *self.panel.outputs, self.panel.timer]
+        return [self.table, self.hists, self.corr, *self.panel.outputs, self.panel.timer,
+                self.start, self.cancel]
 
     def refresh(self) -> list:
-        return [*score_views(self.ctx), *self.panel.render(),
-                self.panel.keep_polling()]
+        return [*score_views(self.ctx), *self.panel.render(), self.panel.keep_polling(),
+                *job_buttons(self.panel.is_running())]
 
 
 __all__ = ["ScoreTab", "reward_table", "score_views"]

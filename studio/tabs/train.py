@@ -11,37 +11,62 @@ import gradio as gr
 import pandas as pd
 
 from craft.config import config_from_dict, field_choices, field_help
-from studio.context import StudioContext
+from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.plots import loss_curve
-from studio.settings import Settings, lines_to_list, list_to_lines
+from studio.settings import Settings, UiState, lines_to_list, list_to_lines
 from craft.stages import check_run_name, train_dir
 from studio.launcher import stage_job
-from studio.ui import JobPanel, ok_md, processes_control, user_error
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
+                       processes_control, short_name, user_error)
 
 
-def runs_table(ctx: StudioContext) -> pd.DataFrame:
+RUN_COLUMNS = ["id", "name", "status", "started", "steps", "last loss", "kept", "selection",
+               "processes", "checkpoint", "error"]
+
+
+def selection_summary(settings: dict) -> str:
+    """What a training run's recorded selection was, in one line."""
+    if not settings:
+        return ""
+    weights = settings.get("weights") or {}
+    w = ", ".join(f"{short_name(k)} {v:g}" for k, v in weights.items())
+    cap = f", cap {settings['per_prompt_cap']}" if settings.get("per_prompt_cap") else ""
+    return (f"{settings.get('level', '?')}, K {settings.get('top_k')}{cap}, "
+            f"{settings.get('normalization', '')} ({w})")
+
+
+def runs_table(ctx: RunContext) -> pd.DataFrame:
+    """One row per training run: status, progress, and the selection it trained on."""
     runs = ctx.store.train_runs_df()
     if runs.empty:
-        return pd.DataFrame(columns=["id", "name", "status", "started", "steps", "last loss",
-                                     "checkpoint", "error"])
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    selections = ctx.store.selections_df().set_index("id")
     rows = []
     for r in runs.itertuples():
         m = ctx.store.metrics_df(int(r.id))
+        sel = {}
+        kept = None
+        if getattr(r, "selection_id", None) is not None and not pd.isna(r.selection_id) \
+                and int(r.selection_id) in selections.index:
+            row = selections.loc[int(r.selection_id)]
+            sel, kept = json.loads(row["settings_json"]), int(row["num_items"])
         rows.append({"id": r.id, "name": r.name, "status": r.status,
                      "started": pd.Timestamp(r.started, unit="s").strftime("%H:%M:%S"),
                      "steps": int(m["step"].max()) if not m.empty else 0,
                      "last loss": round(float(m["loss"].iloc[-1]), 5) if not m.empty else None,
+                     "kept": kept, "selection": selection_summary(sel),
+                     "processes": sel.get("processes"),
                      "checkpoint": r.checkpoint_dir or "", "error": (r.error or "")[:200]})
-    return pd.DataFrame(rows).iloc[::-1]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).iloc[::-1]
 
 
-def run_names(ctx: StudioContext) -> list[str]:
+def run_names(ctx: RunContext) -> list[str]:
     runs = ctx.store.train_runs_df()
     return list(dict.fromkeys(runs["name"].tolist()[::-1])) if not runs.empty else []
 
 
-def resumable(ctx: StudioContext) -> list[str]:
+def resumable(ctx: RunContext) -> list[str]:
     """Runs that did not finish (cancelled, failed, killed): each continues from its last
     checkpoint, or from step 0 when it has none."""
     runs = ctx.store.train_runs_df()
@@ -51,7 +76,7 @@ def resumable(ctx: StudioContext) -> list[str]:
     return [r.name for r in list(last.itertuples())[::-1] if r.status in ("cancelled", "failed")]
 
 
-def next_name(ctx: StudioContext) -> str:
+def next_name(ctx: RunContext) -> str:
     names = set(run_names(ctx))
     k = 1
     while f"craft-{k}" in names or train_dir(ctx.run_dir, f"craft-{k}").exists():
@@ -59,7 +84,7 @@ def next_name(ctx: StudioContext) -> str:
     return f"craft-{k}"
 
 
-def metrics_for(ctx: StudioContext, name: str) -> pd.DataFrame:
+def metrics_for(ctx: RunContext, name: str) -> pd.DataFrame:
     """Every logged step of every (resumed) run of ``name``; a re-logged step keeps the latest."""
     runs = ctx.store.train_runs_df()
     if runs.empty or not name:
@@ -71,7 +96,7 @@ def metrics_for(ctx: StudioContext, name: str) -> pd.DataFrame:
     return pd.concat(frames).drop_duplicates("step", keep="last").sort_values("step")
 
 
-def previews_for(ctx: StudioContext, name: str, prompts: list[str]) -> list[tuple[str, str]]:
+def previews_for(ctx: RunContext, name: str, prompts: list[str]) -> list[tuple[str, str]]:
     """The first and the latest preview sets of a run (same prompts and seeds)."""
     pdir = train_dir(ctx.run_dir, name) / "previews"
     steps = sorted(pdir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -89,7 +114,7 @@ def previews_for(ctx: StudioContext, name: str, prompts: list[str]) -> list[tupl
     return items
 
 
-def stored_config(ctx: StudioContext, name: str):
+def stored_config(ctx: RunContext, name: str):
     runs = ctx.store.train_runs_df()
     rows = runs[runs["name"] == name]
     if rows.empty:
@@ -97,9 +122,8 @@ def stored_config(ctx: StudioContext, name: str):
     return config_from_dict(json.loads(rows.iloc[-1]["config_json"]), f"training run {name}")
 
 
-class TrainTab:
-    def __init__(self, ctx: StudioContext, settings: Settings):
-        self.ctx = ctx
+class TrainTab(Tab):
+    def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         t = ctx.cfg.train
         a = ctx.cfg.advantage
         gr.Markdown("Fine-tune the UNet on the **kept set** (Curate tab) with each image's loss "
@@ -158,10 +182,12 @@ class TrainTab:
                 label="preview prompts (one per line; fixed seeds 0, 1, 2, …)"),
                 to_ui=list_to_lines, from_ui=lines_to_list)
         with gr.Row():
-            self.name = gr.Textbox("craft-1", label="run name", elem_id="train-name", scale=2)
-            self.processes = processes_control("train")
+            self.name = ui.bind("train.name", gr.Textbox(
+                "craft-1", label="run name", elem_id="train-name", scale=2))
+            self.processes = ui.bind("train.processes", processes_control("train"))
             self.start = gr.Button("Start training", variant="primary", elem_id="train-start")
-            self.cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+            self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
+                                    elem_id="train-cancel")
         with gr.Row():
             self.resume_name = gr.Dropdown([], label="resume a cancelled / failed run",
                                            elem_id="train-resume-name", scale=2)
@@ -215,68 +241,72 @@ class TrainTab:
         fn = stage_job("train", command, ctx.run_dir, cfg, processes, in_process)
         JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}"
                    + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
-                   info={"name": name})
+                   info={"name": name, "run_dir": str(ctx.run_dir)})
         return name
 
     def wire(self, app) -> None:
-        ctx = self.ctx
+        buttons = [self.start, self.cancel]
 
         def on_start(name, processes, *values):
+            ctx = self.ctx
             try:
                 name = check_run_name(name)
                 if name in run_names(ctx) or train_dir(ctx.run_dir, name).exists():
                     raise ValueError(f"a training run named {name!r} exists; pick another name "
-                                     f"or resume it")
+                                     f"or resume it (the Resume list below)")
                 cfg = app.settings.config_from(ctx.cfg, values)
                 ctx.set_config(cfg)
-                ctx.remember_config()
+                ctx.save_settings()
                 self._start(cfg, name, resume=False, processes=processes)
             except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return (ok_md(f"training {name} started"), gr.Timer(active=True),
-                    gr.update(choices=[name, *run_names(ctx)], value=name), next_name(ctx))
+                    gr.update(choices=[name, *run_names(ctx)], value=name), next_name(ctx),
+                    *job_buttons(True))
 
-        self.start.click(on_start, [self.name, self.processes, *app.settings.components],
-                         [self.message, self.panel.timer, self.view, self.name])
+        app.on(self.start.click, on_start, [self.name, self.processes, *app.settings.components],
+               [self.message, self.panel.timer, self.view, self.name, *buttons])
 
         def on_resume(name, processes):
+            ctx = self.ctx
             try:
                 if not name:
                     raise ValueError("pick a cancelled or failed run to resume")
                 cfg = stored_config(ctx, name)
                 self._start(cfg, name, resume=True, processes=processes)
             except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip()
+                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return (ok_md(f"resuming {name} from its last checkpoint"), gr.Timer(active=True),
-                    gr.update(choices=run_names(ctx), value=name))
+                    gr.update(choices=run_names(ctx), value=name), *job_buttons(True))
 
-        self.resume.click(on_resume, [self.resume_name, self.processes],
-                          [self.message, self.panel.timer, self.view])
-        self.cancel.click(lambda: ok_md("cancel requested: stopping after the current step and "
-                                        "saving a checkpoint") if JOBS.cancel(kind="train")
-                          else "no training is running", None, self.message)
+        app.on(self.resume.click, on_resume, [self.resume_name, self.processes],
+               [self.message, self.panel.timer, self.view, *buttons])
+        app.on(self.cancel.click, lambda: cancel_message("train", "training"), None,
+               self.message)
 
         def tick(view):
+            ctx = self.ctx
             snap = JOBS.latest("train")
             out = self.panel.render(snap)
             running = snap is not None and snap.running
-            if running and snap.info.get("name"):
+            if running and snap.info.get("name") and snap.info.get("run_dir") == str(ctx.run_dir):
                 view = snap.info["name"]
             loss, previews = self._run_view(view)
-            extra = [gr.skip(), gr.skip(), gr.skip()]
+            extra = [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
             if not running:
                 extra = [runs_table(ctx), gr.update(choices=resumable(ctx)),
-                         gr.Timer(active=False)]
-            return [*out, loss, previews, *extra]
+                         finished_message(snap), gr.Timer(active=False)]
+            return [*out, loss, previews, *extra, *job_buttons(running)]
 
-        self.panel.on_tick(tick, self.view, [*self.panel.outputs, self.loss, self.previews,
-                                                self.runs, self.resume_name, self.panel.timer])
+        self.panel.on_tick(app, tick, self.view, [*self.panel.outputs, self.loss, self.previews,
+                                                  self.runs, self.resume_name, self.message,
+                                                  self.panel.timer, *buttons])
 
         def on_view(view):
             self._preview_key = None
             return self._run_view(view)
 
-        self.view.input(on_view, self.view, [self.loss, self.previews])
+        app.on(self.view.input, on_view, self.view, [self.loss, self.previews])
 
     def _run_view(self, name):
         if not name:
@@ -304,7 +334,7 @@ class TrainTab:
     @property
     def refresh_outputs(self) -> list:
         return [self.name, self.view, self.resume_name, self.runs, self.loss, self.previews,
-                *self.panel.outputs, self.panel.timer]
+                *self.panel.outputs, self.panel.timer, self.start, self.cancel]
 
     def refresh(self, current_name: str = "") -> list:
         ctx = self.ctx
@@ -312,12 +342,14 @@ class TrainTab:
         taken = (not current_name or current_name in names
                  or train_dir(ctx.run_dir, current_name).exists())
         snap = JOBS.running("train")
-        view = snap.info.get("name") if snap else (names[0] if names else None)
+        mine = snap is not None and snap.info.get("run_dir") == str(ctx.run_dir)
+        view = snap.info.get("name") if mine else (names[0] if names else None)
         self._preview_key = None
         loss, previews = self._run_view(view)
         return [next_name(ctx) if taken else gr.skip(), gr.update(choices=names, value=view),
                 gr.update(choices=resumable(ctx), value=None), runs_table(ctx), loss, previews,
-                *self.panel.render(), self.panel.keep_polling()]
+                *self.panel.render(), self.panel.keep_polling(),
+                *job_buttons(self.panel.is_running())]
 
 
 __all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table"]
