@@ -322,6 +322,25 @@ def report(tp: list[dict] | None, st: dict | None, args) -> str:
             f"| main process: record one candidate another process generated | "
             f"{st['record_candidate_ms']:.3f} ms |",
             f"| main process: record one score | {st['record_score_ms']:.4f} ms |", ""]
+    if tp and st:
+        lines += [
+            "## What it means for 8 GPUs", "",
+            "- The processes share no work: each generates (or scores) its own every n-th "
+            "item and writes its own image files; the one serial part is the main process "
+            f"committing the rows it is sent, {st['record_candidate_ms']:.3f} ms per candidate "
+            f"and {st['record_score_ms']:.4f} ms per score (above). With 8 GPUs at ~1 SDXL "
+            "image per second each, that is well under 0.1 % of a round; the collection "
+            "itself is one small pickled message per process per round.",
+            "- On this 2-core machine two processes reach the speed of two unrelated "
+            "single-process runs (the ceiling column): the coordination costs nothing "
+            "measurable here. Repeats differ by about 10 % (a shared virtual machine), so the "
+            "speed-ups are medians of interleaved runs and every run is listed.",
+            "- What bounds 8 GPUs instead: the shared filesystem's write rate for the images "
+            "(an SDXL PNG is ~1.5 MB: 8 images/s is ~12 MB/s), and for training the gradient "
+            "all-reduce of data-parallel training (accelerate / DDP), which no toy run "
+            "measures; `benchmarks/gpu.md` is where GPU figures go when a GPU is lent.",
+            "- Opening the store no longer scans the images, so a command's start-up stays "
+            "~1 ms at 100k candidates; the frame the filter reads loads in under a second.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -334,10 +353,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10_000, help="store part: prompts")
     ap.add_argument("--tmp", default=None, help="where to build the temporary runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaleout.json"))
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="only write the report from a FILE an earlier run saved (--out)")
     args = ap.parse_args()
-    tp = throughput(args) if args.part in ("all", "throughput") else None
-    st = store_scale(args) if args.part in ("all", "store") else None
-    Path(args.out).write_text(json.dumps({"throughput": tp, "store": st}, indent=1))
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        tp, st = saved["throughput"], saved["store"]
+        args.part = "all"
+    else:
+        tp = throughput(args) if args.part in ("all", "throughput") else None
+        st = store_scale(args) if args.part in ("all", "store") else None
+        Path(args.out).write_text(json.dumps({"throughput": tp, "store": st,
+                                              "args": vars(args)}, indent=1))
     text = report(tp, st, args)
     print(text)
     if args.part == "all":

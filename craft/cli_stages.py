@@ -24,7 +24,10 @@ def _open(args):
     from craft.run import run_config
     from craft.stages import open_run
 
-    cfg, given = run_config(args.run_dir, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "per_prompt_cap", None) is not None:
+        overrides.append(f"filter.per_prompt_cap={args.per_prompt_cap or 'null'}")
+    cfg, given = run_config(args.run_dir, args.config, overrides)
     run = open_run(args.run_dir, cfg)
     if given:
         run.save_config(cfg)
@@ -95,9 +98,14 @@ def cmd_filter(args) -> int:
                     "advantage", "weight"]
             with pd.option_context("display.max_colwidth", 60, "display.width", 200):
                 print(kept[cols].head(args.show).to_string(index=False))
+        per_prompt = kept["prompt_id"].value_counts()
+        cap = f", at most {cfg.filter.per_prompt_cap} per prompt" if cfg.filter.per_prompt_cap \
+            else ""
         _say(run, f"kept {len(kept)} candidates (level {cfg.filter.level}, top_k "
-                  f"{cfg.filter.top_k}); saved as selection 'craft'")
-        return _finish(args, run, {"kept": len(kept)})
+                  f"{cfg.filter.top_k}{cap}) from {len(per_prompt)} prompts, at most "
+                  f"{int(per_prompt.max()) if len(per_prompt) else 0} from one; saved as "
+                  f"selection 'craft'")
+        return _finish(args, run, {"kept": len(kept), "prompts": len(per_prompt)})
 
 
 def _train_result(result) -> dict:
@@ -201,6 +209,12 @@ def _common(p: argparse.ArgumentParser, config_positional: bool = False) -> None
     add_job_arguments(p)
 
 
+def _cap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-prompt-cap", type=int, default=None, metavar="N",
+                   help="keep at most N candidates of one original prompt (0 = no cap); the "
+                        "same as --set filter.per_prompt_cap=N")
+
+
 def _name(p: argparse.ArgumentParser) -> None:
     from craft.stages import DEFAULT_RUN_NAME
 
@@ -230,6 +244,8 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--force", action="store_true", help="re-score stored scores")
         if name == "filter":
             p.add_argument("--show", type=int, default=10, help="rows to print")
+        if name in ("filter", "train", "export"):
+            _cap(p)
         if name in ("train", "publish"):
             _name(p)
         if name == "train":
@@ -251,6 +267,7 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("run", help="every stage in order; leaves RUN/final; rerun the "
                                             "same command to resume")
     _common(run, config_positional=True)
+    _cap(run)
     _name(run)
     run.add_argument("--resume", action="store_true",
                      help="accepted for older scripts: `craft run` always resumes")

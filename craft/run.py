@@ -85,15 +85,18 @@ def as_run(obj: Run | RunStore) -> Run:
 
 def run_config(run_dir: str | Path, config: str | Path | None = None,
                overrides: tuple[str, ...] | list[str] = ()):
-    """The config a command on ``run_dir`` runs with: ``config`` + ``overrides`` when given,
-    else the one stored in the run, else configs/toy.yaml. Every process calls this before
+    """The config a command on ``run_dir`` runs with: ``config`` + ``overrides`` when a config
+    file is given; else the run's stored config (+ ``overrides``); else configs/toy.yaml
+    (+ ``overrides``). Every process calls this before
     the process group exists (the config says whether the processes run on CPUs or GPUs).
     Returns (cfg, given) where ``given`` says whether it must be stored in the run."""
     from craft.config import load_config
 
     stored = Path(run_dir).expanduser() / RUN_CONFIG_FILE
-    if config is None and not overrides and stored.is_file():
-        return load_config(stored), False
+    if config is None and stored.is_file():
+        # --set alone changes the run's own config (not the defaults): a real-model run stays
+        # a real-model run when one filter value is changed from the command line.
+        return load_config(stored, list(overrides)), bool(overrides)
     if config is None and not overrides:
         legacy = _config_in_store(Path(run_dir))
         if legacy is not None:

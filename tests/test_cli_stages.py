@@ -111,3 +111,26 @@ def test_train_and_evaluate_before_their_inputs_exist(tmp_path, tiny_model_dir, 
     assert "craft generate" in _one_line_error(capsys)
     assert main(["evaluate", "--run-dir", run]) == 2  # RUN/final does not exist yet
     assert "final" in _one_line_error(capsys)
+
+
+def test_filter_with_a_per_prompt_cap_changes_the_runs_own_config(tmp_path, tiny_model_dir,
+                                                                  capsys):
+    """--per-prompt-cap (and --set alone) changes the run's stored config, not the defaults;
+    the kept set then draws at most N images from any one prompt."""
+    run = str(tmp_path / "run")
+    assert main(["prompts", "--run-dir", run, *_sets(tiny_model_dir)]) == 0
+    assert main(["generate", "--run-dir", run]) == 0
+    assert main(["score", "--run-dir", run]) == 0
+    capsys.readouterr()
+    assert main(["filter", "--run-dir", run, "--per-prompt-cap", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "at most 1 per prompt" in out and "at most 1 from one" in out
+    from craft.run import run_config
+
+    cfg, _ = run_config(run)
+    assert cfg.filter.per_prompt_cap == 1
+    assert cfg.model.pretrained == tiny_model_dir  # the run's model, not the toy default
+    with RunStore(run) as store:
+        items = store.selection_items_df(int(store.selections_df()["id"].iloc[-1]))
+        cands = store.candidates_df().set_index("id")
+        assert cands.loc[items["candidate_id"], "prompt_id"].value_counts().max() == 1
