@@ -183,12 +183,13 @@ class RunContext:
 
     # ------------------------------------------------------------------ data
 
-    def frame(self) -> pd.DataFrame:
+    def frame(self, version: tuple | None = None) -> pd.DataFrame:
         """Training-split candidates of the base model joined with their scores (cached until
-        the store's candidates or scores change)."""
+        the store's candidates or scores change; ``version``: a :meth:`data_version` the
+        caller already has)."""
         from craft.stages import candidate_frame
 
-        version = self.data_version()
+        version = version or self.data_version()
         with self._lock:
             if self._frame_cache is not None and self._frame_cache[0] == version:
                 return self._frame_cache[1]

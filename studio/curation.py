@@ -247,8 +247,9 @@ def caption(row: Any, rewards: Sequence[str]) -> str:
 def grid_items(c: Curation, ids: Sequence[int], rewards: Sequence[str],
                changed: Mapping[int, str] | None = None) -> list[dict]:
     """What the grid shows of each candidate: image, short and full caption, badges."""
-    f = c.frame.set_index("candidate_id", drop=False)
-    rows = f.loc[[i for i in ids if i in f.index]]
+    f = c.frame
+    pos = pd.Index(f["candidate_id"]).get_indexer(list(ids))  # no copy of the whole pool
+    rows = f.iloc[pos[pos >= 0]]
     return [{"id": int(r.candidate_id), "path": r.image_path,
              "short": f"R {r.composite:+.2f} · A {r.advantage:+.2f}",
              "title": caption(r, rewards), "badges": badges(r, c.settings, changed)}

@@ -31,6 +31,9 @@ table th, [role=columnheader] { word-break: normal !important; overflow-wrap: no
 """
 
 POLL_SECONDS = 1.0
+# The most rows a table sends to the browser: a 10k-row table in the page slowed every event of
+# every tab by ~300 ms in the browser (benchmarks/studio.md). Tables say what they leave out.
+MAX_TABLE_ROWS = 500
 
 
 def _page_css() -> str:

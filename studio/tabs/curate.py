@@ -163,14 +163,15 @@ class CurateTab(Tab):
     def run(self, values) -> Curation:
         ctx = self.ctx
         settings = self.settings_from(values)
-        df = ctx.frame()
+        version = ctx.data_version()
+        df = ctx.frame(version)
         if df.empty:
             raise ValueError("no candidates yet: add prompts, generate and score first")
         missing = [r for r in settings.used_rewards if r not in df or df[r].isna().all()]
         if missing:
             raise ValueError(f"rewards {missing} have no scores yet; run the Score step")
         overrides = ctx.store.overrides()
-        key = (ctx.data_version(), settings, tuple(sorted(overrides.items())))
+        key = (version, settings, tuple(sorted(overrides.items())))
         return self.cache.get(key, lambda: curate(df, settings, overrides,
                                                   ctx.cfg.advantage.eps))
 
@@ -288,10 +289,10 @@ class CurateTab(Tab):
             return self.page_view(view, 1, *rest)
 
         def chain(dep):
-            """After the counts: the histogram, then the first page of the grid (each its own
-            round trip, so the count shows as soon as it is known)."""
-            dep = app.then(dep, self.histogram, self.controls, self.hist, **quiet)
-            return app.then(dep, first_page, view_in, view_out, **quiet)
+            """After the counts: the first page of the grid, then the histogram (each its own
+            round trip, so the count shows as soon as it is known, then the images)."""
+            dep = app.then(dep, first_page, view_in, view_out, **quiet)
+            return app.then(dep, self.histogram, self.controls, self.hist, **quiet)
 
         for control in self.controls:
             # Sliders answer on release (a click, the end of a drag, Enter in the number box),

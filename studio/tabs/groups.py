@@ -10,15 +10,18 @@ import pandas as pd
 from studio.context import RunContext
 from studio.curation import groups_table, level_pass_table
 from studio.plots import empty_figure, group_bars
-from studio.ui import Tab, error_md, short_name
+from studio.ui import MAX_TABLE_ROWS, Tab, error_md, short_name
 
 
-def prompt_choices(ctx: RunContext) -> list[tuple[str, int]]:
+def prompt_choices(ctx: RunContext, first_ids=None) -> list[tuple[str, int]]:
+    """The prompts to pick a group from: ``first_ids`` first (the groups table's order), at
+    most MAX_TABLE_ROWS (a longer list in the page slows every event)."""
     df = ctx.frame()
     if df.empty:
         return []
-    first = df.drop_duplicates("prompt_id")
-    return [(f"#{pid} {text}", int(pid)) for pid, text in zip(first["prompt_id"], first["prompt"])]
+    first = df.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
+    order = list(dict.fromkeys([*(first_ids or []), *first.index]))[:MAX_TABLE_ROWS]
+    return [(f"#{pid} {first[pid]}", int(pid)) for pid in order]
 
 
 def group_view(curation, prompt_id: int, rewards: list[str]):
@@ -151,15 +154,21 @@ class GroupsTab(Tab):
         return [self.prompt, self.all_groups, self.head, self.gallery, self.bars, self.table]
 
     def refresh(self, prompt_id, *values) -> list:
-        choices = prompt_choices(self.ctx)
-        ids = [v for _, v in choices]
-        if prompt_id not in ids:
-            prompt_id = ids[0] if ids else None
         try:
             table = groups_table(self.curate.run(values))
         except Exception:  # noqa: BLE001
             table = None
-        return [gr.update(choices=choices, value=prompt_id), table,
+        choices = prompt_choices(self.ctx, [] if table is None else table["prompt_id"].tolist())
+        ids = [v for _, v in choices]
+        if prompt_id not in ids:
+            prompt_id = ids[0] if ids else None
+        shown = table
+        if table is not None:
+            n = len(table)
+            label = (f"All groups: the {MAX_TABLE_ROWS} with the most kept images, of {n}"
+                     if n > MAX_TABLE_ROWS else f"All {n} groups")
+            shown = gr.update(value=table.head(MAX_TABLE_ROWS), label=label)
+        return [gr.update(choices=choices, value=prompt_id), shown,
                 *self.show(prompt_id, *values)]
 
 

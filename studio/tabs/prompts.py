@@ -9,6 +9,7 @@ import html
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -18,7 +19,7 @@ from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.settings import Settings, none_as_zero, optional_int
 from studio.launcher import stage_job
-from studio.ui import JobPanel, Tab, finished_message, ok_md, safe, user_error
+from studio.ui import MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, safe, user_error
 
 UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
 SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in, natural "
@@ -89,7 +90,9 @@ def preview(source: str, fmt: str, column: str, max_prompts, num_variants, expan
     return msg, table, variants
 
 
-def stored_tables(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame]:
+def stored_tables(ctx: RunContext) -> tuple[Any, pd.DataFrame]:
+    """The run's prompts (the first MAX_TABLE_ROWS, labelled with the total) and the variants
+    of the first few."""
     prompts = ctx.store.prompts_df()
     variants = ctx.store.variants_df("train")
     counts = variants[variants["idx"] > 0].groupby("prompt_id").size()
@@ -98,7 +101,9 @@ def stored_tables(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame]:
     sample_ids = list(prompts.loc[prompts["split"] == "train", "id"][:VARIANT_PREVIEW_PROMPTS])
     v = variants[variants["prompt_id"].isin(sample_ids) & (variants["idx"] > 0)]
     vt = pd.DataFrame({"prompt": v["prompt"], "variant": v["idx"], "text": v["text"]})
-    return table, vt
+    label = "Prompts in the run" + (f" (the first {MAX_TABLE_ROWS} of {len(table)})"
+                                    if len(table) > MAX_TABLE_ROWS else f" ({len(table)})")
+    return gr.update(value=table.head(MAX_TABLE_ROWS), label=label), vt
 
 
 class PromptsTab(Tab):
