@@ -28,7 +28,6 @@ import io
 import json
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -132,44 +131,19 @@ def throughput(args) -> list[dict]:
 # ------------------------------------------------------------------------------ the store
 
 
-def build_store(run: Path, n_prompts: int, variants: int = 4, seeds: int = 2,
-                rewards=("r1", "r2", "r3", "r4")) -> int:
-    """A store of n_prompts x (1+variants) x seeds candidates with tiny real PNG files and
-    random scores, written in bulk (the layout and rows are what generation writes)."""
+def build_store(run: Path, n_prompts: int) -> int:
+    """A store of n_prompts x (1 + 4) x 2 candidates with tiny real PNG files and random scores
+    for 4 rewards r1..r4 (studio.sample_data.populate_bulk)."""
     from PIL import Image
 
-    from craft.store import RunStore, image_relpath
+    from craft.store import RunStore
+    from studio.sample_data import populate_bulk
 
-    store = RunStore(run)
-    pids = store.add_prompts([f"prompt number {i}, a scene with things" for i in range(n_prompts)])
-    conn = store._conn()
-    conn.execute("BEGIN")
-    conn.executemany("INSERT INTO variants(prompt_id, idx, text, expander) VALUES (?,?,?,?)",
-                     [(pid, j, f"variant {j} of prompt {pid}, with more detail", "template")
-                      for pid in pids for j in range(1, variants + 1)])
-    conn.execute("COMMIT")
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PNG")
-    png, now, rows = buf.getvalue(), time.time(), []
-    for r in store.variants_df().itertuples():
-        for s in range(seeds):
-            rel = image_relpath(r.prompt_id, r.id, s, "m")
-            (run / rel).parent.mkdir(parents=True, exist_ok=True)
-            (run / rel).write_bytes(png)
-            rows.append((r.prompt_id, r.id, s, "m", '{"steps": 20}', rel, now))
-    conn.execute("BEGIN")
-    conn.executemany("INSERT INTO candidates(prompt_id, variant_id, seed, model, params_json, "
-                     "image_path, created) VALUES (?,?,?,?,?,?,?)", rows)
-    conn.execute("COMMIT")
-    ids = [r[0] for r in conn.execute("SELECT id FROM candidates")]
-    rng = random.Random(0)
-    conn.execute("BEGIN")
-    for name in rewards:
-        conn.executemany("INSERT INTO scores VALUES (?,?,?,?)",
-                         [(i, name, rng.random(), now) for i in ids])
-    conn.execute("COMMIT")
-    store.close()
-    return len(ids)
+    with RunStore(run) as store:
+        return populate_bulk(store, n_prompts, [buf.getvalue()], rewards=("r1", "r2", "r3", "r4"),
+                             model="m")
 
 
 def _previous_frame(store, model: str, rewards: list[str]):

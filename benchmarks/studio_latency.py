@@ -100,15 +100,11 @@ def ensure_run(run_dir: Path, variants: int = 4, seeds: int = 17) -> int:
         return n
 
 
-def ensure_large_run(run_dir: Path, source: Path, n_prompts: int = 10_000, variants: int = 4,
-                     seeds: int = 2) -> int:
-    """~100k candidates: the prompts and variants of a real pool, each candidate pointing at a
-    copy of one of ``source``'s rendered images, with random toy-reward scores."""
-    import json
-    import random
-
-    from craft.store import RunStore, image_relpath
-    from studio.sample_data import MODEL
+def ensure_large_run(run_dir: Path, source: Path, n_prompts: int = 10_000) -> int:
+    """~100k candidates: 10k prompts x 5 x 2, each showing one of ``source``'s rendered
+    images, with random toy-reward scores (studio.sample_data.populate_bulk)."""
+    from craft.store import RunStore
+    from studio.sample_data import populate_bulk
 
     with RunStore(run_dir) as store:
         n = len(store.candidates_df())
@@ -117,34 +113,9 @@ def ensure_large_run(run_dir: Path, source: Path, n_prompts: int = 10_000, varia
         t0 = time.perf_counter()
         with RunStore(source) as src:
             pngs = [Path(p).read_bytes() for p in src.candidates_df()["image_path"][:2000]]
-        rng = random.Random(0)
-        pids = store.add_prompts([f"a red circle on a blue background, number {i}"
-                                  for i in range(n_prompts)])
-        conn = store._conn()
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO variants(prompt_id, idx, text, expander) VALUES (?,?,?,?)",
-                         [(p, j, f"a large sharp red circle, number {p}.{j}", "template")
-                          for p in pids for j in range(1, variants + 1)])
-        conn.execute("COMMIT")
-        rows, now = [], time.time()
-        for r in store.variants_df().itertuples():
-            for s in range(seeds):
-                rel = image_relpath(r.prompt_id, r.id, s, MODEL)
-                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (run_dir / rel).write_bytes(pngs[rng.randrange(len(pngs))])
-                rows.append((r.prompt_id, r.id, s, MODEL, json.dumps({}), rel, now))
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO candidates(prompt_id, variant_id, seed, model, "
-                         "params_json, image_path, created) VALUES (?,?,?,?,?,?,?)", rows)
-        conn.execute("COMMIT")
-        ids = [r[0] for r in conn.execute("SELECT id FROM candidates")]
-        conn.execute("BEGIN")
-        for name in ("toy_fidelity", "toy_selection", "toy_aesthetic", "toy_heldout"):
-            conn.executemany("INSERT INTO scores VALUES (?,?,?,?)",
-                             [(i, name, rng.random(), now) for i in ids])
-        conn.execute("COMMIT")
-        print(f"built {len(ids)} candidates in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        return len(ids)
+        n = populate_bulk(store, n_prompts, pngs)
+        print(f"built {n} candidates in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        return n
 
 
 def browser_timings(run_dir: Path, repeats: int, pauses: tuple[float, ...] = (1.5, 3.0)

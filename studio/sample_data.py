@@ -87,4 +87,46 @@ def populate(store: RunStore, n_prompts: int = 8, num_variants: int = 2, seeds: 
     return written
 
 
-__all__ = ["MODEL", "populate"]
+def populate_bulk(store: RunStore, n_prompts: int, images: Sequence[bytes], variants: int = 4,
+                  seeds: int = 2, rewards: Sequence[str] = ("toy_fidelity", "toy_selection",
+                                                            "toy_aesthetic", "toy_heldout"),
+                  model: str = MODEL, seed: int = 0) -> int:
+    """A pool at the paper's scale in a minute, for benchmarks: ``n_prompts`` prompts x
+    (1 + ``variants``) x ``seeds`` candidates, each an image file holding one of ``images``
+    (PNG bytes, e.g. rendered by :func:`populate`), with random scores, written in bulk (the
+    layout and rows are what generation and scoring write). Returns the number of candidates."""
+    import json
+    import time
+
+    from craft.store import image_relpath
+
+    rng = random.Random(seed)
+    pids = store.add_prompts([f"a red circle on a blue background, number {i}"
+                              for i in range(n_prompts)])
+    conn = store._conn()
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO variants(prompt_id, idx, text, expander) VALUES (?,?,?,?)",
+                     [(p, j, f"a large sharp red circle, number {p}.{j}", "template")
+                      for p in pids for j in range(1, variants + 1)])
+    conn.execute("COMMIT")
+    rows, now = [], time.time()
+    for r in store.variants_df().itertuples():
+        for s in range(seeds):
+            rel = image_relpath(r.prompt_id, r.id, s, model)
+            (store.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (store.run_dir / rel).write_bytes(images[rng.randrange(len(images))])
+            rows.append((r.prompt_id, r.id, s, model, json.dumps({}), rel, now))
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO candidates(prompt_id, variant_id, seed, model, params_json, "
+                     "image_path, created) VALUES (?,?,?,?,?,?,?)", rows)
+    conn.execute("COMMIT")
+    ids = [r[0] for r in conn.execute("SELECT id FROM candidates")]
+    conn.execute("BEGIN")
+    for name in rewards:
+        conn.executemany("INSERT INTO scores VALUES (?,?,?,?)",
+                         [(i, name, rng.random(), now) for i in ids])
+    conn.execute("COMMIT")
+    return len(ids)
+
+
+__all__ = ["MODEL", "populate", "populate_bulk"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
