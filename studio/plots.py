@@ -59,9 +59,11 @@ def composite_histogram(composite: np.ndarray, passes: np.ndarray, kept: np.ndar
     if cutoff is not None:
         fig.add_vline(x=cutoff, line=dict(color=COLORS["cutoff"], width=2, dash="dash"),
                       annotation_text=f"cut-off {cutoff:+.2f}", annotation_position="top left",
-                      annotation=dict(yshift=14, font=dict(size=11, color=COLORS["cutoff"])))
+                      annotation=dict(font=dict(size=11, color=COLORS["cutoff"])))
     fig.update_layout(**_LAYOUT, barmode="stack", bargap=0, title=title,
                       xaxis_title="R (normalised units)", yaxis_title="candidates")
+    # the legend sits above the plot, clear of the cut-off label at the plot's top edge
+    fig.update_layout(legend=dict(y=1.16), margin=dict(t=60))
     return fig
 
 

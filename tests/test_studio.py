@@ -233,7 +233,9 @@ def test_groups_table_and_group_view(app):
     assert table["kept"].sum() == c.result.counts.kept
     pid = int(table["prompt_id"].iloc[0])
     head, gallery, fig, detail = group_view(c, pid, list(app.ctx.cfg.rewards.names))
-    assert len(gallery) == 6 and sum("★" in cap for _, cap in gallery) == 2
+    items = gallery["items"]
+    assert len(items) == 6 and sum(it["short"].startswith("★") for it in items) == 2
+    assert sum(any(b[1] == "★ ref" for b in it["badges"]) for it in items) == 2
     assert list(detail["pass I_hpa"]) == [bool(x) for x in detail["pass I_hpa"]]
 
 

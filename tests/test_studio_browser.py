@@ -279,7 +279,7 @@ def test_groups_open_a_group(page, studio):
     page.wait_for_function("() => ROWS('groups-all') == 4")
     page.locator("#groups-all .virtual-row [role=gridcell]").nth(2 * 10 + 1).click()
     page.wait_for_function("() => document.querySelectorAll('#groups-gallery img').length == 6")
-    assert "★" in page.inner_text("#groups-gallery")  # the original prompt's images are marked
+    assert "★ ref" in page.inner_text("#groups-gallery")  # the original prompt's images
     page.wait_for_selector("#groups-bars .js-plotly-plot")
     assert table_rows(page, "groups-table") == 6
     assert "pass I_hpa" in page.inner_text("#groups-table")

@@ -54,7 +54,7 @@ class CurateTab(Tab):
                 self.weights = []
                 for r in self.rewards:
                     role = roles.get(r)
-                    label = f"{r} weight" + (f" · role {role}" if role else "")
+                    label = f"{r}" + (f" ({role})" if role else "")
                     s = settings.bind(f"filter.weights.{r}", gr.Slider(
                         0.0, max(1.0, *f.weights.values()), value=float(f.weights.get(r, 0.0)),
                         step=0.05, label=label, elem_id=f"curate-weight-{r}"), **curated)
@@ -92,12 +92,10 @@ class CurateTab(Tab):
                 self.coverage = gr.HTML("", elem_id="curate-coverage")
                 self.levels = gr.Markdown("", elem_id="curate-levels")
                 self.hist = gr.Plot(label="Composite histogram", elem_id="curate-hist")
-                with gr.Row(equal_height=True):
-                    self.view = ui.bind("curate.view", gr.Radio(
-                        list(VIEWS), value="kept", label="Show", elem_id="curate-view",
-                        scale=4))
-                    self.export = gr.Button("Export kept set (imagefolder)",
-                                            elem_id="curate-export", scale=1, min_width=160)
+                gr.Markdown("Weights (sliders above) are relative: R uses them normalised to sum 1.",
+                            elem_id="curate-weights-note")
+                self.view = ui.bind("curate.view", gr.Radio(
+                    list(VIEWS), value="kept", label="Show", elem_id="curate-view"))
                 with gr.Row(equal_height=True):
                     self.prev_btn = gr.Button("◀ previous page", elem_id="curate-prev",
                                               scale=0, min_width=130)
@@ -116,6 +114,8 @@ class CurateTab(Tab):
                                                min_width=150)
                     self.similar_btn = gr.Button("More like this", elem_id="curate-similar",
                                                  min_width=120)
+                    self.export = gr.Button("Export kept set (imagefolder)",
+                                            elem_id="curate-export", min_width=160)
                 self.message = gr.Markdown(elem_id="curate-message")
                 self.why = gr.Markdown("Click an image to see why it is or is not kept.",
                                        elem_id="curate-why")

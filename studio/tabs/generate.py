@@ -21,7 +21,8 @@ def latest_candidates(ctx: RunContext, n: int = LATEST) -> list[tuple[str, str]]
     if df.empty:
         return []
     df = df.tail(n).iloc[::-1]
-    return [(p, f"{'★ original' if v == 0 else f'variant {v}'} · seed {s}\n{text}")
+    # the first line fits under a thumbnail; the preview shows the whole caption
+    return [(p, f"{'★ original' if v == 0 else f'variant {v}'}\n{text} · seed {s}")
             for p, v, s, text in zip(df["image_path"], df["variant_idx"], df["seed"],
                                      df["variant"])]
 

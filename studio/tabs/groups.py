@@ -8,7 +8,8 @@ import gradio as gr
 import pandas as pd
 
 from studio.context import RunContext
-from studio.curation import groups_table, level_pass_table
+from studio.curation import grid_items, groups_table, level_pass_table
+from studio.grid import ThumbGrid, item_value
 from studio.plots import empty_figure, group_bars
 from studio.ui import MAX_TABLE_ROWS, Tab, error_md, short_name
 
@@ -33,12 +34,12 @@ def group_view(curation, prompt_id: int, rewards: list[str]):
     levels = level_pass_table(g, curation.settings)
     labels = [("★" if v == 0 else f"v{v}") + f" s{s}" for v, s in zip(g["variant_idx"], seeds)]
     short = {r: short_name(r) for r in rewards}
-    gallery = []
-    for label, row, (_, lv) in zip(labels, g.itertuples(), levels.iterrows()):
+    items = grid_items(curation, g["candidate_id"].tolist(), rewards)
+    for item, label, (_, lv) in zip(items, labels, levels.iterrows()):
         marks = " ".join(f"{k}{'✓' if v else '✗'}" for k, v in lv.items())
-        kept = " KEPT" if row.kept else ""
-        gallery.append((row.image_path, f"{label}{kept} · R {row.composite:+.2f} · "
-                                        f"A {row.advantage:+.2f} · {marks}\n{row.variant}"))
+        item["short"] = f"{label} · {item['short']}"
+        item["title"] = f"{label} · {marks}\n{item['title']}"
+    gallery = item_value(items)
     cols = [f"norm_{r}" for r in rewards if f"norm_{r}" in g] + ["composite", "advantage"]
     names = [f"{short[r]} (norm.)" for r in rewards if f"norm_{r}" in g] + ["composite R",
                                                                             "advantage A"]
@@ -107,11 +108,9 @@ class GroupsTab(Tab):
         with gr.Row():
             self.prompt = gr.Dropdown([], label="Prompt", elem_id="groups-prompt", scale=4,
                                       filterable=True)
-            self.refresh_btn = gr.Button("Refresh", scale=1, size="sm")
+            self.refresh_btn = gr.Button("Refresh", scale=0, min_width=120)
         self.head = gr.Markdown(elem_id="groups-head")
-        self.gallery = gr.Gallery(label="Candidates of this group", columns=10, height=280,
-                                  object_fit="contain", elem_classes=["pixelated"],
-                                  elem_id="groups-gallery")
+        self.gallery = ThumbGrid(elem_id="groups-gallery")
         self.bars = gr.Plot(label="Rewards, composite and advantage", elem_id="groups-bars")
         self.table = gr.Dataframe(label="Pass / fail per level", interactive=False,
                                   max_height=360, elem_id="groups-table")
@@ -121,12 +120,12 @@ class GroupsTab(Tab):
 
     def show(self, prompt_id, *values):
         if prompt_id is None:
-            return "Pick a prompt.", [], empty_figure("pick a prompt"), None
+            return "Pick a prompt.", item_value([]), empty_figure("pick a prompt"), None
         try:
             c = self.curate.run(values)
             return group_view(c, int(prompt_id), self.curate.rewards)
         except Exception as e:  # noqa: BLE001
-            return error_md(str(e)), [], empty_figure("nothing to show"), None
+            return error_md(str(e)), item_value([]), empty_figure("nothing to show"), None
 
     def wire(self, app) -> None:
         controls = self.curate.controls

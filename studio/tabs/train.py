@@ -76,8 +76,9 @@ def resumable(ctx: RunContext) -> list[str]:
     return [r.name for r in list(last.itertuples())[::-1] if r.status in ("cancelled", "failed")]
 
 
-def next_name(ctx: RunContext) -> str:
-    names = set(run_names(ctx))
+def next_name(ctx: RunContext, taken: tuple[str, ...] = ()) -> str:
+    """The first free craft-N (``taken``: names just started, not yet recorded)."""
+    names = set(run_names(ctx)) | set(taken)
     k = 1
     while f"craft-{k}" in names or train_dir(ctx.run_dir, f"craft-{k}").exists():
         k += 1
@@ -261,7 +262,8 @@ class TrainTab(Tab):
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return (ok_md(f"training {name} started"), gr.Timer(active=True),
-                    gr.update(choices=[name, *run_names(ctx)], value=name), next_name(ctx),
+                    gr.update(choices=[name, *run_names(ctx)], value=name),
+                    next_name(ctx, (name,)),
                     *job_buttons(True))
 
         app.on(self.start.click, on_start, [self.name, self.processes, *app.settings.components],
