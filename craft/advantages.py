@@ -25,7 +25,7 @@ from craft.filtering import FilterSettings, apply_filter
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("clamp", "raw", "softmax")
+MODES: tuple[str, ...] = ("clamp", "raw", "softmax", "uniform")
 
 
 class AdvantageError(CraftError, ValueError):
@@ -85,6 +85,8 @@ def training_weights(advantages: Any, mode: str = "clamp", tau: float = 1.0) -> 
       on a few samples; use with care.
     - ``softmax``: ``softmax(A / tau)`` scaled to mean 1; always positive, ``tau`` sets how
       sharply the best samples dominate (small tau -> nearly only the best).
+    - ``uniform``: every weight 1, i.e. plain SFT on the selection (the paper's Table 6
+      baseline), so the advantage weighting can be measured against it on the same images.
 
     Non-finite advantages are rejected rather than passed on: a NaN weight would turn the whole
     batch loss into NaN.
@@ -102,6 +104,8 @@ def training_weights(advantages: Any, mode: str = "clamp", tau: float = 1.0) -> 
         return a
     if mode == "raw":
         return a.copy()
+    if mode == "uniform":
+        return np.ones_like(a)
     if mode == "softmax":
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
                 or not math.isfinite(tau) or tau <= 0:
@@ -122,14 +126,15 @@ def training_weights(advantages: Any, mode: str = "clamp", tau: float = 1.0) -> 
 
 def select_for_training(df: pd.DataFrame, settings: FilterSettings, adv_mode: str = "clamp",
                         tau: float = 1.0, eps: float = 1e-6,
-                        overrides: Mapping[Any, str] | None = None) -> pd.DataFrame:
+                        overrides: Mapping[Any, str] | None = None,
+                        embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
     """The training set: the kept rows with ``composite``, ``advantage`` and ``weight``.
 
     Advantages are computed over each whole group *before* filtering (see the module docstring);
     weights are then normalised over the kept rows only, since those are the batch the loss sees.
     Rows come best composite first.
     """
-    result = apply_filter(df, settings, overrides)
+    result = apply_filter(df, settings, overrides, embeddings)
     frame = result.frame.assign(
         advantage=group_advantages(result.frame, "composite", "prompt_id", eps))
     kept = frame.loc[frame["kept"].to_numpy()].sort_values(

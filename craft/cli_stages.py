@@ -98,14 +98,19 @@ def cmd_filter(args) -> int:
                     "advantage", "weight"]
             with pd.option_context("display.max_colwidth", 60, "display.width", 200):
                 print(kept[cols].head(args.show).to_string(index=False))
-        per_prompt = kept["prompt_id"].value_counts()
-        cap = f", at most {cfg.filter.per_prompt_cap} per prompt" if cfg.filter.per_prompt_cap \
-            else ""
-        _say(run, f"kept {len(kept)} candidates (level {cfg.filter.level}, top_k "
-                  f"{cfg.filter.top_k}{cap}) from {len(per_prompt)} prompts, at most "
-                  f"{int(per_prompt.max()) if len(per_prompt) else 0} from one; saved as "
-                  f"selection 'craft'")
-        return _finish(args, run, {"kept": len(kept), "prompts": len(per_prompt)})
+        from craft.filtering import coverage
+
+        cov = coverage(kept)
+        f = cfg.filter
+        cap = f", at most {f.per_prompt_cap} per prompt" if f.per_prompt_cap else ""
+        dedup = f", near-duplicates (cos >= {f.dedup_threshold}) dropped" \
+            if f.dedup_threshold is not None else ""
+        _say(run, f"kept {cov['kept']} candidates (level {f.level}, top_k {f.top_k}{cap}{dedup}) "
+                  f"from {cov['prompts']} prompts, at most {cov['largest']} from one "
+                  f"({100 * cov['largest_share']:.0f} % of the set); saved as selection 'craft'")
+        return _finish(args, run, {"kept": cov["kept"], "prompts": cov["prompts"],
+                                   "largest": cov["largest"],
+                                   "largest_share": cov["largest_share"]})
 
 
 def _train_result(result) -> dict:

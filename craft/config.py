@@ -338,7 +338,7 @@ class RewardsConfig(_Section):
         "Role -> reward name: which rewards the CRF levels I_h / I_ha / I_hpa compare "
         "(h = HPS-like, p = PickScore-like, a = aesthetic).")
     eval_names: tuple[str, ...] = _opt(
-        (*_TOY_REWARDS, "toy_heldout"),
+        (*_TOY_REWARDS, "toy_heldout", "toy_precision"),
         "Rewards reported by evaluation; include some not used for training (held-out signal).")
     batch_size: int = _opt(32, "Images per reward-model forward pass, per device.")
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' for the reward models.")
@@ -393,9 +393,17 @@ class FilterConfig(_Section):
     per_prompt_cap: int | None = _opt(
         None, "Keep at most this many candidates of one original prompt (its best by R); null = "
               "no cap. Spreads the kept set over more prompts (coverage).")
+    dedup_threshold: float | None = _opt(
+        None, "Drop a candidate whose image embedding (embed.encoder) has cosine similarity >= "
+              "this with a better kept one, and keep the next instead; null = off. 0.98 with "
+              "the toy world's pixel embeddings drops near-copies.")
 
     def _check(self) -> None:
         self._positive("top_k", "per_prompt_cap")
+        if self.dedup_threshold is not None:
+            _require(-1.0 <= self.dedup_threshold <= 1.0, self._key("dedup_threshold"),
+                     self.dedup_threshold, "must lie in [-1, 1] (a cosine similarity)",
+                     "use e.g. 0.98, or null to keep near-duplicates")
         _require(math.isfinite(self.margin), self._key("margin"), self.margin,
                  "must be finite", "use a small number such as 0.0 or 0.1")
         if self.level == "custom":
@@ -418,9 +426,10 @@ class AdvantageConfig(_Section):
 
     section: ClassVar[str] = "advantage"
 
-    mode: Literal["clamp", "raw", "softmax"] = _opt(
+    mode: Literal["clamp", "raw", "softmax", "uniform"] = _opt(
         "clamp", "clamp: A = max(A, 0), weights renormalised to mean 1 over the batch; raw: A as "
-                 "is (may be negative); softmax: softmax(A / tau) scaled to mean 1.")
+                 "is (may be negative); softmax: softmax(A / tau) scaled to mean 1; uniform: "
+                 "every weight 1 (plain SFT on the kept set, the paper's Table 6 baseline).")
     tau: float = _opt(1.0, "Softmax temperature (mode = softmax); smaller = sharper.")
     eps: float = _opt(1e-6, "Added to the group std before dividing, so no group divides by 0.")
 
@@ -466,12 +475,17 @@ class TrainConfig(_Section):
         (), "Prompts for the fixed-seed previews; empty = the first few evaluation prompts.")
     seed: int = _opt(0, "Seed for timesteps, noise, dropout and data order.")
     lr_warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps (constant afterwards).")
+    anchor_weight: float = _opt(
+        0.0, "beta of a KL-style penalty beta * ||eps_tuned(x_t) - eps_base(x_t)||^2 on the same "
+             "noisy inputs, which keeps the tuned model near the frozen base (DiffusionNFT / "
+             "AWM); in units of the noise-prediction loss; 0 = off (the plain CRAFT loss). One "
+             "more base forward pass per micro-batch, no extra weights in memory.")
 
     def _check(self) -> None:
         self._positive("steps", "lr", "effective_batch", "micro_batch", "snr_gamma",
                        "lora_rank", "lora_alpha")
         self._positive("weight_decay", "max_grad_norm", "checkpoint_every", "preview_every",
-                       "lr_warmup_steps", "seed", allow_zero=True)
+                       "lr_warmup_steps", "seed", "anchor_weight", allow_zero=True)
         self._fraction("adam_beta1")
         self._fraction("adam_beta2")
         self._fraction("cond_dropout")
@@ -497,9 +511,22 @@ class EvalConfig(_Section):
     num_inference_steps: int = _opt(20, "Denoising steps per evaluation image.")
     guidance_scale: float = _opt(3.0, "Classifier-free guidance scale for evaluation images.")
     batch_size: int = _opt(16, "Images per pipeline call, per device.")
+    diversity_encoder: Literal["pixels", "dinov2", "clip", "none"] = _opt(
+        "pixels", "Diversity across seeds (mean pairwise distance of one prompt's images): "
+                  "pixels = RMS pixel difference, 0-255 (no weights; the toy world); dinov2 = "
+                  "1 - cosine of self-supervised DINOv2 embeddings (real models); clip = 1 - "
+                  "cosine of CLIP image embeddings; none = not measured.")
+    diversity_model: str | None = _opt(
+        None, "For diversity_encoder dinov2 / clip: a transformers folder or a hub id in the "
+              "local cache; null = facebook/dinov2-base (dinov2) or "
+              "openai/clip-vit-large-patch14 (clip).")
+    drift_se: float = _opt(
+        2.0, "Warn when a held-out reward or the diversity falls by more than this many "
+             "standard errors (paired) while a training reward rises by as many.")
 
     def _check(self) -> None:
-        self._positive("num_prompts", "seeds_per_prompt", "num_inference_steps", "batch_size")
+        self._positive("num_prompts", "seeds_per_prompt", "num_inference_steps", "batch_size",
+                       "drift_se")
         self._positive("guidance_scale", allow_zero=True)
 
 

@@ -69,8 +69,6 @@ def clip_location(model: str | None):
 
 
 def clip_embedder(model: str | None, device: str = "cpu", batch_size: int = 32):
-    import torch
-    import torch.nn.functional as F
     from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from craft.rewards.base import from_pretrained_strict
@@ -85,15 +83,24 @@ def clip_embedder(model: str | None, device: str = "cpu", batch_size: int = 32):
                                  config=config).to(device).eval()
     processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
 
+    return batched_embedder(processor, lambda px: net(pixel_values=px).image_embeds, device,
+                            batch_size, net.config.projection_dim)
+
+
+def batched_embedder(processor, forward, device: str, batch_size: int, dim: int):
+    """embed(images) -> L2-normalised float32 rows: ``processor`` makes pixel values,
+    ``forward(pixel_values)`` returns one vector per image; batched, no gradients."""
+    import torch
+    import torch.nn.functional as F
+
     def embed(images) -> np.ndarray:
         out = []
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
                 pixels = processor(images=[im.convert("RGB") for im in images[i:i + batch_size]],
                                    return_tensors="pt")["pixel_values"].to(device)
-                out.append(F.normalize(net(pixel_values=pixels).image_embeds.float(), dim=-1)
-                           .cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, net.config.projection_dim))
+                out.append(F.normalize(forward(pixels).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
 
     return embed
 

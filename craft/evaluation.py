@@ -36,9 +36,22 @@ class EvalResult:
     summary: pd.DataFrame  # one row per (model, reward): mean, se, diff vs base, se, win rate
     grid_path: Path | None
     evaluation_id: int | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # drift (reward hacking)
+    coverage: dict | None = None  # of the tuned model's kept set, when known
+    diversity_metric: str = ""  # what the "diversity" rows measure, in words
 
     def table(self) -> str:
-        return format_table(self.summary)
+        text = format_table(self.summary)
+        if self.diversity_metric and (self.summary["reward"] == "diversity").any():
+            text += (f"\ndiversity = {self.diversity_metric} across the seeds of each prompt, "
+                     f"mean over prompts; its win% = share of prompts more diverse than "
+                     f"{self.models[0]}")
+        if self.coverage:
+            c = self.coverage
+            text += (f"\nkept set of {c.get('training_run', 'the tuned model')}: {c['kept']} "
+                     f"images from {c['prompts']} prompts, at most {c['largest']} from one "
+                     f"({100 * c['largest_share']:.0f} %)")
+        return text + "".join(f"\nWARNING: {w}" for w in self.warnings)
 
 
 def eval_plan(store, cfg) -> list[tuple[str, int]]:
@@ -82,6 +95,36 @@ def summarize(scores: pd.DataFrame, models: list[str], rewards: list[str]) -> pd
                     else np.nan
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def drift_warnings(summary: pd.DataFrame, models: list[str], train_rewards: list[str],
+                   watched: list[str], n_se: float = 2.0) -> list[str]:
+    """The signs of reward hacking, per tuned model: a watched measure (a held-out reward, the
+    diversity) falls by more than ``n_se`` paired standard errors while at least one training
+    reward rises by more than ``n_se``. Rising rewards alone are the goal; a falling held-out
+    signal alone is plain harm; both together are what hacking looks like."""
+    out = []
+    for m in models[1:]:
+        rows = summary[summary["model"] == m].set_index("reward")
+
+        def z(r):
+            if r not in rows.index:
+                return np.nan
+            d, se = rows.at[r, "diff"], rows.at[r, "diff_se"]
+            return d / se if np.isfinite(d) and np.isfinite(se) and se > 0 else np.nan
+
+        rising = [r for r in train_rewards if z(r) > n_se]
+        if not rising:
+            continue
+        for r in watched:
+            if z(r) < -n_se:
+                d, se = rows.at[r, "diff"], rows.at[r, "diff_se"]
+                up = ", ".join(f"{t} {rows.at[t, 'diff']:+.3g}" for t in rising)
+                out.append(f"{m}: {r} fell by {-d:.3g} ± {se:.2g} ({-d / se:.1f} SE) against "
+                           f"{models[0]} while the training rewards rose ({up}); a sign of "
+                           f"reward hacking: look at the images, consider filter.per_prompt_cap, "
+                           f"filter.dedup_threshold, train.anchor_weight or fewer train.steps")
+    return out
 
 
 def format_table(summary: pd.DataFrame) -> str:
@@ -178,7 +221,8 @@ def evaluation_key(cfg, models: Mapping[str, str]) -> str:
     text = json.dumps([{k: [v, fingerprint(v)] for k, v in models.items()},
                        e.num_prompts, e.seeds_per_prompt, e.num_inference_steps,
                        e.guidance_scale, cfg.generation.seed, cfg.generation.scheduler,
-                       list(cfg.rewards.eval_names), dict(cfg.filter.weights)], sort_keys=True)
+                       list(cfg.rewards.eval_names), dict(cfg.filter.weights),
+                       e.diversity_encoder, e.diversity_model], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -196,7 +240,8 @@ def stored_evaluation(store, evaluation_id: int) -> EvalResult:
     scores = pd.read_csv(scores_csv) if scores_csv.exists() else pd.DataFrame()
     labels = list(settings.get("models", {})) or list(dict.fromkeys(summary["model"]))
     return EvalResult(row["name"], labels, scores, summary, Path(results["grid"]),
-                      int(row["id"]))
+                      int(row["id"]), list(results.get("warnings", [])),
+                      results.get("diversity_metric", ""), results.get("coverage") or None)
 
 
 def _find_evaluation(store, name: str, key: str) -> int | None:
@@ -210,7 +255,8 @@ def _find_evaluation(store, name: str, key: str) -> int | None:
 def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
              out_dir: str | Path | None = None, pipes: Mapping[str, object] | None = None,
              progress: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, reuse: bool = True) -> EvalResult:
+             should_stop: Callable[[], bool] | None = None, reuse: bool = True,
+             coverage: Mapping | None = None) -> EvalResult:
     """Evaluate ``models`` (label -> pipeline path; the first is the reference) on the run's
     held-out prompts with shared seeds, store the result and return it (on every process).
 
@@ -219,7 +265,8 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     a rerun reuses images already there. Under several processes each generates and scores its
     share of the images; the main process merges the scores before any statistic. With
     ``reuse``, an earlier evaluation of the same name and :func:`evaluation_key` is returned
-    instead of being repeated (a rerun of ``craft run`` adds no second record).
+    instead of being repeated (a rerun of ``craft run`` adds no second record). ``coverage``
+    (the tuned model's kept set: prompts, largest share) is stored with the record.
     """
     from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, apply_scheduler, generate_images
@@ -251,6 +298,9 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
                 for label in labels}
     todo = dist.broadcast(todo)
     # Fail before any work when a model that still has images to make is not on disk.
+    from craft.diversity import check_encoder
+
+    check_encoder(cfg)
     for label in labels:
         if todo[label] and (pipes or {}).get(label) is None:
             _check_loadable(cfg, label, str(models[label]))
@@ -299,14 +349,16 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     result = None
     if run.is_main:
         result = _summarize_and_store(run.store, cfg, name, models, labels, plan, paths, out,
-                                      rewards, gathered, key)
+                                      rewards, gathered, key, coverage)
     return dist.broadcast(result)
 
 
 def _summarize_and_store(store, cfg, name, models, labels, plan, paths, out, rewards,
-                         gathered, key: str) -> EvalResult:
+                         gathered, key: str, coverage=None) -> EvalResult:
     """The main process: merge every process's scores, then composite, statistics, grid, and
     the evaluation record."""
+    from craft import diversity
+    from craft.devices import resolve_device
     from craft.filtering import normalize
 
     by_key: dict[tuple[str, int], dict[str, float]] = {}
@@ -324,14 +376,32 @@ def _summarize_and_store(store, cfg, name, models, labels, plan, paths, out, rew
     scores["composite"] = sum((w / total_w) * z[r].to_numpy() for r, w in weights.items()) \
         if weights else 0.0
     summary = summarize(scores, labels, ["composite", *rewards])
+    metric = ""
+    made = diversity.make_embedder(cfg, str(resolve_device(cfg.rewards.device,
+                                                              key="rewards.device")))
+    if made is not None:
+        embed, kind = made
+        vectors = embed([Image.open(p) for p in scores["image_path"]])
+        div = diversity.per_prompt(scores, vectors, kind)
+        summary = pd.concat([summary, pd.DataFrame(diversity.summarize(div, labels))],
+                            ignore_index=True)
+        metric = diversity.describe(cfg)
+    heldout = [r for r in rewards if r not in cfg.rewards.names]
+    warnings = drift_warnings(summary, labels, list(cfg.rewards.names),
+                              heldout + ([diversity.METRIC_NAME] if metric else []),
+                              e.drift_se)
+    for w in warnings:
+        log.warning("evaluation %r: %s", name, w)
     grid = side_by_side(scores, labels, out / "side_by_side.png")
-    result = EvalResult(name, labels, scores, summary, grid)
+    result = EvalResult(name, labels, scores, summary, grid, warnings=warnings,
+                        diversity_metric=metric, coverage=dict(coverage) if coverage else None)
     result.evaluation_id = store.add_evaluation(
         name, models[labels[0]], json.dumps({k: models[k] for k in labels[1:]}),
         {"prompts": len(set(scores.prompt)), "seeds_per_prompt": e.seeds_per_prompt,
          "steps": e.num_inference_steps, "guidance": e.guidance_scale, "models": dict(models),
          "key": key},
         {"summary": summary.to_dict(orient="records"),
-         "scores_csv": str(out / "scores.csv"), "grid": str(grid)})
+         "scores_csv": str(out / "scores.csv"), "grid": str(grid), "warnings": warnings,
+         "diversity_metric": metric, "coverage": coverage or {}})
     scores.to_csv(out / "scores.csv", index=False)
     return result

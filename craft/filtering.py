@@ -50,7 +50,8 @@ ID_COLUMNS: tuple[str, ...] = ("candidate_id", "prompt_id", "variant_idx", "seed
 # replaced rather than duplicated when an annotated frame is filtered again.
 DERIVED_PREFIXES: tuple[str, ...] = ("norm_", "ref_", "beats_")
 DERIVED_COLUMNS: tuple[str, ...] = ("scorable", "has_reference", "passes", "composite", "rank",
-                                    "capped", "kept", "override", "advantage", "weight")
+                                    "capped", "near_duplicate", "kept", "override", "advantage",
+                                    "weight")
 
 
 class FilterError(CraftError, ValueError):
@@ -99,6 +100,10 @@ class FilterSettings:
     per_prompt_cap: int | None = field(default=None, metadata={
         "help": "Keep at most this many candidates of one original prompt (its best by R); "
                 "None = no cap. Spreads the kept set over more prompts."})
+    dedup_threshold: float | None = field(default=None, metadata={
+        "help": "Drop a passing candidate whose embedding has cosine similarity >= this with an "
+                "already kept, better one (the next passing candidate takes its place); None = "
+                "off. Needs embeddings (apply_filter's ``embeddings``)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.rewards, str) or isinstance(self.require, str):
@@ -153,6 +158,12 @@ class FilterSettings:
                                                 or self.per_prompt_cap < 1):
             _fail("per_prompt_cap", self.per_prompt_cap, "must be an integer >= 1, or None for "
                   "no cap", "e.g. 3 keeps at most three images of any one prompt")
+        if self.dedup_threshold is not None:
+            if isinstance(self.dedup_threshold, bool) or not isinstance(
+                    self.dedup_threshold, numbers.Real) or not -1.0 <= self.dedup_threshold <= 1.0:
+                _fail("dedup_threshold", self.dedup_threshold, "must be a cosine similarity in "
+                      "[-1, 1], or None to keep near-duplicates", "e.g. 0.98")
+            _set(self, "dedup_threshold", float(self.dedup_threshold))
 
     def _check_weights(self) -> None:
         weights = {str(k): v for k, v in self.weights.items()} or {r: 1.0 for r in self.rewards}
@@ -181,7 +192,8 @@ class FilterSettings:
     def __hash__(self) -> int:
         return hash((self.rewards, tuple(sorted(self.weights.items())), self.normalization,
                      self.level, tuple(sorted(self.roles.items())), self.require, self.margin,
-                     self.top_k, bool(self.include_reference), self.per_prompt_cap))
+                     self.top_k, bool(self.include_reference), self.per_prompt_cap,
+                     self.dedup_threshold))
 
     @property
     def normalized_weights(self) -> dict[str, float]:
@@ -203,7 +215,8 @@ class FilterSettings:
         values = dict(rewards=tuple(f.weights), weights=dict(f.weights),
                       normalization=f.normalization, level=f.level, roles=dict(r.roles),
                       require=tuple(f.require), margin=f.margin, top_k=f.top_k,
-                      include_reference=f.include_reference, per_prompt_cap=f.per_prompt_cap)
+                      include_reference=f.include_reference, per_prompt_cap=f.per_prompt_cap,
+                      dedup_threshold=f.dedup_threshold)
         if changes:  # values from elsewhere (studio controls): check them here
             return cls(**{**values, **changes})
         # The config's own checks (craft.config: FilterConfig, RewardsConfig, CraftConfig) have
@@ -319,6 +332,7 @@ class FilterCounts:
     largest_kept: int = 0
     largest_prompt: Any = None
     capped: int = 0  # passing candidates left out by per_prompt_cap
+    duplicates: int = 0  # passing candidates left out as near-duplicates of a better kept one
 
 
 @dataclass(frozen=True)
@@ -387,12 +401,15 @@ def _overrides_mask(df: pd.DataFrame, overrides: Mapping | None, scorable: np.nd
 
 
 def apply_filter(df: pd.DataFrame, settings: FilterSettings,
-                 overrides: Mapping[Any, str] | None = None) -> FilterResult:
+                 overrides: Mapping[Any, str] | None = None,
+                 embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> FilterResult:
     """Run CRF: normalise, compare with the group reference, composite, top-K, overrides.
 
     A candidate passes when it is scorable, its group has a reference, and for every required
     reward its normalised score is strictly greater than the reference + margin (so a candidate
     that merely ties the original prompt's images does not count as an improvement).
+    ``embeddings`` = (candidate ids, L2-normalised vectors), needed only with
+    ``settings.dedup_threshold``.
     """
     _check_frame(df, settings)
     names = list(settings.used_rewards)
@@ -450,6 +467,9 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
         over = _rank_within_group(codes[ranked]) >= settings.per_prompt_cap
         capped[ranked[over]] = True
         ranked = ranked[~over]
+    duplicate = np.zeros(n, dtype=bool)
+    if settings.dedup_threshold is not None and ranked.size:
+        ranked = _drop_near_duplicates(ranked, cand_ids, embeddings, settings, duplicate)
     rank_values = np.zeros(n, dtype=np.int64)
     rank_values[ranked] = np.arange(1, ranked.size + 1)
     kept = np.zeros(n, dtype=bool)
@@ -468,7 +488,8 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
         added[f"beats_{name}"] = beats[:, j]
     added.update(
         scorable=scorable, has_reference=has_ref, passes=passes, composite=composite,
-        rank=pd.arrays.IntegerArray(rank_values, rank_values == 0), capped=capped, kept=kept,
+        rank=pd.arrays.IntegerArray(rank_values, rank_values == 0), capped=capped,
+        near_duplicate=duplicate, kept=kept,
         override=pd.Categorical.from_codes(override_codes, categories=list(OVERRIDE_ACTIONS)))
     base = df.drop(columns=[c for c in df.columns if c in added or c in DERIVED_COLUMNS])
     frame = pd.concat([base, pd.DataFrame(added, index=df.index)], axis=1)
@@ -490,10 +511,51 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
         kept_prompts=int((per_group > 0).sum()),
         largest_kept=int(per_group[largest]) if largest >= 0 else 0,
         largest_prompt=uniques[largest] if largest >= 0 else None,
-        capped=int(capped.sum()))
+        capped=int(capped.sum()), duplicates=int(duplicate.sum()))
     cutoff = float(composite[kept_pos].min()) if kept_pos.size else None
     return FilterResult(frame=frame, kept=kept_frame, counts=counts, cutoff=cutoff,
                         settings=settings)
+
+
+def coverage(kept: pd.DataFrame) -> dict:
+    """How widely a kept set draws: prompts it comes from, the most kept images of one prompt
+    and that prompt's share of the set. A set from few prompts teaches few compositions."""
+    per = kept["prompt_id"].value_counts() if len(kept) else pd.Series(dtype=int)
+    top = int(per.max()) if len(per) else 0
+    return {"kept": int(len(kept)), "prompts": int(len(per)), "largest": top,
+            "largest_share": round(top / len(kept), 4) if len(kept) else 0.0}
+
+
+def _drop_near_duplicates(ranked: np.ndarray, cand_ids: np.ndarray, embeddings, settings,
+                          duplicate: np.ndarray) -> np.ndarray:
+    """Walk the ranked passing candidates best first and skip each one whose embedding is at
+    least ``dedup_threshold``-similar (cosine) to one already taken, until K are taken: the
+    kept set then holds no near-copies and is still the best K of what is left. Marks the
+    skipped rows in ``duplicate``; the candidates after the K-th are not examined."""
+    if embeddings is None:
+        _fail("embeddings", None, "are needed when dedup_threshold is set",
+              "compute the pool's embeddings first (the studio's map, or `craft filter`, which "
+              "embeds the pool), or set filter.dedup_threshold to null")
+    ids, vectors = embeddings
+    pos = pd.Index(np.asarray(ids)).get_indexer(cand_ids[ranked])
+    if (pos < 0).any():
+        missing = cand_ids[ranked][pos < 0][:5].tolist()
+        _fail("embeddings", f"{int((pos < 0).sum())} passing candidates without one "
+              f"(e.g. {missing})", "every passing candidate needs an embedding for "
+              "dedup_threshold", "embed the whole pool again (new candidates were added)")
+    vecs = np.asarray(vectors, dtype=np.float32)[pos]
+    k = settings.top_k if settings.top_k is not None else ranked.size
+    taken: list[int] = []
+    for i in range(ranked.size):
+        if len(taken) >= k:
+            break
+        if taken and float((vecs[taken] @ vecs[i]).max()) >= settings.dedup_threshold:
+            duplicate[ranked[i]] = True
+            continue
+        taken.append(i)
+    keep = np.ones(ranked.size, dtype=bool)
+    keep[duplicate[ranked]] = False
+    return ranked[keep]
 
 
 def _rank_within_group(codes: np.ndarray) -> np.ndarray:
@@ -519,5 +581,5 @@ def level_counts(df: pd.DataFrame, settings: FilterSettings) -> dict[str, int | 
 __all__ = [
     "FilterCounts", "FilterError", "FilterResult", "FilterSettings", "LEVELS", "LEVEL_ROLES",
     "NORMALIZATIONS", "ROLES", "apply_filter", "level_counts", "normalize", "required_rewards",
-    "reward_columns",
+    "coverage", "reward_columns",
 ]

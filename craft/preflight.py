@@ -53,7 +53,21 @@ def preflight(cfg) -> list[Check]:
         checks.append(_run(f"reward {name} ({use})", lambda n=name: _reward(
             check_available(n, cfg.rewards.paths.get(n)))))
     checks.append(_run("training options", lambda: (check_train_options(cfg), _train(cfg))[1]))
+    checks.append(_run(f"diversity encoder {cfg.eval.diversity_encoder} (evaluation)",
+                       lambda: _diversity(cfg)))
     return checks
+
+
+def _diversity(cfg) -> str:
+    from craft import diversity
+
+    if cfg.eval.diversity_encoder == "dinov2":
+        return str(diversity.dinov2_location(cfg.eval.diversity_model))
+    if cfg.eval.diversity_encoder == "clip":
+        from craft.embeddings import clip_location
+
+        return str(clip_location(cfg.eval.diversity_model))
+    return diversity.describe(cfg)
 
 
 def _prompts(ps) -> str:

@@ -230,10 +230,24 @@ def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd
         raise CraftError(f"rewards {missing} have no scores in this run; run `craft score` first")
     settings = settings or filter_settings(cfg)
     a = cfg.advantage
-    kept = select_for_training(df, settings, a.mode, a.tau, a.eps, store.overrides())
+    kept = select_for_training(df, settings, a.mode, a.tau, a.eps, store.overrides(),
+                               pool_embeddings(store, cfg) if settings.dedup_threshold is not None
+                               else None)
     if save_as:
-        store.save_selection(save_as, selection_record(settings, cfg), kept)
+        from craft.filtering import coverage
+
+        store.save_selection(save_as, selection_record(settings, cfg, coverage=coverage(kept)),
+                             kept)
     return kept
+
+
+def pool_embeddings(store, cfg) -> tuple:
+    """(ids, vectors) of every training candidate in ``embed.encoder``'s space, embedding the
+    ones not yet embedded first (the near-duplicate rule needs the whole pool)."""
+    from craft.embeddings import embed_candidates, space_name
+
+    embed_candidates(store, cfg)
+    return store.embeddings(space_name(cfg))
 
 
 def selection_record(settings, cfg, **extra) -> dict:
@@ -530,8 +544,22 @@ def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | N
     if label == "base":
         raise CraftError("the tuned model's label must not be 'base' (that is the reference)")
     models = {"base": base or cfg.model.pretrained, label: tuned}
+    cov = run.dist.on_main(lambda: training_coverage(run.store, label))
     return evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
-                    should_stop=should_stop)
+                    should_stop=should_stop, coverage=cov)
+
+
+def training_coverage(store, name: str) -> dict | None:
+    """The coverage of the kept set the training run ``name`` recorded (None if unknown)."""
+    row = store.train_run_by_name(name)
+    if not row or row.get("selection_id") is None:
+        return None
+    sel = store.selections_df()
+    match = sel[sel["id"] == row["selection_id"]]
+    if match.empty:
+        return None
+    recorded = json.loads(match.iloc[0]["settings_json"]).get("coverage")
+    return {"training_run": name, **recorded} if recorded else None
 
 
 def stage_export(run: Run, cfg, settings=None, name: str | None = None,

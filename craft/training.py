@@ -1,6 +1,7 @@
 """Group-advantage-weighted fine-tuning (CRAFT stage 3), one readable loop.
 
     L = mean_i  weight_i * w(t_i) * || eps_theta(x_t, t_i, c_i) - eps ||^2
+        [+ anchor_weight * mean_i || eps_theta(x_t, t_i, c_i) - eps_base(x_t, t_i, c_i) ||^2]
 
 over the kept candidates, where ``weight_i`` comes from the sample's group advantage
 (craft.advantages) and ``c_i`` is the *original* prompt by default, which is what carries the
@@ -472,11 +473,21 @@ def resume_from(out_dir: Path, raw_unet, ema, opt, meta: dict) -> int:
 
 
 def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, step: int,
-                     micro: int, process: int, accelerator) -> torch.Tensor:
-    """One micro-batch of L = mean_i weight_i * w(t_i) * ||pred - target||^2.
+                     micro: int, process: int, accelerator, base_unet=None) -> torch.Tensor:
+    """One micro-batch of L = mean_i weight_i * w(t_i) * ||pred - target||^2
+    (+ anchor_weight * mean_i ||pred - pred_base||^2 when ``train.anchor_weight`` > 0).
 
     Samples, noise, timesteps and dropout come from a generator seeded by (seed, step,
     micro-batch, process): a resumed run draws exactly what the uninterrupted run drew.
+
+    The anchor term compares the tuned prediction with the frozen base model's (``base_unet``)
+    on the same noisy input, timestep and conditioning. For two samplers whose reverse steps are
+    Gaussians of equal variance, the KL divergence of one from the other is a weighted sum of
+    exactly these squared differences, so this is the KL-style regulariser of DiffusionNFT /
+    AWM: it lets the advantage-weighted term pull toward the kept images while charging for
+    every move away from what the base model would predict. It is not weighted by the sample's
+    advantage (the base is where every sample should stay near). At weight 0 it is not
+    computed: the loss is the plain CRAFT loss, bit for bit.
     """
     device = accelerator.device
     gen = torch.Generator().manual_seed(
@@ -498,9 +509,16 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
     with accelerator.autocast():
         pred = _unet_forward(unet, xt, t, c)
     target = training_target(noise_sched, x0, noise, t)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, pred.dim())))
-    return (data.weights[idx] * w_t[t] * per_sample).mean()
+    dims = tuple(range(1, pred.dim()))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
+    loss = (data.weights[idx] * w_t[t] * per_sample).mean()
+    if tc.anchor_weight > 0 and base_unet is not None:
+        with torch.no_grad(), accelerator.autocast():
+            ref = _unet_forward(base_unet, xt.to(base_unet.dtype), t,
+                                {k: v.to(base_unet.dtype) for k, v in c.items()})
+        drift = F.mse_loss(pred.float(), ref.float(), reduction="none").mean(dim=dims)
+        loss = loss + tc.anchor_weight * drift.mean()
+    return loss
 
 
 def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple[list, list]:
@@ -575,6 +593,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     pipe.to(accelerator.device)
 
     unet, raw_unet, opt, ema, params = build_trainable(cfg, pipe, accelerator)
+    pipe.unet.requires_grad_(False)  # stays the frozen base: previews swap it only for a while
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
         accelerator.device)
@@ -615,7 +634,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
         for micro in range(accum):
             with accelerator.accumulate(unet):
                 loss = micro_batch_loss(unet, noise_sched, w_t, data, tc, step, micro,
-                                        accelerator.process_index, accelerator)
+                                        accelerator.process_index, accelerator, pipe.unet)
                 accelerator.backward(loss)  # divides by the accumulation steps
                 losses.append(loss.item())
         grad_norm = (accelerator.clip_grad_norm_(params, tc.max_grad_norm)

@@ -93,10 +93,14 @@ def test_evaluate_writes_images_scores_summary_grid_and_store_row(tmp_path, tiny
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
     s = result.summary
-    assert set(s["reward"]) == {"composite", *cfg.rewards.eval_names}
-    assert len(s) == 3 * (1 + len(cfg.rewards.eval_names))
+    assert set(s["reward"]) == {"composite", *cfg.rewards.eval_names, "diversity"}
+    assert len(s) == 3 * (2 + len(cfg.rewards.eval_names))
     same = s[s.model == "same"].set_index("reward")
+    div = same.loc["diversity"]
+    same = same.drop("diversity")
     assert (same["win_rate"] == 0.5).all() and (same["diff"].abs() < 1e-6).all()
+    # the same images (to within 2 pixel levels) are as diverse as the base's
+    assert abs(div["diff"]) < 0.5 and div["n"] == len(set(scores.prompt))
     tuned = s[s.model == "tuned"].set_index("reward")
     base_scores = scores[scores.model == "base"].sort_values(["prompt", "seed"])
     tuned_scores = scores[scores.model == "tuned"].sort_values(["prompt", "seed"])

@@ -248,7 +248,8 @@ def test_from_config_mirrors_the_filter_and_rewards_sections():
     cfg = SimpleNamespace(
         filter=SimpleNamespace(weights={"hps": 0.5, "aes": 0.5}, normalization="rank",
                                level="ha", require=(), margin=0.1, top_k=7,
-                               include_reference=False, per_prompt_cap=None),
+                               include_reference=False, per_prompt_cap=None,
+                               dedup_threshold=None),
         rewards=SimpleNamespace(roles={"h": "hps", "a": "aes"}))
     s = FilterSettings.from_config(cfg, top_k=3)
     assert (s.rewards, s.level, s.normalization, s.margin, s.top_k, s.include_reference) == (

@@ -31,7 +31,7 @@ def test_the_toy_world_is_ready(capsys):
     out = capsys.readouterr().out
     assert set(lines(out).values()) == {"ok"}
     assert "reward toy_heldout (evaluation only)" in out and out.rstrip().endswith(
-        "9 of 9 ready; `craft run` will find everything it reads")
+        "11 of 11 ready; `craft run` will find everything it reads")
 
 
 def test_a_real_config_on_a_bare_machine_lists_every_missing_piece(capsys):
@@ -42,11 +42,12 @@ def test_a_real_config_on_a_bare_machine_lists_every_missing_piece(capsys):
         "model": "MISSING", "training prompts": "MISSING", "evaluation prompts": "MISSING",
         "expander llm_http": "MISSING", "reward hpsv21 (filter, role h)": "MISSING",
         "reward pickscore (filter, role p)": "MISSING", "reward aes (filter, role a)": "MISSING",
-        "reward imagereward (evaluation only)": "MISSING", "training options": "ok"}
+        "reward imagereward (evaluation only)": "MISSING", "training options": "ok",
+        "diversity encoder dinov2 (evaluation)": "MISSING"}
     assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in out
     assert "hf download xswu/HPSv2 HPS_v2.1_compressed.pt" in out
     assert "CRAFT_LLM_API_KEY is not set" in out
-    assert out.rstrip().endswith("1 of 9 ready; fix the 8 MISSING line(s) before `craft run`")
+    assert out.rstrip().endswith("1 of 10 ready; fix the 9 MISSING line(s) before `craft run`")
 
 
 def test_found_pieces_say_where(capsys, tmp_path, tiny_model_dir, monkeypatch):

@@ -2,7 +2,7 @@
 
 Registered names:
 
-- ``toy_fidelity``, ``toy_selection``, ``toy_aesthetic``, ``toy_heldout``: the toy world's pixel
+- ``toy_fidelity``, ``toy_selection``, ``toy_aesthetic``, ``toy_heldout``, ``toy_precision``: the toy world's pixel
   rewards (no weights), registered by its plugin (craft/toyworld/plugin.py; see craft/plugins.py).
 - ``hpsv2``, ``hpsv21``: HPSv2 / HPSv2.1, raw cosine, x100 in reports (:mod:`.hps`).
 - ``pickscore``: PickScore v1, ``logit_scale.exp() * cosine`` (:mod:`.pickscore`).

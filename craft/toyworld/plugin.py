@@ -17,13 +17,15 @@ Nothing heavy is imported here; the factories import the toy modules when called
 from __future__ import annotations
 
 # Kept literal so that registering costs no scipy import; tests check it matches TOY_REWARDS.
-TOY_REWARD_NAMES = ("toy_fidelity", "toy_selection", "toy_aesthetic", "toy_heldout")
+TOY_REWARD_NAMES = ("toy_fidelity", "toy_selection", "toy_aesthetic", "toy_heldout",
+                    "toy_precision")
 
 _ROLES = {
     "toy_fidelity": "prompt fidelity: right colour and shape (the HPS-like role)",
     "toy_selection": "prompt agreement plus looks (the PickScore-like role)",
     "toy_aesthetic": "large, centred, sharp object on a clean background (the AES-like role)",
     "toy_heldout": "background colour and a single clean object (held out: evaluation only)",
+    "toy_precision": "exact outline and strict colour of the object (held out: evaluation only)",
 }
 
 

@@ -15,6 +15,13 @@ blob's colour, shape, size, position and edge width.
 - selection (PickScore-like): a mix of prompt agreement and aesthetics.
 - heldout (the ImageReward/MPS analogue, evaluation only): the background has the prompt's
   colour and the image holds one clean object.
+- precision (a second held-out reward, evaluation only): the object's outline is the prompt's
+  shape drawn exactly (intersection over union with the ideal shape fitted to its bounding box,
+  and a round or square shape as wide as it is high) and its colour is the prompt's colour
+  closely (a match 2.5 times as strict as fidelity's). The training rewards only check which
+  shape the blob's fill ratio suggests and a loose colour match, so this is where a tuned model
+  can look right to them and be drawn worse; it is far from its ceiling for every model, so a
+  cost can show.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .grammar import PALETTE, SHAPES, parse_caption
 
 _PALETTE_ARR = np.array(list(PALETTE.values()), dtype=np.float32)
 _COLOUR_SIGMA = 50.0  # RGB distance at which a colour match falls to exp(-1/2)
+_STRICT_COLOUR_SIGMA = 20.0  # the same for toy_precision's strict colour match
 _MIN_PEAK = 40.0  # an object must differ from the background by this much (RGB distance)
 # Shape prototypes in (fill ratio of the bounding box, centroid height within the box).
 _SHAPE_PROTO = {"circle": (0.785, 0.5), "square": (0.97, 0.5), "triangle": (0.52, 0.6)}
@@ -52,6 +60,7 @@ class Analysis:
     edge_contrast: float  # steepest step across the object's edge / object contrast: ~0.6 sharp, <0.35 blurry
     background_std: float  # std of the background pixels, RGB units
     stray: float  # fraction of standing-out pixels outside the main object
+    outline: tuple[float, ...] = (0.0, 0.0, 0.0)  # IoU with each of SHAPES fitted to the box
 
 
 def _as_array(image) -> np.ndarray:
@@ -101,12 +110,32 @@ def analyse(image) -> Analysis:
     bg_std = float(bg_pixels.std(axis=0).mean()) if len(bg_pixels) > 16 else 50.0
     return Analysis(1.0, tuple(obj), tuple(bg), max(bw, bh) / 2.0, offset, float(cx - w / 2),
                     float(cy - h / 2), fill, vcent,
-                    edge_contrast, bg_std, stray)
+                    edge_contrast, bg_std, stray, _outline_ious(main[y0:y1, x0:x1]))
 
 
-def colour_match(rgb, name: str) -> float:
+def _outline_ious(blob: np.ndarray) -> tuple[float, ...]:
+    """IoU of the blob (cropped to its bounding box) with each ideal shape drawn in that box as
+    the renderer draws it (craft/toyworld/render.py): an inscribed circle, the full square, a
+    triangle with its apex at the top centre. Circle and square are also scaled by the box's
+    squared aspect ratio (min side / max side): a stretched blob is not a circle drawn well."""
+    bh, bw = blob.shape
+    ys, xs = np.mgrid[0:bh, 0:bw].astype(np.float32) + 0.5
+    u, v = (xs - bw / 2) / (bw / 2), ys / bh  # u in [-1, 1] across, v in [0, 1] down
+    ideal = {"circle": u ** 2 + ((ys - bh / 2) / (bh / 2)) ** 2 <= 1.0,
+             "square": np.ones_like(blob, dtype=bool),
+             "triangle": np.abs(u) <= v}
+    aspect = min(bw, bh) / max(bw, bh)
+    out = []
+    for s in SHAPES:
+        m = ideal[s]
+        iou = float((blob & m).sum() / max((blob | m).sum(), 1))
+        out.append(iou * aspect ** 2 if s in ("circle", "square") else iou)
+    return tuple(out)
+
+
+def colour_match(rgb, name: str, sigma: float = _COLOUR_SIGMA) -> float:
     dist = float(np.linalg.norm(np.asarray(rgb, dtype=np.float32) - np.array(PALETTE[name])))
-    return float(np.exp(-0.5 * (dist / _COLOUR_SIGMA) ** 2))
+    return float(np.exp(-0.5 * (dist / sigma) ** 2))
 
 
 def shape_match(a: Analysis, name: str) -> float:
@@ -150,6 +179,8 @@ def _components(a: Analysis, prompt: str) -> dict[str, float]:
         "sharpness": sharpness_score(a),
         "clean": clean_background_score(a),
         "single": a.present * (1.0 - min(1.0, 4.0 * a.stray)),
+        "outline": a.outline[SHAPES.index(p["shape"])] * a.present,
+        "hue": colour_match(a.object_rgb, p["colour"], _STRICT_COLOUR_SIGMA) * a.present,
     }
 
 
@@ -166,6 +197,7 @@ MIXES: dict[str, dict[str, float]] = {
                       "sharpness": 0.2},
     "toy_aesthetic": {"size": 0.3, "centring": 0.3, "sharpness": 0.25, "clean": 0.15},
     "toy_heldout": {"background": 0.6, "single": 0.4},
+    "toy_precision": {"outline": 0.5, "hue": 0.5},
 }
 
 
@@ -205,6 +237,8 @@ toy_fidelity = _make("toy_fidelity")
 toy_selection = _make("toy_selection")
 toy_aesthetic = _make("toy_aesthetic")
 toy_heldout = _make("toy_heldout")
+toy_precision = _make("toy_precision")
 
 TOY_REWARDS = {"toy_fidelity": toy_fidelity, "toy_selection": toy_selection,
-               "toy_aesthetic": toy_aesthetic, "toy_heldout": toy_heldout}
+               "toy_aesthetic": toy_aesthetic, "toy_heldout": toy_heldout,
+               "toy_precision": toy_precision}
