@@ -13,6 +13,7 @@ import argparse
 import logging
 import time
 
+from craft import CraftError
 from craft.cli_common import (Reporter, add_config_arguments, add_job_arguments, stop_check,
                               write_result)
 
@@ -119,14 +120,23 @@ def _train_result(result) -> dict:
 
 
 def cmd_train(args) -> int:
-    from craft.stages import StageStopped, stage_publish, stage_train
+    from craft.stages import StageStopped, stage_publish, stage_rounds, stage_train
 
     run, cfg = _open(args)
     with run:
         resume = True if args.resume else (False if args.new else None)
-        result = stage_train(run, cfg, args.name, resume=resume,
-                             progress=_reporter(args, run).stage("train"),
-                             should_stop=stop_check(args.stop_file))
+        reporter = _reporter(args, run)
+        if cfg.train.rounds > 1:  # online CRAFT: rounds NAME.r1 .. NAME.rR (each resumable)
+            if resume is not None:
+                raise CraftError("--resume / --new apply to one training run; with "
+                                 "train.rounds > 1 `craft train` always resumes the rounds "
+                                 "already there (finished rounds are not trained again)")
+            result = stage_rounds(run, cfg, args.name, reporter.stage,
+                                  stop_check(args.stop_file))
+        else:
+            result = stage_train(run, cfg, args.name, resume=resume,
+                                 progress=reporter.stage("train"),
+                                 should_stop=stop_check(args.stop_file))
         if result.status != "done":
             if run.is_main:
                 write_result(args.result_file, {"status": "stopped", **_train_result(result)})

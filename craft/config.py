@@ -475,6 +475,11 @@ class TrainConfig(_Section):
         (), "Prompts for the fixed-seed previews; empty = the first few evaluation prompts.")
     seed: int = _opt(0, "Seed for timesteps, noise, dropout and data order.")
     lr_warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps (constant afterwards).")
+    rounds: int = _opt(
+        1, "Online CRAFT: rounds of generate -> filter -> train. Round r > 1 generates new "
+           "candidates (new noise) with the model round r-1 tuned, filters them against that "
+           "model's own original-prompt images and trains on from it; train.steps is the total, "
+           "split evenly over the rounds (must divide). 1 = the paper's offline CRAFT.")
     anchor_weight: float = _opt(
         0.0, "beta of a KL-style penalty beta * ||eps_tuned(x_t) - eps_base(x_t)||^2 on the same "
              "noisy inputs, which keeps the tuned model near the frozen base (DiffusionNFT / "
@@ -495,6 +500,11 @@ class TrainConfig(_Section):
                  f"({self.micro_batch}), the remainder would be dropped every step",
                  f"use {max(1, round(self.effective_batch / self.micro_batch)) * self.micro_batch}"
                  " or change train.micro_batch", self._key("micro_batch"))
+        self._positive("rounds")
+        _require(self.steps % self.rounds == 0, self._key("rounds"), self.rounds,
+                 f"must divide train.steps ({self.steps}): each round trains steps / rounds",
+                 f"use rounds that divide {self.steps}, or change train.steps",
+                 self._key("steps"))
         _require(self.lr_warmup_steps <= self.steps, self._key("lr_warmup_steps"),
                  self.lr_warmup_steps, f"must not exceed train.steps ({self.steps})",
                  "shorten the warm-up", self._key("steps"))

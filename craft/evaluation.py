@@ -240,8 +240,9 @@ def stored_evaluation(store, evaluation_id: int) -> EvalResult:
     scores = pd.read_csv(scores_csv) if scores_csv.exists() else pd.DataFrame()
     labels = list(settings.get("models", {})) or list(dict.fromkeys(summary["model"]))
     return EvalResult(row["name"], labels, scores, summary, Path(results["grid"]),
-                      int(row["id"]), list(results.get("warnings", [])),
-                      results.get("diversity_metric", ""), results.get("coverage") or None)
+                      int(row["id"]), warnings=list(results.get("warnings", [])),
+                      diversity_metric=results.get("diversity_metric", ""),
+                      coverage=results.get("coverage") or None)
 
 
 def _find_evaluation(store, name: str, key: str) -> int | None:

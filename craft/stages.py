@@ -630,8 +630,8 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
                                        should_stop=should_stop))
     pipe.to(device)
-    result = timed("train", lambda: stage_train(run, cfg, name, progress=progress_for("train"),
-                                                should_stop=should_stop, pipe=pipe))
+    result = timed("train", lambda: stage_rounds(run, cfg, name, progress_for, should_stop,
+                                                 pipe=pipe, on_stage=on_stage))
     if result.status != "done":
         raise StageStopped(f"training {name} stopped on request at step {result.steps_done} "
                            f"(checkpoint {result.last_checkpoint}); run the same command again "
@@ -645,6 +645,67 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     return {"timings": timings, "kept": kept, "train": result, "final": final, "eval": ev}
 
 
+ROUND_SEED_STRIDE = 1_000  # round r's candidates use generation.seed + stride * (r - 1)
+
+
+def round_name(name: str, r: int, rounds: int) -> str:
+    """Training-run name of round ``r``: NAME itself when there is one round, else NAME.rR."""
+    return name if rounds == 1 else f"{name}.r{r}"
+
+
+def round_config(cfg, r: int, model_path: str | None):
+    """The config round ``r`` runs with: the model the previous round tuned (round 1: the base),
+    new starting noise for its candidates, and its share of the training steps."""
+    t = cfg.train
+    steps = t.steps // t.rounds
+    c = dataclasses.replace(
+        cfg, train=dataclasses.replace(t, steps=steps, rounds=1,
+                                       lr_warmup_steps=min(t.lr_warmup_steps, steps)),
+        generation=dataclasses.replace(cfg.generation,
+                                       seed=cfg.generation.seed + ROUND_SEED_STRIDE * (r - 1)))
+    if r > 1:  # a tuned pipeline is a complete diffusers folder
+        c = dataclasses.replace(c, model=dataclasses.replace(
+            cfg.model, pretrained=str(model_path), revision=None, variant=None,
+            single_file_config=None))
+    return c
+
+
+def stage_rounds(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
+                 progress_for: Callable[[str], ProgressFn | None] | None = None,
+                 should_stop: StopFn | None = None, pipe=None,
+                 on_stage: Callable[[str], None] | None = None):
+    """Online CRAFT over ``train.rounds`` rounds; returns the last round's TrainResult.
+
+    Round 1 is offline CRAFT on the base model's candidates (already generated and scored by
+    the caller). Round r > 1 generates the same plan of prompts x variants x seeds with the
+    model round r-1 tuned (new seeds), scores them, filters them against *that* model's own
+    original-prompt images (the store keeps candidates per model, so every round's pool,
+    selection ``train:NAME.rR`` and checkpoints RUN/train/NAME.rR stay apart) and trains on
+    from it. Rerunning resumes: finished rounds are skipped, their candidates kept.
+    """
+    progress_for = progress_for or (lambda stage: None)
+    rounds = cfg.train.rounds
+    model_path, result = None, None
+    for r in range(1, rounds + 1):
+        cfg_r = round_config(cfg, r, model_path)
+        if r > 1:
+            if on_stage:
+                on_stage(f"round {r}: generate")
+            stage_generate(run, cfg_r, progress_for("generate"), should_stop)
+            if on_stage:
+                on_stage(f"round {r}: score")
+            stage_score(run, cfg_r, progress=progress_for("score"), should_stop=should_stop)
+        if on_stage and rounds > 1:
+            on_stage(f"round {r}: train")
+        result = stage_train(run, cfg_r, round_name(name, r, rounds),
+                             progress=progress_for("train"), should_stop=should_stop,
+                             pipe=pipe if r == 1 else None)
+        if result.status != "done":
+            return result
+        model_path = str(result.final_dir)
+    return result
+
+
 def _kept_count(store, run_id: int) -> int | None:
     sid = store.get_train_run(run_id).get("selection_id")
     return None if sid is None else len(store.selection_items_df(int(sid)))
@@ -654,4 +715,5 @@ __all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPl
            "candidate_frame", "check_run_name", "filter_settings", "kept_digest", "open_run",
            "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
            "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
-           "stage_score", "stage_train", "train_dir", "training_set", "tuned_label"]
+           "stage_rounds", "stage_score", "stage_train", "train_dir", "training_set",
+           "tuned_label", "round_config", "round_name"]

@@ -3,6 +3,7 @@ on its own, and user errors that end in one line with exit code 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,36 @@ def test_filter_with_a_per_prompt_cap_changes_the_runs_own_config(tmp_path, tiny
         items = store.selection_items_df(int(store.selections_df()["id"].iloc[-1]))
         cands = store.candidates_df().set_index("id")
         assert cands.loc[items["candidate_id"], "prompt_id"].value_counts().max() == 1
+
+
+def test_online_craft_runs_two_rounds_and_keeps_them_apart(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "run"
+    args = ["run", "--run-dir", str(run), *_sets(tiny_model_dir, **{
+        "train.rounds": 2, "train.steps": 4, "train.checkpoint_every": 0})]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "craft.r2 win%" in out  # the evaluated model is the last round's
+    with RunStore(run) as store:
+        runs = store.train_runs_df().set_index("name")
+        assert runs["status"].to_dict() == {"craft.r1": "done", "craft.r2": "done"}
+        cands = store.candidates_df()
+        r1_final = str(run / "train" / "craft.r1" / "final")
+        assert set(cands["model"]) == {tiny_model_dir, r1_final}
+        by_model = cands.groupby("model").size()
+        assert by_model[tiny_model_dir] == by_model[r1_final] == 4 * 3 * 2
+        # round 2's seeds are new noise, its selection only its own candidates
+        s1 = set(cands[cands.model == tiny_model_dir].seed)
+        assert not s1 & set(cands[cands.model == r1_final].seed)
+        sel = store.selections_df().set_index("name")
+        items = store.selection_items_df(int(sel.loc["train:craft.r2", "id"]))
+        own = set(cands[cands.model == r1_final]["id"])
+        assert len(items) and set(items["candidate_id"]) <= own
+        cfg2 = json.loads(runs.loc["craft.r2", "config_json"])
+        assert cfg2["train"]["steps"] == 2 and cfg2["model"]["pretrained"] == r1_final
+    meta = json.loads((run / "final" / "craft_train.json").read_text())
+    assert meta["run_name"] == "craft.r2"
+    # a rerun finds both rounds finished: nothing is added
+    assert main(args) == 0
+    with RunStore(run) as store:
+        assert len(store.train_runs_df()) == 2 and len(store.candidates_df()) == 2 * 24
+        assert len(store.evaluations_df()) == 1

@@ -194,13 +194,17 @@ def test_badges_why_keys_and_undo(page, studio):
 
 def test_a_weight_move_says_what_entered_and_left(page, studio):
     page.get_by_label("kept", exact=True).check()
+    k = int(page.inner_text("#kept-number"))
+    wait_kept(page, k)  # settled: no earlier move still on its way
     slider = page.locator("#curate-weight-toy_fidelity input[type=range]")
     slider.fill("0.9")
     slider.dispatch_event("pointerup")
     page.wait_for_selector("#moved-line")
     entered = int(page.inner_text("#moved-entered").lstrip("+"))
     left = int(page.inner_text("#moved-left").lstrip("−"))
-    assert entered == left  # K is full: every image that entered pushed one out
+    # the kept count changed by exactly what entered minus what left (a weight move at a full
+    # K changes nothing else: entered == left)
+    assert int(page.inner_text("#kept-number")) - k == entered - left
     if entered:
         page.get_by_label("changed by the last move").check()
         page.wait_for_selector("#curate-grid .tg-item:has-text('entered')")
