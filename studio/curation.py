@@ -28,8 +28,8 @@ PAGE_SIZE = 60
 
 def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: str,
                   require: Sequence[str], margin: float, top_k: int | float | None,
-                  include_reference: bool, per_prompt_cap: int | float | None = None
-                  ) -> FilterSettings:
+                  include_reference: bool, per_prompt_cap: int | float | None = None,
+                  dedup_threshold: float | None = None) -> FilterSettings:
     """Filter settings from the Curate controls (every reward of ``weights`` is in the
     composite; a weight of 0 leaves it out of R but it must still be scored). Problems are
     said in the controls' terms and with this run's rewards."""
@@ -46,7 +46,8 @@ def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: 
     return FilterSettings(rewards=tuple(weights), weights={k: float(v) for k, v in weights.items()},
                           normalization=normalization, level=level, roles=dict(cfg.rewards.roles),
                           require=tuple(require or ()), margin=float(margin or 0.0), top_k=top,
-                          include_reference=bool(include_reference), per_prompt_cap=cap)
+                          include_reference=bool(include_reference), per_prompt_cap=cap,
+                          dedup_threshold=float(dedup_threshold) if dedup_threshold else None)
 
 
 @dataclasses.dataclass
@@ -64,10 +65,11 @@ class Curation:
 
 
 def curate(df: pd.DataFrame, settings: FilterSettings,
-           overrides: Mapping[int, str] | None = None, eps: float = 1e-6) -> Curation:
+           overrides: Mapping[int, str] | None = None, eps: float = 1e-6,
+           embeddings=None) -> Curation:
     """apply_filter + group advantages: what one slider move recomputes."""
     t0 = time.perf_counter()
-    result = apply_filter(df, settings, overrides)
+    result = apply_filter(df, settings, overrides, embeddings)
     adv = group_advantages(result.frame, "composite", "prompt_id", eps)
     frame = result.frame
     frame = frame.assign(advantage=adv.to_numpy())
@@ -224,6 +226,8 @@ def badges(row: Any, settings: FilterSettings, changed: Mapping[int, str] | None
                     if failed else "no reference"))
     elif getattr(row, "capped", False):
         out.append(("capped", "over cap"))
+    elif getattr(row, "near_duplicate", False):
+        out.append(("capped", "near-duplicate"))
     if changed and int(row.candidate_id) in changed:
         out.append((changed[int(row.candidate_id)], changed[int(row.candidate_id)]))
     return out
@@ -312,6 +316,10 @@ def explain(c: Curation, candidate_id: int, rewards: Sequence[str]) -> str:
     elif getattr(row, "capped", False):
         verdict = (f"**Not kept: per-prompt cap** — its prompt already has "
                    f"{s.per_prompt_cap} better images (by R) in the kept set.")
+    elif getattr(row, "near_duplicate", False):
+        verdict = (f"**Not kept: a near-duplicate** — its embedding has cosine similarity "
+                   f"≥ {s.dedup_threshold:g} with a better kept image, so the next passing "
+                   "candidate took its place.")
     else:
         verdict = (f"**Not kept: below the cut-off** — it passes the level, but its R "
                    f"{row.composite:+.3f} is under the cut-off {cutoff:+.3f} of the top "
@@ -351,6 +359,8 @@ def coverage_line(c: Curation) -> str:
         prompt = f" (“{_md(text[:60])}”)"
     cap = f" · per-prompt cap {c.settings.per_prompt_cap} left out {n.capped}" \
         if c.settings.per_prompt_cap else ""
+    if c.settings.dedup_threshold is not None:
+        cap += f" · {n.duplicates} near-duplicates dropped"
     return (f"Coverage: <span id='coverage-prompts'>{n.kept_prompts}</span> of {n.groups} "
             f"prompts · largest share <span id='coverage-largest'>{n.largest_kept}</span> "
             f"images ({100 * n.largest_kept / n.kept:.0f} %) from one prompt{prompt}{cap}")

@@ -28,6 +28,8 @@ table th, [role=columnheader] { word-break: normal !important; overflow-wrap: no
                                  white-space: nowrap; }
 #curate-why table { font-size: 12px; }
 #curate-showing p { margin: 0; text-align: center; }
+.drift-warning { color: #9a5b00; font-weight: 600; }
+.report table { font-size: 12px; }
 """
 
 POLL_SECONDS = 1.0

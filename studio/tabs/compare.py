@@ -62,7 +62,9 @@ def eval_name(base: str, tuned: str, cfg) -> str:
     return f"studio-{label}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def win_table(summary: pd.DataFrame) -> pd.DataFrame:
+def win_table(summary: pd.DataFrame, training_rewards=()) -> pd.DataFrame:
+    """The per-reward table; held-out rewards (not used for training or filtering) and the
+    diversity across seeds are marked, since they are what shows a price of alignment."""
     if summary is None or summary.empty:
         return pd.DataFrame()
     base = summary[summary["model"] == "base"].set_index("reward")
@@ -70,7 +72,10 @@ def win_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in tuned.index:
         b, t = base.loc[r], tuned.loc[r]
-        rows.append({"reward": r, "base": f"{b['mean']:.4f} ± {b['se']:.4f}",
+        name = ("diversity across seeds" if r == "diversity" else
+                f"{r} (held out)" if training_rewards and r != "composite"
+                and r not in training_rewards else r)
+        rows.append({"reward": name, "base": f"{b['mean']:.4f} ± {b['se']:.4f}",
                      "tuned": f"{t['mean']:.4f} ± {t['se']:.4f}",
                      "Δ (tuned − base)": f"{t['diff']:+.4f} ± {t['diff_se']:.4f}",
                      "Δ / SE": round(float(t["diff"] / t["diff_se"]), 2)
@@ -155,12 +160,48 @@ def evaluation_views(ctx: RunContext, evaluation_id):
     else:
         items, deltas = [], pd.DataFrame()
     settings = json.loads(row["settings_json"])
+    results = json.loads(row["results_json"])
     head = (f"**Evaluation #{row['id']}** · base `{row['base_model']}` vs tuned "
             f"`{', '.join(json.loads(row['tuned_model']).values())}` · "
             f"{settings.get('prompts')} held-out prompts × {settings.get('seeds_per_prompt')} "
             f"seeds (same seeds for both)")
-    raw = summary[summary["reward"] != "composite"]  # on its own z-scale: the table has it
-    return head, items, win_table(summary), mean_reward_bars(raw), deltas
+    if results.get("diversity_metric"):
+        head += (f"<br>Diversity across seeds = {_md(results['diversity_metric'])} between the "
+                 "images of one prompt, mean over prompts (higher = more varied; its win rate "
+                 "= share of prompts more varied than the base).")
+    cov = results.get("coverage")
+    if cov:
+        head += (f"<br>Kept set of {_md(cov.get('training_run', 'the tuned model'))}: "
+                 f"{cov['kept']} images from {cov['prompts']} prompts, at most "
+                 f"{cov['largest']} ({100 * cov['largest_share']:.0f} %) from one.")
+    for w in results.get("warnings") or []:
+        head += f"<br><span class='drift-warning'>⚠ {_md(w)}</span>"
+    raw = summary[~summary["reward"].isin(["composite", "diversity"])]  # own scales
+    return (head, items, win_table(summary, list(ctx.cfg.rewards.names)),
+            mean_reward_bars(raw), deltas)
+
+
+def _md(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=False)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+REPORTS = (("toy_ablation.md", "The paper's ablations in the toy world (levels, K, weighting)"),
+           ("toy_pareto.md", "The price of alignment: gain against diversity, per control"),
+           ("toy_rounds.md", "Online CRAFT: two rounds against one"))
+
+
+def reports_markdown() -> list[tuple[str, str]]:
+    """The recorded benchmark reports that ship with the project (title, Markdown)."""
+    out = []
+    for fname, title in REPORTS:
+        p = BENCHMARKS / fname
+        if p.is_file():
+            text = p.read_text()
+            out.append((title, text.split("\n", 1)[1] if text.startswith("# ") else text))
+    return out
 
 
 class CompareTab(Tab):
@@ -207,6 +248,13 @@ class CompareTab(Tab):
                                     elem_classes=["pixelated"], elem_id="compare-pairs", scale=3)
         self.deltas = gr.Dataframe(label="Per-pair reward deltas (tuned − base)",
                                    interactive=False, max_height=300, elem_id="compare-deltas")
+        reports = reports_markdown()
+        if reports:
+            with gr.Accordion("Recorded benchmarks: ablations, the price of alignment, online "
+                              "rounds (benchmarks/)", open=False, elem_id="compare-reports"):
+                for title, text in reports:
+                    with gr.Accordion(title, open=False):
+                        gr.Markdown(text, elem_classes=["report"])
 
     def wire(self, app) -> None:
         views = [self.head, self.pairs, self.wins, self.bars, self.deltas]

@@ -84,6 +84,12 @@ class CurateTab(Tab):
                     label="at most this many per prompt (0 = no cap)",
                     info=field_help("filter", "per_prompt_cap"), elem_id="curate-cap"),
                     to_ui=none_as_zero, from_ui=optional_int, **curated)
+                self.dedup = settings.bind("filter.dedup_threshold", gr.Number(
+                    f.dedup_threshold or 0, minimum=0, maximum=1, step=0.01,
+                    label="drop near-duplicates at cosine ≥ (0 = keep them; needs the map)",
+                    info=field_help("filter", "dedup_threshold"), elem_id="curate-dedup"),
+                    to_ui=lambda v: v or 0, from_ui=lambda v: float(v) if v else None,
+                    **curated)
                 self.include_ref = settings.bind("filter.include_reference", gr.Checkbox(
                     f.include_reference, label="original-prompt images may be kept",
                     elem_id="curate-include-ref"), **curated)
@@ -149,16 +155,16 @@ class CurateTab(Tab):
         self.similar_ids = gr.State([])
         self.dup_ids = gr.State([])
         self.controls = [*self.weights, self.normalization, self.level, self.require,
-                         self.margin, self.top_k, self.cap, self.include_ref]
+                         self.margin, self.top_k, self.cap, self.dedup, self.include_ref]
 
     # ------------------------------------------------------------------ logic
 
     def settings_from(self, values):
         n = len(self.rewards)
         weights = dict(zip(self.rewards, values[:n]))
-        norm, level_label, require, margin, top_k, cap, include_ref = values[n:]
+        norm, level_label, require, margin, top_k, cap, dedup, include_ref = values[n:]
         return make_settings(self.ctx.cfg, weights, norm, LEVEL_LABELS[level_label], require,
-                             margin, top_k, include_ref, cap)
+                             margin, top_k, include_ref, cap, dedup)
 
     def run(self, values) -> Curation:
         ctx = self.ctx
@@ -171,9 +177,18 @@ class CurateTab(Tab):
         if missing:
             raise ValueError(f"rewards {missing} have no scores yet; run the Score step")
         overrides = ctx.store.overrides()
-        key = (version, settings, tuple(sorted(overrides.items())))
+        embeddings = None
+        if settings.dedup_threshold is not None:
+            found = ctx.pool_map()
+            if found is None:
+                raise ValueError("dropping near-duplicates needs the pool's embeddings: open "
+                                 "“Map of the pool” below and press “Compute the map”, or set "
+                                 "the near-duplicate box to 0")
+            embeddings = (found[0], found[2])
+        key = (version, settings, tuple(sorted(overrides.items())),
+               None if embeddings is None else len(embeddings[0]))
         return self.cache.get(key, lambda: curate(df, settings, overrides,
-                                                  ctx.cfg.advantage.eps))
+                                                  ctx.cfg.advantage.eps, embeddings))
 
     def _remember(self, settings) -> None:
         """The Curate settings are the run's filter settings (craft filter / train read them)."""
@@ -183,7 +198,7 @@ class CurateTab(Tab):
             require=tuple(settings.require), margin=settings.margin,
             weights=dict(settings.weights), top_k=settings.top_k or ctx.cfg.filter.top_k,
             include_reference=bool(settings.include_reference),
-            per_prompt_cap=settings.per_prompt_cap)
+            per_prompt_cap=settings.per_prompt_cap, dedup_threshold=settings.dedup_threshold)
         if f != ctx.cfg.filter:
             ctx.set_config(dataclasses.replace(ctx.cfg, filter=f))
             ctx.schedule_save()

@@ -15,14 +15,22 @@ from studio.context import RunContext
 from studio.jobs import JOBS
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
-from craft.stages import check_run_name, train_dir
+from craft.stages import check_run_name, round_name, train_dir
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, short_name, user_error)
 
 
-RUN_COLUMNS = ["id", "name", "status", "started", "steps", "last loss", "kept", "selection",
-               "processes", "checkpoint", "error"]
+RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss", "kept",
+               "selection", "processes", "checkpoint", "error"]
+
+
+def round_of(name: str) -> int | None:
+    """The online-CRAFT round of a training run named NAME.rR (None: a one-round run)."""
+    import re
+
+    m = re.fullmatch(r".+\.r(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def selection_summary(settings: dict) -> str:
@@ -32,6 +40,8 @@ def selection_summary(settings: dict) -> str:
     weights = settings.get("weights") or {}
     w = ", ".join(f"{short_name(k)} {v:g}" for k, v in weights.items())
     cap = f", cap {settings['per_prompt_cap']}" if settings.get("per_prompt_cap") else ""
+    if settings.get("dedup_threshold") is not None:
+        cap += f", no near-duplicates ≥ {settings['dedup_threshold']:g}"
     return (f"{settings.get('level', '?')}, K {settings.get('top_k')}{cap}, "
             f"{settings.get('normalization', '')} ({w})")
 
@@ -51,7 +61,7 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
                 and int(r.selection_id) in selections.index:
             row = selections.loc[int(r.selection_id)]
             sel, kept = json.loads(row["settings_json"]), int(row["num_items"])
-        rows.append({"id": r.id, "name": r.name, "status": r.status,
+        rows.append({"id": r.id, "name": r.name, "round": round_of(r.name), "status": r.status,
                      "started": pd.Timestamp(r.started, unit="s").strftime("%H:%M:%S"),
                      "steps": int(m["step"].max()) if not m.empty else 0,
                      "last loss": round(float(m["loss"].iloc[-1]), 5) if not m.empty else None,
@@ -147,6 +157,13 @@ class TrainTab(Tab):
                 list(field_choices("advantage", "mode")), value=a.mode, label="advantage → weight",
                 info=field_help("advantage", "mode")))
             self.tau = settings.bind("advantage.tau", gr.Number(a.tau, label="softmax τ"))
+            self.anchor = settings.bind("train.anchor_weight", gr.Number(
+                t.anchor_weight, minimum=0, label="anchor to the base (β, 0 = off)",
+                info=field_help("train", "anchor_weight"), elem_id="train-anchor"))
+            self.rounds = settings.bind("train.rounds", gr.Number(
+                t.rounds, precision=0, minimum=1, label="rounds (online CRAFT)",
+                info=field_help("train", "rounds"), elem_id="train-rounds"))
+        with gr.Row():
             self.tw = settings.bind("train.timestep_weighting", gr.Dropdown(
                 list(field_choices("train", "timestep_weighting")), value=t.timestep_weighting,
                 label="w(t)", info=field_help("train", "timestep_weighting")))
@@ -211,22 +228,39 @@ class TrainTab(Tab):
     def _start(self, cfg, name: str, resume: bool, processes: int) -> str:
         ctx = self.ctx
 
+        rounds = cfg.train.rounds
+        shown = round_name(name, rounds, rounds)  # the run the loss curve follows at the end
+
         def in_process(jc, run):
-            from craft.stages import stage_publish, stage_train
+            from craft.stages import stage_publish, stage_rounds, stage_train
             from craft.training import TrainCallbacks
 
-            jc.set_info(name=name, out_dir=str(train_dir(run.run_dir, name)))
+            jc.set_info(name=shown, out_dir=str(train_dir(run.run_dir, shown)))
 
             def on_step(step, total, metrics):
                 jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
 
-            result = stage_train(run, cfg, name, resume=resume, should_stop=jc.should_stop,
-                                 callbacks=TrainCallbacks(
-                                     on_step=on_step,
-                                     on_preview=lambda step, ims, ps: jc.log(
-                                         f"previews at step {step}"),
-                                     on_checkpoint=lambda step, path: jc.log(
-                                         f"checkpoint at step {step}: {path}")))
+            if rounds > 1:  # online CRAFT: each round generates, scores, filters and trains
+                def progress_for(stage):
+                    return lambda done, total: jc.progress(done, total,
+                                                           f"{stage} {done}/{total}")
+
+                def on_stage(text):  # "round R: generate | score | train"
+                    jc.log(text)
+                    r = int(text.split()[1].rstrip(":"))
+                    jc.set_info(name=round_name(name, r, rounds),
+                                out_dir=str(train_dir(run.run_dir, round_name(name, r, rounds))))
+
+                result = stage_rounds(run, cfg, name, progress_for, jc.should_stop,
+                                      on_stage=on_stage)
+            else:
+                result = stage_train(run, cfg, name, resume=resume, should_stop=jc.should_stop,
+                                     callbacks=TrainCallbacks(
+                                         on_step=on_step,
+                                         on_preview=lambda step, ims, ps: jc.log(
+                                             f"previews at step {step}"),
+                                         on_checkpoint=lambda step, path: jc.log(
+                                             f"checkpoint at step {step}: {path}")))
             out = {"status": result.status, "steps": result.steps_done,
                    "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
             if result.status == "done":
@@ -238,11 +272,13 @@ class TrainTab(Tab):
                           else "no checkpoint (nothing trained yet); Resume starts at step 0"))
             return out
 
-        command = ["train", "--name", name, "--resume" if resume else "--new"]
+        command = ["train", "--name", name] + (
+            [] if rounds > 1 else ["--resume" if resume else "--new"])
         fn = stage_job("train", command, ctx.run_dir, cfg, processes, in_process)
         JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}"
+                   + (f" ({rounds} rounds)" if rounds > 1 else "")
                    + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
-                   info={"name": name, "run_dir": str(ctx.run_dir)})
+                   info={"name": shown, "run_dir": str(ctx.run_dir)})
         return name
 
     def wire(self, app) -> None:
@@ -252,17 +288,22 @@ class TrainTab(Tab):
             ctx = self.ctx
             try:
                 name = check_run_name(name)
-                if name in run_names(ctx) or train_dir(ctx.run_dir, name).exists():
-                    raise ValueError(f"a training run named {name!r} exists; pick another name "
-                                     f"or resume it (the Resume list below)")
                 cfg = app.settings.config_from(ctx.cfg, values)
+                rounds = cfg.train.rounds
+                for n in {name, *(round_name(name, r, rounds) for r in range(1, rounds + 1))}:
+                    if n in run_names(ctx) or train_dir(ctx.run_dir, n).exists():
+                        raise ValueError(f"a training run named {n!r} exists; pick another "
+                                         f"name or resume it (the Resume list below)")
                 ctx.set_config(cfg)
                 ctx.save_settings()
                 self._start(cfg, name, resume=False, processes=processes)
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return (ok_md(f"training {name} started"), gr.Timer(active=True),
-                    gr.update(choices=[name, *run_names(ctx)], value=name),
+            first = round_name(name, 1, cfg.train.rounds)
+            return (ok_md(f"training {name} started"
+                          + (f" ({cfg.train.rounds} rounds: {first} first)"
+                             if cfg.train.rounds > 1 else "")), gr.Timer(active=True),
+                    gr.update(choices=[first, *run_names(ctx)], value=first),
                     next_name(ctx, (name,)),
                     *job_buttons(True))
 
