@@ -25,6 +25,10 @@ from pathlib import Path
 import toy_arms as ta
 from toy_arms import Arm
 
+# Today's (paper-plain) settings, stated, so an arm means the same whatever configs/toy.yaml
+# recommends later: no cap, no near-duplicate rule, no anchor, 300 steps.
+PLAIN = ["filter.per_prompt_cap=null", "filter.dedup_threshold=null", "train.anchor_weight=0",
+         "train.steps=300"]
 ARMS = [
     Arm("craft", [], "today's default (I_hpa, K = 100, 300 steps, clamp)"),
     Arm("cap6", ["filter.per_prompt_cap=6"], "at most 6 kept images per prompt"),
@@ -62,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     ta.setup(args.threads)
 
-    base = [*args.overrides]
+    base = [*PLAIN, *args.overrides]
     cfg = ta.arm_config(args.config, base, ARMS[0])
     timings: dict = {}
     t_start = time.time()

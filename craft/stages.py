@@ -338,8 +338,10 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
                              f"in this run's store; delete the folder or pick another name")
         settings = settings or filter_settings(cfg)
         kept = training_set(store, cfg, settings, save_as=None)
+        from craft.filtering import coverage
+
         return TrainPlan("train", False, None, config_to_dict(cfg), _portable(kept, run.run_dir),
-                         selection_record(settings, cfg))
+                         selection_record(settings, cfg, coverage=coverage(kept)))
     if rec["status"] == "done":
         if resume is False:
             raise CraftError(f"a training run named {name!r} exists and is finished; pick "
@@ -554,12 +556,14 @@ def training_coverage(store, name: str) -> dict | None:
     row = store.train_run_by_name(name)
     if not row or row.get("selection_id") is None:
         return None
-    sel = store.selections_df()
-    match = sel[sel["id"] == row["selection_id"]]
-    if match.empty:
+    from craft.filtering import coverage
+
+    items = store.selection_items_df(int(row["selection_id"]))
+    if items.empty:
         return None
-    recorded = json.loads(match.iloc[0]["settings_json"]).get("coverage")
-    return {"training_run": name, **recorded} if recorded else None
+    prompt_of = store.candidates_df().set_index("id")["prompt_id"]
+    kept = pd.DataFrame({"prompt_id": prompt_of.reindex(items["candidate_id"]).to_numpy()})
+    return {"training_run": name, **coverage(kept)}
 
 
 def stage_export(run: Run, cfg, settings=None, name: str | None = None,

@@ -418,10 +418,36 @@ def test_compare_base_and_tuned(page, studio):
     page.wait_for_function("() => ROWS('compare-wins') "
                            ">= 4")
     text = page.inner_text("#compare-wins")
-    assert "toy_heldout" in text and "win rate" in text
+    assert "toy_heldout (held out)" in text and "win rate" in text
+    assert "diversity across seeds" in text  # the price of alignment, beside the rewards
+    page.wait_for_selector("#compare-head:has-text('Diversity across seeds')")
+    page.wait_for_selector("#compare-head:has-text('Kept set of tiny')")
     page.wait_for_function("() => document.querySelectorAll('#compare-pairs img').length == 4")
     page.wait_for_selector("#compare-bars .js-plotly-plot")
     assert studio[0].ctx.counts()["evaluations"] == 1
+
+
+def test_online_rounds_from_the_page(page, studio):
+    """Two rounds of online CRAFT as one job: the second generates with the first's model."""
+    ctx = studio[0].ctx
+    tab(page, "Train")
+    fill(page, "train-steps", "4")
+    fill(page, "train-rounds", "2")
+    fill(page, "train-name", "online")
+    page.locator("#train-rounds input").press("Enter")
+    page.click("#train-start")
+    page.wait_for_selector("#train-message:has-text('2 rounds')")
+    wait_job(page, "train", title="Train online (2 rounds)")
+    runs = ctx.store.train_runs_df().set_index("name")
+    assert runs.loc["online.r1", "status"] == runs.loc["online.r2", "status"] == "done"
+    r1 = str(ctx.run_dir / "train" / "online.r1" / "final")
+    cands = ctx.store.candidates_df()
+    assert (cands["model"] == r1).sum() == (cands["model"] == ctx.cfg.model.pretrained).sum()
+    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
+                           ".includes('online.r2')")
+    fill(page, "train-rounds", "1")
+    page.locator("#train-rounds input").press("Enter")
+    page.wait_for_function("() => document.querySelector('#train-rounds input').value === '1'")
 
 
 def test_settings_round_trip(page, studio, tmp_path):
@@ -447,7 +473,7 @@ def test_settings_round_trip(page, studio, tmp_path):
     # what these settings need: the toy world has everything
     page.click("#settings-check")
     page.wait_for_selector("#settings-message:has-text('of 11 ready')")
-    assert page.locator("#settings-message table tr").count() == 10  # header + 9 items
+    assert page.locator("#settings-message table tr").count() == 12  # header + 11 items
 
 
 def open_run(page, path) -> None:

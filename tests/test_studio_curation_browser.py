@@ -257,6 +257,33 @@ def test_the_maps_box_selects_images(page, studio):
     page.get_by_label("kept", exact=True).check()
 
 
+def test_near_duplicates_dropped_from_the_kept_set(page, studio):
+    """After the map (its embeddings) exists: a near-duplicate threshold drops images from the
+    kept set, says how many, marks them, and the library's filter agrees."""
+    from craft.embeddings import space_name
+    from craft.filtering import apply_filter
+    from craft.stages import filter_settings
+
+    ctx = studio[0].ctx
+    k = int(page.inner_text("#kept-number"))
+    type_and_enter(page, "curate-dedup", "0.9")
+    page.wait_for_function("() => document.querySelector('#curate-coverage').innerText"
+                           ".includes('near-duplicates dropped')")
+    text = page.inner_text("#curate-coverage")
+    dropped = int(text.split(" near-duplicates dropped")[0].split("·")[-1])
+    assert ctx.cfg.filter.dedup_threshold == pytest.approx(0.9)
+    settings = filter_settings(ctx.cfg)
+    res = apply_filter(ctx.frame(), settings, ctx.store.overrides(),
+                       ctx.store.embeddings(space_name(ctx.cfg)))
+    assert res.counts.duplicates == dropped > 0
+    wait_kept(page, res.counts.kept)
+    assert res.counts.kept <= k
+    type_and_enter(page, "curate-dedup", "0")
+    page.wait_for_function("() => !document.querySelector('#curate-coverage').innerText"
+                           ".includes('near-duplicates dropped')")
+    assert ctx.cfg.filter.dedup_threshold is None
+
+
 def test_reload_keeps_curate_train_and_compare_state(browser, studio):
     from craft.run import run_config
 
