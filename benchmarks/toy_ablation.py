@@ -17,7 +17,6 @@ against the paper is added by hand below the tables). Resumes from --run-root.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -57,21 +56,14 @@ def fmt(m: float, half: float, digits: int = 3) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ta.ROOT / "configs" / "toy.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--run-root", default="/tmp/bench/ablation")
-    ap.add_argument("--out", default=str(ta.ROOT / "benchmarks"))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    ta.setup(args.threads)
+    args = ta.parse_args(__doc__, "/tmp/bench/ablation", lambda ap: ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2]))
     t_start = time.time()
     per_seed, timings = {}, {}
     for s in args.seeds:
         base = [*SCALE, f"generation.seed={s}", f"train.seed={s}", *args.overrides]
         cfg = ta.arm_config(args.config, base, Arm("pool"))
-        run = ta.build_pool(Path(args.run_root) / f"seed-{s}", cfg, timings)
+        run = ta.build_pool(Path(args.run_dir) / f"seed-{s}", cfg, timings)
         pool = len(run.store.candidates_df(split="train"))
         arm_list = arms(cfg.filter.top_k, pool)
         facts, finals = {}, {}
@@ -149,12 +141,9 @@ def main() -> None:
         f = per_seed[s]["arms"]["hpa"]["facts"]
         lines.append(f"| {s} | {f['weights']['min']:.2f}–{f['weights']['max']:.2f} "
                      f"({f['weights']['std']:.2f}) | {f['negative_advantages']} |")
-    lines += ["", "Times on " + ta.machine() + f" ({args.threads} threads): "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-              + f"; total {time.time() - t_start:.0f} s.", "",
+    lines += ["", ta.times_line(timings, args.threads, t_start), "",
               "Reproduce: `.venv/bin/python benchmarks/toy_ablation.py --seeds 0 1 2`.", ""]
-    (Path(args.out) / "toy_ablation.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    ta.write_report(args.out, "toy_ablation.md", lines)
 
 
 if __name__ == "__main__":

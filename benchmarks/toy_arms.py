@@ -158,3 +158,32 @@ def train_control(run, cfg, n: int, timings: dict, name: str = "control") -> str
     result = train(cfg, df, out, resume=(out / "final").exists() or any(out.glob("checkpoint-*")))
     _add(timings, f"train {name}", time.time() - t0)
     return str(result.final_dir)
+
+
+def parse_args(doc: str, run_dir: str, extra=None):
+    """The benchmark scripts' common options (config, --set, run folder, output, threads), and
+    the process set-up that follows them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--run-dir", "--run-root", dest="run_dir", default=run_dir)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--threads", type=int, default=2)
+    if extra:
+        extra(ap)
+    args = ap.parse_args()
+    setup(args.threads)
+    return args
+
+
+def times_line(timings: dict, threads: int, t_start: float, note: str = "") -> str:
+    return ("Times on " + machine() + f" ({threads} threads): "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+            + f"; total {time.time() - t_start:.0f} s{note}.")
+
+
+def write_report(out: str, name: str, lines: list[str]) -> None:
+    (Path(out) / name).write_text("\n".join(lines))
+    print("\n".join(lines))

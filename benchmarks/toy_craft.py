@@ -12,7 +12,6 @@ benchmarks/toy_craft.md and benchmarks/toy_craft_grid.png.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
@@ -22,14 +21,7 @@ from toy_arms import Arm
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ta.ROOT / "configs" / "toy.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--run-dir", default="/tmp/bench/pareto")
-    ap.add_argument("--out", default=str(ta.ROOT / "benchmarks"))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    ta.setup(args.threads)
+    args = ta.parse_args(__doc__, "/tmp/bench/pareto")
     from toy_pareto import PLAIN
 
     t_start = time.time()
@@ -85,9 +77,8 @@ def main() -> None:
         f"{100 * cc[2]:.1f} % of pairs. toy-default vs craft: {dc[0]:+.4f} ± {dc[1]:.4f} "
         f"({100 * dc[2]:.1f} %).",
         "",
-        "Times on " + ta.machine() + f" ({args.threads} threads): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-        + f"; total {time.time() - t_start:.0f} s (trained arms found in the run are reused).",
+        ta.times_line(timings, args.threads, t_start,
+                      " (trained arms found in the run are reused)"),
         "",
         "Reproduce: `.venv/bin/python benchmarks/toy_pareto.py` then "
         "`.venv/bin/python benchmarks/toy_craft.py` (same --run-dir).",
@@ -98,8 +89,7 @@ def main() -> None:
         "seeds in each block.",
         "",
     ]
-    (out / "toy_craft.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    ta.write_report(args.out, "toy_craft.md", lines)
 
 
 if __name__ == "__main__":

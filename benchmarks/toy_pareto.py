@@ -18,7 +18,6 @@ Interrupted, it resumes from what is in --run-dir (finished arms are not trained
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -56,15 +55,8 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ta.ROOT / "configs" / "toy.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--run-dir", default="/tmp/bench/pareto")
-    ap.add_argument("--out", default=str(ta.ROOT / "benchmarks"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--arms", nargs="*", default=None, help="only these arms (names)")
-    args = ap.parse_args()
-    ta.setup(args.threads)
+    args = ta.parse_args(__doc__, "/tmp/bench/pareto", lambda ap: ap.add_argument(
+        "--arms", nargs="*", default=None, help="only these arms (names)"))
 
     base = [*PLAIN, *args.overrides]
     cfg = ta.arm_config(args.config, base, ARMS[0])
@@ -157,15 +149,13 @@ def main() -> None:
         "",
         *([f"- {w}" for w in ev.warnings] or ["- none"]),
         "",
-        "Times on " + ta.machine() + f" ({args.threads} threads): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-        + f"; total {time.time() - t_start:.0f} s (a resumed run counts only what it redid).",
+        ta.times_line(timings, args.threads, t_start,
+                      " (a resumed run counts only what it redid)"),
         "",
         "Reproduce: `.venv/bin/python benchmarks/toy_pareto.py --run-dir /tmp/bench/pareto`.",
         "",
     ]
-    (Path(args.out) / "toy_pareto.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    ta.write_report(args.out, "toy_pareto.md", lines)
 
 
 if __name__ == "__main__":

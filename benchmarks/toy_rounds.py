@@ -12,7 +12,6 @@ prompts with shared seeds; writes benchmarks/toy_rounds.md / .json.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,14 +20,7 @@ from toy_arms import Arm
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ta.ROOT / "configs" / "toy.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--run-dir", default="/tmp/bench/pareto")
-    ap.add_argument("--out", default=str(ta.ROOT / "benchmarks"))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    ta.setup(args.threads)
+    args = ta.parse_args(__doc__, "/tmp/bench/pareto")
     from craft.filtering import coverage
     from craft.stages import stage_rounds, training_set
 
@@ -102,16 +94,13 @@ def main() -> None:
         "",
         "Warnings the evaluation raised:", "", *([f"- {w}" for w in ev.warnings] or ["- none"]),
         "",
-        "Times on " + ta.machine() + f" ({args.threads} threads): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-        + f"; total {time.time() - t_start:.0f} s.",
+        ta.times_line(timings, args.threads, t_start, ""),
         "",
         "Reproduce: `.venv/bin/python benchmarks/toy_rounds.py --run-dir /tmp/bench/pareto` "
         "(after benchmarks/toy_pareto.py, or alone: it builds the pool).",
         "",
     ]
-    (Path(args.out) / "toy_rounds.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    ta.write_report(args.out, "toy_rounds.md", lines)
 
 
 if __name__ == "__main__":
