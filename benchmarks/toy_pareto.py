@@ -39,7 +39,7 @@ ARMS = [
     Arm("anchor8", ["train.anchor_weight=8"], "anchor weight 8"),
     Arm("steps100", ["train.steps=100"], "100 steps (~32 passes) instead of 300 (~96)"),
     Arm("steps30", ["train.steps=30"], "30 steps (~10 passes)"),
-    Arm("cap3+anchor2", ["filter.per_prompt_cap=3", "train.anchor_weight=2"],
+    Arm("cap3-anchor2", ["filter.per_prompt_cap=3", "train.anchor_weight=2"],
         "cap 3 and anchor 2 together"),
 ]
 
