@@ -427,29 +427,6 @@ def test_compare_base_and_tuned(page, studio):
     assert studio[0].ctx.counts()["evaluations"] == 1
 
 
-def test_online_rounds_from_the_page(page, studio):
-    """Two rounds of online CRAFT as one job: the second generates with the first's model."""
-    ctx = studio[0].ctx
-    tab(page, "Train")
-    fill(page, "train-steps", "4")
-    fill(page, "train-rounds", "2")
-    fill(page, "train-name", "online")
-    page.locator("#train-rounds input").press("Enter")
-    page.click("#train-start")
-    page.wait_for_selector("#train-message:has-text('2 rounds')")
-    wait_job(page, "train", title="Train online (2 rounds)")
-    runs = ctx.store.train_runs_df().set_index("name")
-    assert runs.loc["online.r1", "status"] == runs.loc["online.r2", "status"] == "done"
-    r1 = str(ctx.run_dir / "train" / "online.r1" / "final")
-    cands = ctx.store.candidates_df()
-    assert (cands["model"] == r1).sum() == (cands["model"] == ctx.cfg.model.pretrained).sum()
-    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
-                           ".includes('online.r2')")
-    fill(page, "train-rounds", "1")
-    page.locator("#train-rounds input").press("Enter")
-    page.wait_for_function("() => document.querySelector('#train-rounds input').value === '1'")
-
-
 def test_settings_round_trip(page, studio, tmp_path):
     from craft.config import load_config
 
@@ -548,3 +525,27 @@ def test_uploads_are_size_limited(studio):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 413
+
+
+def test_online_rounds_from_the_page(page, studio):
+    """Two rounds of online CRAFT as one job: the second generates with the first's model.
+    Last in the module: it adds a second model's candidates to the run."""
+    ctx = studio[0].ctx
+    tab(page, "Train")
+    fill(page, "train-steps", "4")
+    fill(page, "train-rounds", "2")
+    fill(page, "train-name", "online")
+    page.locator("#train-rounds input").press("Enter")
+    page.click("#train-start")
+    page.wait_for_selector("#train-message:has-text('2 rounds')")
+    wait_job(page, "train", title="Train online (2 rounds)")
+    runs = ctx.store.train_runs_df().set_index("name")
+    assert runs.loc["online.r1", "status"] == runs.loc["online.r2", "status"] == "done"
+    r1 = str(ctx.run_dir / "train" / "online.r1" / "final")
+    cands = ctx.store.candidates_df()
+    assert (cands["model"] == r1).sum() == (cands["model"] == ctx.cfg.model.pretrained).sum()
+    page.wait_for_function("() => document.querySelector('#train-runs').innerText"
+                           ".includes('online.r2')")
+    fill(page, "train-rounds", "1")
+    page.locator("#train-rounds input").press("Enter")
+    page.wait_for_function("() => document.querySelector('#train-rounds input').value === '1'")

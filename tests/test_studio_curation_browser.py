@@ -200,11 +200,14 @@ def test_a_weight_move_says_what_entered_and_left(page, studio):
     slider.fill("0.9")
     slider.dispatch_event("pointerup")
     page.wait_for_selector("#moved-line")
+    # the kept count changed by exactly what entered minus what left (a weight move at a full
+    # K changes nothing else: entered == left); the page settles on that after the move's
+    # events (input, then release) have both answered
+    page.wait_for_function(f"""() => {{
+        const n = id => Number(document.querySelector(id).innerText.replace(/[^0-9]/g, ''));
+        return n('#kept-number') - {k} === n('#moved-entered') - n('#moved-left'); }}""")
     entered = int(page.inner_text("#moved-entered").lstrip("+"))
     left = int(page.inner_text("#moved-left").lstrip("−"))
-    # the kept count changed by exactly what entered minus what left (a weight move at a full
-    # K changes nothing else: entered == left)
-    assert int(page.inner_text("#kept-number")) - k == entered - left
     if entered:
         page.get_by_label("changed by the last move").check()
         page.wait_for_selector("#curate-grid .tg-item:has-text('entered')")
