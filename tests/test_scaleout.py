@@ -164,6 +164,30 @@ def test_two_machines_on_one_host(tmp_path, tiny_model_dir, one_process):
     assert state["kept"] == one_process["kept"]
 
 
+def test_online_rounds_and_the_controls_on_two_processes(tmp_path, tiny_model_dir):
+    """The new stages' parts under the shipped 2-process command: two online rounds, the
+    near-duplicate rule (embedded on the main process) and the anchor penalty."""
+    run = tmp_path / "run"
+    sets = _sets(tiny_model_dir, **{"train.rounds": 2, "train.anchor_weight": 0.5,
+                                    "filter.dedup_threshold": 0.9})
+    proc = _run([*_launcher(2), *_craft_run(run, sets)])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.count("craft.r2 win%") == 1 and "diversity" in proc.stdout
+    with RunStore(run) as store:
+        runs = store.train_runs_df().set_index("name")
+        assert runs["status"].to_dict() == {"craft.r1": "done", "craft.r2": "done"}
+        c = store.candidates_df()
+        keys = list(zip(c["model"], c["prompt"], c["variant"], c["seed"]))
+        assert len(keys) == len(set(keys)) == 2 * 4 * 3 * 2  # both rounds' pools, once each
+        sel = store.selections_df().set_index("id")
+        for name in ("craft.r1", "craft.r2"):
+            rec = json.loads(sel.loc[int(runs.loc[name, "selection_id"]), "settings_json"])
+            assert rec["dedup_threshold"] == 0.9 and rec["processes"] == 2
+            assert len(set(rec["digest_by_process"])) == 1
+        assert len(store.evaluations_df()) == 1
+    _final_loads(run)
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     import psutil
 
