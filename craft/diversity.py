@@ -78,14 +78,10 @@ def per_prompt(frame: pd.DataFrame, vectors: np.ndarray, metric: str) -> pd.Data
 
 def dinov2_location(model: str | None) -> Path:
     """The local DINOv2 folder: ``model`` as a folder, else a hub id in the local cache."""
-    from craft.rewards.pickscore import find_pretrained_dir
+    from craft.embeddings import encoder_folder
 
-    name = model or DINOV2_DEFAULT
-    path = Path(name).expanduser()
-    is_path = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
-    return find_pretrained_dir("eval.diversity_model", "DINOv2 vision model",
-                               DINOV2_DEFAULT if is_path else name, DINOV2_FILES,
-                               path if is_path else None)
+    return encoder_folder(model, DINOV2_DEFAULT, DINOV2_FILES, "eval.diversity_model",
+                          "DINOv2 vision model")
 
 
 def check_encoder(cfg) -> None:
@@ -96,7 +92,7 @@ def check_encoder(cfg) -> None:
     elif e.diversity_encoder == "clip":
         from craft.embeddings import clip_location
 
-        clip_location(e.diversity_model)
+        clip_location(e.diversity_model, "eval.diversity_model")
 
 
 def _pixels(images: Sequence) -> np.ndarray:
@@ -142,7 +138,7 @@ def make_embedder(cfg, device: str = "cpu"):
     if e.diversity_encoder == "clip":
         from craft.embeddings import clip_embedder
 
-        return clip_embedder(e.diversity_model, device), "cosine"
+        return clip_embedder(e.diversity_model, device, key="eval.diversity_model"), "cosine"
     raise CraftError(f"eval.diversity_encoder={e.diversity_encoder!r} is not one of "
                      f"{list(ENCODERS)}")
 

@@ -52,34 +52,41 @@ def pixel_embedder():
     return embed
 
 
-def clip_location(model: str | None):
-    """The local folder of the CLIP vision encoder: ``model`` as a folder when it is a path,
-    else a hub id looked up in the local cache (raises MissingWeightsError with the fix)."""
+def encoder_folder(model: str | None, default: str, files, key: str, what: str):
+    """The local folder of a vision encoder: ``model`` as a folder when it is a path, else a
+    hub id (``default`` when None) looked up in the local cache; raises MissingWeightsError
+    naming the setting ``key`` and the fix. Shared by every configured encoder."""
     from pathlib import Path
 
-    from craft.rewards.aesthetic import CLIP_FILES
     from craft.rewards.pickscore import find_pretrained_dir
 
-    name = model or CLIP_DEFAULT
+    name = model or default
     path = Path(name).expanduser()
     is_path = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
-    return find_pretrained_dir("embed.encoder_model", "CLIP vision encoder",
-                               CLIP_DEFAULT if is_path else name, CLIP_FILES,
+    return find_pretrained_dir(key, what, default if is_path else name, files,
                                path if is_path else None)
 
 
-def clip_embedder(model: str | None, device: str = "cpu", batch_size: int = 32):
+def clip_location(model: str | None, key: str = "embed.encoder_model"):
+    """The local folder of the CLIP vision encoder (see :func:`encoder_folder`)."""
+    from craft.rewards.aesthetic import CLIP_FILES
+
+    return encoder_folder(model, CLIP_DEFAULT, CLIP_FILES, key, "CLIP vision encoder")
+
+
+def clip_embedder(model: str | None, device: str = "cpu", batch_size: int = 32,
+                  key: str = "embed.encoder_model"):
     from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from craft.rewards.base import from_pretrained_strict
 
-    folder = clip_location(model)
+    folder = clip_location(model, key)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if getattr(config, "vision_config", None) is not None:  # a whole CLIPModel checkpoint
         vision = config.vision_config
         vision.projection_dim = config.projection_dim
         config = vision
-    net = from_pretrained_strict(CLIPVisionModelWithProjection, folder, "embed.encoder_model",
+    net = from_pretrained_strict(CLIPVisionModelWithProjection, folder, key,
                                  config=config).to(device).eval()
     processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
 

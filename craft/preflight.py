@@ -66,7 +66,7 @@ def _diversity(cfg) -> str:
     if cfg.eval.diversity_encoder == "clip":
         from craft.embeddings import clip_location
 
-        return str(clip_location(cfg.eval.diversity_model))
+        return str(clip_location(cfg.eval.diversity_model, "eval.diversity_model"))
     return diversity.describe(cfg)
 
 
