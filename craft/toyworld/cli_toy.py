@@ -12,6 +12,7 @@ from craft import CraftError
 from craft.config import PROJECT_ROOT
 
 DEFAULT_MODEL = PROJECT_ROOT / "assets" / "toy-base"
+DEFAULT_MODELS = {"sd15": DEFAULT_MODEL, "sd3": PROJECT_ROOT / "assets" / "toy-flow"}
 
 
 def _train_base(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def _train_base(args: argparse.Namespace) -> int:
 
     from .train_base import BaseTrainConfig, train_base
 
-    cfg = BaseTrainConfig()
+    cfg = BaseTrainConfig.for_family(args.family)
     overrides = {}
     for item in args.overrides:
         key, _, value = item.partition("=")
@@ -30,10 +31,11 @@ def _train_base(args: argparse.Namespace) -> int:
         if key not in fields:
             raise CraftError(f"--set {item}: unknown train-base setting {key!r}; known: "
                              f"{sorted(fields)}")
-        overrides[key] = type(getattr(cfg, key))(float(value) if "e" in value or "." in value
-                                                 else value)
+        kind = type(getattr(cfg, key))
+        overrides[key] = value if kind is str else kind(
+            float(value) if "e" in value or "." in value else value)
     cfg = dataclasses.replace(cfg, **overrides)
-    out = Path(args.out)
+    out = Path(args.out or DEFAULT_MODELS[args.family])
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     logging.getLogger("craft").setLevel(logging.INFO)
     bars: dict[str, tqdm] = {}
@@ -103,8 +105,12 @@ def _demo(args: argparse.Namespace) -> int:
 def add_toy_subparsers(sub: argparse._SubParsersAction) -> None:
     tb = sub.add_parser("train-base", help="train the toy base model from scratch (seeded, "
                                             "resumable; ~45 min on 2 CPU cores)")
-    tb.add_argument("--out", default=str(DEFAULT_MODEL),
-                    help="where to save the diffusers pipeline (default: assets/toy-base)")
+    tb.add_argument("--family", choices=sorted(DEFAULT_MODELS), default="sd15",
+                    help="sd15: the UNet base (SD1.5 classes); sd3: the flow-matching MMDiT base "
+                         "(SD3 classes, on the UNet base's VAE)")
+    tb.add_argument("--out", default=None,
+                    help="where to save the diffusers pipeline (default: assets/toy-base, "
+                         "or assets/toy-flow for --family sd3)")
     tb.add_argument("--work-dir", default=None,
                     help="checkpoints and caches; a rerun resumes from here "
                          "(default: OUT.work next to OUT)")

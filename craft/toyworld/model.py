@@ -157,3 +157,32 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
         scheduler=scheduler or build_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+
+
+def write_t5_tokenizer(directory: str | Path, max_length: int = 16) -> Path:
+    """Write a T5TokenizerFast whose vocabulary is the toy words (one piece each, as
+    SentencePiece's "▁word") plus single letters, built offline: transformers builds T5's
+    Unigram model from a (piece, score) list, so no SentencePiece file is downloaded.
+
+    It behaves as T5's does where the pipelines rely on it: ids 0/1/2 are pad/EOS/unknown, every
+    encoding ends with EOS, there is no BOS, and an unknown word falls back to its letters.
+    """
+    from transformers import T5TokenizerFast
+
+    directory = Path(directory)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in toy_words()]
+    vocab += [(c, -5.0) for c in letters] + [(f"▁{c}", -5.0) for c in letters]
+    fast = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def load_t5_tokenizer(directory: str | Path):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(directory))

@@ -41,6 +41,7 @@ ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, metri
 class BaseTrainConfig:
     """Settings of ``craft toy train-base``; the defaults made the shipped model."""
 
+    family: str = "sd15"  # sd15: the UNet base (assets/toy-base); sd3: the MMDiT flow base
     seed: int = 0
     num_scenes: int = 40_000  # rendered training images (captions are re-drawn every step)
     vae_steps: int = 1_200
@@ -57,6 +58,36 @@ class BaseTrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500  # steps
     threads: int = 2  # torch CPU threads
+    vae_from: str = ""  # a trained toy VAE folder to reuse instead of training one ("": train)
+
+    @classmethod
+    def for_family(cls, family: str) -> "BaseTrainConfig":
+        """The defaults that made the shipped base of ``family`` (sd15: assets/toy-base;
+        sd3: assets/toy-flow, on the VAE of assets/toy-base)."""
+        if family not in FAMILIES:
+            from craft import CraftError
+
+            raise CraftError(f"--family {family!r} is not one of {list(FAMILIES)}")
+        if family == "sd3":
+            return cls(family="sd3", unet_steps=7_000, unet_lr=6e-4,
+                       vae_from="assets/toy-base/vae")
+        return cls()
+
+
+FAMILIES = ("sd15", "sd3")
+
+
+def resolve_vae(path: str) -> Path:
+    from craft.config import resolve_path
+
+    found = resolve_path(path)
+    if found is None or not (found / "config.json").is_file():
+        from craft import CraftError
+
+        raise CraftError(f"vae_from={path!r}: no trained VAE folder there (config.json + "
+                         "weights); train the UNet toy base first (craft toy train-base) or "
+                         "--set vae_from= to train a VAE")
+    return found
 
 
 def _scenes_and_images(cfg: BaseTrainConfig):
@@ -82,6 +113,10 @@ def _lr_lambda(cfg: BaseTrainConfig, total: int):
 def train_vae(cfg: BaseTrainConfig, images: np.ndarray, work_dir: Path,
               progress: ProgressFn | None = None):
     vae_dir = work_dir / "vae"
+    if cfg.vae_from:
+        from diffusers import AutoencoderKL
+        log.info("using the trained toy VAE at %s", cfg.vae_from)
+        return AutoencoderKL.from_pretrained(resolve_vae(cfg.vae_from))
     if (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKL
         log.info("VAE already trained at %s; reusing it", vae_dir)
@@ -149,28 +184,98 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
 
 
+class _UNetObjective:
+    """SD1.5-style: a UNet predicting the noise, min-SNR weighted, one CLIP text encoder."""
+
+    def __init__(self, cfg: BaseTrainConfig, tokenizer, vae):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.modules = {"unet": toymodel.build_unet(),
+                        "text": toymodel.build_text_encoder(tokenizer)}
+        self.noise_sched = toymodel.build_scheduler()
+        alphas = self.noise_sched.alphas_cumprod
+        self.snr = alphas / (1 - alphas)
+        self.shift, self.scaling = 0.0, vae.config.scaling_factor
+
+    def loss(self, m: dict, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
+        ids = self.tokenizer(captions, padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (len(x0),),
+                          generator=gen)
+        xt = self.noise_sched.add_noise(x0, noise, t)
+        pred = m["unet"](xt, t, m["text"](ids)[0]).sample
+        w = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / self.snr[t]
+        return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def pipeline(self, vae, m: dict):
+        return toymodel.assemble_pipeline(vae, m["text"], self.tokenizer, m["unet"])
+
+
+class _FlowObjective:
+    """SD3-style: an MMDiT transformer on the flow-matching velocity, timesteps drawn by
+    craft.flow (the rule CRAFT fine-tuning uses too), two CLIP text encoders."""
+
+    def __init__(self, cfg: BaseTrainConfig, tokenizer, vae, latents, work_dir: Path):
+        from . import flow_model
+
+        self.fm = flow_model
+        self.tokenizer_3 = toymodel.load_t5_tokenizer(toymodel.write_t5_tokenizer(
+            work_dir / "tokenizer_3", flow_model.T5_TOKENS))
+        self.modules = {"transformer": flow_model.build_transformer(),
+                        "text": flow_model.build_text_encoder(tokenizer),
+                        "text_2": flow_model.build_text_encoder(tokenizer),
+                        "text_3": flow_model.build_t5(self.tokenizer_3)}
+        self.noise_sched = flow_model.build_scheduler()
+        # The VAE's latent mean and scale, measured on these latents (SD3 pipelines decode
+        # latents / scaling_factor + shift_factor).
+        mean, std = latents
+        sample = mean[:4000] + std[:4000] * torch.randn(mean[:4000].shape,
+                                                        generator=torch.Generator().manual_seed(0))
+        self.shift = float(sample.mean())
+        self.scaling = float(1.0 / (sample - self.shift).std())
+        vae.register_to_config(shift_factor=self.shift, scaling_factor=self.scaling)
+        self.tokenizer = tokenizer
+        self.pipe = self.pipeline(vae, self.modules, self.noise_sched)
+
+    def loss(self, m: dict, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
+        from craft.flow import noisy, sample_sigmas, velocity_target
+
+        noise = torch.randn(x0.shape, generator=gen)
+        sigmas, timesteps = sample_sigmas(self.noise_sched, len(x0), "logit_normal",
+                                          generator=gen)
+        p = self.pipe
+        p.text_encoder, p.text_encoder_2, p.text_encoder_3 = m["text"], m["text_2"], m["text_3"]
+        embeds, pooled = self.fm.encode_captions(self.pipe, captions, x0.device)
+        pred = m["transformer"](hidden_states=noisy(x0, noise, sigmas), timestep=timesteps,
+                                encoder_hidden_states=embeds, pooled_projections=pooled).sample
+        return (pred - velocity_target(x0, noise)).pow(2).mean()
+
+    def pipeline(self, vae, m: dict, scheduler=None):
+        return self.fm.assemble_pipeline(vae, (m["text"], m["text_2"], m["text_3"]),
+                                         self.tokenizer, self.tokenizer_3, m["transformer"],
+                                         scheduler or self.fm.build_scheduler())
+
+
 def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, torch.Tensor],
-                   scaling: float, tokenizer, work_dir: Path, progress: ProgressFn | None = None,
-                   should_stop: Callable[[], bool] | None = None):
+                   objective, work_dir: Path, progress: ProgressFn | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """The denoiser and its text encoder(s), trained together; returns their EMA copies by
+    name (None when stopped early). ``objective`` is a _UNetObjective or _FlowObjective."""
     torch.manual_seed(cfg.seed)
-    unet = toymodel.build_unet()
-    text_encoder = toymodel.build_text_encoder(tokenizer)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    live = objective.modules
+    ema = {k: copy.deepcopy(v) for k, v in live.items()}
+    params = [p for m in live.values() for p in m.parameters()]
     # fused: one kernel for all tensors; the default per-tensor loop was 45 % of a CPU step.
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, cfg.unet_steps))
-    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    noise_sched = toymodel.build_scheduler()
-    alphas = noise_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
     start = 0
     ckpt_path = work_dir / "denoiser.ckpt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        unet.load_state_dict(ck["unet"])
-        text_encoder.load_state_dict(ck["text"])
-        ema_unet.load_state_dict(ck["ema_unet"])
-        ema_text.load_state_dict(ck["ema_text"])
+        ck = torch.load(ckpt_path, weights_only=True)
+        for k in live:
+            live[k].load_state_dict(ck[k])
+            ema[k].load_state_dict(ck[f"ema_{k}"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start = ck["step"]
@@ -182,25 +287,18 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
         rng = random.Random(f"{cfg.seed}:{step}")
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        x0 = (x0 - objective.shift) * objective.scaling
         captions = [_draw_caption(scenes[i], rng, cfg) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        xt = noise_sched.add_noise(x0, noise, t)
-        cond = text_encoder(ids)[0]
-        pred = unet(xt, t, cond).sample
-        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
-        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = objective.loss(live, x0, captions, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
+        for k in live:
+            _ema_update(ema[k], live[k], decay)
         if progress:
             progress("denoiser", step + 1, cfg.unet_steps,
                      {"loss": float(loss), "grad_norm": float(gnorm),
@@ -211,14 +309,14 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
             from craft.fsutil import atomic_file
 
             with atomic_file(ckpt_path) as f:
-                torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                            "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                torch.save({**{k: v.state_dict() for k, v in live.items()},
+                            **{f"ema_{k}": v.state_dict() for k, v in ema.items()},
                             "opt": opt.state_dict(), "sched": sched.state_dict(),
                             "step": step + 1}, f)
         if stop:
             log.info("stopped at step %d; rerun to resume", step + 1)
             return None
-    return ema_unet, ema_text
+    return ema
 
 
 def train_base(out_dir: str | Path, work_dir: str | Path, cfg: BaseTrainConfig = BaseTrainConfig(),
@@ -240,12 +338,12 @@ def train_base(out_dir: str | Path, work_dir: str | Path, cfg: BaseTrainConfig =
     vae = train_vae(cfg, images, work_dir, progress)
     latents = _encode_all(vae, images, work_dir)
     del images
-    result = train_denoiser(cfg, scenes, latents, vae.config.scaling_factor, tokenizer, work_dir,
-                            progress, should_stop)
+    objective = (_FlowObjective(cfg, tokenizer, vae, latents, work_dir) if cfg.family == "sd3"
+                 else _UNetObjective(cfg, tokenizer, vae))
+    result = train_denoiser(cfg, scenes, latents, objective, work_dir, progress, should_stop)
     if result is None:
         return None
-    unet, text_encoder = result
-    pipe = toymodel.assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    pipe = objective.pipeline(vae, result)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     log.info("saved the toy base model to %s", out_dir)
     return out_dir
