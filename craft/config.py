@@ -221,8 +221,10 @@ class ModelConfig(_Section):
         "assets/toy-base",
         "Base model: a Hugging Face hub id, a local diffusers folder, or a single .safetensors "
         "checkpoint. A relative path is looked up in the working directory, then the project root.")
-    family: Literal["auto", "sd15", "sdxl", "toy"] = _opt(
-        "auto", "Architecture family; 'auto' detects it from the checkpoint's components.")
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "toy"] = _opt(
+        "auto", "Architecture family; 'auto' detects it from the checkpoint's components. sd15 "
+                "(SD1.x/2.x), sdxl: UNets; sd3 (SD3 / SD3.5), flux (FLUX.1 dev / schnell): "
+                "flow-matching transformers; toy: the UNet toy base (loads as sd15).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
         "auto", "Weight dtype for generation; 'auto' = float16 on CUDA, float32 on the CPU.")
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'; 'auto' = CUDA if available.")
@@ -439,7 +441,7 @@ class AdvantageConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """Advantage-weighted fine-tuning of the UNet."""
+    """Advantage-weighted fine-tuning of the denoiser (UNet or flow transformer)."""
 
     section: ClassVar[str] = "train"
 
@@ -453,9 +455,21 @@ class TrainConfig(_Section):
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
-    timestep_weighting: Literal["uniform", "elbo", "min_snr"] = _opt(
-        "uniform", "w(t): plain epsilon loss, the paper's ELBO weight, or min-SNR(gamma).")
+    timestep_weighting: Literal["uniform", "elbo", "min_snr", "sigma_sqrt", "cosmap"] = _opt(
+        "uniform", "w(t). UNet models: plain loss on the model's target, the paper's ELBO weight, "
+                   "or min-SNR(gamma). Flow models (sd3, flux): uniform (the SD3/FLUX recipes' "
+                   "default), sigma_sqrt or cosmap (diffusers' compute_loss_weighting_for_sd3).")
     snr_gamma: float = _opt(5.0, "gamma for timestep_weighting = min_snr.")
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = _opt(
+        "logit_normal", "Flow models only: the density sigma is drawn from, as diffusers' SD3 / "
+                        "FLUX scripts draw it (the model scheduler's shift applies on top). "
+                        "UNet models always draw t uniformly from the training steps.")
+    logit_mean: float = _opt(0.0, "Mean of the logit-normal density (timestep_sampling).")
+    logit_std: float = _opt(1.0, "Std of the logit-normal density (timestep_sampling).")
+    mode_scale: float = _opt(1.29, "Scale of the 'mode' density (timestep_sampling).")
+    guidance_scale: float = _opt(
+        3.5, "FLUX.1-dev only: the guidance value fed to its guidance-embedding input during "
+             "training (diffusers' FLUX scripts: 3.5). Other models have no such input.")
     conditioning: Literal["original", "variant"] = _opt(
         "original", "Train on (original prompt, image) - what transfers variant quality to plain "
                     "prompts - or on the variant that generated the image.")
@@ -488,7 +502,7 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         self._positive("steps", "lr", "effective_batch", "micro_batch", "snr_gamma",
-                       "lora_rank", "lora_alpha")
+                       "lora_rank", "lora_alpha", "logit_std", "guidance_scale")
         self._positive("weight_decay", "max_grad_norm", "checkpoint_every", "preview_every",
                        "lr_warmup_steps", "seed", "anchor_weight", allow_zero=True)
         self._fraction("adam_beta1")

@@ -181,17 +181,20 @@ def load_for_eval(cfg, path: str, device: str | None = None):
     memory options)."""
     from craft.models import load_from_config
 
+    from craft.pipes import denoiser, set_denoiser
+    from craft.training import checkpoint_denoiser
+
     p = Path(path)
     if p.is_dir() and not (p / "model_index.json").exists():
-        if not (p / "unet").is_dir():
+        folder = checkpoint_denoiser(p)
+        if folder is None:
             raise CraftError(f"{path} is neither a diffusers pipeline nor a training checkpoint "
-                             f"with a unet/ folder; pass a pipeline folder, RUN/final, or "
-                             f"RUN/train/NAME/checkpoint-N")
-        from diffusers import UNet2DConditionModel
-
+                             f"with a unet/ or transformer/ folder; pass a pipeline folder, "
+                             f"RUN/final, or RUN/train/NAME/checkpoint-N")
         pipe = load_from_config(cfg.model, device=device)
-        unet = UNet2DConditionModel.from_pretrained(str(p / "unet"))
-        pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
+        base = denoiser(pipe)
+        tuned = type(base).from_pretrained(str(folder))
+        set_denoiser(pipe, tuned.to(pipe.device, base.dtype))
         return pipe
     return load_from_config(cfg.model, pretrained=str(path), device=device)
 
@@ -200,9 +203,11 @@ def _check_loadable(cfg, label: str, path: str) -> None:
     from craft import MissingWeightsError
     from craft.models import check_model
 
+    from craft.training import checkpoint_denoiser
+
     p = Path(path)
-    if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
-        path = cfg.model.pretrained  # a UNet checkpoint: the base pipeline must be there
+    if p.is_dir() and not (p / "model_index.json").exists() and checkpoint_denoiser(p):
+        path = cfg.model.pretrained  # a denoiser checkpoint: the base pipeline must be there
     try:
         check_model(cfg.model, pretrained=str(path))
     except MissingWeightsError as e:

@@ -43,52 +43,41 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
 
-def is_sdxl(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2")
-
-
 class PromptEncoder:
     """Encodes each distinct prompt once and hands out stacked embeddings for a batch.
 
-    The embeddings are whatever the pipeline's own ``encode_prompt`` returns, so SD1.5-family
-    and SDXL (two encoders, pooled embeddings) are handled by the pipeline, not re-implemented.
+    The embeddings are whatever the pipeline's own ``encode_prompt`` returns
+    (craft.pipes.encode_prompts), so every family's encoders (one or two CLIPs, T5, pooled
+    embeddings) are handled by the pipeline, not re-implemented.
     """
 
     def __init__(self, pipe, params: SamplingParams):
+        from craft.pipes import family_of
+
         self.pipe = pipe
         self.params = params
-        self.cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        self.cfg = params.guidance_scale > 1.0
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        # FLUX is guidance-distilled: its guidance scale is an input, never a second pass
+        self.cfg = params.guidance_scale > 1.0 and family_of(pipe) != "flux"
 
     def _encode(self, prompts: list[str]) -> None:
+        from craft.pipes import encode_prompts
+
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if not todo:
             return
         # An empty negative prompt is passed as None, as the pipeline's own call does: SDXL then
-        # uses zeros for the unconditional branch (force_zeros_for_empty_prompt), SD1.5 the
-        # encoding of "" either way.
+        # uses zeros for the unconditional branch (force_zeros_for_empty_prompt), SD1.5 and SD3
+        # the encoding of "" either way.
         neg = [self.params.negative_prompt] * len(todo) if self.params.negative_prompt else None
         with torch.no_grad():
-            if is_sdxl(self.pipe):
-                out = self.pipe.encode_prompt(
-                    todo, device=self.pipe.device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=self.cfg, negative_prompt=neg)
-            else:
-                out = self.pipe.encode_prompt(
-                    todo, self.pipe.device, 1, self.cfg, negative_prompt=neg)
+            out = encode_prompts(self.pipe, todo, cfg=self.cfg, negative=neg)
         for i, p in enumerate(todo):
-            self.cache[p] = tuple(None if t is None else t[i:i + 1] for t in out)
+            self.cache[p] = {k: t[i:i + 1] for k, t in out.items()}
 
     def kwargs(self, prompts: list[str]) -> dict:
         self._encode(prompts)
-        parts = list(zip(*(self.cache[p] for p in prompts)))
-        stacked = [None if part[0] is None else torch.cat(part) for part in parts]
-        if is_sdxl(self.pipe):
-            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds"]
-        else:
-            names = ["prompt_embeds", "negative_prompt_embeds"]
-        return {n: t for n, t in zip(names, stacked) if t is not None}
+        return {k: torch.cat([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
@@ -100,6 +89,15 @@ def apply_scheduler(pipe, name: str):
     model's noise schedule; ``default`` keeps the scheduler saved with the model."""
     if name == "default":
         return pipe
+    from craft.pipes import family_of, is_flow
+
+    if is_flow(pipe):
+        from craft import CraftError
+
+        raise CraftError(f"generation.scheduler={name!r} is a sampler for noise-prediction "
+                         f"models; this is a flow-matching {family_of(pipe)} model, which samples "
+                         "with its own FlowMatchEulerDiscreteScheduler and shift: set "
+                         "generation.scheduler: default")
     if name not in SCHEDULERS:
         raise ValueError(f"generation.scheduler={name!r} is not one of "
                          f"{['default', *SCHEDULERS]}")
@@ -131,13 +129,14 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
                          "prompt (repeat a prompt to give it several seeds)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from craft.pipes import denoiser, latent_shape, native_size, pack_latents
+
     pipe.set_progress_bar_config(disable=True)
     encoder = PromptEncoder(pipe, params)
-    height = params.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = params.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-             width // pipe.vae_scale_factor)
-    dtype = pipe.unet.dtype
+    native_h, native_w = native_size(pipe)
+    height, width = params.height or native_h, params.width or native_w
+    shape = latent_shape(pipe, height, width)
+    dtype = denoiser(pipe).dtype
     total = len(prompts)
     for start in range(0, total, batch_size):
         if should_stop is not None and should_stop():
@@ -147,7 +146,7 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators_for(seeds[sl])])
         with torch.no_grad():
             out = pipe(**encoder.kwargs(batch_prompts),
-                       latents=latents.to(pipe.device, dtype),
+                       latents=pack_latents(pipe, latents).to(pipe.device, dtype),
                        num_inference_steps=params.num_inference_steps,
                        guidance_scale=params.guidance_scale, height=height, width=width,
                        output_type="pil")

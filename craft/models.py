@@ -33,12 +33,15 @@ from craft.devices import resolve_device, resolve_dtype  # noqa: F401 - re-expor
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("auto", "sd15", "sdxl", "toy")
+FAMILIES = ("auto", "sd15", "sdxl", "sd3", "flux", "toy")
+FLOW_FAMILIES = ("sd3", "flux")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # Hub repos whose configs describe a single-file checkpoint of each family when diffusers
 # cannot tell (its own table is consulted first).
 DEFAULT_CONFIG_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                        "sd3": "stabilityai/stable-diffusion-3.5-medium",
+                        "flux": "black-forest-labs/FLUX.1-dev"}
 # Pipeline components that are never loaded: StableDiffusionPipeline gets None for both.
 _SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
 
@@ -198,7 +201,18 @@ class _ShapeOnly(dict):
 
 
 def _family_from_keys(keys) -> str:
-    keys = list(keys)
+    """The family of a single-file checkpoint from its key names: the original layouts (SD3's
+    ``joint_blocks``, Black Forest Labs' ``double_blocks``, LDM's ``conditioner``) and
+    diffusers-layout transformer files (FLUX's ``single_transformer_blocks``, SD3's
+    ``pos_embed.proj``)."""
+    keys = [k.removeprefix("model.diffusion_model.") for k in keys]
+    if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))
+           for k in keys):
+        return "flux"
+    if any(k.startswith("joint_blocks.") for k in keys) or (
+            "pos_embed.proj.weight" in keys and any(k.startswith("transformer_blocks.")
+                                                    for k in keys)):
+        return "sd3"
     return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
 
 
@@ -206,6 +220,8 @@ def default_single_file_config(location: Path) -> str:
     """The hub repo whose configs describe the single-file checkpoint at ``location``."""
     shapes = _checkpoint_shapes(location)
     family = _family_from_keys(shapes)
+    if family in FLOW_FAMILIES:  # diffusers' table names variants (dev/schnell, medium/large)
+        return DEFAULT_CONFIG_REPOS[family]
     try:
         from diffusers.loaders.single_file_utils import (DIFFUSERS_DEFAULT_PIPELINE_PATHS,
                                                          infer_diffusers_model_type)
@@ -227,12 +243,27 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
     ``single_file_config``: a local diffusers folder (configs alone are enough), or a hub id
     that is in the HF cache; None = the repo diffusers associates with the checkpoint's
     architecture, if it is cached. Raises MissingWeightsError saying how to provide it.
+
+    A flow-family file (SD3.5, FLUX.1) is the transformer alone, as these models are shared;
+    its folder must then hold the *weights* of every other component (VAE, text encoders).
     """
     key = "model.single_file_config"
+    flow = _family_from_keys(_checkpoint_shapes(location)) in FLOW_FAMILIES
     what = (f"model.pretrained={str(location)!r} is a single-file checkpoint: it holds weights "
             "only, and diffusers builds the pipeline from a matching diffusers config "
             "(model_index.json, each component's config.json, the tokenizer and scheduler "
             "files; a few hundred KB, no weights needed)")
+    if flow:
+        what = (f"model.pretrained={str(location)!r} is a single-file flow transformer "
+                "(SD3.5 / FLUX.1 files hold the transformer only): the rest of the pipeline "
+                "(VAE, text encoders with their weights, tokenizers, scheduler) comes from a "
+                "diffusers folder of the same model")
+
+    def problems_of(folder: Path) -> list[str]:
+        if not flow:
+            return _component_problems(folder, None, need_weights=False)
+        return [p for p in _component_problems(folder, None, need_weights=True)
+                if not p.startswith("transformer/")]
     if single_file_config:
         from craft.config import resolve_path
 
@@ -250,7 +281,7 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
             raise MissingWeightsError(
                 f"{what}. {key}={single_file_config!r}: no such folder (looked in "
                 f"{' and '.join(str(p) for p in _path_candidates(single_file_config))})")
-        problems = _component_problems(folder, None, need_weights=False)
+        problems = problems_of(folder)
         if problems:
             raise MissingWeightsError(
                 f"{what}. {key}={single_file_config!r} ({folder}) lacks "
@@ -258,7 +289,7 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
         return folder
     repo = default_single_file_config(location)
     snap = _hub_snapshot(repo, revision)
-    if snap is not None and not _component_problems(snap, None, need_weights=False):
+    if snap is not None and not problems_of(snap):
         return snap
     raise MissingWeightsError(
         f"{what}. {key} is not set, and the config diffusers would use for this checkpoint "
@@ -271,31 +302,44 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
 # ------------------------------------------------------------------------ family
 
 
+# model_index.json's _class_name -> family
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                     "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
 def detect_family(location: Path, family: str = "auto") -> str:
-    """``sd15`` or ``sdxl`` from the folder's model_index.json or the checkpoint's keys;
-    an explicit ``family`` wins (``toy`` loads as SD1.5) but must not contradict the files."""
+    """``sd15``, ``sdxl``, ``sd3`` or ``flux`` from the folder's model_index.json or the
+    checkpoint's keys; an explicit ``family`` wins (``toy`` loads as SD1.5) but must not
+    contradict the files. A pipeline of another kind is refused with the known ones."""
     if family not in FAMILIES:
         raise CraftError(f"model.family={family!r} is not one of {list(FAMILIES)}")
     found = None
     index = location / "model_index.json"
     if location.is_dir() and index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
-        found = "sdxl" if "XL" in cls else "sd15"
+        found = PIPELINE_FAMILIES.get(cls)
+        if found is None:
+            known = ", ".join(f"{f} ({c})" for c, f in PIPELINE_FAMILIES.items())
+            raise CraftError(f"model.pretrained: {location} holds a {cls or 'unnamed'} pipeline, "
+                             f"which craft does not know how to align; the known families are "
+                             f"{known}. Point model.pretrained at a model of one of them")
     elif location.is_file():
-        # A single-file checkpoint: SDXL has a second text encoder under "conditioner".
         found = _family_from_keys(_checkpoint_shapes(location))
+    want = "sd15" if family == "toy" else family
     if family == "auto":
         return found or "sd15"
-    if found is not None and (found == "sdxl") != (family == "sdxl"):
+    if found is not None and found != want:
         raise CraftError(f"model.family={family!r} but {location} holds an {found} model; "
                          "set model.family to auto (or to the right family)")
-    return family
+    return want if family != "toy" else family
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline",
+                               "sd3": "StableDiffusion3Pipeline",
+                               "flux": "FluxPipeline"}.get(family, "StableDiffusionPipeline"))
 
 
 def check_model(model_cfg, pretrained: str | None = None) -> Path:
@@ -348,10 +392,13 @@ def apply_memory_options(pipe, attention: str = "sdpa", vae_tiling: bool = False
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    from craft.pipes import denoiser
+
     if attention not in ("sdpa", "default"):
         raise CraftError(f"model.attention={attention!r} is not one of sdpa, default")
     processor = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
-    for module in (pipe.unet, pipe.vae):
+    # (the MMDiT transformers' joint-attention processors are already SDPA: left as they are)
+    for module in (denoiser(pipe), pipe.vae):
         procs = module.attn_processors
         # Only plain self/cross-attention processors are swapped; anything else (added-KV,
         # IP-adapter, LoRA-specific) is left as the model set it.
@@ -368,7 +415,8 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
                   device: str = "auto", revision: str | None = None, variant: str | None = None,
                   attention: str = "sdpa", vae_tiling: bool = False, vae_slicing: bool = False,
                   single_file_config: str | None = None):
-    """Load a Stable Diffusion (1.x/2.x, toy) or SDXL pipeline, ready for inference.
+    """Load a Stable Diffusion (1.x/2.x, toy), SDXL, SD3 / SD3.5 or FLUX.1 pipeline, ready for
+    inference.
 
     ``pretrained``: a diffusers folder, a hub id in the local HF cache, or a single checkpoint
     file (then ``single_file_config`` names its diffusers config; see the module docstring).
@@ -379,22 +427,44 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
     torch_dtype = resolve_dtype(dtype, dev)
     cls = pipeline_class(fam)
     kwargs = dict(dtype=torch_dtype)
-    if fam != "sdxl":
+    if fam in ("sd15", "toy"):
         kwargs.update(safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
-    if location.is_file():
+    if location.is_file() and fam in FLOW_FAMILIES:
+        config = resolve_single_file_config(location, single_file_config, revision)
+        transformer = _transformer_class(fam).from_single_file(
+            str(location), config=str(config), subfolder="transformer", local_files_only=True,
+            torch_dtype=torch_dtype)
+        pipe = cls.from_pretrained(str(config), transformer=transformer, local_files_only=True,
+                                   **kwargs)
+    elif location.is_file():
         config = resolve_single_file_config(location, single_file_config, revision)
         pipe = cls.from_single_file(str(location), config=str(config), local_files_only=True,
                                     **kwargs)
     else:
         _check_folder(location, str(pretrained), variant)
         pipe = cls.from_pretrained(str(location), local_files_only=True, variant=variant,
-                                   **kwargs)
+                                   **{**_absent_components(location), **kwargs})
     apply_memory_options(pipe, attention, vae_tiling, vae_slicing)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
     return pipe
+
+
+def _absent_components(folder: Path) -> dict:
+    """Components saved as ``[null, null]`` (e.g. SD3 without T5), which diffusers only
+    accepts when passed as None explicitly."""
+    spec = json.loads((folder / "model_index.json").read_text())
+    return {k: None for k, v in spec.items()
+            if not k.startswith("_") and isinstance(v, list) and v == [None, None]}
+
+
+def _transformer_class(family: str):
+    import diffusers
+
+    return getattr(diffusers, {"sd3": "SD3Transformer2DModel",
+                               "flux": "FluxTransformer2DModel"}[family])
 
 
 def load_from_config(model_cfg, pretrained: str | None = None, device: str | None = None):

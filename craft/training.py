@@ -3,6 +3,12 @@
     L = mean_i  weight_i * w(t_i) * || eps_theta(x_t, t_i, c_i) - eps ||^2
         [+ anchor_weight * mean_i || eps_theta(x_t, t_i, c_i) - eps_base(x_t, t_i, c_i) ||^2]
 
+for the UNet families (SD1.5, SDXL; the model's own target: noise, velocity or x0), and for the
+flow-matching families (SD3 / SD3.5, FLUX.1; craft.flow)
+
+    L = mean_i  weight_i * w(sigma_i) * || v_theta(x_t, sigma_i, c_i) - (eps - x_0) ||^2,
+    x_t = (1 - sigma_i) x_0 + sigma_i eps,   sigma_i drawn as diffusers' SD3/FLUX scripts do,
+
 over the kept candidates, where ``weight_i`` comes from the sample's group advantage
 (craft.advantages) and ``c_i`` is the *original* prompt by default, which is what carries the
 variants' quality over to plain prompts. The rest is ordinary diffusion fine-tuning: AdamW,
@@ -54,6 +60,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from craft import CraftError
+from craft.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
+from craft.flow import loss_weight as flow_loss_weight
 
 log = logging.getLogger(__name__)
 
@@ -143,42 +151,46 @@ def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tens
 
 
 def native_size(pipe) -> tuple[int, int]:
-    """The model's native (height, width) in pixels."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return size, size
+    from craft.pipes import native_size as size
+
+    return size(pipe)
 
 
 def encode_text(pipe, prompts: list[str], device, size: tuple[int, int] | None = None) -> dict:
-    """UNet conditioning for ``prompts``: hidden states, plus SDXL's pooled embeds and time ids.
+    """Denoiser conditioning for ``prompts``: hidden states, plus SDXL's pooled embeds and time
+    ids, or the flow families' pooled embeds.
 
     SDXL's time ids are (original size, crop top-left, target size) = ``(h, w, 0, 0, h, w)`` for
     uncropped training images of ``size`` = (h, w) pixels (default: the native size), as the
     pipeline builds them when it generates at that size.
     """
-    from craft.generation import is_sdxl
+    from craft.pipes import encode_prompts, family_of
 
+    fam = family_of(pipe)
     with torch.no_grad():
-        if is_sdxl(pipe):
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False)
-            h, w = size or native_size(pipe)
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device,
-                                    dtype=embeds.dtype).repeat(len(prompts), 1)
-            return {"hidden": embeds, "text_embeds": pooled, "time_ids": time_ids}
-        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-        return {"hidden": embeds}
+        out = encode_prompts(pipe, prompts, cfg=False, device=device)
+    if fam == "sdxl":
+        h, w = size or native_size(pipe)
+        embeds = out["prompt_embeds"]
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device,
+                                dtype=embeds.dtype).repeat(len(prompts), 1)
+        return {"hidden": embeds, "text_embeds": out["pooled_prompt_embeds"],
+                "time_ids": time_ids}
+    if fam in ("sd3", "flux"):
+        return {"hidden": out["prompt_embeds"], "pooled": out["pooled_prompt_embeds"]}
+    return {"hidden": out["prompt_embeds"]}
 
 
 def empty_conditioning(pipe, device, size: tuple[int, int] | None = None) -> dict:
     """The conditioning that replaces a caption under prompt dropout: whatever the pipeline
     uses as the unconditional branch of classifier-free guidance, so that dropout keeps
-    guidance calibrated. That is the encoding of "" for SD1.5, and zeros for SDXL models saved
+    guidance calibrated. That is the encoding of "" for SD1.5, SD3 and FLUX (which has no
+    unconditional branch; "" is what its recipes drop to), and zeros for SDXL models saved
     with ``force_zeros_for_empty_prompt`` (the SDXL default)."""
-    from craft.generation import is_sdxl
+    from craft.pipes import family_of
 
     empty = encode_text(pipe, [""], device, size)
-    if is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+    if family_of(pipe) == "sdxl" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         empty["hidden"] = torch.zeros_like(empty["hidden"])
         empty["text_embeds"] = torch.zeros_like(empty["text_embeds"])
     return empty
@@ -188,12 +200,54 @@ def _gather(cond: dict, idx: torch.Tensor) -> dict:
     return {k: v[idx] for k, v in cond.items()}
 
 
-def _unet_forward(unet, xt, t, cond: dict):
-    extra = {}
-    if "text_embeds" in cond:
-        extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
-                                      "time_ids": cond["time_ids"]}
-    return unet(xt, t, cond["hidden"], **extra).sample
+@dataclasses.dataclass(frozen=True)
+class DenoiserCall:
+    """How the denoiser of a family is called on a batch of (unpacked) latents.
+
+    UNets take (x_t, t, hidden states[, SDXL's added conditions]); SD3's transformer takes the
+    pooled embeds and ``timestep = sigma * 1000``; FLUX's takes 2x2-packed latents, position ids
+    for image and text tokens, ``timestep = sigma`` and, for FLUX.1-dev, the guidance scale as
+    an input (its training scripts pass a constant, 3.5 by default).
+    """
+
+    family: str
+    height: int = 0  # pixels (FLUX: to unpack the prediction)
+    width: int = 0
+    vae_scale_factor: int = 8
+    guidance: float | None = None
+
+    @classmethod
+    def for_pipe(cls, pipe, size: tuple[int, int], guidance: float):
+        from craft.pipes import family_of, flux_guidance
+
+        fam = family_of(pipe)
+        return cls(fam, size[0], size[1], pipe.vae_scale_factor,
+                   guidance if fam == "flux" and flux_guidance(pipe) else None)
+
+    def __call__(self, model, xt, t, cond: dict):
+        if self.family == "sd3":
+            return model(hidden_states=xt, timestep=t, encoder_hidden_states=cond["hidden"],
+                         pooled_projections=cond["pooled"]).sample
+        if self.family == "flux":
+            from diffusers import FluxPipeline
+
+            b, c, h, w = xt.shape
+            packed = FluxPipeline._pack_latents(xt, b, c, h, w)
+            img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, xt.device,
+                                                             xt.dtype)
+            txt_ids = torch.zeros(cond["hidden"].shape[1], 3, device=xt.device, dtype=xt.dtype)
+            guidance = (None if self.guidance is None else
+                        torch.full((b,), self.guidance, device=xt.device, dtype=torch.float32))
+            out = model(hidden_states=packed, timestep=t / 1000, guidance=guidance,
+                        pooled_projections=cond["pooled"], encoder_hidden_states=cond["hidden"],
+                        txt_ids=txt_ids, img_ids=img_ids).sample
+            return FluxPipeline._unpack_latents(out, self.height, self.width,
+                                                self.vae_scale_factor)
+        extra = {}
+        if "text_embeds" in cond:
+            extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
+                                          "time_ids": cond["time_ids"]}
+        return model(xt, t, cond["hidden"], **extra).sample
 
 
 # ------------------------------------------------------------------------ data
@@ -289,13 +343,28 @@ def checkpoint_meta(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)["meta"]
 
 
+def checkpoint_folder(model) -> str:
+    """The folder of a checkpoint's denoiser: ``unet`` or ``transformer``, as in a pipeline."""
+    return "unet" if type(model).__name__.startswith("UNet") else "transformer"
+
+
+def checkpoint_denoiser(ckpt: Path) -> Path | None:
+    """The denoiser folder of a training checkpoint (``unet/`` or ``transformer/``), or None."""
+    for name in ("unet", "transformer"):
+        if (Path(ckpt) / name / "config.json").is_file():
+            return Path(ckpt) / name
+    return None
+
+
 def save_checkpoint(out_dir: Path, step: int, unet, ema, opt, lora: bool, meta: dict) -> Path:
-    """Write checkpoint-<step>/ atomically: a complete diffusers UNet + the resumable state."""
+    """Write checkpoint-<step>/ atomically: a complete diffusers denoiser (unet/ or
+    transformer/) + the resumable state."""
     from craft.fsutil import atomic_dir
 
     final = Path(out_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
-        export_unet(unet, ema, lora).save_pretrained(tmp / "unet", safe_serialization=True)
+        export_unet(unet, ema, lora).save_pretrained(tmp / checkpoint_folder(unet),
+                                                     safe_serialization=True)
         torch.save({"step": step, "trainable": [p.detach().cpu() for p in _trainable(unet)],
                     "ema": None if ema is None else ema.state_dict(),
                     "opt": opt.state_dict(), "meta": meta}, tmp / "state.pt")
@@ -307,15 +376,17 @@ def save_pipeline(pipe, unet, out: Path, extra: dict[str, str] | None = None) ->
     ``extra`` files: name -> text), appearing at ``out`` all at once."""
     from craft.fsutil import atomic_dir
 
-    original = pipe.unet
-    pipe.unet = unet
+    from craft.pipes import denoiser, set_denoiser
+
+    original = denoiser(pipe)
+    set_denoiser(pipe, unet)
     try:
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             for name, text in (extra or {}).items():
                 (tmp / name).write_text(text)
     finally:
-        pipe.unet = original
+        set_denoiser(pipe, original)
     return Path(out)
 
 
@@ -358,6 +429,28 @@ def check_train_options(cfg) -> None:
                          "use 'fp16' or 'auto'")
 
 
+# train.timestep_weighting on a flow model -> diffusers' weighting scheme (craft.flow)
+FLOW_WEIGHTING_OF = {"uniform": "none", "sigma_sqrt": "sigma_sqrt", "cosmap": "cosmap"}
+UNET_WEIGHTINGS = ("uniform", "elbo", "min_snr")
+
+
+def check_flow_options(cfg, pipe) -> None:
+    """The timestep weighting must exist for the model's objective: elbo / min_snr are defined
+    on the epsilon error of a noise schedule, sigma_sqrt / cosmap on the flow-matching path."""
+    from craft.pipes import family_of, is_flow
+
+    mode = cfg.train.timestep_weighting
+    if is_flow(pipe) and mode not in FLOW_WEIGHTING_OF:
+        raise CraftError(f"train.timestep_weighting={mode!r} is defined for noise-prediction "
+                         f"models; this {family_of(pipe)} model is trained by flow matching: "
+                         f"use one of {list(FLOW_WEIGHTING_OF)} (uniform is the SD3/FLUX "
+                         "recipe's default)")
+    if not is_flow(pipe) and mode not in UNET_WEIGHTINGS:
+        raise CraftError(f"train.timestep_weighting={mode!r} is a flow-matching weighting; "
+                         f"this {family_of(pipe)} model predicts noise: use one of "
+                         f"{list(UNET_WEIGHTINGS)}")
+
+
 def gradient_accumulation(tc, n_processes: int) -> int:
     """Micro-batches per optimizer step on each process, so that micro_batch x processes x
     accumulation = effective_batch."""
@@ -383,16 +476,26 @@ class TrainData:
     weights: torch.Tensor
     scaling: float
     shift: float
+    call: DenoiserCall
 
     def __len__(self) -> int:
         return len(self.weights)
 
 
+# LoRA targets: the attention projections, as diffusers' LoRA scripts choose them (for the MMDiT
+# families also the text stream's projections, train_dreambooth_lora_sd3.py / _flux.py).
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
+                "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                "add_v_proj", "to_add_out"]}
+
+
 def build_trainable(cfg, pipe, accelerator):
-    """A float32 copy of the base UNet to train (all of it, or LoRA adapters), its AdamW and
-    its EMA, prepared by accelerate. Returns (unet, raw_unet, optimizer, ema, params)."""
+    """A float32 copy of the base denoiser to train (all of it, or LoRA adapters), its AdamW
+    and its EMA, prepared by accelerate. Returns (model, raw_model, optimizer, ema, params)."""
+    from craft.pipes import denoiser, denoiser_name
+
     tc = cfg.train
-    unet = copy.deepcopy(pipe.unet).float()
+    unet = copy.deepcopy(denoiser(pipe)).float()
     unet.train()
     unet.requires_grad_(not tc.lora)
     if tc.lora:
@@ -400,7 +503,7 @@ def build_trainable(cfg, pipe, accelerator):
 
         unet.add_adapter(LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha,
                                     init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                    target_modules=LORA_TARGETS[denoiser_name(pipe)]))
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = _trainable(unet)
@@ -444,7 +547,8 @@ def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
     return TrainData(lat_mean, lat_std, {k: v.float() for k, v in cond.items()},
                      {k: v.float() for k, v in empty.items()}, weights,
                      pipe.vae.config.scaling_factor,
-                     getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+                     getattr(pipe.vae.config, "shift_factor", None) or 0.0,
+                     DenoiserCall.for_pipe(pipe, size, tc.guidance_scale))
 
 
 def resume_from(out_dir: Path, raw_unet, ema, opt, meta: dict) -> int:
@@ -497,9 +601,20 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
         data.lat_mean[idx].shape, generator=gen).to(device)
     x0 = (x0 - data.shift) * data.scaling
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),),
-                      generator=gen).to(device)
-    xt = noise_sched.add_noise(x0, noise, t)
+    if is_flow_scheduler(noise_sched):
+        sigmas, t = sample_sigmas(noise_sched, len(idx), tc.timestep_sampling,
+                                  logit_mean=tc.logit_mean, logit_std=tc.logit_std,
+                                  mode_scale=tc.mode_scale, generator=gen)
+        sigmas, t = sigmas.to(device), t.to(device)
+        xt = noisy(x0, noise, sigmas)
+        target = velocity_target(x0, noise)
+        w = flow_loss_weight(sigmas, FLOW_WEIGHTING_OF[tc.timestep_weighting])
+    else:
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),),
+                          generator=gen).to(device)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = training_target(noise_sched, x0, noise, t)
+        w = w_t[t]
     c = _gather(data.cond, idx)
     drop = (torch.rand(len(idx), generator=gen) < tc.cond_dropout).to(device)
     if drop.any():
@@ -507,15 +622,14 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
             c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
                                data.empty[k].expand_as(c[k]), c[k])
     with accelerator.autocast():
-        pred = _unet_forward(unet, xt, t, c)
-    target = training_target(noise_sched, x0, noise, t)
+        pred = data.call(unet, xt, t, c)
     dims = tuple(range(1, pred.dim()))
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
-    loss = (data.weights[idx] * w_t[t] * per_sample).mean()
+    loss = (data.weights[idx] * w * per_sample).mean()
     if tc.anchor_weight > 0 and base_unet is not None:
         with torch.no_grad(), accelerator.autocast():
-            ref = _unet_forward(base_unet, xt.to(base_unet.dtype), t,
-                                {k: v.to(base_unet.dtype) for k, v in c.items()})
+            ref = data.call(base_unet, xt.to(base_unet.dtype), t,
+                            {k: v.to(base_unet.dtype) for k, v in c.items()})
         drift = F.mse_loss(pred.float(), ref.float(), reduction="none").mean(dim=dims)
         loss = loss + tc.anchor_weight * drift.mean()
     return loss
@@ -525,19 +639,20 @@ def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple
     """Fixed-seed previews of the current (EMA) weights, saved under previews/step-N/."""
     from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, generate_images
+    from craft.pipes import denoiser, set_denoiser
 
     tc = cfg.train
     prompts = list(tc.preview_prompts)
     params = SamplingParams(num_inference_steps=cfg.eval.num_inference_steps,
                             guidance_scale=cfg.eval.guidance_scale)
-    tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), pipe.unet.dtype).eval()
-    original = pipe.unet
-    pipe.unet = tuned
+    original = denoiser(pipe)
+    tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), original.dtype).eval()
+    set_denoiser(pipe, tuned)
     try:
         images = [im for _, b in generate_images(pipe, prompts, list(range(len(prompts))),
                                                  params) for im in b]
     finally:
-        pipe.unet = original
+        set_denoiser(pipe, original)
     pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
     pdir.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):  # the studio shows them while training goes on
@@ -549,8 +664,9 @@ def finish(cfg, pipe, raw_unet, ema, out_dir: Path, steps: int, meta: dict) -> P
     """The complete tuned pipeline at out_dir/final (EMA weights, LoRA merged) with a
     craft_train.json saying what made it."""
     from craft.config import config_to_dict
+    from craft.pipes import denoiser
 
-    tuned = _as_dtype(export_unet(raw_unet, ema, cfg.train.lora), pipe.unet.dtype)
+    tuned = _as_dtype(export_unet(raw_unet, ema, cfg.train.lora), denoiser(pipe).dtype)
     record = json.dumps({**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1)
     final_dir = save_pipeline(pipe, tuned, Path(out_dir) / "final", {"craft_train.json": record})
     log.info("training done: %d steps; tuned pipeline at %s", steps, final_dir)
@@ -570,10 +686,11 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     digest there). Under several processes the main one saves; every process returns.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from craft.devices import resolve_device
     from craft.models import load_from_config
+    from craft.pipes import denoiser, is_flow
 
     tc = cfg.train
     cb = callbacks or TrainCallbacks()
@@ -592,11 +709,17 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
         pipe = load_from_config(cfg.model, device=str(accelerator.device))
     pipe.to(accelerator.device)
 
+    check_flow_options(cfg, pipe)
     unet, raw_unet, opt, ema, params = build_trainable(cfg, pipe, accelerator)
-    pipe.unet.requires_grad_(False)  # stays the frozen base: previews swap it only for a while
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
-        accelerator.device)
+    base = denoiser(pipe)
+    base.requires_grad_(False)  # stays the frozen base: previews swap it only for a while
+    if is_flow(pipe):  # a fresh copy: its timesteps are the training grid (craft.flow)
+        noise_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        w_t = None
+    else:
+        noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
+            accelerator.device)
     data = encode_dataset(cfg, pipe, train_df, accelerator.device)
     meta = {"n_train": len(data), "base": cfg.model.pretrained, **(meta or {})}
     start = resume_from(out_dir, raw_unet, ema, opt, meta) if resume else 0
@@ -634,7 +757,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
         for micro in range(accum):
             with accelerator.accumulate(unet):
                 loss = micro_batch_loss(unet, noise_sched, w_t, data, tc, step, micro,
-                                        accelerator.process_index, accelerator, pipe.unet)
+                                        accelerator.process_index, accelerator, base)
                 accelerator.backward(loss)  # divides by the accumulation steps
                 losses.append(loss.item())
         grad_norm = (accelerator.clip_grad_norm_(params, tc.max_grad_norm)

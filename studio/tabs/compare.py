@@ -38,6 +38,8 @@ def _label_font():
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
     """Tuned models of this run: complete pipelines (``final``) and intermediate UNet
     checkpoints (``checkpoint-N``, evaluated on the base pipeline)."""
+    from craft.training import checkpoint_denoiser
+
     out = []
     root = ctx.run_dir / "train"
     if not root.is_dir():
@@ -45,7 +47,7 @@ def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
     for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if (run / "final" / "model_index.json").exists():
             out.append((f"{run.name} · final", str(run / "final")))
-        ckpts = sorted((p for p in run.glob("checkpoint-*") if (p / "unet").is_dir()),
+        ckpts = sorted((p for p in run.glob("checkpoint-*") if checkpoint_denoiser(p)),
                        key=lambda p: int(p.name.split("-")[1]), reverse=True)
         out += [(f"{run.name} · {p.name}", str(p)) for p in ckpts]
     return out
