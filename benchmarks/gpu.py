@@ -1,4 +1,5 @@
-"""Speed and memory of the real SD1.5 and SDXL architectures under CRAFT's settings.
+"""Speed and memory of the real SD1.5, SDXL, SD3.5-Medium and FLUX.1-dev architectures under
+CRAFT's settings.
 
     .venv/bin/python benchmarks/gpu.py                   # a CUDA machine: real sizes
     .venv/bin/python benchmarks/gpu.py --cpu-smoke       # anywhere: tiny widths, 1-2 steps
@@ -6,8 +7,10 @@
 The models are the published architectures (UNet, VAE, both text encoders, scheduler; the
 configs are written out in ``craft/architectures.py``) built from config with random weights:
 speed and memory do not depend on the weights, and nothing is downloaded. Settings come from
-``configs/sd15.yaml`` / ``configs/sdxl.yaml`` (the paper's), measured through the project's own
-code paths, so the numbers are what a CRAFT run gets:
+``configs/sd15.yaml`` / ``configs/sdxl.yaml`` (the paper's) and ``configs/sd35.yaml`` /
+``configs/flux.yaml`` (translated; FLUX trains LoRA adapters), measured through the project's
+own code paths, so the numbers are what a CRAFT run gets (the flow families in bfloat16, the
+UNets in float16):
 
 - **generation**: ``craft.generation.generate_images`` (batched, per-image seeds, prompts
   encoded once), the config's sampler, steps and guidance, float16 on CUDA; images/s at 512
@@ -47,8 +50,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-NATIVE = {"sd15": 512, "sdxl": 1024}
-PAPER_STEPS = {"sd15": 120, "sdxl": 200}
+NATIVE = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+# the architecture each benchmarked config builds (craft.architectures)
+ARCH = {"sd15": "sd15", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}
+FLOW = ("sd35", "flux")
 PROMPTS = ["a photo of an astronaut riding a horse on the moon",
            "an oil painting of a lighthouse at dusk, dramatic sky",
            "a cute corgi wearing sunglasses on a beach",
@@ -103,12 +108,25 @@ def tokenizers():
     return tok, tok2
 
 
+def t5_tokenizer():
+    """A T5 tokenizer built offline (craft.toyworld.model.write_t5_tokenizer): its ids are
+    within T5's 32128, and model_max_length 512 keeps diffusers' T5 lengths (SD3 256,
+    FLUX 512), so the sequence lengths timed are the real ones."""
+    from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
+
+    return load_t5_tokenizer(write_t5_tokenizer(Path(tempfile.mkdtemp()) / "t5", 512))
+
+
 def build(family: str, device: torch.device, dtype: torch.dtype, tiny: bool):
     from craft.architectures import build_pipeline
     from craft.models import apply_memory_options
 
     tok, tok2 = tokenizers()
-    pipe = build_pipeline(family, tok, tokenizer_2=tok2, tiny=tiny, dtype=dtype)
+    arch = ARCH[family]
+    t5 = t5_tokenizer() if arch in ("sd3", "flux") else None
+    if arch in ("sd3", "flux"):
+        tok2 = tok  # SD3's CLIP-G tokenizer pads with the EOS token, like CLIP-L's
+    pipe = build_pipeline(arch, tok, tokenizer_2=tok2, t5_tokenizer=t5, tiny=tiny, dtype=dtype)
     return apply_memory_options(pipe.to(device), "sdpa")
 
 
@@ -179,7 +197,7 @@ def bench_training(pipe, cfg, device, size: int, steps: int) -> dict:
         peak = peak_gib(device)
     reset_peak(device)
     per_step = statistics.median(step_times[1:] or step_times)
-    paper = PAPER_STEPS[cfg.model.family]
+    paper = tc.steps  # the config's run: the paper's 120 / 200, the flow configs' 200
     return {"size": size, "micro_batch": tc.micro_batch, "effective_batch": tc.effective_batch,
             "mixed_precision": resolve_mixed_precision(tc.mixed_precision, device),
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -210,10 +228,13 @@ def run(args) -> dict:
             overrides += ["model.device=cpu", "model.dtype=float32", "train.micro_batch=2",
                           "train.effective_batch=4", "train.mixed_precision=no"]
         cfg = load_config(ROOT / "configs" / f"{family}.yaml", overrides)
-        dtype = torch.float32 if smoke else torch.float16
+        dtype = torch.float32 if smoke else torch.bfloat16 if family in FLOW else torch.float16
         pipe = build(family, device, dtype, tiny=smoke)
-        out = {"generation": [], "training": None,
-               "unet_params_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6}
+        from craft.pipes import denoiser, denoiser_name
+
+        out = {"generation": [], "training": None, "denoiser": denoiser_name(pipe),
+               "lora": cfg.train.lora,
+               "unet_params_m": sum(p.numel() for p in denoiser(pipe).parameters()) / 1e6}
         native_batch = 2 if smoke else cfg.generation.batch_size
         for size in args.resolutions:
             px = size // scale
@@ -243,7 +264,8 @@ def table(result: dict) -> str:
         for g in out["generation"]:
             shown = g["size"] * (8 if smoke else 1)
             px = f"{shown} / {g['size']}" if smoke else str(shown)
-            lines.append(f"| {fam} ({out['unet_params_m']:.1f}M UNet params) | {px} | "
+            kind = "transformer" if out.get("denoiser") == "transformer" else "UNet"
+            lines.append(f"| {fam} ({out['unet_params_m']:.1f}M {kind} params) | {px} | "
                          f"{g['batch']} | {g['steps']} | {g['images_per_s']:.2f} | "
                          f"{g['peak_gib']:.2f} |")
     lines += ["", f"| architecture | train px | micro x accum -> batch | precision | grad ckpt | "
@@ -252,7 +274,7 @@ def table(result: dict) -> str:
     for fam, out in result["families"].items():
         t = out["training"]
         lines.append(
-            f"| {fam} | {t['size']} | {t['micro_batch']} x "
+            f"| {fam}{' (LoRA)' if out.get('lora') else ''} | {t['size']} | {t['micro_batch']} x "
             f"{t['effective_batch'] // t['micro_batch']} -> {t['effective_batch']} | "
             f"{t['mixed_precision']} | "
             f"{t['gradient_checkpointing']} | {t['s_per_step']:.2f} | {t['samples_per_s']:.2f} | "
@@ -265,7 +287,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny widths on the CPU, 1-2 steps: checks the script, not a GPU figure")
-    ap.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    ap.add_argument("--families", nargs="+", default=list(NATIVE), choices=list(NATIVE),
+                    help="configs/<name>.yaml: sd15, sdxl, sd35 (SD3.5-Medium), flux (FLUX.1-dev)")
     ap.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
     ap.add_argument("--gen-batches", type=int, default=3, help="timed batches after warm-up")
     ap.add_argument("--train-steps", type=int, default=3,

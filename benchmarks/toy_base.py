@@ -5,6 +5,11 @@ prompt plus each single rich word, all with the same seed, and scores every imag
 plain prompt. Writes benchmarks/toy_base.md and benchmarks/toy_base_grid.png.
 
     .venv/bin/python benchmarks/toy_base.py [--model assets/toy-base] [--pairs 240]
+    .venv/bin/python benchmarks/toy_base.py --model assets/toy-flow --name toy_base_flow
+
+The same bar holds for both toy bases (the UNet one and the flow-matching MMDiT one): plain
+prompts give the right object and background colour >= 60 % of the time, and rich captions are
+ahead on the aesthetic reward by >= 10 standard errors (craft/toyworld/train_base.py).
 """
 
 from __future__ import annotations
@@ -91,6 +96,18 @@ def grid(rows: list[tuple[str, list[Image.Image], list[Image.Image]]], path: Pat
     canvas.save(path)
 
 
+def bar_line(P: dict, R: dict) -> str:
+    """The prompt-following bar every toy base must pass, checked on these numbers."""
+    d = R["toy_aesthetic"] - P["toy_aesthetic"]
+    z = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    checks = [(P["object_colour_ok"].mean() >= 0.6, "object colour >= 60 %"),
+              (P["background_colour_ok"].mean() >= 0.6, "background colour >= 60 %"),
+              (z >= 10, f"rich ahead on toy_aesthetic by >= 10 SE ({z:.1f})")]
+    verdict = "**passes**" if all(ok for ok, _ in checks) else "**fails**"
+    return (f"- the bar (plain prompts): {verdict}: " +
+            "; ".join(f"{what} {'yes' if ok else 'NO'}" for ok, what in checks))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "assets" / "toy-base"))
@@ -99,14 +116,20 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="toy_base",
+                    help="output stem: NAME.md and NAME_grid.png under --out")
+    ap.add_argument("--no-position", action="store_true",
+                    help="skip the position-phrase probes (3 of the 9 conditions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from craft.distributed import setup_process
 
     setup_process()  # flush denormals (the rule lives there)
-    from diffusers import StableDiffusionPipeline
+    from craft.models import load_pipeline
+    from craft.pipes import family_of
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    pipe = load_pipeline(args.model, device="cpu", dtype="float32")
+    sampler = type(pipe.scheduler).__name__.replace("Scheduler", "")
     params = SamplingParams(num_inference_steps=args.steps, guidance_scale=args.guidance)
     plains = all_plain_prompts()
     plain = [plains[i % len(plains)] for i in range(args.pairs)]
@@ -114,7 +137,8 @@ def main() -> None:
     conditions = {"plain": plain, "rich": [rich_caption(p) for p in plain]}
     for attr, word in WORDS.items():
         conditions[f"+{word}"] = [rich_caption(p, [attr]) for p in plain]
-    for pos in POSITION_PROBES:
+    probes = () if args.no_position else POSITION_PROBES
+    for pos in probes:
         conditions[pos] = [position_caption(p, pos) for p in plain]
     t0 = time.time()
     images, results = {}, {}
@@ -129,11 +153,13 @@ def main() -> None:
     lines = [
         "# Toy base model: prompt following and room for alignment",
         "",
-        f"Model `{Path(args.model).name}`; {args.pairs} (plain prompt, seed) pairs cycling over all "
-        f"{len(plains)} plain prompts, seeds 1000–{999 + args.pairs}; DDIM {args.steps} steps, "
-        f"guidance {args.guidance}; every image scored against its **plain** prompt. "
+        f"Model `{Path(args.model).name}` ({type(pipe).__name__}, family {family_of(pipe)}); "
+        f"{args.pairs} (plain prompt, seed) pairs cycling over all "
+        f"{len(plains)} plain prompts, seeds 1000–{999 + args.pairs}; {sampler} {args.steps} "
+        f"steps, guidance {args.guidance}; every image scored against its **plain** prompt. "
         f"{n_images} images in {elapsed:.0f} s on {platform.processor() or platform.machine()} "
-        f"({args.threads} threads). Reproduce: `.venv/bin/python benchmarks/toy_base.py`.",
+        f"({args.threads} threads). Reproduce: `.venv/bin/python benchmarks/toy_base.py"
+        f"{'' if args.name == 'toy_base' else f' --model {args.model} --name {args.name}'}`.",
         "",
         "## Prompt following on plain prompts",
         "",
@@ -144,6 +170,8 @@ def main() -> None:
         f"(rich: {100 * R['background_colour_ok'].mean():.1f} %)",
         f"- shape match (toy classifier probability of the prompt's shape): "
         f"{mean_se(P['shape_match'])} (rich: {mean_se(R['shape_match'])})",
+        "",
+        bar_line(P, R),
         "",
         "## Every toy reward, plain vs full rich rewrite (mean ± standard error, shared seeds)",
         "",
@@ -182,17 +210,17 @@ def main() -> None:
         "|---|---|---|---|---|",
         f"| (plain) | {mean_se(P['centroid_dx'])} | {mean_se(P['centroid_dy'])} | | |",
     ]
-    for pos in POSITION_PROBES:
+    for pos in probes:
         W = results[pos]
         ddx, ddy = W["centroid_dx"] - P["centroid_dx"], W["centroid_dy"] - P["centroid_dy"]
         lines.append(f"| \"{pos}\" | {mean_se(W['centroid_dx'])} | {mean_se(W['centroid_dy'])} | "
                      f"{mean_se(ddx)} | {mean_se(ddy)} |")
     lines += ["", "## Samples", "",
-              "![plain vs rich](toy_base_grid.png)", "",
+              f"![plain vs rich]({args.name}_grid.png)", "",
               "Each row: one plain prompt, 6 seeds; left the plain prompt, right its full rich "
               "rewrite with the same seeds (nearest-neighbour upscaled ×3).", ""]
     out = Path(args.out)
-    (out / "toy_base.md").write_text("\n".join(lines))
+    (out / f"{args.name}.md").write_text("\n".join(lines))
     rows = []
     for k in range(12):
         idx = [k * 13 % args.pairs]
@@ -201,7 +229,7 @@ def main() -> None:
         rich = [im for _, b in generate_images(pipe, [rich_caption(p)] * 6, list(range(6)), params)
                 for im in b]
         rows.append((p, ims, rich))
-    grid(rows, out / "toy_base_grid.png")
+    grid(rows, out / f"{args.name}_grid.png")
     print("\n".join(lines))
 
 

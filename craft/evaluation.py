@@ -176,7 +176,8 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
 
 def load_for_eval(cfg, path: str, device: str | None = None):
     """A model to evaluate: a complete diffusers pipeline, a single-file checkpoint, or an
-    intermediate training checkpoint (``checkpoint-N`` holds only a UNet), which is evaluated
+    intermediate training checkpoint (``checkpoint-N`` holds only the denoiser: a UNet or a
+    transformer), which is evaluated
     inside the base pipeline exactly as training saw it (revision, variant, single-file config,
     memory options)."""
     from craft.models import load_from_config

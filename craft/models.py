@@ -65,10 +65,17 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
         return None
 
 
+# Repos that need their licence accepted on the Hub (and a token) before they download.
+GATED_REPOS = ("black-forest-labs/FLUX.1-dev", "stabilityai/stable-diffusion-3.5-medium",
+               "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3-medium-diffusers")
+
+
 def _download_command(repo_id: str, configs_only: bool = False) -> str:
     extra = ' --include "*.json" "*.txt"' if configs_only else ""
-    return f"`hf download {repo_id}{extra}` (older huggingface_hub: `huggingface-cli download " \
-           f"{repo_id}{extra}`)"
+    gated = (f" (a gated repo: accept its licence at https://huggingface.co/{repo_id} and run "
+             "`hf auth login` first)" if repo_id in GATED_REPOS else "")
+    return f"`hf download {repo_id}{extra}`{gated} (older huggingface_hub: " \
+           f"`huggingface-cli download {repo_id}{extra}`)"
 
 
 def _looks_like_hub_id(value: str) -> bool:

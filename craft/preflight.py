@@ -106,5 +106,8 @@ def _reward(found: dict) -> str:
 
 def _train(cfg) -> str:
     t = cfg.train
+    what = ("transformer" if cfg.model.family in ("sd3", "flux") else "UNet"
+            if cfg.model.family != "auto" else "denoiser")
     return (f"{t.steps} steps x {t.effective_batch} samples, lr {t.lr}, "
-            f"{f'LoRA rank {t.lora_rank}' if t.lora else 'full UNet'}, mixed precision {t.mixed_precision}")
+            f"{f'LoRA rank {t.lora_rank}' if t.lora else f'full {what}'}, "
+            f"mixed precision {t.mixed_precision}")

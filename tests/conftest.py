@@ -97,6 +97,32 @@ def tiny_model_dir(tmp_path_factory):
     return str(out)
 
 
+def build_tiny_flow_pipeline(tokenizer_dir: Path):
+    """The flow toy base's architecture (SD3 classes: MMDiT, two CLIP + T5, flow scheduler;
+    craft.toyworld.flow_model) with random weights."""
+    import torch
+
+    from craft.toyworld import flow_model as fm
+    from craft.toyworld import model as tm
+
+    torch.manual_seed(0)
+    tok = tm.load_tokenizer(tm.write_tokenizer(tokenizer_dir / "clip"))
+    tok3 = tm.load_t5_tokenizer(tm.write_t5_tokenizer(tokenizer_dir / "t5", fm.T5_TOKENS))
+    vae = tm.build_vae()
+    vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+    return fm.assemble_pipeline(vae, (fm.build_text_encoder(tok), fm.build_text_encoder(tok),
+                                      fm.build_t5(tok3)), tok, tok3, fm.build_transformer())
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_model_dir(tmp_path_factory):
+    """Path (str) of a saved SD3-architecture toy pipeline with random weights."""
+    root = tmp_path_factory.mktemp("tiny-flow")
+    out = root / "model"
+    build_tiny_flow_pipeline(root / "tokenizers").save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
     """The tiny pipeline, loaded once through craft.models (CPU, float32). Do not mutate."""

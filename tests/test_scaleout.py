@@ -188,6 +188,24 @@ def test_online_rounds_and_the_controls_on_two_processes(tmp_path, tiny_model_di
     _final_loads(run)
 
 
+def test_a_flow_model_on_two_processes(tmp_path, tiny_flow_model_dir):
+    """The SD3-architecture flow model through the shipped 2-process command: its own flow
+    sampler, the flow-matching loss, data parallel; every candidate and score once, one kept
+    set on both processes, a complete StableDiffusion3Pipeline at RUN/final."""
+    run = tmp_path / "run"
+    sets = _sets(tiny_flow_model_dir, **{"model.family": "sd3",
+                                         "generation.scheduler": "default"})
+    proc = _run([*_launcher(2), *_craft_run(run, sets)])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    state = _state(run)
+    _check_complete(state)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(run / "final")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert (run / "train" / "craft" / "checkpoint-4" / "transformer" / "config.json").is_file()
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     import psutil
 

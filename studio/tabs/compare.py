@@ -36,7 +36,7 @@ def _label_font():
 
 
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
-    """Tuned models of this run: complete pipelines (``final``) and intermediate UNet
+    """Tuned models of this run: complete pipelines (``final``) and intermediate denoiser (UNet / transformer)
     checkpoints (``checkpoint-N``, evaluated on the base pipeline)."""
     from craft.training import checkpoint_denoiser
 

@@ -137,7 +137,11 @@ class TrainTab(Tab):
     def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         t = ctx.cfg.train
         a = ctx.cfg.advantage
-        gr.Markdown("Fine-tune the UNet on the **kept set** (Curate tab) with each image's loss "
+        flow = ctx.cfg.model.family in ("sd3", "flux")
+        what = ("the flow transformer (flow-matching loss on the velocity ε − x₀)" if flow
+                else "the denoiser (UNet, or a flow transformer)"
+                if ctx.cfg.model.family == "auto" else "the UNet")
+        gr.Markdown(f"Fine-tune {what} on the **kept set** (Curate tab) with each image's loss "
                     "weighted by its group advantage; conditioning is the original prompt. "
                     "Training runs in the background: every other tab stays usable.")
         with gr.Row():
