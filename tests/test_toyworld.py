@@ -3,13 +3,18 @@
 import dataclasses
 import random
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from craft.toyworld import grammar
 from craft.toyworld.grammar import Scene, caption, parse_caption, plain_caption
 from craft.toyworld.render import render, render_array, shape_geometry
 from craft.toyworld.rewards import TOY_REWARDS, analyse, components
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "a red circle on a blue background"
 IDEAL = Scene("red", "circle", "blue", size="large", position="in the center",
@@ -148,3 +153,56 @@ def test_tokenizer_has_one_token_per_word(tmp_path):
     for word in model.toy_words():
         assert len(tok(word).input_ids) == 3, word
     assert len(tok("zebra").input_ids) > 3  # unknown words still tokenize, letter by letter
+
+
+def test_t5_tokenizer_is_built_offline_one_piece_per_word(tmp_path):
+    from craft.toyworld import model
+
+    tok = model.load_t5_tokenizer(model.write_t5_tokenizer(tmp_path / "t5", max_length=16))
+    text = "a large sharp red circle in the center of a plain blue background"
+    ids = tok(text).input_ids
+    assert len(ids) == len(text.split()) + 1 and ids[-1] == tok.eos_token_id == 1  # EOS, no BOS
+    assert tok.pad_token_id == 0 and tok.model_max_length == 16
+    assert tok("zebra").input_ids[:-1] and tok.unk_token_id not in tok("zebra").input_ids
+
+
+def test_flow_base_training_is_seeded_and_resumes_exactly(tmp_path):
+    """`craft toy train-base --family sd3` on a few scenes: stopped after 2 of 4 steps and
+    rerun, it ends with bitwise the weights of an uninterrupted run, in a pipeline that
+    DiffusionPipeline.from_pretrained loads as SD3."""
+    import dataclasses
+
+    from diffusers import DiffusionPipeline
+
+    from craft.toyworld.train_base import BaseTrainConfig, train_base
+
+    cfg = dataclasses.replace(BaseTrainConfig.for_family("sd3"), num_scenes=64, unet_steps=4,
+                              unet_batch=4, checkpoint_every=2, warmup_steps=2, threads=1)
+    straight = train_base(tmp_path / "a", tmp_path / "a.work", cfg)
+    calls = []
+    assert train_base(tmp_path / "b", tmp_path / "b.work", cfg,
+                      should_stop=lambda: calls.append(1) or len(calls) >= 2) is None
+    resumed = train_base(tmp_path / "b", tmp_path / "b.work", cfg)
+    a, b = (DiffusionPipeline.from_pretrained(p) for p in (straight, resumed))
+    assert type(a).__name__ == "StableDiffusion3Pipeline"
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert a.vae.config.shift_factor != 0 and a.vae.config.scaling_factor > 0
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "toy-flow" / "model_index.json").exists(),
+                    reason="assets/toy-flow is not built here (craft toy train-base --family sd3)")
+def test_shipped_flow_base_loads_as_sd3_and_fits_the_size_budget():
+    from diffusers import DiffusionPipeline
+
+    folder = ROOT / "assets" / "toy-flow"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.tokenizer_3.model_max_length == 16
+    im = pipe("a red circle on a blue background", num_inference_steps=4, max_sequence_length=16,
+              generator=torch.Generator().manual_seed(0)).images[0]
+    assert im.size == (32, 32)

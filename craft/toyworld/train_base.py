@@ -261,8 +261,8 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
                    objective, work_dir: Path, progress: ProgressFn | None = None,
                    should_stop: Callable[[], bool] | None = None) -> dict | None:
     """The denoiser and its text encoder(s), trained together; returns their EMA copies by
-    name (None when stopped early). ``objective`` is a _UNetObjective or _FlowObjective."""
-    torch.manual_seed(cfg.seed)
+    name (None when stopped early). ``objective`` is a _UNetObjective or _FlowObjective, built
+    under ``torch.manual_seed(cfg.seed)`` (train_base)."""
     live = objective.modules
     ema = {k: copy.deepcopy(v) for k, v in live.items()}
     params = [p for m in live.values() for p in m.parameters()]
@@ -338,6 +338,7 @@ def train_base(out_dir: str | Path, work_dir: str | Path, cfg: BaseTrainConfig =
     vae = train_vae(cfg, images, work_dir, progress)
     latents = _encode_all(vae, images, work_dir)
     del images
+    torch.manual_seed(cfg.seed)  # the initial weights: the objective builds the modules
     objective = (_FlowObjective(cfg, tokenizer, vae, latents, work_dir) if cfg.family == "sd3"
                  else _UNetObjective(cfg, tokenizer, vae))
     result = train_denoiser(cfg, scenes, latents, objective, work_dir, progress, should_stop)
