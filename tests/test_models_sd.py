@@ -301,3 +301,25 @@ def test_written_out_configs_are_the_published_architectures(family, counts):
             built["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig(**cfgs["text_encoder_2"]))
     assert {k: sum(p.numel() for p in m.parameters()) for k, m in built.items()} == counts
+
+
+def test_written_out_flow_configs_are_the_published_architectures():
+    """FLUX.1-dev's transformer has the published parameter count (11,901,408,320, that of
+    flux1-dev.safetensors), T5-XXL's encoder 4,762,310,656; SD3.5-Medium's MMDiT-X has its
+    published shape (24 joint blocks, the first 13 with dual attention, 24 heads x 64 = 1536,
+    RMS qk-norm, 16-channel latents). Built on the meta device: no memory, no weights."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from craft.architectures import component_configs
+
+    sd3, flux = component_configs("sd3"), component_configs("flux")
+    with torch.device("meta"):
+        ft = FluxTransformer2DModel(**flux["transformer"])
+        t5 = T5EncoderModel(T5Config(**sd3["text_encoder_3"]))
+        mm = SD3Transformer2DModel(**sd3["transformer"])
+    assert sum(p.numel() for p in ft.parameters()) == 11_901_408_320
+    assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
+    assert len(mm.transformer_blocks) == 24 and mm.inner_dim == 1536
+    assert [b.use_dual_attention for b in mm.transformer_blocks] == [True] * 13 + [False] * 11
+    assert sd3["text_encoder_3"] == flux["text_encoder_2"]  # the same T5-XXL encoder
