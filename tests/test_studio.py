@@ -409,3 +409,25 @@ def test_a_custom_level_without_rewards_is_said_in_the_runs_terms(app):
     weights = {r: 1.0 for r in app.ctx.cfg.rewards.names}
     with pytest.raises(CraftError, match="tick one or more of toy_fidelity"):
         make_settings(app.ctx.cfg, weights, "zscore", "custom", [], 0.0, 10, True)
+
+
+def test_win_table_of_an_evaluation_with_several_tuned_models():
+    """An evaluation of base + two tuned models (a benchmark's, or `craft evaluate` with
+    several) opened in Compare: one block of rows per tuned model (it used to raise)."""
+    import pandas as pd
+
+    from studio.tabs.compare import win_table
+
+    rows = []
+    for model, shift in (("base", 0.0), ("craft", 0.5), ("control", 0.1)):
+        for reward in ("composite", "toy_heldout"):
+            rows.append({"model": model, "reward": reward, "mean": 1.0 + shift, "se": 0.1,
+                         "diff": shift if model != "base" else float("nan"),
+                         "diff_se": 0.05 if model != "base" else float("nan"),
+                         "win_rate": 0.8 if model != "base" else float("nan")})
+    table = win_table(pd.DataFrame(rows), ["toy_fidelity"])
+    assert table["model"].tolist() == ["craft", "craft", "control", "control"]
+    assert table["reward"].tolist() == ["composite", "toy_heldout (held out)"] * 2
+    assert table["Δ / SE"].tolist() == [10.0, 10.0, 2.0, 2.0]
+    one = win_table(pd.DataFrame([r for r in rows if r["model"] != "control"]))
+    assert "model" not in one.columns and len(one) == 2

@@ -66,23 +66,32 @@ def eval_name(base: str, tuned: str, cfg) -> str:
 
 def win_table(summary: pd.DataFrame, training_rewards=()) -> pd.DataFrame:
     """The per-reward table; held-out rewards (not used for training or filtering) and the
-    diversity across seeds are marked, since they are what shows a price of alignment."""
+    diversity across seeds are marked, since they are what shows a price of alignment. An
+    evaluation of several tuned models (``craft evaluate`` with more than one, a benchmark's)
+    gets one block of rows per model, with a model column."""
     if summary is None or summary.empty:
         return pd.DataFrame()
     base = summary[summary["model"] == "base"].set_index("reward")
-    tuned = summary[summary["model"] != "base"].set_index("reward")
+    models = [m for m in dict.fromkeys(summary["model"]) if m != "base"]
     rows = []
-    for r in tuned.index:
-        b, t = base.loc[r], tuned.loc[r]
-        name = ("diversity across seeds" if r == "diversity" else
-                f"{r} (held out)" if training_rewards and r != "composite"
-                and r not in training_rewards else r)
-        rows.append({"reward": name, "base": f"{b['mean']:.4f} ± {b['se']:.4f}",
-                     "tuned": f"{t['mean']:.4f} ± {t['se']:.4f}",
-                     "Δ (tuned − base)": f"{t['diff']:+.4f} ± {t['diff_se']:.4f}",
-                     "Δ / SE": round(float(t["diff"] / t["diff_se"]), 2)
-                     if t["diff_se"] and np.isfinite(t["diff_se"]) and t["diff_se"] > 0 else None,
-                     "win rate (tuned)": f"{100 * t['win_rate']:.1f}%"})
+    for model in models:
+        tuned = summary[summary["model"] == model].set_index("reward")
+        for r in tuned.index:
+            if r not in base.index:
+                continue
+            b, t = base.loc[r], tuned.loc[r]
+            name = ("diversity across seeds" if r == "diversity" else
+                    f"{r} (held out)" if training_rewards and r != "composite"
+                    and r not in training_rewards else r)
+            row = {"model": model} if len(models) > 1 else {}
+            row.update({"reward": name, "base": f"{b['mean']:.4f} ± {b['se']:.4f}",
+                        "tuned": f"{t['mean']:.4f} ± {t['se']:.4f}",
+                        "Δ (tuned − base)": f"{t['diff']:+.4f} ± {t['diff_se']:.4f}",
+                        "Δ / SE": round(float(t["diff"] / t["diff_se"]), 2)
+                        if t["diff_se"] and np.isfinite(t["diff_se"]) and t["diff_se"] > 0
+                        else None,
+                        "win rate (tuned)": f"{100 * t['win_rate']:.1f}%"})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -215,8 +224,11 @@ class CompareTab(Tab):
         with gr.Row():
             self.base = gr.Textbox(ctx.model_path(), label="base model", scale=2,
                                    elem_id="compare-base")
+            # The choices arrive after the page loads, the remembered selection with the page
+            # state: a custom value keeps the two from racing (Compare checks the path itself).
             self.tuned = ui.bind("compare.tuned", gr.Dropdown(
-                [], label="tuned checkpoint", scale=2, elem_id="compare-tuned"))
+                [], label="tuned checkpoint", scale=2, elem_id="compare-tuned",
+                allow_custom_value=True))
             self.refresh_btn = gr.Button("↻", scale=0, min_width=40, size="sm")
         with gr.Row():
             self.n_prompts = settings.bind("eval.num_prompts", gr.Number(
@@ -267,6 +279,9 @@ class CompareTab(Tab):
             try:
                 if not tuned:
                     raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
+                if not Path(tuned).exists():
+                    raise ValueError(f"tuned checkpoint {tuned} is not there any more; pick one "
+                                     "from the list (↻ refreshes it)")
                 if not base:
                     raise ValueError("give the base model")
                 cfg = app.settings.config_from(ctx.cfg, values)
