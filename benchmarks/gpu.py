@@ -265,7 +265,7 @@ def table(result: dict) -> str:
             shown = g["size"] * (8 if smoke else 1)
             px = f"{shown} / {g['size']}" if smoke else str(shown)
             kind = "transformer" if out.get("denoiser") == "transformer" else "UNet"
-            lines.append(f"| {fam} ({out['unet_params_m']:.1f}M {kind} params) | {px} | "
+            lines.append(f"| {fam} ({out['unet_params_m']:.3g}M {kind} params) | {px} | "
                          f"{g['batch']} | {g['steps']} | {g['images_per_s']:.2f} | "
                          f"{g['peak_gib']:.2f} |")
     lines += ["", f"| architecture | train px | micro x accum -> batch | precision | grad ckpt | "
