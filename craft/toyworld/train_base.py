@@ -286,6 +286,9 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
     for step in range(start, cfg.unet_steps):
         rng = random.Random(f"{cfg.seed}:{step}")
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        # dropout inside the modules (T5's, 0.1) draws from the global generator: seed it per
+        # step too, so that a resumed run draws what the uninterrupted one drew
+        torch.manual_seed(cfg.seed * 1_000_003 + step + 1)
         idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         x0 = (x0 - objective.shift) * objective.scaling
