@@ -94,7 +94,42 @@ def main() -> None:
         "block.",
         "",
     ]
+    lines += controls_section(run, args, cfg, facts["final"], timings)
     ta.write_report(args.out, "toy_craft_flow.md", lines)
+
+
+# The controls of benchmarks/toy_pareto.md, one at a time, on this base (at the strengths that
+# kept most of the gain on the UNet base).
+CONTROLS = [Arm("anchor1", ["train.anchor_weight=1.0"], "anchor to the base, beta 1.0"),
+            Arm("cap3", ["filter.per_prompt_cap=3"], "at most 3 kept images per prompt"),
+            Arm("steps50", ["train.steps=50"], "half the steps (50)")]
+
+
+def controls_section(run, args, cfg, craft_final: str, timings: dict) -> list[str]:
+    """A second evaluation: craft and each control against the base (its own composite
+    z-scale, pooled over these models), to see which control buys back diversity and at what
+    price in composite gain."""
+    finals = {"craft": craft_final}
+    for arm in CONTROLS:
+        arm_cfg = ta.arm_config(args.config, list(args.overrides), arm)
+        finals[arm.name] = ta.train_arm(run, arm_cfg, arm, timings)["final"]
+    ev = ta.evaluate_arms(run, cfg, finals, "flow-controls", timings)
+    out = ["## The alignment controls on this base", "",
+           "A second evaluation (same prompts and seeds; composite z-scored over these models' "
+           "images, so its values are not comparable with the table above): each control of "
+           "benchmarks/toy_pareto.md alone, at the strength that kept most of the gain on the "
+           "UNet base.", "",
+           "| arm | what | composite vs base | win % | toy_heldout vs base | diversity (base "
+           f"{ta.row(ev, 'base', 'diversity').get('mean', float('nan')):.1f}) |",
+           "|---|---|---|---|---|---|"]
+    notes = {"craft": "configs/toy-flow.yaml as it stands", **{a.name: a.note for a in CONTROLS}}
+    for name in finals:
+        d, se, win = ta.paired(ev, name, "base")
+        h, hse, _ = ta.paired(ev, name, "base", "toy_heldout")
+        div = ta.row(ev, name, "diversity")
+        out.append(f"| {name} | {notes[name]} | {d:+.3f} ± {se:.3f} | {100 * win:.1f} | "
+                   f"{h:+.4f} ± {hse:.4f} | {div.get('mean', float('nan')):.1f} |")
+    return out + [""]
 
 
 if __name__ == "__main__":
