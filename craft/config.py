@@ -234,17 +234,23 @@ class ModelConfig(_Section):
         None, "For a single-file checkpoint: a local diffusers folder (its configs, tokenizer "
               "and scheduler files are enough) or a cached hub id describing its architecture; "
               "null = the hub repo diffusers associates with the checkpoint, if cached.")
+    max_sequence_length: int | None = _opt(
+        None, "T5 tokens per prompt (sd3, flux; others have no T5). null = the model's own: "
+              "diffusers' default (SD3 256, FLUX 512), or less where the saved T5 tokenizer's "
+              "model_max_length says so (the flow toy base: 16). FLUX.1-schnell: 256.")
     attention: Literal["sdpa", "default"] = _opt(
         "sdpa", "Attention implementation: PyTorch scaled-dot-product, or the model's default.")
     vae_tiling: bool = _opt(False, "Decode latents tile by tile (lower peak memory, large images).")
     vae_slicing: bool = _opt(False, "Decode a batch one image at a time (lower peak memory).")
     gradient_checkpointing: bool = _opt(
-        False, "Recompute UNet activations in the backward pass (less memory, ~30% slower).")
+        False, "Recompute the denoiser's (UNet's or transformer's) activations in the backward "
+               "pass (less memory, ~30% slower).")
 
     def _check(self) -> None:
         _require(bool(self.pretrained.strip()), self._key("pretrained"), self.pretrained,
                  "must not be empty", "give a hub id, a diffusers folder or a .safetensors file")
         self._device("device")
+        self._positive("max_sequence_length")
         _require(not (self.device == "cpu" and self.dtype == "float16"), self._key("dtype"),
                  self.dtype, "float16 is not supported for CPU inference",
                  "use 'float32' (or 'auto') on the CPU", self._key("device"))

@@ -479,9 +479,14 @@ def load_from_config(model_cfg, pretrained: str | None = None, device: str | Non
     ``pretrained`` loads another model (e.g. a tuned one) with the same family, dtype, device
     and memory options; ``device`` overrides ``model.device`` (each process of a multi-GPU
     launch loads onto its own GPU)."""
+    from craft.pipes import set_t5_tokens
+
     name, revision, variant, single_file_config = _source(model_cfg, pretrained)
-    return load_pipeline(name, family=model_cfg.family, dtype=model_cfg.dtype,
+    pipe = load_pipeline(name, family=model_cfg.family, dtype=model_cfg.dtype,
                          device=device or model_cfg.device, revision=revision, variant=variant,
                          attention=model_cfg.attention, vae_tiling=model_cfg.vae_tiling,
                          vae_slicing=model_cfg.vae_slicing,
                          single_file_config=single_file_config)
+    if model_cfg.max_sequence_length is not None:
+        set_t5_tokens(pipe, model_cfg.max_sequence_length)
+    return pipe

@@ -81,14 +81,23 @@ def flux_guidance(pipe) -> bool:
 T5_DEFAULT_TOKENS = {"sd3": 256, "flux": 512}
 
 
+def set_t5_tokens(pipe, n: int) -> None:
+    """``model.max_sequence_length``: every pipeline craft loads from the config (base, tuned,
+    evaluated) gets the same T5 length, so generation, training and evaluation agree."""
+    pipe._craft_t5_tokens = int(n)
+
+
 def t5_tokens(pipe) -> int | None:
-    """How many T5 tokens a prompt is padded to: diffusers' default for the family, or less
-    when the model's own T5 tokenizer says so (``model_max_length`` in its
-    tokenizer_config.json; the flow toy base saves 16). None for families without T5. Read from
-    the saved model, so generation, training and a tuned copy agree."""
+    """How many T5 tokens a prompt is padded to: ``model.max_sequence_length`` when set
+    (:func:`set_t5_tokens`), else diffusers' default for the family, or less when the model's
+    own T5 tokenizer says so (``model_max_length`` in its tokenizer_config.json; the flow toy
+    base saves 16). None for families without T5. Read from the saved model, so generation,
+    training and a tuned copy agree."""
     fam = family_of(pipe)
     if fam not in T5_DEFAULT_TOKENS:
         return None
+    if getattr(pipe, "_craft_t5_tokens", None):
+        return pipe._craft_t5_tokens
     tok = getattr(pipe, "tokenizer_3" if fam == "sd3" else "tokenizer_2", None)
     limit = getattr(tok, "model_max_length", None) if tok is not None else None
     default = T5_DEFAULT_TOKENS[fam]

@@ -293,3 +293,21 @@ def test_noise_prediction_weightings_are_refused_for_flow_models(world, frames, 
     cfg = _cfg(world.sd3_dir, **{"train.timestep_weighting": "min_snr"})
     with pytest.raises(CraftError, match="flow matching: use one of"):
         train(cfg, frames["sd3"], tmp_path / "out", pipe=_load(world.sd3_dir))
+
+
+def test_model_max_sequence_length_sets_the_t5_length_everywhere(world, frames):
+    """model.max_sequence_length (FLUX.1-schnell: 256) reaches every pipeline loaded from the
+    config, so generation and training encode prompts to the same length."""
+    from craft.models import load_from_config
+    from craft.pipes import t5_tokens
+    from craft.training import encode_text
+
+    cfg = _cfg(world.flux_dir, **{"model.max_sequence_length": 8})
+    pipe = load_from_config(cfg.model)
+    assert t5_tokens(pipe) == 8
+    assert encode_text(pipe, PROMPTS, torch.device("cpu"))["hidden"].shape[1] == 8
+    assert t5_tokens(load_from_config(_cfg(world.flux_dir).model)) == 16  # the tokenizer's
+    from craft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.max_sequence_length"):
+        _cfg(world.flux_dir, **{"model.max_sequence_length": 0})
