@@ -503,7 +503,8 @@ class TrainConfig(_Section):
     anchor_weight: float = _opt(
         0.0, "beta of a KL-style penalty beta * ||eps_tuned(x_t) - eps_base(x_t)||^2 on the same "
              "noisy inputs, which keeps the tuned model near the frozen base (DiffusionNFT / "
-             "AWM); in units of the noise-prediction loss; 0 = off (the plain CRAFT loss). One "
+             "AWM); in units of the denoiser's loss (noise, or velocity for flow models); 0 = off "
+             "(the plain CRAFT loss). One "
              "more base forward pass per micro-batch, no extra weights in memory.")
 
     def _check(self) -> None:
