@@ -30,11 +30,11 @@ import torch
 
 from craft import CraftError, MissingWeightsError
 from craft.devices import resolve_device, resolve_dtype  # noqa: F401 - re-exported
+from craft.pipes import FAMILY_PIPELINES, FLOW_FAMILIES
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("auto", "sd15", "sdxl", "sd3", "flux", "toy")
-FLOW_FAMILIES = ("sd3", "flux")
+FAMILIES = ("auto", *FAMILY_PIPELINES, "toy")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # Hub repos whose configs describe a single-file checkpoint of each family when diffusers
 # cannot tell (its own table is consulted first).
@@ -223,9 +223,10 @@ def _family_from_keys(keys) -> str:
     return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
 
 
-def default_single_file_config(location: Path) -> str:
-    """The hub repo whose configs describe the single-file checkpoint at ``location``."""
-    shapes = _checkpoint_shapes(location)
+def default_single_file_config(location: Path, shapes: dict | None = None) -> str:
+    """The hub repo whose configs describe the single-file checkpoint at ``location``
+    (``shapes``: its key -> shape table, when the caller has read it already)."""
+    shapes = _checkpoint_shapes(location) if shapes is None else shapes
     family = _family_from_keys(shapes)
     if family in FLOW_FAMILIES:  # diffusers' table names variants (dev/schnell, medium/large)
         return DEFAULT_CONFIG_REPOS[family]
@@ -255,7 +256,8 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
     its folder must then hold the *weights* of every other component (VAE, text encoders).
     """
     key = "model.single_file_config"
-    flow = _family_from_keys(_checkpoint_shapes(location)) in FLOW_FAMILIES
+    shapes = _checkpoint_shapes(location)
+    flow = _family_from_keys(shapes) in FLOW_FAMILIES
     what = (f"model.pretrained={str(location)!r} is a single-file checkpoint: it holds weights "
             "only, and diffusers builds the pipeline from a matching diffusers config "
             "(model_index.json, each component's config.json, the tokenizer and scheduler "
@@ -294,7 +296,7 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
                 f"{what}. {key}={single_file_config!r} ({folder}) lacks "
                 f"{', '.join(problems)}; give a diffusers folder of the same architecture")
         return folder
-    repo = default_single_file_config(location)
+    repo = default_single_file_config(location, shapes)
     snap = _hub_snapshot(repo, revision)
     if snap is not None and not problems_of(snap):
         return snap
@@ -310,8 +312,7 @@ def resolve_single_file_config(location: Path, single_file_config: str | None = 
 
 
 # model_index.json's _class_name -> family
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
-                     "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+PIPELINE_FAMILIES = {cls: fam for fam, cls in FAMILY_PIPELINES.items()}
 
 
 def detect_family(location: Path, family: str = "auto") -> str:
@@ -332,21 +333,18 @@ def detect_family(location: Path, family: str = "auto") -> str:
                              f"{known}. Point model.pretrained at a model of one of them")
     elif location.is_file():
         found = _family_from_keys(_checkpoint_shapes(location))
-    want = "sd15" if family == "toy" else family
     if family == "auto":
         return found or "sd15"
-    if found is not None and found != want:
+    if found is not None and found != ("sd15" if family == "toy" else family):
         raise CraftError(f"model.family={family!r} but {location} holds an {found} model; "
                          "set model.family to auto (or to the right family)")
-    return want if family != "toy" else family
+    return family
 
 
 def pipeline_class(family: str):
     import diffusers
 
-    return getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline",
-                               "sd3": "StableDiffusion3Pipeline",
-                               "flux": "FluxPipeline"}.get(family, "StableDiffusionPipeline"))
+    return getattr(diffusers, FAMILY_PIPELINES.get(family, FAMILY_PIPELINES["sd15"]))
 
 
 def check_model(model_cfg, pretrained: str | None = None) -> Path:

@@ -106,7 +106,9 @@ def _reward(found: dict) -> str:
 
 def _train(cfg) -> str:
     t = cfg.train
-    what = ("transformer" if cfg.model.family in ("sd3", "flux") else "UNet"
+    from craft.pipes import FLOW_FAMILIES
+
+    what = ("transformer" if cfg.model.family in FLOW_FAMILIES else "UNet"
             if cfg.model.family != "auto" else "denoiser")
     return (f"{t.steps} steps x {t.effective_batch} samples, lr {t.lr}, "
             f"{f'LoRA rank {t.lora_rank}' if t.lora else f'full {what}'}, "

@@ -62,6 +62,7 @@ from PIL import Image
 from craft import CraftError
 from craft.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
 from craft.flow import loss_weight as flow_loss_weight
+from craft.pipes import native_size
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,6 @@ def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tens
 # ------------------------------------------------------------------------ conditioning
 
 
-def native_size(pipe) -> tuple[int, int]:
-    from craft.pipes import native_size as size
-
-    return size(pipe)
-
-
 def encode_text(pipe, prompts: list[str], device, size: tuple[int, int] | None = None) -> dict:
     """Denoiser conditioning for ``prompts``: hidden states, plus SDXL's pooled embeds and time
     ids, or the flow families' pooled embeds.
@@ -164,7 +159,7 @@ def encode_text(pipe, prompts: list[str], device, size: tuple[int, int] | None =
     uncropped training images of ``size`` = (h, w) pixels (default: the native size), as the
     pipeline builds them when it generates at that size.
     """
-    from craft.pipes import encode_prompts, family_of
+    from craft.pipes import FLOW_FAMILIES, encode_prompts, family_of
 
     fam = family_of(pipe)
     with torch.no_grad():
@@ -176,7 +171,7 @@ def encode_text(pipe, prompts: list[str], device, size: tuple[int, int] | None =
                                 dtype=embeds.dtype).repeat(len(prompts), 1)
         return {"hidden": embeds, "text_embeds": out["pooled_prompt_embeds"],
                 "time_ids": time_ids}
-    if fam in ("sd3", "flux"):
+    if fam in FLOW_FAMILIES:
         return {"hidden": out["prompt_embeds"], "pooled": out["pooled_prompt_embeds"]}
     return {"hidden": out["prompt_embeds"]}
 

@@ -65,6 +65,23 @@ def images(pipe, prompts, seeds, batch_size, params=None):
                             for im in b])
 
 
+MAX_PIXEL_DIFF = 2  # of 255: the same candidate batched vs alone
+
+
+def batched_equals_alone(pipe, params=None):
+    """Each image is seeded per candidate: the same (prompt, seed) alone equals it in a batch
+    (up to float rounding), and the seed matters. Returns the batch (uint8)."""
+    import numpy as np
+
+    prompts, seeds = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [11, 12, 11, 12]
+    batched = images(pipe, prompts, seeds, 4, params)
+    for i in (1, 2):
+        alone = images(pipe, [prompts[i]], [seeds[i]], 1, params)[0]
+        assert np.abs(alone.astype(int) - batched[i].astype(int)).max() <= MAX_PIXEL_DIFF
+    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 10  # seed matters
+    return batched
+
+
 def tokenizers(folder: Path):
     """(tokenizer, tokenizer_2), saved under ``folder`` once and loaded from there."""
     from transformers import CLIPTokenizer

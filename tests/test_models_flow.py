@@ -18,9 +18,9 @@ from PIL import Image
 from conftest import tiny_config
 from craft import CraftError
 from craft.models import _family_from_keys, detect_family, load_pipeline
-from sd_fixtures import PROMPTS, images, offline, states_equal, tokenizers  # noqa: F401
+from sd_fixtures import (PROMPTS, batched_equals_alone, images, offline,  # noqa: F401
+                         states_equal, tokenizers)
 
-MAX_PIXEL_DIFF = 2  # of 255: batched vs alone
 SIZE = 64  # pixels: tiny VAEs downsample 8x, so an 8x8 latent
 
 
@@ -54,16 +54,6 @@ def _params(steps=3, guidance=4.0):
 
 def _load(folder, **kw):
     return load_pipeline(folder, device="cpu", dtype="float32", **kw)
-
-
-def _batched_equals_alone(pipe, params) -> np.ndarray:
-    prompts, seeds = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [11, 12, 11, 12]
-    batched = images(pipe, prompts, seeds, 4, params)
-    for i in (1, 2):
-        alone = images(pipe, [prompts[i]], [seeds[i]], 1, params)[0]
-        assert np.abs(alone.astype(int) - batched[i].astype(int)).max() <= MAX_PIXEL_DIFF
-    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 10  # seed matters
-    return batched
 
 
 # ------------------------------------------------------------------------ loading, families
@@ -157,7 +147,7 @@ def test_single_transformer_file_loads_into_its_pipeline(world, tmp_path, name):
 def test_generation_is_seeded_per_candidate_alone_or_batched(world, name):
     pipe = _load(getattr(world, f"{name}_dir"))
     params = _params(guidance=0.0 if name == "schnell" else 4.0)
-    out = _batched_equals_alone(pipe, params)
+    out = batched_equals_alone(pipe, params)
     assert out.shape == (4, SIZE, SIZE, 3)
 
 

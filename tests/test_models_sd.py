@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import sd_fixtures as sf
 from conftest import tiny_config
-from sd_fixtures import PROMPTS, images, offline, states_equal  # noqa: F401 (offline: fixture)
+from sd_fixtures import (PROMPTS, batched_equals_alone, images, offline,  # noqa: F401
+                         states_equal)
 from craft import CraftError
 from craft.generation import images_to_array
 from craft.models import (MissingWeightsError, detect_family, load_from_config, load_pipeline,
                           resolve_device, resolve_dtype)
 
-MAX_PIXEL_DIFF = 2  # of 255: batched vs alone
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,6 @@ def world(tmp_path_factory):
 def loaded(world) -> SimpleNamespace:
     """Each folder loaded once through craft.models (CPU, dtype auto). Do not mutate."""
     return SimpleNamespace(sd15=load_pipeline(world.sd15_dir), sdxl=load_pipeline(world.sdxl_dir))
-
-
-def _batched_equals_alone(pipe) -> np.ndarray:
-    prompts, seeds = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [11, 12, 11, 12]
-    batched = images(pipe, prompts, seeds, batch_size=4)
-    for i in (1, 2):
-        alone = images(pipe, [prompts[i]], [seeds[i]], batch_size=1)[0]
-        assert np.abs(alone.astype(int) - batched[i].astype(int)).max() <= MAX_PIXEL_DIFF
-    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 10  # seed matters
-    return batched
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +87,7 @@ def test_sd15_folder_in_the_published_layout_loads_and_generates(world, loaded):
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     for name in ("unet", "vae", "text_encoder"):
         assert states_equal(getattr(pipe, name), getattr(world.sd15, name)), name
-    _batched_equals_alone(pipe)
+    batched_equals_alone(pipe)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora+grad-checkpointing"])
@@ -153,7 +142,7 @@ def test_sdxl_folder_loads_and_generates_batched_with_per_candidate_seeds(world,
         pipe.text_encoder_2.config.projection_dim + 6 * unet.addition_time_embed_dim)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert states_equal(getattr(pipe, name), getattr(world.sdxl, name)), name
-    _batched_equals_alone(pipe)
+    batched_equals_alone(pipe)
 
 
 def test_sdxl_training_conditioning_is_what_the_pipeline_feeds_its_unet(world):

@@ -244,8 +244,7 @@ class _FlowObjective:
         noise = torch.randn(x0.shape, generator=gen)
         sigmas, timesteps = sample_sigmas(self.noise_sched, len(x0), "logit_normal",
                                           generator=gen)
-        p = self.pipe
-        p.text_encoder, p.text_encoder_2, p.text_encoder_3 = m["text"], m["text_2"], m["text_3"]
+        # self.pipe was assembled from these very modules (m is self.modules)
         embeds, pooled = self.fm.encode_captions(self.pipe, captions, x0.device)
         pred = m["transformer"](hidden_states=noisy(x0, noise, sigmas), timestep=timesteps,
                                 encoder_hidden_states=embeds, pooled_projections=pooled).sample

@@ -137,7 +137,9 @@ class TrainTab(Tab):
     def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         t = ctx.cfg.train
         a = ctx.cfg.advantage
-        flow = ctx.cfg.model.family in ("sd3", "flux")
+        from craft.pipes import FLOW_FAMILIES
+
+        flow = ctx.cfg.model.family in FLOW_FAMILIES
         what = ("the flow transformer (flow-matching loss on the velocity ε − x₀)" if flow
                 else "the denoiser (UNet, or a flow transformer)"
                 if ctx.cfg.model.family == "auto" else "the UNet")
