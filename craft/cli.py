@@ -70,6 +70,12 @@ def _add_stages(subparsers: argparse._SubParsersAction) -> None:
     add_stage_commands(subparsers)
 
 
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    from craft.cli_plan import register
+
+    register(subparsers)
+
+
 def _add_plugins(subparsers: argparse._SubParsersAction) -> None:
     """Commands registered by installed packages (``craft studio``, ``craft toy``)."""
     from importlib.metadata import entry_points
@@ -87,6 +93,7 @@ def _add_plugins(subparsers: argparse._SubParsersAction) -> None:
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "config": _add_config,
     "stages": _add_stages,
+    "plan": _add_plan,
     "plugins": _add_plugins,
 }
 

@@ -500,6 +500,15 @@ class TrainConfig(_Section):
            "candidates (new noise) with the model round r-1 tuned, filters them against that "
            "model's own original-prompt images and trains on from it; train.steps is the total, "
            "split evenly over the rounds (must divide). 1 = the paper's offline CRAFT.")
+    sharding: Literal["none", "fsdp"] = _opt(
+        "none", "How training spreads over several processes: none = data parallel (each GPU "
+                "holds the whole model); fsdp = full fine-tuning sharded with FSDP2 (each GPU "
+                "holds 1/N of the float32 weights, gradients and AdamW state; craft/sharding.py). "
+                "`accelerate launch --use_fsdp` turns it on too. `craft plan` says which fits.")
+    save_merged: bool = _opt(
+        False, "LoRA runs: also write final/ as a complete pipeline with the adapters merged "
+               "(the size of the base model). Off: final/ holds the adapter file "
+               "pytorch_lora_weights.safetensors, which pipe.load_lora_weights loads.")
     anchor_weight: float = _opt(
         0.0, "beta of a KL-style penalty beta * ||eps_tuned(x_t) - eps_base(x_t)||^2 on the same "
              "noisy inputs, which keeps the tuned model near the frozen base (DiffusionNFT / "

@@ -175,24 +175,27 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
 
 
 def load_for_eval(cfg, path: str, device: str | None = None):
-    """A model to evaluate: a complete diffusers pipeline, a single-file checkpoint, or an
-    intermediate training checkpoint (``checkpoint-N`` holds only the denoiser: a UNet or a
-    transformer), which is evaluated
-    inside the base pipeline exactly as training saw it (revision, variant, single-file config,
-    memory options)."""
+    """A model to evaluate: a complete diffusers pipeline, a single-file checkpoint, a LoRA
+    run's adapters (final/: loaded into their base and fused), or an intermediate training
+    checkpoint (``checkpoint-N`` holds the denoiser, a UNet or a transformer, or the adapters),
+    which is evaluated inside the base pipeline exactly as training saw it (revision, variant,
+    single-file config, memory options)."""
+    from craft.checkpoints import checkpoint_denoiser, is_checkpoint
+    from craft.lora import LORA_WEIGHTS, apply_lora, is_lora_folder
     from craft.models import load_from_config
-
     from craft.pipes import denoiser, set_denoiser
-    from craft.training import checkpoint_denoiser
 
     p = Path(path)
-    if p.is_dir() and not (p / "model_index.json").exists():
+    if p.is_dir() and not (p / "model_index.json").exists() and not is_lora_folder(p) \
+            or p.is_dir() and (p / "state.pt").exists():
+        if not is_checkpoint(p):
+            raise CraftError(f"{path} is neither a diffusers pipeline nor a training checkpoint "
+                             f"with a unet/ or transformer/ folder or {LORA_WEIGHTS}; pass a "
+                             f"pipeline folder, RUN/final, or RUN/train/NAME/checkpoint-N")
+        pipe = load_from_config(cfg.model, device=device)
         folder = checkpoint_denoiser(p)
         if folder is None:
-            raise CraftError(f"{path} is neither a diffusers pipeline nor a training checkpoint "
-                             f"with a unet/ or transformer/ folder; pass a pipeline folder, "
-                             f"RUN/final, or RUN/train/NAME/checkpoint-N")
-        pipe = load_from_config(cfg.model, device=device)
+            return apply_lora(pipe, p)
         base = denoiser(pipe)
         tuned = type(base).from_pretrained(str(folder))
         set_denoiser(pipe, tuned.to(pipe.device, base.dtype))
@@ -204,11 +207,11 @@ def _check_loadable(cfg, label: str, path: str) -> None:
     from craft import MissingWeightsError
     from craft.models import check_model
 
-    from craft.training import checkpoint_denoiser
+    from craft.checkpoints import is_checkpoint
 
     p = Path(path)
-    if p.is_dir() and not (p / "model_index.json").exists() and checkpoint_denoiser(p):
-        path = cfg.model.pretrained  # a denoiser checkpoint: the base pipeline must be there
+    if p.is_dir() and (p / "state.pt").exists() and is_checkpoint(p):
+        path = cfg.model.pretrained  # a training checkpoint: the base pipeline must be there
     try:
         check_model(cfg.model, pretrained=str(path))
     except MissingWeightsError as e:

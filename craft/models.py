@@ -351,8 +351,13 @@ def check_model(model_cfg, pretrained: str | None = None) -> Path:
     """Everything :func:`load_from_config` will read is on disk (no weights are read).
 
     Returns the model's location; raises MissingWeightsError (or CraftError for a bad family,
-    device or dtype) before any work. ``pretrained`` overrides ``model_cfg.pretrained``.
+    device or dtype) before any work. ``pretrained`` overrides ``model_cfg.pretrained``; a
+    folder of LoRA adapters (craft.lora) is checked with the base it was trained on.
     """
+    adapters = _lora_location(model_cfg, pretrained)
+    if adapters is not None:
+        check_model(lora_base_config(model_cfg, adapters))
+        return adapters
     name, revision, variant, single_file_config = _source(model_cfg, pretrained)
     location = locate(name, revision)
     detect_family(location, model_cfg.family)
@@ -472,12 +477,48 @@ def _transformer_class(family: str):
                                "flux": "FluxTransformer2DModel"}[family])
 
 
+def _lora_location(model_cfg, pretrained: str | None) -> Path | None:
+    """The folder of LoRA adapters ``pretrained`` (or model.pretrained) names, or None."""
+    from craft.config import resolve_path
+    from craft.lora import is_lora_folder
+
+    path = resolve_path(str(pretrained or model_cfg.pretrained))
+    return path if path is not None and is_lora_folder(path) else None
+
+
+def lora_base_config(model_cfg, adapters: Path):
+    """``model_cfg`` pointing at the base the adapters in ``adapters`` were trained on (their
+    craft_train.json; without one, ``model_cfg``'s own model, which must not be the adapters
+    themselves)."""
+    import dataclasses
+
+    from craft.lora import lora_base
+
+    base = lora_base(adapters)
+    if base is None:
+        if _lora_location(model_cfg, None) == adapters:
+            raise CraftError(f"{adapters} holds LoRA adapters without a craft_train.json naming "
+                             "their base model; set model.pretrained to the base and load the "
+                             "adapters with pipe.load_lora_weights")
+        return model_cfg
+    keep = ("pretrained", "revision", "variant", "single_file_config", "family")
+    return dataclasses.replace(model_cfg, **{k: base.get(k, getattr(model_cfg, k)) for k in keep})
+
+
 def load_from_config(model_cfg, pretrained: str | None = None, device: str | None = None):
     """``load_pipeline`` with the fields of a :class:`craft.config.ModelConfig`;
     ``pretrained`` loads another model (e.g. a tuned one) with the same family, dtype, device
     and memory options; ``device`` overrides ``model.device`` (each process of a multi-GPU
-    launch loads onto its own GPU)."""
+    launch loads onto its own GPU). A folder of LoRA adapters (a LoRA run's final/) loads as
+    its base with the adapters fused in (craft.lora.apply_lora)."""
     from craft.pipes import set_t5_tokens
+
+    adapters = _lora_location(model_cfg, pretrained)
+    if adapters is not None:
+        from craft.lora import apply_lora
+
+        pipe = load_from_config(lora_base_config(model_cfg, adapters), device=device)
+        return apply_lora(pipe, adapters)
 
     name, revision, variant, single_file_config = _source(model_cfg, pretrained)
     pipe = load_pipeline(name, family=model_cfg.family, dtype=model_cfg.dtype,

@@ -346,7 +346,10 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
         if resume is False:
             raise CraftError(f"a training run named {name!r} exists and is finished; pick "
                              f"another name")
-        if not (out_dir / FINAL_DIR / "model_index.json").exists():
+        from craft.lora import is_lora_folder
+
+        final = out_dir / FINAL_DIR
+        if not ((final / "model_index.json").exists() or is_lora_folder(final)):
             raise CraftError(f"training run {name!r} is recorded as finished but "
                              f"{out_dir / FINAL_DIR} is missing; pick another name, or delete "
                              f"{out_dir} and its record to train it again")

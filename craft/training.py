@@ -45,7 +45,7 @@ Which library pieces are used, and where they differ from a hand-written loop:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import logging
@@ -60,8 +60,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from craft import CraftError
+# checkpoint_* / latest_checkpoint and LORA_TARGETS live in craft.checkpoints and craft.lora;
+# imported here for the callers that know them as craft.training's
+from craft.checkpoints import (checkpoint_denoiser, checkpoint_folder,  # noqa: F401
+                               checkpoint_meta, latest_checkpoint)
 from craft.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
 from craft.flow import loss_weight as flow_loss_weight
+from craft.lora import LORA_TARGETS  # noqa: F401
 from craft.pipes import native_size
 
 log = logging.getLogger(__name__)
@@ -295,96 +300,6 @@ def _check_training_frame(df: pd.DataFrame) -> None:
         raise CraftError("training weights contain NaN/inf; this is a bug in the selection step")
 
 
-# ------------------------------------------------------------------------ checkpoints
-
-
-def _trainable(unet) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def export_unet(unet, ema=None, lora: bool = False):
-    """A plain UNet (no adapters) holding the weights to ship: EMA if kept, LoRA merged in.
-    ``ema`` is an ``EMAModel`` over the trainable parameters, or None."""
-    out = copy.deepcopy(unet)
-    if ema is not None:
-        ema.copy_to(_trainable(out))
-    if lora:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for m in out.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.merge()
-        state = {k.replace(".base_layer.", "."): v for k, v in out.state_dict().items()
-                 if "lora_" not in k}
-        plain = type(unet).from_config(unet.config)
-        plain.load_state_dict(state)
-        out = plain
-    return out
-
-
-def _as_dtype(module, dtype):
-    """Cast only when needed: diffusers warns on every ``.to(dtype)`` of a UNet."""
-    return module if next(module.parameters()).dtype == dtype else module.to(dtype=dtype)
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((p for p in Path(out_dir).glob("checkpoint-*") if (p / "state.pt").exists()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def checkpoint_meta(ckpt: Path) -> dict:
-    """The ``meta`` a checkpoint was saved with (run name, kept-set digest, ...)."""
-    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)["meta"]
-
-
-def checkpoint_folder(model) -> str:
-    """The folder of a checkpoint's denoiser: ``unet`` or ``transformer``, as in a pipeline."""
-    return "unet" if type(model).__name__.startswith("UNet") else "transformer"
-
-
-def checkpoint_denoiser(ckpt: Path) -> Path | None:
-    """The denoiser folder of a training checkpoint (``unet/`` or ``transformer/``), or None."""
-    for name in ("unet", "transformer"):
-        if (Path(ckpt) / name / "config.json").is_file():
-            return Path(ckpt) / name
-    return None
-
-
-def save_checkpoint(out_dir: Path, step: int, unet, ema, opt, lora: bool, meta: dict) -> Path:
-    """Write checkpoint-<step>/ atomically: a complete diffusers denoiser (unet/ or
-    transformer/) + the resumable state."""
-    from craft.fsutil import atomic_dir
-
-    final = Path(out_dir) / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        export_unet(unet, ema, lora).save_pretrained(tmp / checkpoint_folder(unet),
-                                                     safe_serialization=True)
-        torch.save({"step": step, "trainable": [p.detach().cpu() for p in _trainable(unet)],
-                    "ema": None if ema is None else ema.state_dict(),
-                    "opt": opt.state_dict(), "meta": meta}, tmp / "state.pt")
-    return final
-
-
-def save_pipeline(pipe, unet, out: Path, extra: dict[str, str] | None = None) -> Path:
-    """The base pipeline with ``unet`` swapped in, saved complete in diffusers format (plus
-    ``extra`` files: name -> text), appearing at ``out`` all at once."""
-    from craft.fsutil import atomic_dir
-
-    from craft.pipes import denoiser, set_denoiser
-
-    original = denoiser(pipe)
-    set_denoiser(pipe, unet)
-    try:
-        with atomic_dir(out) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            for name, text in (extra or {}).items():
-                (tmp / name).write_text(text)
-    finally:
-        set_denoiser(pipe, original)
-    return Path(out)
-
-
 # ------------------------------------------------------------------------ options
 
 
@@ -472,36 +387,98 @@ class TrainData:
     scaling: float
     shift: float
     call: DenoiserCall
+    input_dtype: torch.dtype = torch.float32  # what the denoiser is fed (LoRA: its own dtype)
 
     def __len__(self) -> int:
         return len(self.weights)
 
 
-# LoRA targets: the attention projections, as diffusers' LoRA scripts choose them (for the MMDiT
-# families also the text stream's projections, train_dreambooth_lora_sd3.py / _flux.py).
-LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
-                "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                "add_v_proj", "to_add_out"]}
+@dataclasses.dataclass
+class Trainable:
+    """What trains, and how it is held.
+
+    LoRA: adapters (float32) on the pipeline's *own* denoiser, whose weights stay frozen in the
+    model dtype; the anchor's base prediction is that module with the adapters disabled. Full:
+    a float32 master copy of the denoiser (built tensor by tensor from the base, never a
+    model-dtype copy first); the pipeline's own denoiser is the frozen base, kept on the device
+    only when the anchor needs it. ``model`` is what the loss calls (DDP-wrapped, sharded or
+    plain), ``raw`` the module itself."""
+
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    params: list
+    opt: object
+    ema: object
+    lora: bool
+    sharded: bool
+    base: torch.nn.Module | None  # the anchor's reference (LoRA: raw itself, adapters off)
+    input_dtype: torch.dtype
+    restore: list = dataclasses.field(default_factory=list)  # (module, device) moved off
 
 
-def build_trainable(cfg, pipe, accelerator):
-    """A float32 copy of the base denoiser to train (all of it, or LoRA adapters), its AdamW
-    and its EMA, prepared by accelerate. Returns (model, raw_model, optimizer, ema, params)."""
+def use_sharding(cfg, accelerator) -> bool:
+    """FSDP when the config (or the user's accelerate config) asks and there are processes
+    to shard over."""
+    from craft.planning.plan import effective_sharding
+
+    return effective_sharding(cfg) == "fsdp" and accelerator.num_processes > 1
+
+
+def float32_copy(module) -> torch.nn.Module:
+    """A float32 copy of ``module`` on its device, built from its config on the meta device
+    and filled tensor by tensor (``copy.deepcopy(m).float()`` first copies in the model dtype:
+    half a model more at the peak)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        copy_ = type(module).from_config(module.config)
+    state = {k: v.detach().to(torch.float32, copy=True) for k, v in module.state_dict().items()}
+    copy_.load_state_dict(state, assign=True, strict=True)
+    for name, buf in module.named_buffers():  # non-persistent buffers are not in state_dict
+        owner, _, leaf = name.rpartition(".")
+        target = copy_.get_submodule(owner) if owner else copy_
+        if getattr(target, leaf).is_meta:
+            setattr(target, leaf, buf.clone())
+    return copy_
+
+
+def _offload(module, restore: list) -> None:
+    """Move a frozen module to the CPU while the steps run (CUDA only; on the CPU there is
+    nowhere to move it)."""
+    dev = next(module.parameters()).device
+    if dev.type == "cuda":
+        module.to("cpu")
+        restore.append((module, dev))
+
+
+def build_trainable(cfg, pipe, accelerator) -> Trainable:
+    """The trainable denoiser (LoRA adapters or a float32 master copy), its AdamW and EMA,
+    placed for the process set-up: one process, DDP, or FSDP (craft/sharding.py)."""
+    from craft.lora import add_lora
     from craft.pipes import denoiser, denoiser_name
+    from craft.sharding import fully_shard_model
 
     tc = cfg.train
-    unet = copy.deepcopy(denoiser(pipe)).float()
-    unet.train()
-    unet.requires_grad_(not tc.lora)
+    base = denoiser(pipe)
+    base.requires_grad_(False)
+    sharded = use_sharding(cfg, accelerator)
+    restore: list = []
     if tc.lora:
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha,
-                                    init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS[denoiser_name(pipe)]))
+        add_lora(base, denoiser_name(pipe), tc.lora_rank, tc.lora_alpha)
+        raw, anchor, input_dtype = base, base, base.dtype
+    else:
+        raw = float32_copy(base)
+        raw.requires_grad_(True)
+        anchor, input_dtype = (base if tc.anchor_weight > 0 else None), torch.float32
+        if anchor is None:
+            _offload(base, restore)
     if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = _trainable(unet)
+        raw.enable_gradient_checkpointing()
+    raw.train()
+    if sharded:
+        mp = accelerator.mixed_precision
+        fully_shard_model(raw, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp))
+    params = [p for p in raw.parameters() if p.requires_grad]
     betas = (tc.adam_beta1, tc.adam_beta2)
     if tc.use_8bit_adam:
         import bitsandbytes as bnb  # present: check_train_options said so
@@ -510,15 +487,31 @@ def build_trainable(cfg, pipe, accelerator):
     else:
         # fused: one kernel for all tensors (the per-tensor default loop dominated CPU steps)
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay,
-                                fused=True)
-    unet, opt = accelerator.prepare(unet, opt)
-    raw_unet = accelerator.unwrap_model(unet)
+                                fused=not sharded)
+    model = raw
+    if not sharded:
+        model, opt = accelerator.prepare(raw, opt)
     ema = None
     if tc.ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(_trainable(raw_unet), decay=tc.ema_decay, foreach=True)
-    return unet, raw_unet, opt, ema, params
+        ema = EMAModel(params, decay=tc.ema_decay, foreach=True)
+    return Trainable(model, raw, params, opt, ema, tc.lora, sharded, anchor, input_dtype,
+                     restore)
+
+
+def release(tr: Trainable, pipe, accelerator) -> None:
+    """Give the pipeline back as it came: accelerate's autocast wrapper off the module, the
+    adapters out, offloaded modules back on their device."""
+    from craft.lora import remove_lora
+
+    if not tr.sharded:
+        accelerator.unwrap_model(tr.model, keep_fp32_wrapper=False)
+    if tr.lora:
+        remove_lora(tr.raw)
+    for module, dev in tr.restore:
+        module.to(dev)
+    tr.restore.clear()
 
 
 def training_size(cfg, pipe) -> tuple[int, int]:
@@ -527,48 +520,64 @@ def training_size(cfg, pipe) -> tuple[int, int]:
     return cfg.generation.height or native_h, cfg.generation.width or native_w
 
 
+TEXT_CHUNK = 16  # prompts encoded at a time (craft.planning simulates the same)
+
+
+def vae_chunk(cfg) -> int:
+    """Images the VAE encodes at a time: one with ``model.vae_slicing`` (an SDXL VAE at 1024 px
+    needs ~2.5 GiB an image in float32), else a micro-batch."""
+    return 1 if cfg.model.vae_slicing else cfg.train.micro_batch
+
+
 def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
     """Latents and text conditioning of every kept image, computed once (VAE and text encoders
-    are frozen), on ``device``."""
+    are frozen), on ``device``, a chunk at a time."""
+    from craft.pipes import denoiser
+
     tc = cfg.train
     size = training_size(cfg, pipe)
     pixels = load_training_images(list(train_df["image_path"]), size)
-    lat_mean, lat_std = encode_latents(pipe.vae, pixels, device)
+    lat_mean, lat_std = encode_latents(pipe.vae, pixels, device, batch=vae_chunk(cfg))
     text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
-    cond = encode_text(pipe, list(train_df[text_col]), device, size)
+    texts = list(train_df[text_col])
+    parts = [encode_text(pipe, texts[i:i + TEXT_CHUNK], device, size)
+             for i in range(0, len(texts), TEXT_CHUNK)]
+    cond = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
     empty = empty_conditioning(pipe, device, size)
     weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,
                            device=device)
-    return TrainData(lat_mean, lat_std, {k: v.float() for k, v in cond.items()},
-                     {k: v.float() for k, v in empty.items()}, weights,
+    return TrainData(lat_mean, lat_std, cond, {k: v.float() for k, v in empty.items()}, weights,
                      pipe.vae.config.scaling_factor,
                      getattr(pipe.vae.config, "shift_factor", None) or 0.0,
-                     DenoiserCall.for_pipe(pipe, size, tc.guidance_scale))
+                     DenoiserCall.for_pipe(pipe, size, tc.guidance_scale),
+                     denoiser(pipe).dtype if tc.lora else torch.float32)
 
 
-def resume_from(out_dir: Path, raw_unet, ema, opt, meta: dict) -> int:
-    """Load the latest checkpoint in ``out_dir`` into the live weights, the EMA and AdamW;
-    returns its step (0 without a checkpoint). The state is read with ``weights_only=True``.
-    A checkpoint of another kept set is refused: resuming it would mix two data sets."""
-    ck = latest_checkpoint(out_dir)
-    if ck is None:
-        log.info("no checkpoint in %s; starting from step 0", out_dir)
-        return 0
-    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-    saved = state["meta"].get("kept_digest")
-    if saved is not None and meta.get("kept_digest") not in (None, saved):
-        raise CraftError(f"{ck} was trained on another kept set (digest {saved[:12]}, now "
-                         f"{meta['kept_digest'][:12]}); resume needs the same selection: train "
-                         f"under a new run name, or delete {out_dir} to start this one again")
-    with torch.no_grad():
-        for p, v in zip(_trainable(raw_unet), state["trainable"]):
-            p.copy_(v)
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
-        ema.to(device=next(raw_unet.parameters()).device)  # loaded on the CPU
-    opt.load_state_dict(state["opt"])
-    log.info("resumed from %s (step %d)", ck, state["step"])
-    return int(state["step"])
+def offload_encoders(pipe, restore: list) -> None:
+    """The text encoders and the VAE leave the GPU once the kept set is encoded (FLUX's T5-XXL
+    alone is 9.5 GB); previews bring them back for a while (:func:`encoders_on`)."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            _offload(module, restore)
+
+
+@contextlib.contextmanager
+def encoders_on(pipe, restore: list):
+    moved = [(m, d) for m, d in restore if not _is_denoiser(pipe, m)]
+    for module, dev in moved:
+        module.to(dev)
+    try:
+        yield
+    finally:
+        for module, _ in moved:
+            module.to("cpu")
+
+
+def _is_denoiser(pipe, module) -> bool:
+    from craft.pipes import denoiser
+
+    return module is denoiser(pipe)
 
 
 def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, step: int,
@@ -579,14 +588,15 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
     Samples, noise, timesteps and dropout come from a generator seeded by (seed, step,
     micro-batch, process): a resumed run draws exactly what the uninterrupted run drew.
 
-    The anchor term compares the tuned prediction with the frozen base model's (``base_unet``)
-    on the same noisy input, timestep and conditioning. For two samplers whose reverse steps are
-    Gaussians of equal variance, the KL divergence of one from the other is a weighted sum of
-    exactly these squared differences, so this is the KL-style regulariser of DiffusionNFT /
-    AWM: it lets the advantage-weighted term pull toward the kept images while charging for
-    every move away from what the base model would predict. It is not weighted by the sample's
-    advantage (the base is where every sample should stay near). At weight 0 it is not
-    computed: the loss is the plain CRAFT loss, bit for bit.
+    The anchor term compares the tuned prediction with the frozen base model's (``base_unet``;
+    for LoRA the same module with its adapters disabled) on the same noisy input, timestep and
+    conditioning. For two samplers whose reverse steps are Gaussians of equal variance, the KL
+    divergence of one from the other is a weighted sum of exactly these squared differences, so
+    this is the KL-style regulariser of DiffusionNFT / AWM: it lets the advantage-weighted term
+    pull toward the kept images while charging for every move away from what the base model
+    would predict. It is not weighted by the sample's advantage (the base is where every sample
+    should stay near). At weight 0 it is not computed: the loss is the plain CRAFT loss, bit for
+    bit.
     """
     device = accelerator.device
     gen = torch.Generator().manual_seed(
@@ -616,59 +626,137 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
         for k in c:
             c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
                                data.empty[k].expand_as(c[k]), c[k])
+    xt_in = xt.to(data.input_dtype)
+    c_in = {k: v.to(data.input_dtype) for k, v in c.items()}
     with accelerator.autocast():
-        pred = data.call(unet, xt, t, c)
+        pred = data.call(unet, xt_in, t, c_in)
     dims = tuple(range(1, pred.dim()))
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
     loss = (data.weights[idx] * w * per_sample).mean()
     if tc.anchor_weight > 0 and base_unet is not None:
-        with torch.no_grad(), accelerator.autocast():
-            ref = data.call(base_unet, xt.to(base_unet.dtype), t,
-                            {k: v.to(base_unet.dtype) for k, v in c.items()})
+        ref = _base_prediction(base_unet, data, xt, t, c, accelerator)
         drift = F.mse_loss(pred.float(), ref.float(), reduction="none").mean(dim=dims)
         loss = loss + tc.anchor_weight * drift.mean()
     return loss
 
 
-def render_previews(cfg, pipe, raw_unet, ema, out_dir: Path, step: int) -> tuple[list, list]:
+def _base_prediction(base, data: TrainData, xt, t, c, accelerator):
+    adapters = bool(getattr(base, "_hf_peft_config_loaded", False))
+    dtype = next(base.parameters()).dtype
+    with torch.no_grad(), accelerator.autocast():
+        if adapters:
+            base.disable_adapters()
+        try:
+            return data.call(base, xt.to(dtype), t, {k: v.to(dtype) for k, v in c.items()})
+        finally:
+            if adapters:
+                base.enable_adapters()
+
+
+@contextlib.contextmanager
+def tuned_pipeline(pipe, tr: Trainable):
+    """``pipe`` generating with the weights being trained (EMA if kept): LoRA's adapters are
+    already in the pipeline's denoiser; a full run's float32 copy is swapped in, under autocast
+    to the pipeline's dtype when they differ (no model-dtype copy is made)."""
+    from craft.checkpoints import ema_weights
+    from craft.pipes import denoiser, set_denoiser
+
+    original = denoiser(pipe)
+    tr.raw.eval()
+    cast = contextlib.nullcontext()
+    if not tr.lora:
+        set_denoiser(pipe, tr.raw)
+        if pipe.dtype != torch.float32:
+            cast = torch.autocast(pipe.device.type, dtype=pipe.dtype)
+    try:
+        with ema_weights(tr.ema, tr.params), cast:
+            yield pipe
+    finally:
+        set_denoiser(pipe, original)
+        tr.raw.train()
+
+
+def render_previews(cfg, pipe, tr: Trainable, out_dir: Path, step: int,
+                    save: bool = True) -> tuple[list, list]:
     """Fixed-seed previews of the current (EMA) weights, saved under previews/step-N/."""
     from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, generate_images
-    from craft.pipes import denoiser, set_denoiser
 
-    tc = cfg.train
-    prompts = list(tc.preview_prompts)
+    prompts = list(cfg.train.preview_prompts)
     params = SamplingParams(num_inference_steps=cfg.eval.num_inference_steps,
                             guidance_scale=cfg.eval.guidance_scale)
-    original = denoiser(pipe)
-    tuned = _as_dtype(export_unet(raw_unet, ema, tc.lora), original.dtype).eval()
-    set_denoiser(pipe, tuned)
-    try:
+    with encoders_on(pipe, tr.restore), tuned_pipeline(pipe, tr):
         images = [im for _, b in generate_images(pipe, prompts, list(range(len(prompts))),
                                                  params) for im in b]
-    finally:
-        set_denoiser(pipe, original)
-    pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
-    pdir.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):  # the studio shows them while training goes on
-        save_image_atomic(im, pdir / f"{i}.png", fsync=False)
+    if save:
+        pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):  # the studio shows them while training goes on
+            save_image_atomic(im, pdir / f"{i}.png", fsync=False)
     return images, prompts
 
 
-def finish(cfg, pipe, raw_unet, ema, out_dir: Path, steps: int, meta: dict) -> Path:
-    """The complete tuned pipeline at out_dir/final (EMA weights, LoRA merged) with a
-    craft_train.json saying what made it."""
+def finish(cfg, pipe, tr: Trainable, out_dir: Path, steps: int, meta: dict,
+           main: bool = True) -> Path:
+    """out_dir/final: a LoRA run's adapters (+ the merged pipeline with ``train.save_merged``),
+    a full run's complete pipeline; with a craft_train.json saying what made it. Every process
+    calls it (a sharded model is gathered by all); the main process writes."""
+    from craft.checkpoints import ema_weights, full_state, write_pipeline
     from craft.config import config_to_dict
-    from craft.pipes import denoiser
+    from craft.fsutil import atomic_dir
+    from craft.lora import TRAIN_RECORD, merged_state, save_lora
 
-    tuned = _as_dtype(export_unet(raw_unet, ema, cfg.train.lora), denoiser(pipe).dtype)
     record = json.dumps({**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1)
-    final_dir = save_pipeline(pipe, tuned, Path(out_dir) / "final", {"craft_train.json": record})
-    log.info("training done: %d steps; tuned pipeline at %s", steps, final_dir)
-    return final_dir
+    final = Path(out_dir) / "final"
+    with ema_weights(tr.ema, tr.params):
+        if tr.lora:
+            state = merged_state(tr.raw, pipe.dtype) if cfg.train.save_merged else None
+        else:
+            state = full_state(tr.raw, pipe.dtype)
+        if main:
+            with atomic_dir(final) as tmp:
+                if tr.lora:
+                    save_lora(pipe, tr.raw, tmp)
+                if state is not None:
+                    write_pipeline(pipe, tmp, state, tr.raw if not tr.lora else None)
+                (tmp / TRAIN_RECORD).write_text(record)
+    if main:
+        log.info("training done: %d steps; %s at %s", steps,
+                 "LoRA adapters" if tr.lora else "tuned pipeline", final)
+    return final
 
 
 # ------------------------------------------------------------------------ the loop
+
+
+@contextlib.contextmanager
+def _accumulating(tr: Trainable, accelerator, micro: int, accum: int):
+    """Gradient accumulation: accelerate's for one process or DDP; for FSDP, gradients are
+    reduce-scattered only after the last micro-batch."""
+    if not tr.sharded:
+        with accelerator.accumulate(tr.model):
+            yield
+        return
+    tr.raw.set_requires_gradient_sync(micro == accum - 1)
+    yield
+
+
+def _backward(tr: Trainable, accelerator, loss, accum: int) -> None:
+    if tr.sharded:
+        (loss / accum).backward()
+    else:
+        accelerator.backward(loss)  # divides by the accumulation steps
+
+
+def _clip(tr: Trainable, accelerator, max_norm: float) -> float:
+    if tr.sharded:
+        norm = torch.nn.utils.clip_grad_norm_(tr.params, max_norm if max_norm > 0 else
+                                              float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(tr.params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in tr.params
+                                         if p.grad is not None])))
 
 
 def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
@@ -676,16 +764,18 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
           meta: dict | None = None) -> TrainResult:
     """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
 
-    ``pipe`` may be passed to reuse an already loaded base pipeline (it is not modified).
-    ``meta`` is saved with every checkpoint (craft.stages puts the run name and the kept-set
-    digest there). Under several processes the main one saves; every process returns.
+    ``pipe`` may be passed to reuse an already loaded base pipeline: it is given back as it
+    came (LoRA adapters removed, offloaded parts back on the device). ``meta`` is saved with
+    every checkpoint (craft.stages puts the run name and the kept-set digest there). Under
+    several processes the main one saves (all of them, for a sharded model); every process
+    returns.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from craft.devices import resolve_device
     from craft.models import load_from_config
-    from craft.pipes import denoiser, is_flow
+    from craft.pipes import is_flow
 
     tc = cfg.train
     cb = callbacks or TrainCallbacks()
@@ -694,8 +784,11 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.model.device)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
-                              cpu=device.type == "cpu")
+    # gradient_as_bucket_view: DDP's buckets are the gradients (no second copy of them)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
+        cpu=device.type == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     accum = gradient_accumulation(tc, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = accum
     main = accelerator.is_main_process
@@ -703,11 +796,7 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     if pipe is None:
         pipe = load_from_config(cfg.model, device=str(accelerator.device))
     pipe.to(accelerator.device)
-
     check_flow_options(cfg, pipe)
-    unet, raw_unet, opt, ema, params = build_trainable(cfg, pipe, accelerator)
-    base = denoiser(pipe)
-    base.requires_grad_(False)  # stays the frozen base: previews swap it only for a while
     if is_flow(pipe):  # a fresh copy: its timesteps are the training grid (craft.flow)
         noise_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         w_t = None
@@ -716,26 +805,51 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
         w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
             accelerator.device)
     data = encode_dataset(cfg, pipe, train_df, accelerator.device)
-    meta = {"n_train": len(data), "base": cfg.model.pretrained, **(meta or {})}
-    start = resume_from(out_dir, raw_unet, ema, opt, meta) if resume else 0
+    restore: list = []
+    offload_encoders(pipe, restore)
+    tr = build_trainable(cfg, pipe, accelerator)
+    tr.restore[:0] = restore
+    meta = {"n_train": len(data), "base": cfg.model.pretrained, "lora": tc.lora,
+            "lora_rank": tc.lora_rank if tc.lora else None, **(meta or {})}
+    try:
+        return _loop(cfg, pipe, tr, data, noise_sched, w_t, out_dir, cb, resume, meta,
+                     accelerator, accum)
+    finally:
+        release(tr, pipe, accelerator)
+
+
+def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: Path,
+          cb: TrainCallbacks, resume: bool, meta: dict, accelerator, accum: int) -> TrainResult:
+    """Resume, the steps (checkpoints and previews on the way), the final save."""
+    from craft.checkpoints import load_checkpoint, save_checkpoint
+
+    tc = cfg.train
+    main = accelerator.is_main_process
+    start = 0
+    if resume:
+        ck = latest_checkpoint(out_dir)
+        if ck is None:
+            log.info("no checkpoint in %s; starting from step 0", out_dir)
+        else:
+            start = load_checkpoint(ck, tr.raw, tr.ema, tr.opt, meta)
 
     def lr_at(step: int) -> float:
         if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
             return tc.lr * (step + 1) / tc.lr_warmup_steps
         return tc.lr
 
-    def checkpoint(step: int) -> Path | None:
-        if not main:
-            return None
-        path = save_checkpoint(out_dir, step, raw_unet, ema, opt, tc.lora, meta)
-        if cb.on_checkpoint:
+    def checkpoint(step: int) -> None:
+        path = save_checkpoint(out_dir, step, pipe=pipe, model=tr.raw, ema=tr.ema, opt=tr.opt,
+                               lora=tr.lora, meta=meta, dtype=pipe.dtype,
+                               accelerator=accelerator)
+        if path is not None and cb.on_checkpoint:
             cb.on_checkpoint(step, path)
-        return path
 
     def preview(step: int) -> None:
-        if main and tc.preview_every and tc.preview_prompts:
-            images, prompts = render_previews(cfg, pipe, raw_unet, ema, out_dir, step)
-            if cb.on_preview:
+        # a sharded model runs on every process together; only the main one keeps the images
+        if tc.preview_every and tc.preview_prompts and (main or tr.sharded):
+            images, prompts = render_previews(cfg, pipe, tr, out_dir, step, save=main)
+            if main and cb.on_preview:
                 cb.on_preview(step, images, prompts)
 
     status = "done"
@@ -746,27 +860,24 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
             status = "cancelled"
             break
         t0 = time.perf_counter()
-        for g in opt.param_groups:
+        for g in tr.opt.param_groups:
             g["lr"] = lr_at(step)
         losses = []
         for micro in range(accum):
-            with accelerator.accumulate(unet):
-                loss = micro_batch_loss(unet, noise_sched, w_t, data, tc, step, micro,
-                                        accelerator.process_index, accelerator, base)
-                accelerator.backward(loss)  # divides by the accumulation steps
+            with _accumulating(tr, accelerator, micro, accum):
+                loss = micro_batch_loss(tr.model, noise_sched, w_t, data, tc, step, micro,
+                                        accelerator.process_index, accelerator, tr.base)
+                _backward(tr, accelerator, loss, accum)
                 losses.append(loss.item())
-        grad_norm = (accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                     if tc.max_grad_norm > 0 else
-                     torch.norm(torch.stack([p.grad.norm() for p in params
-                                             if p.grad is not None])))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(_trainable(raw_unet))
+        grad_norm = _clip(tr, accelerator, tc.max_grad_norm)
+        tr.opt.step()
+        tr.opt.zero_grad(set_to_none=True)
+        if tr.ema is not None:
+            tr.ema.step(tr.params)
         start = done = step + 1
         if cb.on_step:
-            cb.on_step(done, tc.steps, {"loss": float(np.mean(losses)),
-                                        "grad_norm": float(grad_norm), "lr": lr_at(step),
+            cb.on_step(done, tc.steps, {"loss": float(np.mean(losses)), "grad_norm": grad_norm,
+                                        "lr": lr_at(step),
                                         "step_time": time.perf_counter() - t0})
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
             checkpoint(done)
@@ -775,8 +886,8 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
 
     if status == "done" or start > 0:
         checkpoint(start)
-    if status == "done" and main:
-        finish(cfg, pipe, raw_unet, ema, out_dir, start, meta)
+    if status == "done":
+        finish(cfg, pipe, tr, out_dir, start, meta, main)
     accelerator.wait_for_everyone()  # the main process's files are there for everyone now
     last_ckpt = latest_checkpoint(out_dir)
     if status == "cancelled":
@@ -789,3 +900,4 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
 def weighted_epochs(n_samples: int, steps: int, effective_batch: int) -> float:
     """How many passes over the kept set a run makes (the paper: ~150 with 100 images)."""
     return steps * effective_batch / max(1, n_samples)
+

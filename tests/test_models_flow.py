@@ -196,9 +196,11 @@ def _cfg(model_dir, **extra):
 def test_flow_training_changes_every_trainable_parameter_and_saves(world, frames, tmp_path,
                                                                    name, lora):
     """Two steps of the flow-matching CRAFT loss: full fine-tuning changes every transformer
-    parameter; LoRA changes exactly the attention projections it targets (merged into final/).
-    final/ is a complete pipeline of the family; checkpoint-N holds a loadable transformer."""
+    parameter; LoRA changes exactly the attention projections it targets. final/ is a complete
+    pipeline of the family (LoRA: the adapters, loaded into the base by evaluation);
+    checkpoint-N holds a loadable transformer (LoRA: the adapters)."""
     from craft.evaluation import load_for_eval
+    from craft.lora import LORA_WEIGHTS
     from craft.training import LORA_TARGETS, train
 
     ref = getattr(world, name)
@@ -207,7 +209,8 @@ def test_flow_training_changes_every_trainable_parameter_and_saves(world, frames
     cfg = _cfg(getattr(world, f"{name}_dir"), **extra)
     result = train(cfg, frames[name], tmp_path / "out", pipe=_load(getattr(world, f"{name}_dir")))
     assert result.status == "done" and result.steps_done == 2
-    tuned = _load(result.final_dir)
+    tuned = (load_for_eval(cfg, str(result.final_dir), device="cpu") if lora
+             else _load(result.final_dir))
     assert type(tuned).__name__ == type(ref).__name__
     assert states_equal(tuned.vae, ref.vae) and states_equal(tuned.text_encoder, ref.text_encoder)
     base = ref.transformer.state_dict()
@@ -230,7 +233,7 @@ def test_flow_training_changes_every_trainable_parameter_and_saves(world, frames
     else:
         assert changed == params - dead, (params - dead - changed, changed - params)
     ckpt = result.last_checkpoint
-    assert (ckpt / "transformer" / "config.json").is_file()
+    assert (ckpt / (LORA_WEIGHTS if lora else "transformer/config.json")).is_file()
     evaluated = load_for_eval(cfg, str(ckpt), device="cpu")
     assert states_equal(evaluated.transformer, tuned.transformer)
 

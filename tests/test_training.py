@@ -77,28 +77,101 @@ def test_full_finetune_changes_every_parameter_and_logs_metrics(tmp_path, tiny_m
     assert not unchanged, f"{len(unchanged)} parameters did not change, e.g. {unchanged[:3]}"
 
 
-def test_lora_trains_only_adapters_and_exports_a_merged_unet(tmp_path, tiny_model_dir,
-                                                             tiny_pipe, images):
+def test_lora_trains_adapters_on_the_pipeline_and_saves_loadable_adapter_files(
+        tmp_path, tiny_model_dir, tiny_pipe, images):
+    from diffusers import StableDiffusionPipeline
+
+    from craft.generation import SamplingParams, generate_images
+    from craft.lora import LORA_WEIGHTS
+
     rank = 2
-    cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=rank, lora_alpha=2.0, lr=1e-2)
+    before = base_state(tiny_pipe)
+    # alpha != rank: the loaded adapters must carry their scale (the saved metadata)
+    cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=rank, lora_alpha=4.0, lr=1e-2,
+                  save_merged=True, ema_decay=0.5)
     result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_pipe)
     state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)
     # The optimizer saw only LoRA A/B matrices: r x in and out x r for every attention
-    # projection the adapter targets.
+    # projection the adapter targets, named.
     targets = [m for n, m in tiny_pipe.unet.named_modules()
                if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     assert targets
-    assert len(state["trainable"]) == 2 * len(targets)
+    assert len(state["trainable"]) == len(state["names"]) == 2 * len(targets)
+    assert all("lora_" in n for n in state["names"])
     expected = sum(rank * (m.in_features + m.out_features) for m in targets)
     assert sum(t.numel() for t in state["trainable"]) == expected
-    # The exported UNet is a plain one (adapters merged in), different from the base only in
-    # the adapted projections.
-    base = base_state(tiny_pipe)
-    tuned = unet_state(result.final_dir / "unet")
-    assert tuned.keys() == base.keys() and not any("lora" in k for k in tuned)
-    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    # The pipeline comes back as it was: no adapter layers, the same weights.
+    assert not any("lora" in n for n, _ in tiny_pipe.unet.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in tiny_pipe.unet.state_dict().items())
+    # The checkpoint and final/ hold the adapters (small); final/ also the merged pipeline.
+    assert (result.last_checkpoint / LORA_WEIGHTS).is_file()
+    assert not (result.last_checkpoint / "unet").exists()
+    adapters = result.final_dir / LORA_WEIGHTS
+    assert adapters.stat().st_size < 0.2 * (result.final_dir / "unet" /
+                                            "diffusion_pytorch_model.safetensors").stat().st_size
+    merged = unet_state(result.final_dir / "unet")
+    assert merged.keys() == before.keys() and not any("lora" in k for k in merged)
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
     assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
                                        "to_out.0.weight")) for k in changed), sorted(changed)[:5]
+    # diffusers' load_lora_weights on the base gives the merged model's images.
+    params = SamplingParams(num_inference_steps=3, guidance_scale=3.0)
+    prompts, seeds = [PROMPTS[0], PROMPTS[1]], [0, 1]
+
+    def draw(pipe):
+        return np.stack([np.asarray(im, dtype=np.int16) for _, b in
+                         generate_images(pipe, prompts, seeds, params) for im in b])
+
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    loaded.set_progress_bar_config(disable=True)
+    plain = draw(loaded)
+    loaded.load_lora_weights(str(result.final_dir), weight_name=LORA_WEIGHTS)
+    via_adapters = draw(loaded)
+    full = StableDiffusionPipeline.from_pretrained(result.final_dir)
+    full.set_progress_bar_config(disable=True)
+    via_merged = draw(full)
+    assert np.abs(via_adapters - via_merged).max() <= 2
+    assert np.abs(via_adapters - plain).max() > 2  # the adapters do change the images
+
+
+def test_lora_final_without_merge_is_adapters_that_evaluation_loads(tmp_path, tiny_model_dir,
+                                                                    tiny_pipe, images):
+    from craft.evaluation import load_for_eval
+    from craft.lora import LORA_WEIGHTS, is_lora_folder
+
+    cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=2, lora_alpha=2.0, lr=1e-2)
+    result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_pipe)
+    assert is_lora_folder(result.final_dir)
+    assert sorted(p.name for p in result.final_dir.iterdir()) == ["craft_train.json",
+                                                                  LORA_WEIGHTS]
+    pipe = load_for_eval(cfg, str(result.final_dir), device="cpu")  # base + fused adapters
+    tuned = pipe.unet.state_dict()
+    base = base_state(tiny_pipe)
+    assert not any("lora" in k for k in tuned) and tuned.keys() == base.keys()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    ckpt = load_for_eval(cfg, str(result.last_checkpoint), device="cpu")
+    assert all(torch.equal(v, tuned[k]) for k, v in ckpt.unet.state_dict().items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_lora_rank(tmp_path, tiny_model_dir, tiny_pipe,
+                                                          images):
+    df = frame(images, [1.0] * 6)
+    out = tmp_path / "out"
+    cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=2, lora_alpha=2.0, steps=2,
+                  checkpoint_every=1)
+    stop = TrainCallbacks(should_stop=lambda: True)
+    train(cfg, df, out, pipe=tiny_pipe, callbacks=TrainCallbacks(
+        on_step=lambda *a: None, should_stop=lambda: len(list(out.glob("checkpoint-*"))) > 0))
+    assert (out / "checkpoint-1").is_dir()
+    other = cfg_for(tiny_model_dir, lora=True, lora_rank=4, lora_alpha=4.0, steps=2,
+                    checkpoint_every=1)
+    with pytest.raises(CraftError, match=r"LoRA rank 2 then, 4 now.*lora_A.*\[2, .*\[4, "):
+        train(other, df, out, pipe=tiny_pipe, resume=True, callbacks=stop)
+    full = cfg_for(tiny_model_dir, steps=2, checkpoint_every=1)
+    with pytest.raises(CraftError, match="LoRA True then, False now"):
+        train(full, df, out, pipe=tiny_pipe, resume=True, callbacks=stop)
+    # nothing was changed by the refused resumes: the pipeline is the base
+    assert not any("lora" in n for n, _ in tiny_pipe.unet.named_parameters())
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])

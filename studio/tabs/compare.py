@@ -36,18 +36,21 @@ def _label_font():
 
 
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
-    """Tuned models of this run: complete pipelines (``final``) and intermediate denoiser (UNet / transformer)
-    checkpoints (``checkpoint-N``, evaluated on the base pipeline)."""
-    from craft.training import checkpoint_denoiser
+    """Tuned models of this run: finished ones (``final``: a complete pipeline, or a LoRA run's
+    adapters) and intermediate checkpoints (``checkpoint-N``: a denoiser or adapters, evaluated
+    on the base pipeline)."""
+    from craft.checkpoints import is_checkpoint
+    from craft.lora import is_lora_folder
 
     out = []
     root = ctx.run_dir / "train"
     if not root.is_dir():
         return out
     for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (run / "final" / "model_index.json").exists():
-            out.append((f"{run.name} · final", str(run / "final")))
-        ckpts = sorted((p for p in run.glob("checkpoint-*") if checkpoint_denoiser(p)),
+        final = run / "final"
+        if (final / "model_index.json").exists() or is_lora_folder(final):
+            out.append((f"{run.name} · final", str(final)))
+        ckpts = sorted((p for p in run.glob("checkpoint-*") if is_checkpoint(p)),
                        key=lambda p: int(p.name.split("-")[1]), reverse=True)
         out += [(f"{run.name} · {p.name}", str(p)) for p in ckpts]
     return out

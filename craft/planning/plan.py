@@ -1,0 +1,512 @@
+"""The run plan: per-GPU peak memory of every stage of a config, a verdict, the cheapest change
+that fits, and the time of the config's run, from simulations on fake tensors (no GPU, no
+weights).
+
+``make_plan(cfg, gpus=N, gpu=...)`` composes the stage simulations (craft.planning.simulate)
+with how the run spreads over N GPUs: generation, scoring and evaluation are data parallel (each
+GPU holds a whole model), training is data parallel too (DDP: a whole replica per GPU; its
+gradient buckets are the gradients, ``gradient_as_bucket_view``), or sharded with
+``train.sharding: fsdp`` (each GPU holds 1/N of the float32 master weights, gradients, AdamW
+moments and EMA, plus the full weights of the blocks being computed; craft/sharding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from craft import CraftError
+from craft.planning.hardware import (DEFAULT_UTILIZATION, MARGIN_TEXT, Gpu, hours, resolve_gpu,
+                                     with_margin)
+from craft.planning.simulate import (GIB, Sim, TrainSetup, simulate_generation, simulate_reward,
+                                     simulate_training)
+from craft.planning.specs import ModelSpec, model_spec, pixel_reward, reward_arch
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("weights", "trainable", "gradients", "optimizer", "ema", "data", "activations",
+           "temporary", "sharding")
+
+# The paper's Table 7 (supplementary), end-to-end H100 hours for CRAFT: (smaller, larger part).
+# Its main text says "total training requires approximately 4 GPU hours (SDXL on H100)", so the
+# smaller part is read as fine-tuning and the larger as candidate generation + filtering.
+PAPER_TABLE7 = {"sd15": (1.9, 6.9), "sdxl": (4.0, 20.1)}
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: str
+    parts: dict[str, float]  # GiB per category, per GPU, at the stage's peak
+    fits: bool
+    units: int | None = None  # images or training samples of the config's run
+    unit: str = "image"
+    flops_per_unit: float = 0.0
+    hours: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    fix: list[str] | None = None  # --set overrides that make it fit
+    fix_note: str = ""
+
+    @property
+    def simulated(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def needed(self) -> float:
+        return with_margin(self.simulated) if self.simulated else 0.0
+
+
+@dataclasses.dataclass
+class RunPlan:
+    model: str
+    family: str
+    source: str
+    dtype: str
+    size: tuple[int, int]
+    gpu: Gpu
+    gpus: int
+    utilization: float
+    sharding: str
+    method: str  # "LoRA rank r" | "full"
+    stages: list[StagePlan]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    def stage(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.stage == name)
+
+    def failing(self) -> list[StagePlan]:
+        return [s for s in self.stages if not s.fits]
+
+    def fix_overrides(self) -> list[str]:
+        """Every failing stage's fix, merged (the first value of a key wins)."""
+        out: dict[str, str] = {}
+        for s in self.failing():
+            for o in s.fix or []:
+                out.setdefault(o.split("=")[0], o)
+        return list(out.values())
+
+    def refusal(self) -> str:
+        """One paragraph: what does not fit and how to change it (for `craft run`)."""
+        parts = []
+        for s in self.failing():
+            how = (f"--set {' --set '.join(s.fix)}" if s.fix else "no setting fits")
+            parts.append(f"{s.stage} needs {s.needed:.1f} GiB per GPU ({s.fix_note or how})")
+        return (f"the plan for {self.gpus} x {self.gpu.memory_gib:g} GiB GPU(s) says this run "
+                f"does not fit: " + "; ".join(parts) +
+                ". `craft plan` shows the details")
+
+    def table(self, markdown: bool = False) -> str:
+        return render(self, markdown)
+
+
+# ------------------------------------------------------------------------ counting
+
+
+def prompt_counts(cfg) -> tuple[int | None, int | None, list[str]]:
+    """(training prompts, evaluation prompts, notes): counted from the prompt files when they
+    are here, else the configured caps."""
+    from craft.prompts import load_prompts
+
+    p, notes = cfg.prompts, []
+    try:
+        train = len(load_prompts(p.source, p.format, p.column, p.max_prompts,
+                                 seed=p.seed).prompts)
+    except CraftError:
+        train = p.max_prompts
+        notes.append(f"training prompts: {p.source} is not here; counted as prompts.max_prompts "
+                     f"= {train}" if train else f"training prompts: {p.source} is not here and "
+                     "prompts.max_prompts is null: generation time unknown")
+    try:
+        held = len(load_prompts(p.eval_source, "auto", None, p.max_eval_prompts,
+                                seed=p.seed).prompts)
+    except CraftError:
+        held = p.max_eval_prompts
+        if held is None:
+            notes.append(f"evaluation prompts: {p.eval_source} is not here: evaluation time "
+                         "unknown")
+    if cfg.eval.num_prompts is not None and held is not None:
+        held = min(held, cfg.eval.num_prompts)
+    elif cfg.eval.num_prompts is not None:
+        held = cfg.eval.num_prompts
+    return train, held, notes
+
+
+# ------------------------------------------------------------------------ composing
+
+
+def _gib(parts: dict[str, int]) -> dict[str, float]:
+    return {k: v / GIB for k, v in parts.items() if v}
+
+
+def _sharded(parts: dict[str, float], n: int, step_extra: dict, lora: bool) -> dict[str, float]:
+    """A training state split over n GPUs by FSDP: master weights, gradients, AdamW moments and
+    EMA divide by n (a LoRA run's frozen weights too: they live in the sharded module); the
+    blocks being computed are whole: two units' weights in the compute dtype (the current and
+    the prefetched) and their unsharded gradients in float32 before the reduce-scatter."""
+    out = dict(parts)
+    for k in ("trainable", "gradients", "optimizer", "ema"):
+        if k in out:
+            out[k] /= n
+    if lora and "weights" in out:
+        out["weights"] /= n
+    elif "weights" in out:  # the anchor's frozen base stays whole
+        out["weights"] = step_extra["base_bytes"] / GIB
+    unit = step_extra["unit_numel"]
+    out["sharding"] = unit * (2 * step_extra["compute_bytes"] + 2 * 4) / GIB
+    return out
+
+
+def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
+              utilization: float = DEFAULT_UTILIZATION, suggest: bool = True,
+              spec: ModelSpec | None = None) -> RunPlan:
+    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu`` (default: an 80 GB H100)."""
+    if gpus < 1:
+        raise CraftError(f"--gpus {gpus}: must be at least 1")
+    if not 0 < utilization <= 1:
+        raise CraftError(f"--utilization {utilization}: must lie in (0, 1], e.g. 0.35")
+    gpu = gpu or resolve_gpu(None, None)
+    spec = spec or model_spec(cfg)
+    sharding = effective_sharding(cfg)
+    n_train, n_eval, notes = prompt_counts(cfg)
+    g, e, t = cfg.generation, cfg.eval, cfg.train
+    per_prompt = (1 + cfg.prompts.num_variants) * g.seeds_per_prompt
+    n_images = n_train * per_prompt * t.rounds if n_train else None
+
+    def timed(flops: float, units: int | None) -> float | None:
+        return None if units is None else hours(units * flops, gpus, gpu, utilization)
+
+    stages = []
+    gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
+                              cfg.model.vae_slicing)
+    stages.append(_stage("generation", _gib(gen.parts), gpu, n_images, "image", gen.flops,
+                         timed(gen.flops, n_images), list(gen.notes)))
+    stages.append(_scoring(cfg, gpu, n_images, timed))
+    setup = TrainSetup.from_config(cfg, gpus)
+    train = simulate_training(spec, setup)
+    stages.append(_stage("training: encode the kept set", _gib(train["data"].parts), gpu))
+    step = train["step"]
+    parts = _gib(step.parts)
+    ddp = gpus > 1 and sharding == "none"
+    if ddp and "gradients" not in parts:  # DDP's buckets hold the gradients all along
+        parts["gradients"] = step.extra["trainable_numel"] * 4 / GIB
+    if sharding == "fsdp" and gpus > 1:
+        parts = _sharded(parts, gpus, step.extra, t.lora)
+    samples = t.steps * t.effective_batch
+    step_notes = list(step.notes)
+    if sharding == "fsdp" and gpus == 1:
+        step_notes.append("train.sharding=fsdp on one GPU shards nothing")
+    stages.append(_stage("training: one step", parts, gpu, samples, "sample", step.flops,
+                         timed(step.flops, samples), step_notes))
+    stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding))
+    stages.append(_evaluation(cfg, spec, gpu, n_eval, timed))
+    method = f"LoRA rank {t.lora_rank}" if t.lora else "full fine-tuning"
+    plan = RunPlan(cfg.model.pretrained, spec.family, spec.source,
+                   str(spec.dtype).replace("torch.", ""), (spec.height, spec.width), gpu, gpus,
+                   utilization, sharding, method, stages, notes)
+    if suggest and not plan.fits:
+        suggest_fixes(cfg, plan, spec)
+    return plan
+
+
+def effective_sharding(cfg) -> str:
+    """``train.sharding``, or fsdp when the user's accelerate config turns FSDP on."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return cfg.train.sharding
+
+
+def _stage(name, parts, gpu, units=None, unit="image", flops=0.0, hours_=None, notes=None):
+    s = StagePlan(name, parts, True, units, unit, flops, hours_, notes or [])
+    s.fits = s.needed <= gpu.memory_gib
+    return s
+
+
+def _scoring(cfg, gpu, n_images, timed) -> StagePlan:
+    weights, acts, flops, notes = 0.0, 0.0, 0.0, []
+    for name in cfg.rewards.names:
+        sim = _reward(name, cfg.rewards.batch_size, notes)
+        if sim is None:
+            continue
+        w = sim.extra["weights"] / GIB
+        weights += w
+        acts = max(acts, sim.peak / GIB - w)
+        flops += sim.flops
+    parts = {"weights": weights, "activations": acts} if weights else {}
+    notes.insert(0, f"all of {', '.join(cfg.rewards.names)} loaded at once, float32, "
+                    f"{cfg.rewards.batch_size} images a batch")
+    return _stage("scoring", parts, gpu, n_images, "image", flops,
+                  timed(flops, n_images) if flops else None, _grouped(notes))
+
+
+def _reward(name: str, batch: int, notes: list[str]) -> Sim | None:
+    if pixel_reward(name):
+        notes.append(f"{name}|computed from pixels on the CPU, no GPU memory")
+        return None
+    if reward_arch(name) is None:
+        notes.append(f"{name}|not simulated (a plugin's reward: add its model's memory)")
+        return None
+    return simulate_reward(name, batch)
+
+
+def _grouped(notes: list[str]) -> list[str]:
+    """"name|what" notes merged by what: "a, b: what"."""
+    plain = [n for n in notes if "|" not in n]
+    by_what: dict[str, list[str]] = {}
+    for n in notes:
+        if "|" in n:
+            name, what = n.split("|", 1)
+            by_what.setdefault(what, []).append(name)
+    return plain + [f"{', '.join(names)}: {what}" for what, names in by_what.items()]
+
+
+def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) -> StagePlan:
+    """After a step: the resident training state, one weight cast for saving, and the encoders
+    back on the device for the fixed-seed previews."""
+    t = cfg.train
+    after = _gib(step.extra["after_step"])
+    after.pop("activations", None)
+    after.pop("temporary", None)
+    if gpus > 1 and sharding == "fsdp":
+        after = _sharded(after, gpus, step.extra, t.lora)
+        save = after.pop("sharding")  # the full state dict is gathered a unit at a time
+    else:
+        if gpus > 1:
+            after["gradients"] = step.extra["trainable_numel"] * 4 / GIB
+        save = step.extra["largest_param"] * spec.dtype.itemsize / GIB
+    notes = []
+    parts = dict(after)
+    act = save
+    if t.preview_every and t.preview_prompts:
+        prev = simulate_generation(spec, len(t.preview_prompts), cfg.eval.num_inference_steps,
+                                   cfg.eval.guidance_scale, cfg.model.vae_slicing)
+        encoders = (prev.extra["weights"] - _denoiser_bytes(prev, spec)) / GIB
+        parts["weights"] = parts.get("weights", 0) + encoders
+        act = max(save, prev.parts.get("activations", 0) / GIB)
+        notes.append(f"previews of {len(t.preview_prompts)} prompts: text encoders and VAE "
+                     "back on the device")
+    parts["activations"] = act
+    return _stage("checkpoint + previews", parts, gpu, notes=notes)
+
+
+def _denoiser_bytes(sim: Sim, spec: ModelSpec) -> int:
+    return sim.extra["weights"] - sim.extra["encoders"] - _vae_bytes(spec)
+
+
+def _vae_bytes(spec: ModelSpec) -> int:
+    from craft.planning.simulate import _meta, _vae_upcast
+
+    import torch
+
+    dtype = torch.float32 if _vae_upcast(spec) else spec.dtype
+    return sum(p.numel() * dtype.itemsize for p in _meta(spec, "vae", dtype).parameters())
+
+
+def _evaluation(cfg, spec, gpu, n_eval, timed) -> StagePlan:
+    e = cfg.eval
+    gen = simulate_generation(spec, e.batch_size, e.num_inference_steps, e.guidance_scale,
+                              cfg.model.vae_slicing)
+    best, notes, flops = _gib(gen.parts), list(gen.notes), gen.flops
+    for name in cfg.rewards.eval_names:
+        sim = _reward(name, cfg.rewards.batch_size, notes)
+        if sim is None:
+            continue
+        flops += sim.flops / 2  # every image is scored once; both models' images: x2 below
+        if sim.peak > sum(v * GIB for v in best.values()):
+            best = _gib(sim.parts)
+    units = None if n_eval is None else n_eval * e.seeds_per_prompt * 2
+    notes.append("one pipeline on the device at a time, then each evaluation reward alone")
+    return _stage("evaluation", best, gpu, units, "image", flops, timed(flops, units),
+                  _grouped(notes))
+
+
+# ------------------------------------------------------------------------ fixes
+
+
+def with_overrides(cfg, overrides: list[str]):
+    """``cfg`` with ``section.key=value`` overrides applied (values parsed as YAML)."""
+    import yaml
+
+    from craft.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(cfg)
+    for o in overrides:
+        key, _, raw = o.partition("=")
+        section, name = key.split(".")
+        data[section][name] = yaml.safe_load(raw)
+    return config_from_dict(data, "the plan's suggestion")
+
+
+def _halvings(key: str, value: int) -> list[list[str]]:
+    out, v = [], value
+    while v > 1:
+        v //= 2
+        out.append([f"{key}={v}"])
+    return out
+
+
+def _candidates(cfg, stage: str, gpus: int) -> list[list[str]]:
+    """Changes that lower a stage's memory, cheapest (least change to the run) first."""
+    t, m = cfg.train, cfg.model
+    if stage == "generation" or stage.startswith("evaluation"):
+        key = "generation.batch_size" if stage == "generation" else "eval.batch_size"
+        value = cfg.generation.batch_size if stage == "generation" else cfg.eval.batch_size
+        out = [] if m.vae_slicing else [["model.vae_slicing=true"]]
+        return out + _halvings(key, value) + ([] if not stage.startswith("evaluation") else
+                                              _halvings("rewards.batch_size",
+                                                        cfg.rewards.batch_size))
+    if stage.startswith("scoring"):
+        return _halvings("rewards.batch_size", cfg.rewards.batch_size)
+    if stage.startswith("training: encode"):
+        return [] if m.vae_slicing else [["model.vae_slicing=true"]]
+    out = [] if m.gradient_checkpointing else [["model.gradient_checkpointing=true"]]
+    out += _halvings("train.micro_batch", t.micro_batch)
+    if not t.use_8bit_adam:
+        out.append(["train.use_8bit_adam=true"])
+    if t.ema_decay > 0:
+        out.append(["train.ema_decay=0"])
+    if stage.startswith("checkpoint") and t.preview_every:
+        out.append(["train.preview_every=0"])
+    if gpus > 1 and effective_sharding(cfg) == "none":
+        out.append(["train.sharding=fsdp"])
+    if not t.lora:
+        out.append(["train.lora=true"])
+    return out
+
+
+def suggest_fixes(cfg, plan: RunPlan, spec: ModelSpec) -> None:
+    """For each failing stage: the first single change that makes it fit, else the shortest
+    run of changes taken in order, else (training) how many GPUs sharding needs."""
+    for s in plan.failing():
+        cands = _candidates(cfg, s.stage, plan.gpus)
+        fix = None
+        for c in cands:
+            if _stage_fits(cfg, c, s.stage, plan, spec):
+                fix = c
+                break
+        if fix is None:
+            acc: list[str] = []
+            for c in cands:
+                acc = _merge(acc, c)
+                if _stage_fits(cfg, acc, s.stage, plan, spec):
+                    fix = acc
+                    break
+        if fix is not None:
+            s.fix = fix
+            continue
+        if s.stage.startswith(("training", "checkpoint")):
+            n = _gpus_for_sharding(cfg, s.stage, plan, spec)
+            if n is not None:
+                s.fix = ["train.sharding=fsdp"]
+                s.fix_note = (f"full fine-tuning needs sharding: train.sharding=fsdp on at "
+                              f"least {n} GPUs of {plan.gpu.memory_gib:g} GiB "
+                              f"(`craft plan ... --gpus {n} --set train.sharding=fsdp`), or "
+                              "--set train.lora=true")
+                continue
+        weights = s.parts.get("weights", 0)
+        s.fix_note = (f"no setting fits: the model weights alone need {with_margin(weights):.1f}"
+                      f" GiB with the margin; use a GPU with at least {s.needed:.0f} GiB")
+
+
+def _merge(acc: list[str], change: list[str]) -> list[str]:
+    keys = {c.split("=")[0] for c in change}
+    return [a for a in acc if a.split("=")[0] not in keys] + change
+
+
+def _stage_fits(cfg, overrides, stage: str, plan: RunPlan, spec: ModelSpec,
+                gpus: int | None = None) -> bool:
+    try:
+        changed = with_overrides(cfg, overrides)
+    except CraftError:
+        return False
+    other = make_plan(changed, gpus=gpus or plan.gpus, gpu=plan.gpu,
+                      utilization=plan.utilization, suggest=False, spec=spec)
+    return all(s.fits for s in other.stages if s.stage == stage)
+
+
+def _gpus_for_sharding(cfg, stage: str, plan: RunPlan, spec: ModelSpec) -> int | None:
+    changed = ["train.sharding=fsdp"]
+    for n in (2, 4, 8, 16, 32, 64):
+        if n <= plan.gpus:
+            continue
+        if (cfg.train.effective_batch % (cfg.train.micro_batch * n)) == 0 and _stage_fits(
+                cfg, changed, stage, plan, spec, gpus=n):
+            return n
+    return None
+
+
+# ------------------------------------------------------------------------ rendering
+
+
+def _duration(h: float | None) -> str:
+    if h is None:
+        return ""
+    return f"{h:.1f} h" if h >= 1 else f"{h * 60:.0f} min" if h * 60 >= 1 else "<1 min"
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if not v else f"{v:.1f}" if v >= 0.05 else "<0.1"
+
+
+def render(plan: RunPlan, markdown: bool = False) -> str:
+    cols = [c for c in COLUMNS if any(c in s.parts for s in plan.stages)]
+    head = ["stage", *cols, "simulated", "+margin", "verdict", "run", "time"]
+    rows = []
+    for s in plan.stages:
+        run = (f"{s.units:,} {s.unit}s" if s.units else "")
+        verdict = "fits" if s.fits else "DOES NOT FIT"
+        rows.append([s.stage, *(_fmt(s.parts.get(c)) for c in cols), _fmt(s.simulated),
+                     _fmt(s.needed), verdict, run, _duration(s.hours)])
+    total = sum(s.hours for s in plan.stages if s.hours)
+    h, w = plan.size
+    title = (f"{plan.model} ({plan.family}, {plan.dtype}, {h}x{w}, {plan.method}"
+             f"{', FSDP over %d GPUs' % plan.gpus if plan.sharding == 'fsdp' and plan.gpus > 1 else ''})"
+             f" on {plan.gpus} x {plan.gpu.name}"
+             f"{'' if 'GiB' in plan.gpu.name else f' ({plan.gpu.memory_gib:g} GiB)'}")
+    lines = [title, f"architecture: {plan.source}", "GiB per GPU at each stage's peak:", ""]
+    if markdown:
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        fmt = lambda r: "  ".join(str(x).ljust(wd) if i == 0 else str(x).rjust(wd)  # noqa: E731
+                                  for i, (x, wd) in enumerate(zip(r, widths)))
+        lines += [fmt(head), *(fmt(r) for r in rows)]
+    lines.append("")
+    for s in plan.stages:
+        for n in s.notes:
+            lines.append(f"- {s.stage}: {n}")
+    for n in plan.notes:
+        lines.append(f"- {n}")
+    lines.append(f"- margin: {MARGIN_TEXT}")
+    lines.append(f"- time: FLOPs counted on the architecture (torch.utils.flop_counter) / "
+                 f"({plan.gpus} x {plan.gpu.tflops:g} TFLOP/s: {plan.gpu.source}) at "
+                 f"{plan.utilization:.0%} utilization (an assumption; benchmarks/gpu.py measures "
+                 f"it): the run takes {_duration(total) or 'an unknown time'} on {plan.gpus} "
+                 f"GPU(s), {total * plan.gpus:.1f} GPU-hours")
+    from craft.planning.specs import KNOWN_REPOS
+
+    paper = PAPER_TABLE7.get(KNOWN_REPOS.get(plan.model.lower(), ""))
+    if paper:
+        lines.append(f"- the paper's Table 7 ({plan.family}, H100 hours): {paper[0]} + {paper[1]}; "
+                     f"read as fine-tuning {paper[0]} h and candidates + filtering {paper[1]} h "
+                     f"(its summary: ~4 GPU hours of training for SDXL)")
+    lines.append("")
+    if plan.fits:
+        lines.append(f"verdict: fits on {plan.gpus} x {plan.gpu.memory_gib:g} GiB")
+    else:
+        lines.append(f"verdict: DOES NOT FIT on {plan.gpus} x {plan.gpu.memory_gib:g} GiB")
+        for s in plan.failing():
+            how = s.fix_note or ("cheapest change that fits: --set " + " --set ".join(s.fix)
+                                 if s.fix else "no setting fits")
+            if s.fix and s.fix_note:
+                how = s.fix_note
+            lines.append(f"  {s.stage}: needs {s.needed:.1f} GiB; {how}")
+    return "\n".join(lines)
+
+
+__all__ = ["PAPER_TABLE7", "RunPlan", "StagePlan", "effective_sharding", "make_plan",
+           "prompt_counts", "render", "with_overrides"]
