@@ -48,7 +48,9 @@ def checkpoint_meta(ckpt: Path) -> dict:
 
 def checkpoint_folder(model) -> str:
     """The folder of a checkpoint's denoiser: ``unet`` or ``transformer``, as in a pipeline."""
-    return "unet" if type(model).__name__.startswith("UNet") else "transformer"
+    # by the class's ancestry: FSDP2 renames a sharded module's class (FSDPUNet2D...)
+    return "unet" if any(c.__name__.startswith("UNet") for c in type(model).__mro__) \
+        else "transformer"
 
 
 def checkpoint_denoiser(ckpt: Path) -> Path | None:
@@ -95,8 +97,8 @@ def full_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
-        return {k: v.to(dtype) for k, v in state.items()}
-    return {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+        return {k: v.to(dtype, copy=True) for k, v in state.items()}  # own storage each
+    return {k: v.detach().to("cpu", dtype, copy=True) for k, v in model.state_dict().items()}
 
 
 def save_denoiser(model, folder: Path, dtype: torch.dtype, state: dict | None = None) -> Path:
@@ -230,6 +232,13 @@ def load_checkpoint(ckpt: Path, model, ema, opt, meta: dict) -> int:
                          f"again")
     named = trainable_named(model)
     _check_same_tensors(ckpt, state, named, meta)
+    from craft.sharding import is_sharded
+
+    if bool(state.get("sharded")) != is_sharded(model):
+        how = ("sharded (FSDP): resume with train.sharding=fsdp on several processes"
+               if state.get("sharded") else "unsharded: resume with train.sharding=none")
+        raise CraftError(f"{ckpt} was saved {how}, as it was trained (this run is "
+                         f"{'sharded' if is_sharded(model) else 'not sharded'})")
     params = [p for _, p in named]
     if state.get("sharded"):
         _load_sharded(ckpt, model, ema, opt, named)

@@ -495,7 +495,8 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
     if tc.ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=tc.ema_decay, foreach=True)
+        # foreach kernels have no DTensor sharding rules (copy_, lerp_): per tensor when sharded
+        ema = EMAModel(params, decay=tc.ema_decay, foreach=not sharded)
     return Trainable(model, raw, params, opt, ema, tc.lora, sharded, anchor, input_dtype,
                      restore)
 
