@@ -70,6 +70,7 @@ class RunPlan:
     method: str  # "LoRA rank r" | "full"
     stages: list[StagePlan]
     notes: list[str] = dataclasses.field(default_factory=list)
+    fix: list[str] | None = None  # --set overrides that make every stage fit
 
     @property
     def fits(self) -> bool:
@@ -81,23 +82,15 @@ class RunPlan:
     def failing(self) -> list[StagePlan]:
         return [s for s in self.stages if not s.fits]
 
-    def fix_overrides(self) -> list[str]:
-        """Every failing stage's fix, merged (the first value of a key wins)."""
-        out: dict[str, str] = {}
-        for s in self.failing():
-            for o in s.fix or []:
-                out.setdefault(o.split("=")[0], o)
-        return list(out.values())
-
     def refusal(self) -> str:
         """One paragraph: what does not fit and how to change it (for `craft run`)."""
-        parts = []
-        for s in self.failing():
-            how = (f"--set {' --set '.join(s.fix)}" if s.fix else "no setting fits")
-            parts.append(f"{s.stage} needs {s.needed:.1f} GiB per GPU ({s.fix_note or how})")
+        parts = [f"{s.stage} needs {s.needed:.1f} GiB per GPU"
+                 + (f" ({s.fix_note})" if s.fix_note else "") for s in self.failing()]
+        how = (f"the cheapest change that fits every stage: --set {' --set '.join(self.fix)}"
+               if self.fix else "no setting makes every stage fit")
         return (f"the plan for {self.gpus} x {self.gpu.memory_gib:g} GiB GPU(s) says this run "
-                f"does not fit: " + "; ".join(parts) +
-                ". `craft plan` shows the details")
+                f"does not fit: {'; '.join(parts)}; {how}. `craft plan` shows the details; "
+                f"--ignore-plan runs it anyway")
 
     def table(self, markdown: bool = False) -> str:
         return render(self, markdown)
@@ -370,45 +363,74 @@ def _candidates(cfg, stage: str, gpus: int) -> list[list[str]]:
         out.append(["train.ema_decay=0"])
     if stage.startswith("checkpoint") and t.preview_every:
         out.append(["train.preview_every=0"])
-    if gpus > 1 and effective_sharding(cfg) == "none":
+    if gpus > 1 and effective_sharding(cfg) == "none" and not t.lora:
         out.append(["train.sharding=fsdp"])
-    if not t.lora:
-        out.append(["train.lora=true"])
-    return out
+    return out  # LoRA changes the method: suggest_fixes offers it apart
 
 
 def suggest_fixes(cfg, plan: RunPlan, spec: ModelSpec) -> None:
-    """For each failing stage: the first single change that makes it fit, else the shortest
-    run of changes taken in order, else (training) how many GPUs sharding needs."""
+    """For each failing stage, the cheapest change that makes it fit (``StagePlan.fix``); for
+    the run, the cheapest change that makes every stage fit (``RunPlan.fix``). Cheapest: the
+    first single change in :func:`_candidates`' order, else the shortest run of them taken in
+    order. Full fine-tuning that no setting fits on one GPU is answered with both ways out:
+    sharding over the number of GPUs the plan finds, or LoRA (a different method)."""
+    memo: dict = {}
+
+    def plan_with(overrides: list[str], gpus: int | None = None) -> RunPlan | None:
+        key = (tuple(overrides), gpus)
+        if key not in memo:
+            try:
+                changed = with_overrides(cfg, overrides)
+            except CraftError:
+                memo[key] = None
+            else:
+                memo[key] = make_plan(changed, gpus=gpus or plan.gpus, gpu=plan.gpu,
+                                      utilization=plan.utilization, suggest=False, spec=spec)
+        return memo[key]
+
+    def stage_ok(stage: str, gpus: int | None = None):
+        return lambda o: (p := plan_with(o, gpus)) is not None and p.stage(stage).fits
+
+    lora = [] if cfg.train.lora else [["train.lora=true"]]
+    everything: list[list[str]] = []
     for s in plan.failing():
         cands = _candidates(cfg, s.stage, plan.gpus)
-        fix = None
-        for c in cands:
-            if _stage_fits(cfg, c, s.stage, plan, spec):
-                fix = c
-                break
-        if fix is None:
-            acc: list[str] = []
-            for c in cands:
-                acc = _merge(acc, c)
-                if _stage_fits(cfg, acc, s.stage, plan, spec):
-                    fix = acc
-                    break
-        if fix is not None:
-            s.fix = fix
+        everything += [c for c in cands if c not in everything]
+        s.fix = _search(cands, stage_ok(s.stage))
+        if s.fix is not None:
             continue
-        if s.stage.startswith(("training", "checkpoint")):
-            n = _gpus_for_sharding(cfg, s.stage, plan, spec)
-            if n is not None:
-                s.fix = ["train.sharding=fsdp"]
-                s.fix_note = (f"full fine-tuning needs sharding: train.sharding=fsdp on at "
-                              f"least {n} GPUs of {plan.gpu.memory_gib:g} GiB "
-                              f"(`craft plan ... --gpus {n} --set train.sharding=fsdp`), or "
-                              "--set train.lora=true")
-                continue
-        weights = s.parts.get("weights", 0)
-        s.fix_note = (f"no setting fits: the model weights alone need {with_margin(weights):.1f}"
-                      f" GiB with the margin; use a GPU with at least {s.needed:.0f} GiB")
+        training = s.stage.startswith(("training", "checkpoint"))
+        n = _gpus_for_sharding(cfg, plan, stage_ok, s.stage) if training else None
+        by_lora = bool(lora) and training and stage_ok(s.stage)(lora[0])
+        ways = []
+        if n is not None:
+            ways.append(f"shard it over at least {n} GPUs of {plan.gpu.memory_gib:g} GiB "
+                        f"(--gpus {n} --set train.sharding=fsdp)")
+        if by_lora:
+            ways.append("train LoRA adapters instead (--set train.lora=true)")
+            s.fix = lora[0]
+        if ways:
+            s.fix_note = (f"{'full fine-tuning' if not cfg.train.lora else 'this stage'} does "
+                          f"not fit {plan.gpus} GPU(s) of {plan.gpu.memory_gib:g} GiB with any "
+                          f"setting: " + ", or ".join(ways))
+        else:
+            weights = s.parts.get("weights", 0)
+            s.fix_note = (f"no setting fits: the model's weights alone need "
+                          f"{with_margin(weights):.1f} GiB with the margin; use GPUs with at "
+                          f"least {s.needed:.0f} GiB")
+    plan.fix = _search(everything + lora, lambda o: (p := plan_with(o)) is not None and p.fits)
+
+
+def _search(cands: list[list[str]], ok) -> list[str] | None:
+    for c in cands:
+        if ok(c):
+            return c
+    acc: list[str] = []
+    for c in cands:
+        acc = _merge(acc, c)
+        if ok(acc):
+            return acc
+    return None
 
 
 def _merge(acc: list[str], change: list[str]) -> list[str]:
@@ -416,24 +438,12 @@ def _merge(acc: list[str], change: list[str]) -> list[str]:
     return [a for a in acc if a.split("=")[0] not in keys] + change
 
 
-def _stage_fits(cfg, overrides, stage: str, plan: RunPlan, spec: ModelSpec,
-                gpus: int | None = None) -> bool:
-    try:
-        changed = with_overrides(cfg, overrides)
-    except CraftError:
-        return False
-    other = make_plan(changed, gpus=gpus or plan.gpus, gpu=plan.gpu,
-                      utilization=plan.utilization, suggest=False, spec=spec)
-    return all(s.fits for s in other.stages if s.stage == stage)
-
-
-def _gpus_for_sharding(cfg, stage: str, plan: RunPlan, spec: ModelSpec) -> int | None:
-    changed = ["train.sharding=fsdp"]
+def _gpus_for_sharding(cfg, plan: RunPlan, stage_ok, stage: str) -> int | None:
+    if cfg.train.lora:
+        return None
     for n in (2, 4, 8, 16, 32, 64):
-        if n <= plan.gpus:
-            continue
-        if (cfg.train.effective_batch % (cfg.train.micro_batch * n)) == 0 and _stage_fits(
-                cfg, changed, stage, plan, spec, gpus=n):
+        if n > plan.gpus and cfg.train.effective_batch % (cfg.train.micro_batch * n) == 0 \
+                and stage_ok(stage, n)(["train.sharding=fsdp"]):
             return n
     return None
 
@@ -500,11 +510,10 @@ def render(plan: RunPlan, markdown: bool = False) -> str:
     else:
         lines.append(f"verdict: DOES NOT FIT on {plan.gpus} x {plan.gpu.memory_gib:g} GiB")
         for s in plan.failing():
-            how = s.fix_note or ("cheapest change that fits: --set " + " --set ".join(s.fix)
-                                 if s.fix else "no setting fits")
-            if s.fix and s.fix_note:
-                how = s.fix_note
-            lines.append(f"  {s.stage}: needs {s.needed:.1f} GiB; {how}")
+            lines.append(f"  {s.stage}: needs {s.needed:.1f} GiB per GPU"
+                         + (f"; {s.fix_note}" if s.fix_note else ""))
+        lines.append("the cheapest change that fits every stage: " +
+                     (f"--set {' --set '.join(plan.fix)}" if plan.fix else "none on these GPUs"))
     return "\n".join(lines)
 
 

@@ -95,6 +95,12 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
+def _dt(spec: ModelSpec) -> torch.dtype:
+    """The weights' dtype in the simulation: bfloat16 stands in for float16 (the same bytes;
+    CPU autocast, which the simulation runs under, has no float16)."""
+    return torch.bfloat16 if spec.dtype == torch.float16 else spec.dtype
+
+
 def _no_modes():
     """Building meta modules must not run under the fake mode, the tracker or the counter."""
     from torch.utils._python_dispatch import _disable_current_modes
@@ -174,17 +180,17 @@ def _generation_cached(spec: ModelSpec, batch: int, steps: int, cfg_on: bool,
     r = _Run()
     text, den, vae = [], [], []
     with r.active():
-        encoders = {n: r.module(_meta(spec, n, spec.dtype)) for n in spec.text_encoders}
-        model = r.module(_meta(spec, spec.denoiser, spec.dtype))
-        vae_dtype = torch.float32 if _vae_upcast(spec) else spec.dtype
+        encoders = {n: r.module(_meta(spec, n, _dt(spec))) for n in spec.text_encoders}
+        model = r.module(_meta(spec, spec.denoiser, _dt(spec)))
+        vae_dtype = torch.float32 if _vae_upcast(spec) else _dt(spec)
         vae_mod = r.module(_meta(spec, "vae", vae_dtype))
         with r.flops(text):
             _encode_text(spec, encoders, batch * (2 if cfg_on else 1))
         b = batch * (2 if cfg_on else 1)
-        x = _latents(spec, b).to(spec.dtype)
-        cond = _conditioning(spec, b, spec.dtype)
+        x = _latents(spec, b).to(_dt(spec))
+        cond = _conditioning(spec, b, _dt(spec))
         with torch.no_grad(), r.flops(den):
-            _call(spec)(model, x, _timesteps(spec, b).to(spec.dtype if spec.family in
+            _call(spec)(model, x, _timesteps(spec, b).to(_dt(spec) if spec.family in
                                                           ("sd3", "flux") else torch.long),
                         cond)
         del x, cond
@@ -249,6 +255,7 @@ class TrainSetup:
     anchor: bool
     n_kept: int
     guidance: float
+    vae_slicing: bool
 
     @classmethod
     def from_config(cls, cfg, processes: int = 1) -> TrainSetup:
@@ -257,10 +264,9 @@ class TrainSetup:
         return cls(t.micro_batch, max(1, t.effective_batch // (t.micro_batch * processes)),
                    t.lora, t.lora_rank, t.lora_alpha, cfg.model.gradient_checkpointing, mp,
                    t.ema_decay > 0, t.use_8bit_adam, t.anchor_weight > 0, cfg.filter.top_k,
-                   t.guidance_scale)
+                   t.guidance_scale, cfg.model.vae_slicing)
 
 
-ENCODE_CHUNK = 16  # craft.training encodes the kept set this many images / prompts at a time
 
 
 def _trainable(spec: ModelSpec, s: TrainSetup) -> torch.nn.Module:
@@ -268,7 +274,7 @@ def _trainable(spec: ModelSpec, s: TrainSetup) -> torch.nn.Module:
 
     if not s.lora:
         return _cast(spec.components[spec.denoiser].build(), torch.float32).train()
-    model = _meta(spec, spec.denoiser, spec.dtype).train()
+    model = _meta(spec, spec.denoiser, _dt(spec)).train()
     from peft import LoraConfig
 
     with torch.device("meta"):
@@ -282,8 +288,9 @@ def _trainable(spec: ModelSpec, s: TrainSetup) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=64)
-def _training_cached(spec: ModelSpec, s: TrainSetup) -> dict[str, Sim]:
-    out = {"data": _data_encoding(spec, s)}
+def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
+    """A steady-state step without EMA and with plain AdamW (both are added exactly by
+    :func:`simulate_training`: they are resident tensors of known size)."""
     r = _Run()
     fw: list = []
     base_bytes = 0
@@ -295,7 +302,7 @@ def _training_cached(spec: ModelSpec, s: TrainSetup) -> dict[str, Sim]:
             model.enable_gradient_checkpointing()
         base = None
         if s.anchor and not s.lora:
-            base = r.module(_meta(spec, spec.denoiser, spec.dtype))
+            base = r.module(_meta(spec, spec.denoiser, _dt(spec)))
             base_bytes = module_bytes(base)
         with r.mem.phase("data"):
             n = s.n_kept
@@ -309,9 +316,6 @@ def _training_cached(spec: ModelSpec, s: TrainSetup) -> dict[str, Sim]:
             opt.step()
         opt.zero_grad(set_to_none=True)
         r.mem.track_optimizer(opt)
-        if s.ema:
-            with r.mem.phase("ema"):
-                shadow = [p.detach().clone() for p in params]  # noqa: F841 (kept alive)
         if s.accumulation > 1:  # from the second micro-batch on, gradients are held
             with r.mem.phase("temporary"):
                 for p in params:
@@ -321,8 +325,10 @@ def _training_cached(spec: ModelSpec, s: TrainSetup) -> dict[str, Sim]:
         r.mem.reset_peak()
         resident = dict(r.mem.by_category)
         mp = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(s.mixed_precision)
-        autocast = torch.autocast("cpu", dtype=mp) if mp else contextlib.nullcontext()
-        in_dtype = spec.dtype if s.lora else torch.float32
+        # as craft.training's autocast: no cache of cast weights
+        autocast = (torch.autocast("cpu", dtype=mp, cache_enabled=False) if mp
+                    else contextlib.nullcontext())
+        in_dtype = _dt(spec) if s.lora else torch.float32
         b = s.micro_batch
         call = _call(spec, s.guidance)
         with r.flops(fw):
@@ -355,38 +361,55 @@ def _training_cached(spec: ModelSpec, s: TrainSetup) -> dict[str, Sim]:
         unit = largest_unit_numel(model)
         trainable_numel = sum(p.numel() for p in params)
         del data
-    notes = []
-    if s.eight_bit_adam:
-        notes.append("8-bit AdamW: the moments counted at 2 bytes per parameter instead of 8 "
-                     "(bitsandbytes is not simulated)")
-        for d in (step_peak, after, resident):
-            if "optimizer" in d:
-                d["optimizer"] = d["optimizer"] // 4
-    out["step"] = Sim(step_peak, fw[0] / b, "sample", tuple(notes), {
+    return Sim(step_peak, fw[0] / b, "sample", (), {
         "resident": resident, "after_step": after, "largest_param": largest,
         "unit_numel": unit, "trainable_numel": trainable_numel, "base_bytes": base_bytes,
         "compute_bytes": 2 if mp else 4})
-    return out
 
 
-def _data_encoding(spec: ModelSpec, s: TrainSetup) -> Sim:
+@functools.lru_cache(maxsize=16)
+def _data_encoding(spec: ModelSpec, vae_batch: int, text_batch: int) -> Sim:
     """The pipeline on the device while the kept set is encoded (a chunk at a time)."""
     r = _Run()
     with r.active():
-        r.module(_meta(spec, spec.denoiser, spec.dtype))
-        encoders = {n: r.module(_meta(spec, n, spec.dtype)) for n in spec.text_encoders}
-        vae_dtype = torch.float32 if _vae_upcast(spec) else spec.dtype
+        r.module(_meta(spec, spec.denoiser, _dt(spec)))
+        encoders = {n: r.module(_meta(spec, n, _dt(spec))) for n in spec.text_encoders}
+        vae_dtype = torch.float32 if _vae_upcast(spec) else _dt(spec)
         vae = r.module(_meta(spec, "vae", vae_dtype))
-        b = min(ENCODE_CHUNK, s.n_kept)
-        _encode_text(spec, encoders, b)
+        _encode_text(spec, encoders, text_batch)
         with torch.no_grad():
-            vae.encode(torch.randn(b, 3, spec.height, spec.width, dtype=vae_dtype))
+            vae.encode(torch.randn(vae_batch, 3, spec.height, spec.width, dtype=vae_dtype))
     return Sim(dict(r.mem.peak_by_category), 0.0, "sample")
 
 
 def simulate_training(spec: ModelSpec, setup: TrainSetup) -> dict[str, Sim]:
-    """``{"data": ..., "step": ...}``: encoding the kept set, and a steady-state step."""
-    return _training_cached(spec, setup)
+    """``{"data": ..., "step": ...}``: encoding the kept set, and a steady-state step.
+
+    The step is simulated once per setting that changes what runs (micro-batch, LoRA,
+    checkpointing, precision, anchor, whether gradients are held across micro-batches); the EMA
+    (a float32 copy of the trainable weights) and 8-bit AdamW (moments at 2 bytes a parameter
+    instead of 8: bitsandbytes is not simulated) are then added to every snapshot exactly."""
+    from craft.training import TEXT_CHUNK
+
+    data = _data_encoding(spec, 1 if setup.vae_slicing else setup.micro_batch,
+                          min(TEXT_CHUNK, setup.n_kept))
+    core = dataclasses.replace(setup, ema=False, eight_bit_adam=False, vae_slicing=False,
+                               accumulation=min(setup.accumulation, 2))
+    step = _step_cached(spec, core)
+    extra = dict(step.extra)
+    snaps = {k: dict(extra[k]) for k in ("resident", "after_step")}
+    peak = dict(step.parts)
+    notes = []
+    for d in (peak, *snaps.values()):
+        if setup.ema:
+            d["ema"] = d.get("ema", 0) + extra["trainable_numel"] * 4
+        if setup.eight_bit_adam and "optimizer" in d:
+            d["optimizer"] //= 4
+    if setup.eight_bit_adam:
+        notes.append("8-bit AdamW: moments counted at 2 bytes per parameter instead of 8 "
+                     "(bitsandbytes is not simulated)")
+    extra.update(snaps)
+    return {"data": data, "step": Sim(peak, step.flops, "sample", tuple(notes), extra)}
 
 
 __all__ = ["GIB", "Sim", "TrainSetup", "simulate_generation", "simulate_reward",
