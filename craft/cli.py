@@ -39,7 +39,12 @@ def _config_show(args: argparse.Namespace) -> int:
 def _config_check(args: argparse.Namespace) -> int:
     from craft.preflight import preflight
 
-    checks = preflight(config_from_args(args))
+    plan = None
+    if not args.no_plan:
+        from craft.cli_plan import gpu_from_args
+
+        plan = (args.gpus, gpu_from_args(args))
+    checks = preflight(config_from_args(args), plan=plan)
     width = max(len(c.what) for c in checks)
     for c in checks:
         sys.stdout.write(f"{'ok     ' if c.ok else 'MISSING'}  {c.what:<{width}}  {c.detail}\n")
@@ -61,6 +66,11 @@ def _add_config(subparsers: argparse._SubParsersAction) -> None:
                                          "files, expander, every reward's weights, training "
                                          "options) and list what is missing; reads no weights")
     add_config_arguments(check, positional=True)
+    from craft.cli_plan import add_gpu_arguments
+
+    add_gpu_arguments(check)
+    check.add_argument("--no-plan", action="store_true",
+                       help="skip the memory plan (the slowest check: ~1 min at 12 B)")
     check.set_defaults(handler=_config_check)
 
 

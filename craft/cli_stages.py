@@ -29,10 +29,37 @@ def _open(args):
     if getattr(args, "per_prompt_cap", None) is not None:
         overrides.append(f"filter.per_prompt_cap={args.per_prompt_cap or 'null'}")
     cfg, given = run_config(args.run_dir, args.config, overrides)
+    if getattr(args, "plan_check", False):
+        check_fits(cfg, args)
     run = open_run(args.run_dir, cfg)
     if given:
         run.save_config(cfg)
     return run, cfg
+
+
+def check_fits(cfg, args) -> None:
+    """Refuse, before any work, a run the plan says does not fit its GPUs (craft.planning):
+    on CUDA (or with --gpu / --gpu-memory) and unless --ignore-plan."""
+    import os
+
+    from craft.devices import resolve_device
+
+    asked = args.gpu is not None or args.gpu_memory is not None
+    if args.ignore_plan or not (asked or resolve_device(cfg.model.device).type == "cuda"):
+        return
+    from craft.cli_plan import gpu_from_args
+    from craft.planning import make_plan
+
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = make_plan(cfg, gpus=gpus, gpu=gpu_from_args(args))
+    except CraftError as e:  # the plan cannot be made (an unknown architecture): say so, go on
+        log.warning("no memory plan for this run (%s); running without the fit check", e)
+        return
+    if not plan.fits:
+        raise CraftError(plan.refusal())
+    log.info("the plan says this run fits %d x %s (largest stage %.1f GiB per GPU)", gpus,
+             plan.gpu.name, max(s.needed for s in plan.stages))
 
 
 def _say(run, text: str) -> None:
@@ -237,6 +264,16 @@ def _name(p: argparse.ArgumentParser) -> None:
                    help=f"training run name: RUN/train/NAME (default {DEFAULT_RUN_NAME})")
 
 
+def _plan_check(p: argparse.ArgumentParser) -> None:
+    from craft.cli_plan import add_gpu_arguments
+
+    add_gpu_arguments(p, gpus_default=None)
+    p.add_argument("--ignore-plan", action="store_true",
+                   help="run even when the memory plan says a stage does not fit (the plan "
+                        "is checked on CUDA, or against --gpu / --gpu-memory, before any work)")
+    p.set_defaults(plan_check=True)
+
+
 def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
     specs = [
         ("prompts", cmd_prompts, "load the training and evaluation prompts and write variants"),
@@ -264,6 +301,7 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
         if name in ("train", "publish"):
             _name(p)
         if name == "train":
+            _plan_check(p)
             how = p.add_mutually_exclusive_group()
             how.add_argument("--resume", action="store_true",
                              help="require an unfinished run of this name to continue")
@@ -282,6 +320,7 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("run", help="every stage in order; leaves RUN/final; rerun the "
                                             "same command to resume")
     _common(run, config_positional=True)
+    _plan_check(run)
     _cap(run)
     _name(run)
     run.add_argument("--resume", action="store_true",

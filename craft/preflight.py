@@ -31,8 +31,10 @@ def _run(what: str, fn) -> Check:
         return Check(what, False, str(exc))
 
 
-def preflight(cfg) -> list[Check]:
-    """One :class:`Check` per model, prompt set, expander, reward and training option."""
+def preflight(cfg, plan: tuple | None = None) -> list[Check]:
+    """One :class:`Check` per model, prompt set, expander, reward and training option; with
+    ``plan=(gpus, Gpu)`` also the memory plan's verdict (craft.planning; seconds for the toy
+    world, about a minute for a 12 B model)."""
     from craft.models import check_model
     from craft.prompts import load_prompts
     from craft.rewards import check_available
@@ -55,7 +57,23 @@ def preflight(cfg) -> list[Check]:
     checks.append(_run("training options", lambda: (check_train_options(cfg), _train(cfg))[1]))
     checks.append(_run(f"diversity encoder {cfg.eval.diversity_encoder} (evaluation)",
                        lambda: _diversity(cfg)))
+    if plan is not None:
+        checks.append(_run(f"memory plan ({plan[0]} x {plan[1].name})",
+                           lambda: _plan(cfg, *plan)))
     return checks
+
+
+def _plan(cfg, gpus: int, gpu) -> str:
+    """The run plan's verdict (craft.planning): fits, or what does not and the change that
+    fits."""
+    from craft.planning import make_plan
+
+    p = make_plan(cfg, gpus=gpus, gpu=gpu)
+    if not p.fits:
+        raise CraftError(p.refusal().replace("; --ignore-plan runs it anyway", ""))
+    top = max(p.stages, key=lambda s: s.needed)
+    return (f"every stage fits {gpus} x {gpu.memory_gib:g} GiB (largest: {top.stage}, "
+            f"{top.needed:.1f} GiB per GPU with the margin); `craft plan` shows the details")
 
 
 def _diversity(cfg) -> str:

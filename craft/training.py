@@ -789,8 +789,10 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     # cache_enabled=False: autocast otherwise keeps a model-dtype cast of every float32 weight
     # until the forward ends, another 2 bytes a parameter (22 GiB for FLUX.1-dev's full
     # fine-tuning); the casts are redone where used (craft.planning simulates the same).
+    mixed = resolve_mixed_precision(tc.mixed_precision, device)
+    _forget_other_precision(mixed)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
+        mixed_precision=mixed,
         cpu=device.type == "cpu",
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
                          AutocastKwargs(cache_enabled=False)])
@@ -821,6 +823,18 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
                      accelerator, accum)
     finally:
         release(tr, pipe, accelerator)
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator with
+    another mixed precision ("restart your runtime"); a long-lived process (the studio, a test
+    session) trains runs with different settings, so the state is reset when it differs. The
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: Path,

@@ -306,12 +306,14 @@ def _listed(inputs) -> list:
 
 def check_markdown(cfg) -> str:
     """:func:`craft.preflight.preflight` as a table: every piece the settings need, found or
-    missing, with the fix for each missing one (the studio's `craft config check`)."""
+    missing, with the fix for each missing one, and the memory plan's verdict for this
+    machine's GPU (an 80 GB H100 where there is none): the studio's `craft config check`."""
     import html
 
+    from craft.planning.hardware import local_gpu, resolve_gpu
     from craft.preflight import preflight
 
-    checks = preflight(cfg)
+    checks = preflight(cfg, plan=(1, local_gpu() or resolve_gpu(None, None)))
     bad = sum(not c.ok for c in checks)
     rows = [f"| {'✓' if c.ok else '✗ missing'} | {html.escape(c.what)} | "
             f"{html.escape(c.detail).replace('|', '/').replace(chr(10), ' ')} |" for c in checks]

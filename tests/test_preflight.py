@@ -31,11 +31,23 @@ def test_the_toy_world_is_ready(capsys):
     out = capsys.readouterr().out
     assert set(lines(out).values()) == {"ok"}
     assert "reward toy_heldout (evaluation only)" in out and out.rstrip().endswith(
-        "11 of 11 ready; `craft run` will find everything it reads")
+        "12 of 12 ready; `craft run` will find everything it reads")
+    assert "memory plan (1 x H100)" in out and "every stage fits 1 x 79.1 GiB" in out
+
+
+def test_the_memory_plan_line_names_what_does_not_fit_and_the_change(capsys):
+    assert main(["config", "check", "--gpu-memory", "1.05", "--no-plan"]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", "--gpu-memory", "1.05"]) == 2
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "memory plan" in x)
+    assert line.startswith("MISSING") and "training: one step needs" in line
+    assert "the cheapest change that fits every stage: --set " in line
 
 
 def test_a_real_config_on_a_bare_machine_lists_every_missing_piece(capsys):
-    assert main(["config", "check", str(PROJECT_ROOT / "configs" / "sdxl.yaml")]) == 2
+    assert main(["config", "check", str(PROJECT_ROOT / "configs" / "sdxl.yaml"),
+                 "--no-plan"]) == 2
     out = capsys.readouterr().out
     status = lines(out)
     assert status == {
@@ -55,7 +67,7 @@ def test_found_pieces_say_where(capsys, tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "eval.txt").write_text("a photo of a bird\n")
     clip = rf.write_tiny_clip(tmp_path / "pickscore", with_processor=False)
     monkeypatch.setenv("CRAFT_LLM_API_KEY", "k")
-    args = ["config", "check", "--set", f"model.pretrained={tiny_model_dir}",
+    args = ["config", "check", "--no-plan", "--set", f"model.pretrained={tiny_model_dir}",
             "--set", f"prompts.source={tmp_path / 'train.txt'}",
             "--set", f"prompts.eval_source={tmp_path / 'eval.txt'}",
             "--set", "prompts.expander=llm_http",

@@ -358,12 +358,13 @@ def test_settings_check_lists_what_the_settings_need(app, tmp_path):
     from studio.app import check_markdown
 
     out = check_markdown(app.ctx.cfg)
-    assert out.startswith("**11 of 11 ready**") and "| ✓ | reward toy_heldout (evaluation only)" in out
+    assert out.startswith("**12 of 12 ready**") and "| ✓ | reward toy_heldout (evaluation only)" in out
+    assert "| ✓ | memory plan (1 x H100) | every stage fits 1 x 79.1 GiB" in out
     values = app.settings.values_from(app.ctx.cfg)
     values[app.settings.index("model.pretrained")] = str(tmp_path / "no-model")
     cfg = app.settings.config_from(app.ctx.cfg, values)
     out = check_markdown(cfg)
-    assert out.startswith("**10 of 11 ready**: fix the 1 missing item(s)")
+    assert out.startswith("**10 of 12 ready**: fix the 2 missing item(s)")
     assert "| ✗ missing | model |" in out and "no-model" in out
 
 

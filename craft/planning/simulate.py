@@ -332,12 +332,17 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
         b = s.micro_batch
         call = _call(spec, s.guidance)
         with r.flops(fw):
-            x = _latents(spec, b).to(in_dtype)
-            cond = _conditioning(spec, b, in_dtype)
+            # as craft.training.micro_batch_loss: x0, noise, the noisy input and the target in
+            # float32, the gathered conditioning, then both cast to what the denoiser takes
+            x0, noise = _latents(spec, b), _latents(spec, b)
+            xt, target = x0 * 0.5 + noise * 0.5, noise - x0
+            gathered = _conditioning(spec, b, torch.float32)
+            x = xt.to(in_dtype)
+            cond = {k: v.to(in_dtype) for k, v in gathered.items()}
             t = _timesteps(spec, b)
             with autocast:
                 pred = call(model, x, t, cond)
-                loss = pred.float().pow(2).mean()
+                loss = (pred.float() - target).pow(2).mean()
                 if s.anchor:
                     ref_model = base if base is not None else model
                     with torch.no_grad():
@@ -349,7 +354,7 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
                     loss = loss + (pred.float() - ref.float()).pow(2).mean()
             with r.mem.phase("temporary"):
                 loss.backward()
-        del pred, loss, x, cond
+        del pred, loss, x, cond, x0, noise, xt, target, gathered
         with r.mem.phase("temporary"):
             opt.step()
         step_peak = dict(r.mem.peak_by_category)

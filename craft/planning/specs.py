@@ -15,6 +15,7 @@ ViT-L/16 + BERT-base), scored in float32 as ``craft.rewards`` does. Rewards comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -100,11 +101,18 @@ class ModelSpec:
 
 
 def model_spec(cfg, *, height: int | None = None, width: int | None = None) -> ModelSpec:
-    """The config's model at the size it runs (``generation.height/width`` or native)."""
+    """The config's model at the size it runs (``generation.height/width`` or native). The
+    same model settings give the same spec object, so simulations cached per spec are shared
+    by every plan of a process (the fix search, the benchmark's grid)."""
+    m = cfg.model
+    return _model_spec(m, _local_configs(m), height or cfg.generation.height,
+                       width or cfg.generation.width)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_spec(m, location: Path | None, height: int | None, width: int | None) -> ModelSpec:
     from craft.devices import resolve_dtype
 
-    m = cfg.model
-    location = _local_configs(m)
     if location is not None:
         family, comps, source = _from_folder(location, m.family)
     else:
@@ -134,8 +142,7 @@ def model_spec(cfg, *, height: int | None = None, width: int | None = None) -> M
                       if c.cls.startswith("CLIPText"))])
     return ModelSpec(
         family=fam, clip_tokens=clip, source=source, components=comps, dtype=dtype,
-        height=height or cfg.generation.height or native,
-        width=width or cfg.generation.width or native, vae_scale_factor=vsf, t5_tokens=t5,
+        height=height or native, width=width or native, vae_scale_factor=vsf, t5_tokens=t5,
         flux_guidance=fam == "flux" and bool(den.config.get("guidance_embeds", False)))
 
 

@@ -1,0 +1,168 @@
+"""The run plan (craft.planning, `craft plan`): simulated on fake tensors, checked against what
+the same training code holds on this CPU (the toy bases and tiny real-architecture models), and
+against parameters x bytes at the real sizes; the verdicts the CLI gives for the shipped
+configs; and a run the plan refuses stops before any work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from craft.cli import main
+from craft.config import PROJECT_ROOT, load_config
+
+GIB = 2 ** 30
+# Plan vs measured peak of a training step: 15 % and 0.5 MiB. The absolute part is for the tiny
+# models: the loop's small per-step tensors that the simulation leaves out (timestep indices,
+# dropout masks, per-parameter norms for clipping: ~0.3 MiB of a 2 MiB SD3 step) vanish at the
+# real sizes, where one activation is hundreds of MiB.
+TOLERANCE, SLACK = 0.15, 0.5 * 2**20
+
+
+def _frame(folder, n: int, size: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+    return pd.DataFrame({"image_path": paths, "prompt": ["a red circle on a blue background"] * n,
+                         "weight": np.linspace(0.5, 1.5, n)})
+
+
+def _plan_vs_measured(cfg, tmp_path, size: int):
+    from craft.models import load_from_config
+    from craft.planning import make_plan, resolve_gpu
+    from craft.planning.measure import measure_training_step
+
+    plan = make_plan(cfg, gpu=resolve_gpu(None, 80), suggest=False).stage("training: one step")
+    pipe = load_from_config(cfg.model, device="cpu")
+    measured = measure_training_step(cfg, _frame(tmp_path, cfg.filter.top_k, size),
+                                     tmp_path / "out", pipe)
+    return plan.simulated * GIB, measured.peak_bytes
+
+
+STEPS = ["train.steps=3", "train.checkpoint_every=0", "train.preview_every=0",
+         "model.device=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, extra", [
+    ("toy.yaml", []),
+    ("toy.yaml", ["train.lora=true"]),
+    ("toy.yaml", ["train.anchor_weight=0.5", "train.micro_batch=8"]),
+    ("toy-flow.yaml", []),
+    ("toy-flow.yaml", ["train.lora=true", "model.gradient_checkpointing=true"]),
+], ids=["toy-full", "toy-lora", "toy-anchor", "flow-full", "flow-lora-ckpt"])
+def test_the_plan_matches_a_measured_training_step_of_the_toy_bases(config, extra, tmp_path):
+    cfg = load_config(PROJECT_ROOT / "configs" / config, STEPS + extra)
+    planned, measured = _plan_vs_measured(cfg, tmp_path, 32)
+    assert abs(planned - measured) <= TOLERANCE * measured + SLACK, (planned / 2**20,
+                                                                     measured / 2**20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, lora", [("sdxl", False), ("flux", True), ("sd3", True)])
+def test_the_plan_matches_tiny_real_architectures_in_bfloat16(family, lora, tmp_path):
+    from craft.architectures import build_pipeline
+    from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
+    from sd_fixtures import tokenizers
+
+    tok, tok2 = tokenizers(tmp_path)
+    t5 = load_t5_tokenizer(write_t5_tokenizer(tmp_path / "t5", max_length=16))
+    pipe = build_pipeline(family, tok, tokenizer_2=tok2 if family == "sdxl" else None,
+                          t5_tokenizer=t5, tiny=True, seed=0, dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    over = [*tiny_overrides(str(tmp_path / "model")), *STEPS, "model.family=auto",
+            "model.dtype=bfloat16", "train.mixed_precision=bf16", f"train.lora={lora}",
+            "train.ema_decay=0.9", "generation.height=64", "generation.width=64",
+            "generation.scheduler=default"]
+    planned, measured = _plan_vs_measured(load_config(None, over), tmp_path, 64)
+    assert abs(planned - measured) <= TOLERANCE * measured + SLACK, (planned / 2**20,
+                                                                     measured / 2**20)
+
+
+# ------------------------------------------------------------------------ the real sizes
+
+
+FLUX_DEV = 11_901_408_320  # parameters (tests/test_models_sd.py checks the architecture)
+T5_XXL = 4_762_310_656
+
+
+@pytest.mark.slow
+def test_real_sizes_agree_with_parameters_times_bytes():
+    """FLUX.1-dev at 1024 px: the generation stage holds the bfloat16 pipeline; full
+    fine-tuning holds 4 bytes a parameter of float32 master weights, 4 of gradients and 8 of
+    AdamW moments, and sharding over 8 GPUs divides exactly those."""
+    from craft.planning import make_plan, resolve_gpu
+
+    gpu = resolve_gpu(None, 80)
+    cfg = load_config(PROJECT_ROOT / "configs" / "flux.yaml", ["train.lora=false"])
+    plan = make_plan(cfg, gpu=gpu, suggest=False)
+    weights = plan.stage("generation").parts["weights"] * GIB
+    clip_l, vae = 123_060_480, 83_819_683
+    assert weights == pytest.approx(2 * (FLUX_DEV + T5_XXL + clip_l + vae), rel=0.01)
+    step = plan.stage("training: one step").parts
+    assert step["trainable"] * GIB == pytest.approx(4 * FLUX_DEV, rel=0.001)
+    assert step["gradients"] * GIB == pytest.approx(4 * FLUX_DEV, rel=0.001)
+    assert step["optimizer"] * GIB == pytest.approx(8 * FLUX_DEV, rel=0.001)
+    sharded = make_plan(load_config(PROJECT_ROOT / "configs" / "flux.yaml",
+                                    ["train.lora=false", "train.sharding=fsdp"]),
+                        gpus=8, gpu=gpu, suggest=False).stage("training: one step").parts
+    for part in ("trainable", "gradients", "optimizer"):
+        assert sharded[part] == pytest.approx(step[part] / 8, rel=1e-6)
+    assert 0 < sharded["sharding"] < 0.1 * step["trainable"]  # two blocks gathered, not 12 B
+    lora = make_plan(load_config(PROJECT_ROOT / "configs" / "flux.yaml"), gpu=gpu,
+                     suggest=False).stage("training: one step").parts
+    assert lora["weights"] * GIB == pytest.approx(2 * FLUX_DEV, rel=0.001)  # bf16, no copy
+    assert lora["trainable"] < 0.02 * lora["weights"]
+
+
+@pytest.mark.slow
+def test_the_cli_verdicts_for_the_shipped_configs(capsys):
+    flux = str(PROJECT_ROOT / "configs" / "flux.yaml")
+    assert main(["plan", flux, "--gpus", "1", "--gpu-memory", "80"]) == 0
+    assert "verdict: fits on 1 x 80 GiB" in capsys.readouterr().out
+    assert main(["plan", flux, "--gpus", "1", "--gpu-memory", "80",
+                 "--set", "train.lora=false"]) == 4
+    out = capsys.readouterr().out
+    assert "verdict: DOES NOT FIT" in out and "--set train.sharding=fsdp" in out
+    assert "shard it over at least" in out
+    assert main(["plan", flux, "--gpus", "8", "--gpu-memory", "80", "--set", "train.lora=false",
+                 "--set", "train.sharding=fsdp"]) == 0
+    assert "verdict: fits on 8 x 80 GiB" in capsys.readouterr().out
+    sdxl = str(PROJECT_ROOT / "configs" / "sdxl.yaml")
+    assert main(["plan", sdxl, "--gpus", "1", "--gpu-memory", "24"]) == 4
+    out = capsys.readouterr().out
+    assert "the cheapest change that fits every stage: --set " in out
+    change = out.split("the cheapest change that fits every stage: ")[1].split("\n")[0]
+    overrides = [c for c in change.split("--set") if c.strip()]
+    again = ["plan", sdxl, "--gpus", "1", "--gpu-memory", "24"]
+    for o in overrides:
+        again += ["--set", o.strip()]
+    assert main(again) == 0  # the suggested change does fit
+
+
+def test_the_toy_plan_and_a_gpu_too_small(capsys):
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits" in out and "margin: each simulated peak gets +10%" in out
+    assert main(["plan", "--gpu-memory", "1.05"]) == 4
+    out = capsys.readouterr().out
+    assert "the cheapest change that fits every stage: --set" in out
+    assert main(["plan", "--gpu", "nosuchgpu"]) == 2
+    assert "is not a GPU the plan knows" in capsys.readouterr().err
+
+
+def test_a_run_the_plan_refuses_stops_before_any_work(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "run"
+    sets = [x for o in tiny_overrides(tiny_model_dir) for x in ("--set", o)]
+    assert main(["run", "--run-dir", str(run), "--gpu-memory", "0.5", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "says this run does not fit" in err and "generation needs 1.0 GiB" in err
+    assert "--ignore-plan runs it anyway" in err
+    assert not run.exists()  # nothing was written: no store, no images
