@@ -24,6 +24,13 @@ UNets in float16):
   samples (SD1.5 at 512 px) and 200 x 128 (SDXL at 1024 px). Training is stopped after
   ``--train-steps`` steps by raising from the step callback, so no checkpoint is written.
 
+Beside each measured peak the script prints what ``craft plan`` (craft.planning: the same
+architectures simulated on fake tensors) predicts for that stage on this GPU, simulated and with
+its margin, so the first GPU lent checks the plan in the same run. On the CPU smoke run the
+plan is made from the tiny models' own config files and the measured column is the process's
+RSS: the two are not comparable there (tests/test_plan.py compares plan and measurement on the
+CPU with one accounting).
+
 ``--cpu-smoke`` runs the same code on the CPU with the tiny-width versions of both
 architectures (craft.architectures.TINY), 64/128 px instead of 512/1024, 2 sampling steps,
 micro-batch 2 / effective batch 4 and 2 optimizer steps, float32: it shows the script works
@@ -128,6 +135,26 @@ def build(family: str, device: torch.device, dtype: torch.dtype, tiny: bool):
         tok2 = tok  # SD3's CLIP-G tokenizer pads with the EOS token, like CLIP-L's
     pipe = build_pipeline(arch, tok, tokenizer_2=tok2, t5_tokenizer=t5, tiny=tiny, dtype=dtype)
     return apply_memory_options(pipe.to(device), "sdpa")
+
+
+def planned(cfg, model_dir: Path | None, size: int, batch: int, stages: tuple[str, ...]) -> dict:
+    """What craft's plan (craft.planning) says the measured stages need on this GPU:
+    simulated peak and with the margin, GiB. ``model_dir``: the pipeline's config files (the
+    CPU smoke run's tiny models); None plans the published architecture."""
+    from craft.config import config_from_dict, config_to_dict
+    from craft.planning import make_plan
+    from craft.planning.hardware import local_gpu, resolve_gpu
+
+    data = config_to_dict(cfg)
+    data["generation"].update(height=size, width=size, batch_size=batch)
+    if model_dir is not None:
+        data["model"].update(pretrained=str(model_dir), family="auto")
+    plan = make_plan(config_from_dict(data), gpu=local_gpu() or resolve_gpu(None, 80),
+                     suggest=False)
+    picked = [s for s in plan.stages if s.stage.startswith(stages)]
+    top = max(picked, key=lambda s: s.simulated)
+    return {"stage": top.stage, "simulated_gib": top.simulated, "needed_gib": top.needed,
+            "fits": top.fits}
 
 
 def bench_generation(pipe, cfg, device, size: int, batch: int, batches: int, steps: int) -> dict:
@@ -236,15 +263,22 @@ def run(args) -> dict:
                "lora": cfg.train.lora,
                "unet_params_m": sum(p.numel() for p in denoiser(pipe).parameters()) / 1e6}
         native_batch = 2 if smoke else cfg.generation.batch_size
+        model_dir = None
+        if smoke:  # the plan reads the tiny model's own config files
+            model_dir = Path(tempfile.mkdtemp()) / family
+            pipe.save_pretrained(model_dir)
         for size in args.resolutions:
             px = size // scale
             batch = max(1, round(native_batch * (NATIVE[family] / size) ** 2))
             steps = 2 if smoke else cfg.generation.num_inference_steps
             out["generation"].append(bench_generation(pipe, cfg, device, px, batch,
                                                       args.gen_batches, steps))
+            out["generation"][-1]["plan"] = planned(cfg, model_dir, px, batch, ("generation",))
             print(f"{family} generation {size}px: {out['generation'][-1]}", flush=True)
         out["training"] = bench_training(pipe, cfg, device, NATIVE[family] // scale,
                                          args.train_steps)
+        out["training"]["plan"] = planned(cfg, model_dir, NATIVE[family] // scale,
+                                          cfg.generation.batch_size, ("training", "checkpoint"))
         print(f"{family} training: {out['training']}", flush=True)
         result["families"][family] = out
         del pipe
@@ -258,8 +292,9 @@ def table(result: dict) -> str:
         if smoke else ""
     mem = "peak RSS GiB (process)" if smoke else "peak GPU GiB"
     lines = [f"Device: {result['device']}; diffusers {result['diffusers']}{note}", "",
-             f"| architecture | generation px | batch | steps | images/s | {mem} |",
-             "|---|---|---|---|---|---|"]
+             f"| architecture | generation px | batch | steps | images/s | {mem} | "
+             f"planned GiB (simulated / +margin) |",
+             "|---|---|---|---|---|---|---|"]
     for fam, out in result["families"].items():
         for g in out["generation"]:
             shown = g["size"] * (8 if smoke else 1)
@@ -267,10 +302,11 @@ def table(result: dict) -> str:
             kind = "transformer" if out.get("denoiser") == "transformer" else "UNet"
             lines.append(f"| {fam} ({out['unet_params_m']:.3g}M {kind} params) | {px} | "
                          f"{g['batch']} | {g['steps']} | {g['images_per_s']:.2f} | "
-                         f"{g['peak_gib']:.2f} |")
+                         f"{g['peak_gib']:.2f} | {_planned(g)} |")
     lines += ["", f"| architecture | train px | micro x accum -> batch | precision | grad ckpt | "
-                  f"s/step | samples/s | {mem} | the paper's run at this rate |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                  f"s/step | samples/s | {mem} | planned GiB (simulated / +margin) | "
+                  f"the paper's run at this rate |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for fam, out in result["families"].items():
         t = out["training"]
         lines.append(
@@ -278,9 +314,15 @@ def table(result: dict) -> str:
             f"{t['effective_batch'] // t['micro_batch']} -> {t['effective_batch']} | "
             f"{t['mixed_precision']} | "
             f"{t['gradient_checkpointing']} | {t['s_per_step']:.2f} | {t['samples_per_s']:.2f} | "
-            f"{t['peak_gib']:.2f} | {t['paper_steps']} steps x {t['effective_batch']}: "
+            f"{t['peak_gib']:.2f} | {_planned(t)} | {t['paper_steps']} steps x "
+            f"{t['effective_batch']}: "
             f"{t['paper_run_min']:.1f} min |")
     return "\n".join(lines)
+
+
+def _planned(row: dict) -> str:
+    p = row.get("plan")
+    return "" if not p else f"{p['simulated_gib']:.2f} / {p['needed_gib']:.2f} ({p['stage']})"
 
 
 def main(argv=None) -> dict:

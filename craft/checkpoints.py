@@ -127,8 +127,8 @@ def write_pipeline(pipe, folder: Path, denoiser_state: dict | None = None,
         if comp is None:
             continue
         if comp_name == name and denoiser_state is not None:
-            save_denoiser(denoiser_model or denoiser(pipe), folder / comp_name, pipe.dtype,
-                          denoiser_state)
+            save_denoiser(denoiser_model or denoiser(pipe), folder / comp_name,
+                          next(iter(denoiser_state.values())).dtype, denoiser_state)
         elif isinstance(comp, torch.nn.Module):
             comp.save_pretrained(str(folder / comp_name), safe_serialization=True)
         else:  # tokenizers, schedulers

@@ -530,6 +530,11 @@ class TrainConfig(_Section):
                  f"({self.micro_batch}), the remainder would be dropped every step",
                  f"use {max(1, round(self.effective_batch / self.micro_batch)) * self.micro_batch}"
                  " or change train.micro_batch", self._key("micro_batch"))
+        _require(not (self.sharding == "fsdp" and self.lora), self._key("sharding"),
+                 self.sharding, "shards full fine-tuning; LoRA trains adapters on a frozen "
+                 "model, whose weights stay whole on every GPU (that is why it fits)",
+                 "set train.sharding=none, or train.lora=false to shard full fine-tuning",
+                 self._key("lora"))
         self._positive("rounds")
         _require(self.steps % self.rounds == 0, self._key("rounds"), self.rounds,
                  f"must divide train.steps ({self.steps}): each round trains steps / rounds",

@@ -174,6 +174,17 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
     return save_image_atomic(sheet, path)
 
 
+def _off_gpu(pipe, given: bool, moved: list) -> None:
+    """After a model's images: a pipeline the caller passed in (run_all's base) leaves the GPU,
+    so one pipeline is there at a time (the plan counts one); it comes back at the end."""
+    if given and pipe.device.type == "cuda":
+        import torch
+
+        moved.append((pipe, pipe.device))
+        pipe.to("cpu")
+        torch.cuda.empty_cache()
+
+
 def load_for_eval(cfg, path: str, device: str | None = None):
     """A model to evaluate: a complete diffusers pipeline, a single-file checkpoint, a LoRA
     run's adapters (final/: loaded into their base and fused), or an intermediate training
@@ -316,6 +327,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
             _check_loadable(cfg, label, str(models[label]))
     device = str(dist.model_device(cfg.model.device))
     total, done = len(plan) * len(labels), 0
+    moved: list = []  # pipelines passed in, moved off the GPU after their images
     for label in labels:
         missing = todo[label]
         done += len(plan) - len(missing)
@@ -341,7 +353,9 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
                 done += sum(counts)
                 if progress:
                     progress(done, total)
-        del pipe, batches
+        del batches
+        _off_gpu(pipe, given=(pipes or {}).get(label) is pipe, moved=moved)
+        del pipe
     dist.barrier()  # every image exists before anyone scores
 
     rows = [(label, i) for label in labels for i in range(len(plan))]
@@ -355,6 +369,9 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
         fn = load_reward(r, device=rdevice, batch_size=cfg.rewards.batch_size,
                          path=cfg.rewards.paths.get(r))
         values[r] = [float(v) for v in fn(images, prompts)] if images else []
+        del fn  # one reward model on the device at a time
+    for p, dev in moved:  # the caller's pipelines back where they were
+        p.to(dev)
     gathered = dist.gather((mine, values))
     result = None
     if run.is_main:

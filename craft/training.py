@@ -413,15 +413,23 @@ class Trainable:
     sharded: bool
     base: torch.nn.Module | None  # the anchor's reference (LoRA: raw itself, adapters off)
     input_dtype: torch.dtype
+    model_dtype: torch.dtype  # the pipeline's denoiser's dtype: what is saved and generated in
     restore: list = dataclasses.field(default_factory=list)  # (module, device) moved off
 
 
 def use_sharding(cfg, accelerator) -> bool:
-    """FSDP when the config (or the user's accelerate config) asks and there are processes
-    to shard over."""
+    """FSDP when the config (or the user's accelerate config) asks, training is full
+    fine-tuning and there are processes to shard over. LoRA's frozen weights stay whole on
+    every process (its point is that they fit); it runs data parallel."""
     from craft.planning.plan import effective_sharding
 
-    return effective_sharding(cfg) == "fsdp" and accelerator.num_processes > 1
+    if effective_sharding(cfg) != "fsdp" or accelerator.num_processes == 1:
+        return False
+    if cfg.train.lora:
+        log.warning("FSDP was asked for (accelerate's --use_fsdp) but train.lora trains "
+                    "adapters on a frozen model: training data parallel instead")
+        return False
+    return True
 
 
 def float32_copy(module) -> torch.nn.Module:
@@ -461,6 +469,7 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
     tc = cfg.train
     base = denoiser(pipe)
     base.requires_grad_(False)
+    model_dtype = base.dtype
     sharded = use_sharding(cfg, accelerator)
     restore: list = []
     if tc.lora:
@@ -498,7 +507,7 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
         # foreach kernels have no DTensor sharding rules (copy_, lerp_): per tensor when sharded
         ema = EMAModel(params, decay=tc.ema_decay, foreach=not sharded)
     return Trainable(model, raw, params, opt, ema, tc.lora, sharded, anchor, input_dtype,
-                     restore)
+                     model_dtype, restore)
 
 
 def release(tr: Trainable, pipe, accelerator) -> None:
@@ -667,8 +676,8 @@ def tuned_pipeline(pipe, tr: Trainable):
     cast = contextlib.nullcontext()
     if not tr.lora:
         set_denoiser(pipe, tr.raw)
-        if pipe.dtype != torch.float32:
-            cast = torch.autocast(pipe.device.type, dtype=pipe.dtype)
+        if tr.model_dtype != torch.float32:
+            cast = torch.autocast(pipe.device.type, dtype=tr.model_dtype)
     try:
         with ema_weights(tr.ema, tr.params), cast:
             yield pipe
@@ -711,9 +720,9 @@ def finish(cfg, pipe, tr: Trainable, out_dir: Path, steps: int, meta: dict,
     final = Path(out_dir) / "final"
     with ema_weights(tr.ema, tr.params):
         if tr.lora:
-            state = merged_state(tr.raw, pipe.dtype) if cfg.train.save_merged else None
+            state = merged_state(tr.raw, tr.model_dtype) if cfg.train.save_merged else None
         else:
-            state = full_state(tr.raw, pipe.dtype)
+            state = full_state(tr.raw, tr.model_dtype)
         if main:
             with atomic_dir(final) as tmp:
                 if tr.lora:
@@ -771,7 +780,6 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     several processes the main one saves (all of them, for a sharded model); every process
     returns.
     """
-    from accelerate import Accelerator, AutocastKwargs, DistributedDataParallelKwargs
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from craft.devices import resolve_device
@@ -785,20 +793,12 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.model.device)
-    # gradient_as_bucket_view: DDP's buckets are the gradients (no second copy of them).
-    # cache_enabled=False: autocast otherwise keeps a model-dtype cast of every float32 weight
-    # until the forward ends, another 2 bytes a parameter (22 GiB for FLUX.1-dev's full
-    # fine-tuning); the casts are redone where used (craft.planning simulates the same).
     mixed = resolve_mixed_precision(tc.mixed_precision, device)
     _forget_other_precision(mixed)
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        cpu=device.type == "cpu",
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-                         AutocastKwargs(cache_enabled=False)])
+    with _without_accelerate_fsdp():
+        accelerator = _accelerator(mixed, device)
     accum = gradient_accumulation(tc, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = accum
-    main = accelerator.is_main_process
     torch.manual_seed(tc.seed)
     if pipe is None:
         pipe = load_from_config(cfg.model, device=str(accelerator.device))
@@ -823,6 +823,35 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
                      accelerator, accum)
     finally:
         release(tr, pipe, accelerator)
+
+
+def _accelerator(mixed: str, device):
+    """The Accelerator training runs with. gradient_as_bucket_view: DDP's buckets are the
+    gradients (no second copy of them). cache_enabled=False: autocast otherwise keeps a
+    model-dtype cast of every float32 weight until the forward ends, another 2 bytes a
+    parameter (22 GiB for FLUX.1-dev's full fine-tuning); the casts are redone where used
+    (craft.planning simulates the same)."""
+    from accelerate import Accelerator, AutocastKwargs, DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision=mixed, cpu=device.type == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         AutocastKwargs(cache_enabled=False)])
+
+
+@contextlib.contextmanager
+def _without_accelerate_fsdp():
+    """craft shards the denoiser itself (craft/sharding.py); accelerate's FSDP switch
+    (``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP) is read as train.sharding=fsdp
+    and kept away from the Accelerator, which would otherwise wrap the model a second way."""
+    import os
+
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 def _forget_other_precision(mixed: str) -> None:
@@ -859,7 +888,7 @@ def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: 
 
     def checkpoint(step: int) -> None:
         path = save_checkpoint(out_dir, step, pipe=pipe, model=tr.raw, ema=tr.ema, opt=tr.opt,
-                               lora=tr.lora, meta=meta, dtype=pipe.dtype,
+                               lora=tr.lora, meta=meta, dtype=tr.model_dtype,
                                accelerator=accelerator)
         if path is not None and cb.on_checkpoint:
             cb.on_checkpoint(step, path)

@@ -304,3 +304,24 @@ def fake_hf_cache(cache: Path, repo_id: str, source: Path, *, configs_only: bool
     else:
         shutil.copytree(source, snap, dirs_exist_ok=True)
     return snap
+
+
+def tiny_bf16_run_config(family: str, folder: Path, lora: bool, *extra: str):
+    """A tiny model of ``family``'s real architecture (sdxl, sd3, flux) saved in bfloat16 under
+    ``folder``/model, and a craft config that trains it as the real configs do (bfloat16
+    weights and autocast, EMA; ``extra`` are more ``--set`` overrides)."""
+    from conftest import tiny_overrides
+    from craft.architectures import build_pipeline
+    from craft.config import load_config
+    from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
+
+    tok, tok2 = tokenizers(folder)
+    t5 = load_t5_tokenizer(write_t5_tokenizer(folder / "t5", max_length=16))
+    pipe = build_pipeline(family, tok, tokenizer_2=tok2 if family == "sdxl" else None,
+                          t5_tokenizer=t5, tiny=True, seed=0, dtype=torch.bfloat16)
+    pipe.save_pretrained(folder / "model", safe_serialization=True)
+    over = [*tiny_overrides(str(folder / "model")), "model.family=auto", "model.dtype=bfloat16",
+            "train.mixed_precision=bf16", f"train.lora={str(lora).lower()}",
+            "train.ema_decay=0.9", "generation.height=64", "generation.width=64",
+            "generation.scheduler=default", *extra]
+    return load_config(None, over)

@@ -51,4 +51,73 @@ def measure_training_step(cfg, frame, out_dir, pipe) -> Measured:
     return Measured(seen["peak"], seen["parts"], seen["steps"])
 
 
-__all__ = ["Measured", "measure_training_step"]
+def random_frame(folder, n: int, size: int):
+    """``n`` random training images of ``size`` px (memory does not depend on their content)
+    as a training frame."""
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+    return pd.DataFrame({"image_path": paths, "prompt": ["a red circle on a blue background"] * n,
+                         "weight": np.linspace(0.5, 1.5, n)})
+
+
+def plan_and_measure(cfg, work_dir, gpus: int = 1) -> dict:
+    """The plan's simulated training step (no margin) and the measured one, in bytes, for
+    ``cfg`` trained on random images at its generation size in ``work_dir``."""
+    from pathlib import Path
+
+    from craft.models import load_from_config
+    from craft.planning import make_plan, resolve_gpu
+    from craft.planning.specs import model_spec
+
+    spec = model_spec(cfg)
+    plan = make_plan(cfg, gpus=gpus, gpu=resolve_gpu(None, 80), suggest=False)
+    step = plan.stage("training: one step")
+    pipe = load_from_config(cfg.model, device="cpu")
+    frame = random_frame(Path(work_dir) / "images", cfg.filter.top_k, spec.height)
+    measured = measure_training_step(cfg, frame, Path(work_dir) / "out", pipe)
+    return {"planned": step.simulated * GIB, "parts": step.parts,
+            "measured": measured.peak_bytes}
+
+
+def main(argv=None) -> int:
+    """``python -m craft.planning.measure CONFIG [--set ...] --out PATH``: plan and measure a
+    training step; under ``accelerate launch`` every process writes PATH.rankN.json (the plan
+    for that many processes, e.g. FSDP shards)."""
+    import argparse
+    import json
+    import os
+    import tempfile
+
+    from craft.config import load_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = plan_and_measure(cfg, tmp, gpus=world)
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump({**result, "rank": rank, "processes": world}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Measured", "measure_training_step", "plan_and_measure", "random_frame"]

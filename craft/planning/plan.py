@@ -135,18 +135,16 @@ def _gib(parts: dict[str, int]) -> dict[str, float]:
     return {k: v / GIB for k, v in parts.items() if v}
 
 
-def _sharded(parts: dict[str, float], n: int, step_extra: dict, lora: bool) -> dict[str, float]:
-    """A training state split over n GPUs by FSDP: master weights, gradients, AdamW moments and
-    EMA divide by n (a LoRA run's frozen weights too: they live in the sharded module); the
-    blocks being computed are whole: two units' weights in the compute dtype (the current and
-    the prefetched) and their unsharded gradients in float32 before the reduce-scatter."""
+def _sharded(parts: dict[str, float], n: int, step_extra: dict) -> dict[str, float]:
+    """A full fine-tuning state split over n GPUs by FSDP: master weights, gradients, AdamW
+    moments and EMA divide by n; the anchor's frozen base (when on) stays whole; the blocks
+    being computed are whole: two units' weights in the compute dtype (the current and the
+    prefetched) and their unsharded gradients in float32 before the reduce-scatter."""
     out = dict(parts)
     for k in ("trainable", "gradients", "optimizer", "ema"):
         if k in out:
             out[k] /= n
-    if lora and "weights" in out:
-        out["weights"] /= n
-    elif "weights" in out:  # the anchor's frozen base stays whole
+    if "weights" in out:
         out["weights"] = step_extra["base_bytes"] / GIB
     unit = step_extra["unit_numel"]
     out["sharding"] = unit * (2 * step_extra["compute_bytes"] + 2 * 4) / GIB
@@ -165,7 +163,7 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     spec = spec or model_spec(cfg)
     sharding = effective_sharding(cfg)
     n_train, n_eval, notes = prompt_counts(cfg)
-    g, e, t = cfg.generation, cfg.eval, cfg.train
+    g, t = cfg.generation, cfg.train
     per_prompt = (1 + cfg.prompts.num_variants) * g.seeds_per_prompt
     n_images = n_train * per_prompt * t.rounds if n_train else None
 
@@ -186,12 +184,14 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     ddp = gpus > 1 and sharding == "none"
     if ddp and "gradients" not in parts:  # DDP's buckets hold the gradients all along
         parts["gradients"] = step.extra["trainable_numel"] * 4 / GIB
-    if sharding == "fsdp" and gpus > 1:
-        parts = _sharded(parts, gpus, step.extra, t.lora)
+    if sharding == "fsdp" and gpus > 1 and not t.lora:
+        parts = _sharded(parts, gpus, step.extra)
     samples = t.steps * t.effective_batch
     step_notes = list(step.notes)
     if sharding == "fsdp" and gpus == 1:
         step_notes.append("train.sharding=fsdp on one GPU shards nothing")
+    if sharding == "fsdp" and t.lora:
+        step_notes.append("LoRA is not sharded (its frozen weights stay whole): data parallel")
     stages.append(_stage("training: one step", parts, gpu, samples, "sample", step.flops,
                          timed(step.flops, samples), step_notes))
     stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding))
@@ -263,8 +263,8 @@ def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) 
     after = _gib(step.extra["after_step"])
     after.pop("activations", None)
     after.pop("temporary", None)
-    if gpus > 1 and sharding == "fsdp":
-        after = _sharded(after, gpus, step.extra, t.lora)
+    if gpus > 1 and sharding == "fsdp" and not t.lora:
+        after = _sharded(after, gpus, step.extra)
         save = after.pop("sharding")  # the full state dict is gathered a unit at a time
     else:
         if gpus > 1:
@@ -391,7 +391,8 @@ def suggest_fixes(cfg, plan: RunPlan, spec: ModelSpec) -> None:
     def stage_ok(stage: str, gpus: int | None = None):
         return lambda o: (p := plan_with(o, gpus)) is not None and p.stage(stage).fits
 
-    lora = [] if cfg.train.lora else [["train.lora=true"]]
+    lora = [] if cfg.train.lora else [
+        ["train.lora=true"] + (["train.sharding=none"] if cfg.train.sharding == "fsdp" else [])]
     everything: list[list[str]] = []
     for s in plan.failing():
         cands = _candidates(cfg, s.stage, plan.gpus)
@@ -407,7 +408,7 @@ def suggest_fixes(cfg, plan: RunPlan, spec: ModelSpec) -> None:
             ways.append(f"shard it over at least {n} GPUs of {plan.gpu.memory_gib:g} GiB "
                         f"(--gpus {n} --set train.sharding=fsdp)")
         if by_lora:
-            ways.append("train LoRA adapters instead (--set train.lora=true)")
+            ways.append(f"train LoRA adapters instead (--set {' --set '.join(lora[0])})")
             s.fix = lora[0]
         if ways:
             s.fix_note = (f"{'full fine-tuning' if not cfg.train.lora else 'this stage'} does "
