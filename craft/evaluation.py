@@ -218,11 +218,12 @@ def _check_loadable(cfg, label: str, path: str) -> None:
     from craft import MissingWeightsError
     from craft.models import check_model
 
-    from craft.checkpoints import is_checkpoint
+    from craft.checkpoints import checkpoint_denoiser
 
     p = Path(path)
-    if p.is_dir() and (p / "state.pt").exists() and is_checkpoint(p):
-        path = cfg.model.pretrained  # a training checkpoint: the base pipeline must be there
+    if p.is_dir() and not (p / "model_index.json").exists() and checkpoint_denoiser(p):
+        path = cfg.model.pretrained  # a denoiser checkpoint: the base pipeline must be there
+    # (adapters, a LoRA run's final/ or checkpoint: check_model checks the base they name)
     try:
         check_model(cfg.model, pretrained=str(path))
     except MissingWeightsError as e:

@@ -449,7 +449,7 @@ def test_settings_round_trip(page, studio, tmp_path):
     page.wait_for_function("() => document.querySelector('#train-steps input').value === '77'")
     # what these settings need: the toy world has everything
     page.click("#settings-check")
-    page.wait_for_selector("#settings-message:has-text('of 11 ready')")
+    page.wait_for_selector("#settings-message:has-text('of 12 ready')")
     assert page.locator("#settings-message table tr").count() == 12  # header + 11 items
 
 

@@ -168,8 +168,8 @@ def _known_family(m) -> str:
     fam = KNOWN_REPOS.get(m.pretrained.lower())
     if fam is not None:
         return fam
-    if m.family not in ("auto",):
-        return "sd15" if m.family == "toy" else m.family
+    if m.family not in ("auto", "toy"):  # a toy model has no published architecture
+        return m.family
     raise CraftError(
         f"cannot plan model.pretrained={m.pretrained!r}: it is not on this machine and its "
         f"architecture is not one craft knows ({', '.join(sorted(KNOWN_REPOS))}); set "
