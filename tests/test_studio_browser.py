@@ -450,7 +450,7 @@ def test_settings_round_trip(page, studio, tmp_path):
     # what these settings need: the toy world has everything
     page.click("#settings-check")
     page.wait_for_selector("#settings-message:has-text('of 12 ready')")
-    assert page.locator("#settings-message table tr").count() == 12  # header + 11 items
+    assert page.locator("#settings-message table tr").count() == 13  # header + 12 items
 
 
 def open_run(page, path) -> None:
