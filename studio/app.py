@@ -32,7 +32,7 @@ from studio.context import RunContext, Studio
 from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
 from studio.session import current, for_session
 from studio.settings import Settings, UiState
-from studio.ui import HEAD_JS, _page_css, ok_md, user_error
+from studio.ui import HEAD_JS, _page_css, ok_md, others_markdown, user_error
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,14 @@ class StudioApp:
                                            scale=4, elem_id="run-dir")
                 self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
             self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
+            self.other_jobs = gr.Markdown(elem_id="other-jobs")
+            # What this page last loaded or saved of each setting (studio.settings_sync): a
+            # change made in another window is shown here, never silently overwritten.
+            self.seen = gr.State({})
+            with gr.Row():
+                self.stale = gr.Markdown(elem_id="settings-stale")
+                self.reload_settings = gr.Button("Reload settings", visible=False, scale=0,
+                                                 elem_id="settings-reload")
             # The run's counts change as jobs write; a slow, cheap poll keeps the line current.
             self.info_timer = gr.Timer(5.0)
             with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
@@ -168,10 +176,14 @@ class StudioApp:
     # ------------------------------------------------------------------ restoring a run
 
     def _restored_outputs(self) -> list:
-        return [self.run_dir, self.run_info, *self.settings.components, *self.ui.components]
+        return [self.run_dir, self.run_info, self.seen, self.stale, self.reload_settings,
+                *self.settings.components, *self.ui.components]
 
     def _restored_values(self, ctx: RunContext) -> list:
+        from studio.settings_sync import snapshot
+
         return [gr.update(choices=self.studio.runs(), value=str(ctx.run_dir)), ctx.describe(),
+                snapshot(self.settings, ctx.cfg), "", gr.update(visible=False),
                 *self.settings.values_from(ctx.cfg), *self.ui.values_from(ctx.ui_state())]
 
     def _on_load(self):
@@ -196,15 +208,25 @@ class StudioApp:
         # the newly opened run bound.
         dep = self.open_btn.click(lambda path: on_open(path), self.run_dir, outputs)
         self._refresh_all(dep)
-        self.on(self.info_timer.tick, _guarded(lambda: current().describe(), 1), None,
-                self.run_info, show_progress="hidden")
+        def on_info(seen):
+            from studio.settings_sync import conflict_text, stale_keys
 
-        def on_save(*values):
+            text = conflict_text([], stale_keys(current(), seen))
+            return (current().describe(), others_markdown(), text,
+                    gr.update(visible=bool(text)))
+
+        self.on(self.info_timer.tick, _guarded(on_info, 4), self.seen,
+                [self.run_info, self.other_jobs, self.stale, self.reload_settings],
+                show_progress="hidden")
+        # Reload: this page takes the run's current settings (and refreshes every tab).
+        dep = self.on(self.reload_settings.click, self._on_load, None, self._restored_outputs())
+        self._refresh_all(dep)
+
+        def on_save():
             ctx = current()
             try:
-                cfg = self.settings.config_from(ctx.cfg, values)
-                ctx.set_config(cfg)
-                ctx.save_settings()
+                ctx.flush()  # every field is saved as it changes: the run's settings are it
+                cfg = ctx.cfg
                 path = save_config(cfg, ctx.run_dir / SETTINGS_FILE)
                 text = config_to_yaml(cfg)
             except Exception as e:  # noqa: BLE001
@@ -214,28 +236,30 @@ class StudioApp:
                     gr.update(value=str(path), visible=True),
                     gr.update(value=text, visible=True))
 
-        self.on(self.save_btn.click, on_save, self.settings.components,
+        self.on(self.save_btn.click, on_save, None,
                 [self.settings_msg, self.settings_file, self.settings_yaml])
 
-        def on_check(*values):
+        def on_check():
             try:
-                return check_markdown(self.settings.config_from(current().cfg, values))
+                return check_markdown(current().cfg)
             except Exception as e:  # noqa: BLE001
                 return user_error(e)
 
-        self.on(self.check_btn.click, on_check, self.settings.components, self.settings_msg)
+        self.on(self.check_btn.click, on_check, None, self.settings_msg)
         bound = self.settings.components
 
         def on_load_file(path):
+            from studio.settings_sync import snapshot
+
             ctx = current()
             if not path:
-                return [gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
+                return [gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
             try:
                 cfg = load_config(path)
                 ctx.set_config(cfg)
                 ctx.save_settings()
             except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), *[gr.skip()] * len(bound)]
+                return [user_error(e), gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
             note = ""
             curate = self.tabs["Curate"]
             if list(cfg.rewards.names) != curate.rewards:
@@ -243,10 +267,10 @@ class StudioApp:
                         "`craft studio --config FILE` to get sliders for them)")
             return [ok_md(f"loaded {Path(path).name}{note}"), gr.update(value=config_to_yaml(cfg),
                                                                         visible=True),
-                    *self.settings.values_from(cfg)]
+                    snapshot(self.settings, cfg), *self.settings.values_from(cfg)]
 
         dep = self.on(self.load_file.upload, on_load_file, self.load_file,
-                      [self.settings_msg, self.settings_yaml, *bound])
+                      [self.settings_msg, self.settings_yaml, self.seen, *bound])
         dep = self.then(dep, lambda: current().describe(), None, self.run_info)
         self._refresh_all(dep)
 
@@ -259,8 +283,10 @@ class StudioApp:
             if binding.persisted_by is not None:
                 continue  # its tab saves it with its own event (Curate's filter controls)
             for trigger in _user_events(binding.component):
-                self.on(trigger, _persist_setting(self.settings, binding.key), binding.component,
-                        None, queue=False, show_progress="hidden")
+                self.on(trigger, _persist_setting(self.settings, binding.key),
+                        [binding.component, self.seen],
+                        [self.seen, self.stale, self.reload_settings], queue=False,
+                        show_progress="hidden")
         for key, component in self.ui.items():
             for trigger in _user_events(component):
                 self.on(trigger, _persist_ui(key), component, None, queue=False,
@@ -268,14 +294,16 @@ class StudioApp:
 
 
 def _persist_setting(settings: Settings, key: str):
-    def persist(value):
-        ctx = current()
-        try:
-            cfg = settings.config_with(ctx.cfg, key, value)
-        except CraftError:
-            return  # a half-typed value: saved once it is valid
-        ctx.set_config(cfg)
-        ctx.schedule_save()
+    """Save one control's change into the run (studio.settings_sync: not over a change made in
+    another window); the page's ``seen`` follows, and its banner says what is stale."""
+
+    def persist(value, seen):
+        from studio.settings_sync import try_commit
+
+        seen, text = try_commit(current(), settings, key, value, seen or {})
+        if text is None:  # a half-typed value: saved once it is valid
+            return gr.skip(), gr.skip(), gr.skip()
+        return seen, text, gr.update(visible=bool(text))
 
     persist.__name__ = f"persist_{key.replace('.', '_')}"
     return persist

@@ -127,6 +127,13 @@ class RunContext:
             timer.cancel()
             self.save_settings()
 
+    def settings_now(self) -> CraftConfig:
+        """The run's settings as a job starts: every field is saved as it changes
+        (studio.settings_sync), so they are the run's, not one page's form; a pending
+        debounced save is written first, so a subprocess reading RUN/config.yaml sees them."""
+        self.flush()
+        return self.cfg
+
     def ui_state(self) -> dict[str, Any]:
         text = self.store.get_config(UI_KEY)
         try:

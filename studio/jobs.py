@@ -19,9 +19,13 @@ Rules that keep the UI honest:
   the job's own ring buffer, so the studio shows the last lines of *that* job.
 
 The manager is a module-level singleton (:data:`JOBS`) so every browser session sees the same
-jobs, and a page reload finds a running job again. A job's function may run the stage in this
-process or drive a ``craft`` subprocess on several processes (studio.launcher); the job looks
-the same either way.
+jobs, and a page reload finds a running job again. **Jobs belong to their run**: each run
+directory has its own slot per kind (two runs can generate at once), a page shows and controls
+only its own run's jobs (:meth:`JobManager.for_run`), sees the others' listed read-only with
+their full run path (:meth:`JobManager.others`), and a job can be cancelled only for its own run.
+With ``craft studio --auth`` each job records who started it. A job's function may run the
+stage in this process or drive a ``craft`` subprocess on several processes (studio.launcher);
+the job looks the same either way.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class JobSnapshot:
     log: tuple[str, ...]
     result: Any = None
     info: dict = dataclasses.field(default_factory=dict)
+    run_dir: str = ""  # the run the job belongs to (its full path)
+    owner: str | None = None  # who started it (with --auth)
 
     @property
     def running(self) -> bool:
@@ -82,6 +88,8 @@ class JobSnapshot:
     def summary(self) -> str:
         """One line: status, progress, elapsed, ETA, message."""
         parts = [f"**{self.title}**: {self.status}"]
+        if self.owner:
+            parts.append(f"started by {self.owner}")
         if self.total:
             parts.append(f"{self.done}/{self.total} ({100 * self.fraction:.0f}%)")
         parts.append(f"elapsed {format_seconds(self.elapsed_s)}")
@@ -131,8 +139,11 @@ class JobContext:
 
 class Job:
     def __init__(self, job_id: int, kind: str, title: str, fn: Callable[[JobContext], Any],
-                 registry: dict[int, "Job"] | None = None):
+                 registry: dict[int, "Job"] | None = None, run_dir: str = "",
+                 owner: str | None = None):
         self.id = job_id
+        self.run_dir = str(run_dir)
+        self.owner = owner
         self._registry = registry if registry is not None else {}
         self.kind = kind
         self.title = title
@@ -229,7 +240,8 @@ class Job:
                     eta = (self.total - self.done) / rate
             return JobSnapshot(self.id, self.kind, self.title, status, self.done, self.total,
                                self.started, self.ended, eta, self.message, error,
-                               tuple(self.log), self.result, dict(self.info))
+                               tuple(self.log), self.result, dict(self.info), self.run_dir,
+                               self.owner)
 
 
 def _error_text(e: BaseException) -> str:
@@ -258,7 +270,7 @@ class _ThreadLogHandler(logging.Handler):
 
 
 class JobManager:
-    """Starts, tracks and cancels jobs; at most one running job per kind."""
+    """Starts, tracks and cancels jobs; at most one running job per (run, kind)."""
 
     def __init__(self) -> None:
         self._jobs: dict[int, Job] = {}
@@ -280,51 +292,70 @@ class JobManager:
                 log.setLevel(logging.INFO)
 
     def start(self, kind: str, title: str, fn: Callable[[JobContext], Any],
-              info: dict | None = None) -> JobSnapshot:
-        """Run ``fn(ctx)`` in a new thread; raises JobBusyError if ``kind`` is busy. ``info``
-        starts the job's info (what the UI shows about it, e.g. the training run's name)."""
+              info: dict | None = None, run_dir: str = "", owner: str | None = None
+              ) -> JobSnapshot:
+        """Run ``fn(ctx)`` in a new thread for ``run_dir``; raises JobBusyError if that run's
+        ``kind`` is busy. ``info`` starts the job's info (what the UI shows about it, e.g. the
+        training run's name)."""
         with self._lock:
             self._capture_logs()
-            busy = self.running(kind)
+            busy = self.running(kind, run_dir)
             if busy is not None:
-                raise JobBusyError(f"a {kind} job is already running ({busy.title}); cancel it "
-                                   f"or wait for it to finish")
-            job = Job(next(self._ids), kind, title, fn, self._by_thread)
+                raise JobBusyError(f"a {kind} job of this run is already running "
+                                   f"({busy.title}); cancel it or wait for it to finish")
+            job = Job(next(self._ids), kind, title, fn, self._by_thread, str(run_dir), owner)
             job.info = dict(info or {})
             self._jobs[job.id] = job
             job.thread.start()
         return job.snapshot()
 
-    def running(self, kind: str | None = None) -> JobSnapshot | None:
-        """The running job of ``kind`` (any kind if None), or None."""
+    def _of(self, kind: str | None, run_dir: str | None):
         for job in reversed(list(self._jobs.values())):
+            if (kind is None or job.kind == kind) and (run_dir is None
+                                                       or job.run_dir == str(run_dir)):
+                yield job
+
+    def running(self, kind: str | None = None, run_dir: str | None = None
+                ) -> JobSnapshot | None:
+        """The running job of ``kind`` (any if None) of ``run_dir`` (any if None), or None."""
+        for job in self._of(kind, run_dir):
             snap = job.snapshot()
-            if snap.running and (kind is None or job.kind == kind):
+            if snap.running:
                 return snap
         return None
 
-    def latest(self, kind: str) -> JobSnapshot | None:
-        """The most recently started job of ``kind``, finished or not."""
-        for job in reversed(list(self._jobs.values())):
-            if job.kind == kind:
-                return job.snapshot()
-        return None
+    def latest(self, kind: str, run_dir: str | None = None) -> JobSnapshot | None:
+        """The most recently started job of ``kind`` (of ``run_dir``), finished or not."""
+        job = next(self._of(kind, run_dir), None)
+        return None if job is None else job.snapshot()
+
+    def others(self, run_dir: str) -> list[JobSnapshot]:
+        """Running jobs of every other run (shown read-only, with their run's full path)."""
+        return [j.snapshot() for j in self._of(None, None)
+                if j.run_dir != str(run_dir) and j.snapshot().running]
 
     def get(self, job_id: int) -> JobSnapshot | None:
         job = self._jobs.get(job_id)
         return None if job is None else job.snapshot()
 
-    def cancel(self, job_id: int | None = None, kind: str | None = None) -> bool:
-        """Ask a job (by id, or the running one of ``kind``) to stop; True if one was asked."""
+    def cancel(self, job_id: int | None = None, kind: str | None = None,
+               run_dir: str | None = None) -> bool:
+        """Ask a job to stop: by id, or the running one of ``kind`` of ``run_dir``; True if
+        one was asked. A job of another run than ``run_dir`` (when given) is not touched."""
         job = self._jobs.get(job_id) if job_id is not None else None
         if job is None and kind is not None:
-            snap = self.running(kind)
+            snap = self.running(kind, run_dir)
             job = self._jobs.get(snap.id) if snap else None
         if job is None or job.snapshot().status in FINISHED:
+            return False
+        if run_dir is not None and job.run_dir != str(run_dir):
             return False
         job.cancel_event.set()
         job.append_log("cancel requested; stopping after the current step")
         return True
+
+    def for_run(self, run_dir: str) -> "RunJobs":
+        return RunJobs(self, str(run_dir))
 
     def wait(self, job_id: int, timeout: float | None = None) -> JobSnapshot:
         job = self._jobs[job_id]
@@ -335,7 +366,31 @@ class JobManager:
         return [j.snapshot() for j in self._jobs.values()]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunJobs:
+    """The jobs of one run: what a page on that run may start, see and cancel."""
+
+    manager: JobManager
+    run_dir: str
+
+    def start(self, kind: str, title: str, fn: Callable[[JobContext], Any],
+              info: dict | None = None, owner: str | None = None) -> JobSnapshot:
+        return self.manager.start(kind, title, fn, info, self.run_dir, owner)
+
+    def latest(self, kind: str) -> JobSnapshot | None:
+        return self.manager.latest(kind, self.run_dir)
+
+    def running(self, kind: str | None = None) -> JobSnapshot | None:
+        return self.manager.running(kind, self.run_dir)
+
+    def cancel(self, kind: str) -> bool:
+        return self.manager.cancel(kind=kind, run_dir=self.run_dir)
+
+    def others(self) -> list[JobSnapshot]:
+        return self.manager.others(self.run_dir)
+
+
 JOBS = JobManager()
 
 __all__ = ["FINISHED", "JOBS", "Job", "JobBusyError", "JobContext", "JobManager", "JobSnapshot",
-           "format_seconds"]
+           "RunJobs", "format_seconds"]

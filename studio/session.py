@@ -21,6 +21,12 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("craft_studio_run")
+_USER: contextvars.ContextVar = contextvars.ContextVar("craft_studio_user", default=None)
+
+
+def current_user() -> str | None:
+    """Who sent the event being handled (``craft studio --auth``), None without auth."""
+    return _USER.get()
 
 
 def current():
@@ -61,17 +67,28 @@ def for_session(fn: Callable, resolve: Callable[[Any], Any]) -> Callable:
     the run context to bind while ``fn`` runs. Event data (if ``fn`` takes it) is passed on."""
     data_type = _event_data_type(fn)
     if data_type is None:
-        def handler(run_value, *args):
-            with bound(resolve(run_value)):
+        def handler(request, run_value, *args):
+            with bound(resolve(run_value)), _as_user(request):
                 return fn(*args)
+
+        handler.__annotations__ = {"request": gr.Request}
     else:
-        def handler(evt, run_value, *args):
-            with bound(resolve(run_value)):
+        def handler(evt, request, run_value, *args):
+            with bound(resolve(run_value)), _as_user(request):
                 return fn(evt, *args)
 
-        handler.__annotations__ = {"evt": data_type}
+        handler.__annotations__ = {"evt": data_type, "request": gr.Request}
     handler.__name__ = getattr(fn, "__name__", "handler")
     return handler
 
 
-__all__ = ["bound", "current", "for_session"]
+@contextlib.contextmanager
+def _as_user(request) -> Iterator[None]:
+    token = _USER.set(getattr(request, "username", None) if request is not None else None)
+    try:
+        yield
+    finally:
+        _USER.reset(token)
+
+
+__all__ = ["bound", "current", "current_user", "for_session"]

@@ -63,13 +63,32 @@ document.addEventListener('keydown', (e) => {
 class Tab:
     """A tab's controls and handlers. ``self.ctx`` is the run of the event being handled (each
     browser has its own: studio.session); the constructor gets the first run, for initial
-    values only."""
+    values only. ``self.jobs`` are that run's jobs (studio.jobs: a page starts, sees and
+    cancels only its own run's)."""
 
     @property
     def ctx(self):
         from studio.session import current
 
         return current()
+
+    @property
+    def jobs(self):
+        return run_jobs()
+
+
+def run_jobs():
+    """The jobs of the run of the event being handled."""
+    from studio.session import current
+
+    return JOBS.for_run(str(current().run_dir))
+
+
+def start_job(kind: str, title: str, fn: Callable[..., Any], info: dict | None = None):
+    """Start a job of the current run, recording who started it (with --auth)."""
+    from studio.session import current_user
+
+    return run_jobs().start(kind, title, fn, info, owner=current_user())
 
 
 def short_name(reward: str) -> str:
@@ -113,13 +132,17 @@ class JobPanel:
         return [self.status, self.bar, self.log]
 
     def render(self, snap: JobSnapshot | None = None) -> list[Any]:
-        snap = snap if snap is not None else JOBS.latest(self.kind)
+        snap = snap if snap is not None else run_jobs().latest(self.kind)
         if snap is None:
             return ["No job yet.", _bar(None), ""]
         return [snap.summary(), _bar(snap), "\n".join(reversed(snap.log[-40:]))]
 
+    def latest(self) -> JobSnapshot | None:
+        """This run's latest job of the panel's kind."""
+        return run_jobs().latest(self.kind)
+
     def is_running(self) -> bool:
-        return JOBS.running(self.kind) is not None
+        return run_jobs().running(self.kind) is not None
 
     def on_tick(self, app, fn: Callable[..., Any], inputs: Any, outputs: list[Any]) -> Any:
         """Poll with ``fn`` (wired through ``app.on``: the session's run is bound); an exception
@@ -153,9 +176,21 @@ def job_buttons(running: bool) -> list[Any]:
 
 
 def cancel_message(kind: str, what: str) -> str:
-    if JOBS.cancel(kind=kind):
+    """Cancel this run's job of ``kind`` (never another run's)."""
+    if run_jobs().cancel(kind):
         return ok_md(f"cancel requested: the {what} stops after its current batch or step")
-    return f"no {what} is running"
+    return f"no {what} of this run is running"
+
+
+def others_markdown() -> str:
+    """Other runs' running jobs, read-only, each with its run's full path."""
+    others = run_jobs().others()
+    if not others:
+        return ""
+    lines = [f"- {html.escape(o.kind)} · `{html.escape(o.run_dir)}` · {o.done}/{o.total}"
+             + (f" · started by {html.escape(o.owner)}" if o.owner else "") for o in others]
+    return "**Running in other runs** (shown here, controlled from their own pages):\n" + \
+        "\n".join(lines)
 
 
 def finished_message(snap: JobSnapshot | None) -> Any:
@@ -204,5 +239,5 @@ def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Call
 
 
 __all__ = ["CSS", "HEAD_JS", "JobPanel", "POLL_SECONDS", "Tab", "cancel_message", "error_md",
-           "finished_message", "job_buttons", "ok_md", "processes_control", "safe", "short_name",
-           "user_error"]
+           "finished_message", "job_buttons", "ok_md", "others_markdown", "processes_control",
+           "run_jobs", "safe", "short_name", "start_job", "user_error"]

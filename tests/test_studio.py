@@ -79,6 +79,36 @@ def test_cancel_sets_the_event_and_ends_cancelled(jobs):
     assert not jobs.cancel(kind="gen")  # nothing left to cancel
 
 
+def test_jobs_belong_to_their_run(jobs):
+    """Two runs generate at once; each run's page sees and cancels only its own job and lists
+    the other one read-only with its full path and who started it."""
+    gates = {"/runs/a": threading.Event(), "/runs/b": threading.Event()}
+
+    def fn_for(run):
+        def fn(jc):
+            while not jc.should_stop() and not gates[run].is_set():
+                time.sleep(0.01)
+        return fn
+
+    a, b = jobs.for_run("/runs/a"), jobs.for_run("/runs/b")
+    ja = a.start("generate", "Generate · /runs/a", fn_for("/runs/a"), owner="ann")
+    jb = b.start("generate", "Generate · /runs/b", fn_for("/runs/b"), owner="bob")
+    assert a.running("generate").id == ja.id and b.running("generate").id == jb.id
+    assert a.latest("generate").id == ja.id and b.latest("generate").id == jb.id
+    with pytest.raises(JobBusyError, match="of this run"):
+        a.start("generate", "again", fn_for("/runs/a"))
+    [other] = a.others()
+    assert other.id == jb.id and other.run_dir == "/runs/b" and other.owner == "bob"
+    # a page on run a cannot cancel run b's job, by kind or by id
+    assert not jobs.cancel(job_id=jb.id, run_dir="/runs/a")
+    assert a.cancel("generate")
+    assert _wait(jobs, ja).status == "cancelled"
+    assert jobs.get(jb.id).running  # run b's job goes on
+    assert "started by bob" in jobs.get(jb.id).summary()
+    gates["/runs/b"].set()
+    assert _wait(jobs, jb).status == "done"
+
+
 def test_a_dead_thread_never_shows_as_running(jobs):
     gate = threading.Event()
     snap = jobs.start("score", "Score", lambda jc: gate.wait(5))

@@ -16,12 +16,11 @@ from PIL import Image, ImageDraw
 
 from craft.fsutil import save_image_atomic
 from studio.context import RunContext
-from studio.jobs import JOBS
 from studio.plots import empty_figure, mean_reward_bars
 from studio.settings import Settings, UiState, none_as_zero, optional_int
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, short_name, user_error)
+                       processes_control, short_name, start_job, user_error)
 
 MAX_PAIRS = 24
 CELL = 128
@@ -287,9 +286,7 @@ class CompareTab(Tab):
                                      "from the list (↻ refreshes it)")
                 if not base:
                     raise ValueError("give the base model")
-                cfg = app.settings.config_from(ctx.cfg, values)
-                ctx.set_config(cfg)
-                ctx.save_settings()
+                cfg = ctx.settings_now()
                 from craft.config import resolve_path
 
                 base_path = str(resolve_path(base) or base)
@@ -305,22 +302,21 @@ class CompareTab(Tab):
                     return {"evaluation_id": res.evaluation_id}
 
                 command = ["evaluate", "--tuned", tuned, "--base", base_path, "--name", name]
-                JOBS.start("compare", f"Compare base vs tuned · {ctx.run_dir.name}", stage_job(
+                start_job("compare", f"Compare base vs tuned · {ctx.run_dir}", stage_job(
                     "compare", command, ctx.run_dir, cfg, processes, in_process),
                     info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip()
             return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)
 
-        app.on(self.start.click, on_start, [self.base, self.tuned, self.processes,
-                                            *app.settings.components],
+        app.on(self.start.click, on_start, [self.base, self.tuned, self.processes],
                [self.message, self.panel.timer, *buttons])
         app.on(self.cancel.click, lambda: cancel_message("compare", "evaluation"), None,
                self.message)
 
         def tick():
             ctx = self.ctx
-            snap = JOBS.latest("compare")
+            snap = self.jobs.latest("compare")
             out = self.panel.render(snap)
             if snap is None or snap.running:
                 return [*out, gr.skip(), *[gr.skip()] * len(views), gr.skip(), gr.skip(),

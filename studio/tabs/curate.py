@@ -9,7 +9,6 @@ image embeddings to 2-D; a box drawn on it selects images into the grid."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import gradio as gr
 import numpy as np
@@ -20,11 +19,10 @@ from studio.curation import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage
                              explain, grid_items, kept_line, kept_rows, levels_line,
                              make_settings, moved, page_of, showing_line, view_ids)
 from studio.grid import ThumbGrid, event_delta, event_id, item_value
-from studio.jobs import JOBS
 from studio.pool_map import KEPT, PoolMap, in_box, map_value
 from studio.plots import composite_histogram, empty_figure
 from studio.settings import Settings, UiState, none_as_zero, optional_int
-from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, user_error
+from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, start_job, user_error
 
 LEVEL_LABELS = {"I_h (beat the reference on h)": "h", "I_ha (h and a)": "ha",
                 "I_hpa (h, p and a; strictest)": "hpa", "custom (rewards below)": "custom",
@@ -156,6 +154,9 @@ class CurateTab(Tab):
         self.dup_ids = gr.State([])
         self.controls = [*self.weights, self.normalization, self.level, self.require,
                          self.margin, self.top_k, self.cap, self.dedup, self.include_ref]
+        self.settings = settings
+        by_component = {id(b.component): b.key for b in settings.bindings}
+        self.control_keys = [by_component[id(c)] for c in self.controls]
 
     # ------------------------------------------------------------------ logic
 
@@ -190,28 +191,46 @@ class CurateTab(Tab):
         return self.cache.get(key, lambda: curate(df, settings, overrides,
                                                   ctx.cfg.advantage.eps, embeddings))
 
-    def _remember(self, settings) -> None:
-        """The Curate settings are the run's filter settings (craft filter / train read them)."""
+    def changes(self, seen: dict, values) -> dict:
+        """The controls this page has moved since it last loaded or saved them (``seen``):
+        key -> control value. Leaving a box with the value it had is no change."""
+        from studio.settings_sync import value_of
+
         ctx = self.ctx
-        f = dataclasses.replace(
-            ctx.cfg.filter, normalization=settings.normalization, level=settings.level,
-            require=tuple(settings.require), margin=settings.margin,
-            weights=dict(settings.weights), top_k=settings.top_k or ctx.cfg.filter.top_k,
-            include_reference=bool(settings.include_reference),
-            per_prompt_cap=settings.per_prompt_cap, dedup_threshold=settings.dedup_threshold)
-        if f != ctx.cfg.filter:
-            ctx.set_config(dataclasses.replace(ctx.cfg, filter=f))
-            ctx.schedule_save()
+        out = {}
+        for key, value in zip(self.control_keys, values):
+            try:
+                new = value_of(self.settings.config_with(ctx.cfg, key, value), key)
+            except Exception:  # noqa: BLE001 - a half-typed value: counts() says what is wrong
+                continue
+            if new != seen.get(key, value_of(ctx.cfg, key)):
+                out[key] = value
+        return out
+
+    def move(self, last_kept, seen, *values):
+        """A user's move of a Curate control: saved into the run's filter settings (which
+        ``craft filter`` / ``craft train`` read) field by field, not over a change made in
+        another window (studio.settings_sync), then the counts. No change: nothing happens."""
+        from studio.settings_sync import commit
+
+        seen = seen or {}
+        moved_keys = self.changes(seen, values)
+        if not moved_keys:
+            return [gr.skip()] * 8
+        try:
+            seen, text = commit(self.ctx, self.settings, moved_keys, seen)
+        except Exception as e:  # noqa: BLE001 - a value the config refuses
+            return [user_error(e), "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+        return [*self.counts(last_kept, *values), seen, text, gr.update(visible=bool(text))]
 
     def counts(self, last_kept, *values):
         """The fast step (what a control move waits for): kept count, what the move changed,
-        coverage, pass counts."""
+        coverage, pass counts. Saves nothing (a tab refresh calls it too)."""
         try:
             c = self.run(values)
         except Exception as e:  # noqa: BLE001
             message = error_md(str(e)) if isinstance(e, ValueError) else user_error(e)
             return message, "", "", gr.skip(), gr.skip()
-        self._remember(c.settings)
         a = self.ctx.cfg.advantage
         now = sorted(int(i) for i in c.kept_ids)
         changed = moved(last_kept, now)
@@ -294,8 +313,9 @@ class CurateTab(Tab):
 
     def wire(self, app) -> None:
         quiet = dict(show_progress="hidden")
-        count_in = [self.last_kept, *self.controls]
-        count_out = [self.kept, self.coverage, self.levels, self.last_kept, self.changed]
+        count_in = [self.last_kept, app.seen, *self.controls]
+        count_out = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
+                     app.seen, app.stale, app.reload_settings]
         view_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
                    self.similar_ids, *self.controls]
         view_out = [self.grid, self.showing, self.ids, self.page, self.why, self.selected]
@@ -318,7 +338,7 @@ class CurateTab(Tab):
                 [control.submit, control.blur] if isinstance(control, gr.Number) else
                 [control.input])
             for event in events:
-                chain(app.on(event, self.counts, count_in, count_out,
+                chain(app.on(event, self.move, count_in, count_out,
                              trigger_mode="always_last", queue=False, **quiet))
         app.on(self.view.input, first_page, view_in, view_out, **quiet)
 
@@ -460,7 +480,7 @@ class CurateTab(Tab):
                     ctx.invalidate()
                     return {"embedded": n, "mapped": m}
 
-                JOBS.start("map", f"Map the pool · {ctx.run_dir.name}", job,
+                start_job("map", f"Map the pool · {ctx.run_dir}", job,
                            info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip()
@@ -470,7 +490,7 @@ class CurateTab(Tab):
                [self.dups, self.map_panel.timer])
 
         def map_tick(color_by, map_ids, *values):
-            snap = JOBS.latest("map")
+            snap = self.jobs.latest("map")
             out = self.map_panel.render(snap)
             if snap is not None and snap.running:
                 return [*out, gr.skip(), gr.skip(), gr.skip()]

@@ -7,11 +7,10 @@ import gradio as gr
 
 from craft.config import field_choices, field_help
 from studio.context import RunContext
-from studio.jobs import JOBS
 from studio.settings import Settings, UiState, none_as_zero, optional_int
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, user_error)
+                       processes_control, start_job, user_error)
 
 LATEST = 32
 
@@ -88,12 +87,10 @@ class GenerateTab(Tab):
         self._shown = None
 
     def wire(self, app) -> None:
-        def on_start(processes, *values):
+        def on_start(processes):
             ctx = self.ctx
             try:
-                cfg = app.settings.config_from(ctx.cfg, values)
-                ctx.set_config(cfg)
-                ctx.save_settings()
+                cfg = ctx.settings_now()
                 if ctx.counts()["prompts"] == 0:
                     raise ValueError("this run has no prompts yet; add some in the Prompts tab")
 
@@ -105,7 +102,7 @@ class GenerateTab(Tab):
                     jc.log(f"wrote {out['written']} candidates; {out['total']} in the run")
                     return out
 
-                JOBS.start("generate", f"Generate candidates · {ctx.run_dir.name}", stage_job(
+                start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
                     "generate", ["generate"], ctx.run_dir, cfg, processes, in_process),
                     info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
@@ -114,14 +111,14 @@ class GenerateTab(Tab):
                     *job_buttons(True))
 
         buttons = [self.start, self.cancel]
-        app.on(self.start.click, on_start, [self.processes, *app.settings.components],
+        app.on(self.start.click, on_start, [self.processes],
                [self.message, self.panel.timer, self.plan, *buttons])
         app.on(self.cancel.click, lambda: cancel_message("generate", "generation"), None,
                self.message)
 
         def tick():
             ctx = self.ctx
-            snap = JOBS.latest("generate")
+            snap = self.jobs.latest("generate")
             out = self.panel.render(snap)
             n = ctx.counts()["candidates"]
             gallery = latest_candidates(ctx) if n != self._shown else gr.skip()

@@ -16,10 +16,10 @@ import pandas as pd
 
 from craft.config import field_choices, field_help
 from studio.context import RunContext
-from studio.jobs import JOBS
 from studio.settings import Settings, none_as_zero, optional_int
 from studio.launcher import stage_job
-from studio.ui import MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, safe, user_error
+from studio.ui import (MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, safe,
+                       start_job, user_error)
 
 UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
 SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in, natural "
@@ -212,12 +212,10 @@ class PromptsTab(Tab):
                       self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
         app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
 
-        def on_add(*values):
+        def on_add():
             ctx = self.ctx
             try:
-                cfg = app.settings.config_from(ctx.cfg, values)
-                ctx.set_config(cfg)
-                ctx.save_settings()
+                cfg = ctx.settings_now()
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), gr.skip()]
 
@@ -231,18 +229,18 @@ class PromptsTab(Tab):
                 return info
 
             try:
-                JOBS.start("prompts", f"Add prompts · {ctx.run_dir.name}", stage_job(
+                start_job("prompts", f"Add prompts · {ctx.run_dir}", stage_job(
                     "prompts", ["prompts"], ctx.run_dir, cfg, 1, in_process),
                     info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), gr.skip()]
             return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False)]
 
-        app.on(self.add_btn.click, on_add, app.settings.components,
+        app.on(self.add_btn.click, on_add, None,
                [self.message, self.panel.timer, self.add_btn])
 
         def tick():
-            snap = JOBS.latest("prompts")
+            snap = self.jobs.latest("prompts")
             out = self.panel.render(snap)
             if snap is None or snap.running:
                 return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]

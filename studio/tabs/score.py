@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 
 from studio.context import RunContext
-from studio.jobs import JOBS
 from studio.plots import correlation_heatmap, reward_histograms
 from studio.settings import Settings, UiState
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, user_error)
+                       processes_control, start_job, user_error)
 
 
 def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
@@ -72,13 +71,10 @@ class ScoreTab(Tab):
         self.corr = gr.Plot(label="Reward correlation", elem_id="score-corr")
 
     def wire(self, app) -> None:
-        def on_start(*values):
+        def on_start(names, force, processes):
             ctx = self.ctx
-            *cfg_values, names, force, processes = values
             try:
-                cfg = app.settings.config_from(ctx.cfg, cfg_values)
-                ctx.set_config(cfg)
-                ctx.save_settings()
+                cfg = ctx.settings_now()
                 if not names:
                     raise ValueError("tick at least one reward to compute")
                 if ctx.counts()["candidates"] == 0:
@@ -94,7 +90,7 @@ class ScoreTab(Tab):
                     return out
 
                 command = ["score", "--rewards", ",".join(names), *(["--force"] if force else [])]
-                JOBS.start("score", f"Score candidates · {ctx.run_dir.name}", stage_job(
+                start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
                     "score", command, ctx.run_dir, cfg, processes, in_process),
                     info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
@@ -102,13 +98,13 @@ class ScoreTab(Tab):
             return ok_md("scoring started"), gr.Timer(active=True), *job_buttons(True)
 
         buttons = [self.start, self.cancel]
-        app.on(self.start.click, on_start, [*app.settings.components, self.rewards, self.force,
+        app.on(self.start.click, on_start, [self.rewards, self.force,
                                             self.processes],
                [self.message, self.panel.timer, *buttons])
         app.on(self.cancel.click, lambda: cancel_message("score", "scoring"), None, self.message)
 
         def tick():
-            snap = JOBS.latest("score")
+            snap = self.jobs.latest("score")
             out = self.panel.render(snap)
             if snap is not None and snap.running:
                 return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),

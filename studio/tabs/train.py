@@ -12,13 +12,12 @@ import pandas as pd
 
 from craft.config import config_from_dict, field_choices, field_help
 from studio.context import RunContext
-from studio.jobs import JOBS
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
 from craft.stages import check_run_name, round_name, train_dir
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, short_name, user_error)
+                       processes_control, short_name, start_job, user_error)
 
 
 RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss", "kept",
@@ -281,7 +280,7 @@ class TrainTab(Tab):
         command = ["train", "--name", name] + (
             [] if rounds > 1 else ["--resume" if resume else "--new"])
         fn = stage_job("train", command, ctx.run_dir, cfg, processes, in_process)
-        JOBS.start("train", f"{'Resume' if resume else 'Train'} {name}"
+        start_job("train", f"{'Resume' if resume else 'Train'} {name}"
                    + (f" ({rounds} rounds)" if rounds > 1 else "")
                    + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
                    info={"name": shown, "run_dir": str(ctx.run_dir)})
@@ -290,18 +289,16 @@ class TrainTab(Tab):
     def wire(self, app) -> None:
         buttons = [self.start, self.cancel]
 
-        def on_start(name, processes, *values):
+        def on_start(name, processes):
             ctx = self.ctx
             try:
                 name = check_run_name(name)
-                cfg = app.settings.config_from(ctx.cfg, values)
+                cfg = ctx.settings_now()
                 rounds = cfg.train.rounds
                 for n in {name, *(round_name(name, r, rounds) for r in range(1, rounds + 1))}:
                     if n in run_names(ctx) or train_dir(ctx.run_dir, n).exists():
                         raise ValueError(f"a training run named {n!r} exists; pick another "
                                          f"name or resume it (the Resume list below)")
-                ctx.set_config(cfg)
-                ctx.save_settings()
                 self._start(cfg, name, resume=False, processes=processes)
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -313,7 +310,7 @@ class TrainTab(Tab):
                     next_name(ctx, (name,)),
                     *job_buttons(True))
 
-        app.on(self.start.click, on_start, [self.name, self.processes, *app.settings.components],
+        app.on(self.start.click, on_start, [self.name, self.processes],
                [self.message, self.panel.timer, self.view, self.name, *buttons])
 
         def on_resume(name, processes):
@@ -335,7 +332,7 @@ class TrainTab(Tab):
 
         def tick(view):
             ctx = self.ctx
-            snap = JOBS.latest("train")
+            snap = self.jobs.latest("train")
             out = self.panel.render(snap)
             running = snap is not None and snap.running
             if running and snap.info.get("name") and snap.info.get("run_dir") == str(ctx.run_dir):
@@ -390,7 +387,7 @@ class TrainTab(Tab):
         names = run_names(ctx)
         taken = (not current_name or current_name in names
                  or train_dir(ctx.run_dir, current_name).exists())
-        snap = JOBS.running("train")
+        snap = self.jobs.running("train")
         mine = snap is not None and snap.info.get("run_dir") == str(ctx.run_dir)
         view = snap.info.get("name") if mine else (names[0] if names else None)
         self._preview_key = None
