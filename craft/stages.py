@@ -141,11 +141,49 @@ def prepare_prompts(store, cfg, progress: ProgressFn | None = None) -> dict:
     return info
 
 
+RUN_PROMPTS_FILE = "prompts/train.jsonl"  # a run's training prompts from several sources
+
+
+def record_prompt_sources(store, cfg, run_dir: Path):
+    """``cfg`` naming every training prompt of the run: when the run holds prompts from more
+    than ``prompts.source`` (a toy set and then an uploaded file, say), they are written to
+    RUN/prompts/train.jsonl, in the order they were added, and the returned config reads that
+    file (all of it: no max_prompts), so the run's saved YAML makes the same prompts under
+    ``craft run``. Returns None when ``prompts.source`` alone gives them."""
+    from craft.fsutil import write_text_atomic
+    from craft.prompts import load_prompts
+
+    p = cfg.prompts
+    stored = store.prompts_df()
+    stored = list(stored.loc[stored["split"] == "train", "text"])
+    ours = set(load_prompts(p.source, p.format, p.column, p.max_prompts, seed=p.seed).prompts)
+    if set(stored) <= ours:
+        return None
+    path = Path(run_dir) / RUN_PROMPTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps({"prompt": t}) + "\n" for t in stored))
+    log.info("the run's %d training prompts come from several sources: recorded in %s",
+             len(stored), path)
+    return dataclasses.replace(cfg, prompts=dataclasses.replace(
+        p, source=str(path), format="jsonl", column="prompt", max_prompts=None))
+
+
 def stage_prompts(run: Run, cfg, progress: ProgressFn | None = None,
                   should_stop: StopFn | None = None) -> dict:
-    """Prompts and variants, written once by the main process; the others wait."""
+    """Prompts and variants, written once by the main process; the others wait. A run that
+    now holds prompts from several sources gets them recorded in one file, and its config
+    (RUN/config.yaml) names that file (``info["sources_file"]``)."""
     run = as_run(run)
-    return run.dist.on_main(lambda: prepare_prompts(run.store, cfg, progress))
+
+    def once():
+        info = prepare_prompts(run.store, cfg, progress)
+        recorded = record_prompt_sources(run.store, cfg, run.run_dir)
+        if recorded is not None:
+            run.save_config(recorded)
+            info["sources_file"] = recorded.prompts.source
+        return info
+
+    return run.dist.on_main(once)
 
 
 # ------------------------------------------------------------------------ generate, score

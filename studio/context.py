@@ -127,6 +127,15 @@ class RunContext:
             timer.cancel()
             self.save_settings()
 
+    def reload_config(self) -> CraftConfig:
+        """Take the run's stored config again (a stage changed it, e.g. the prompts stage
+        recording several sources in one file)."""
+        self.flush()
+        saved = self._saved_config()
+        if saved is not None:
+            self.set_config(saved)
+        return self.cfg
+
     def settings_now(self) -> CraftConfig:
         """The run's settings as a job starts: every field is saved as it changes
         (studio.settings_sync), so they are the run's, not one page's form; a pending

@@ -53,7 +53,7 @@ CSS = """
 .tg-entered { background: #0e9f6edd; } .tg-left { background: #b45309dd; }
 .tg-zoom { position: absolute; top: 3px; right: 3px; font-size: 12px; line-height: 1;
            padding: 2px 4px; border: none; border-radius: 3px; background: #fffc; cursor: zoom-in; }
-.tg-empty { padding: 24px; color: #888; }
+.tg-empty { grid-column: 1 / -1; padding: 24px; color: #888; }  /* the whole row, not one cell */
 """
 
 # The lightbox lives on document.body (the template is re-rendered on every update, which

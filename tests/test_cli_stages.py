@@ -168,3 +168,33 @@ def test_online_craft_runs_two_rounds_and_keeps_them_apart(tmp_path, tiny_model_
     with RunStore(run) as store:
         assert len(store.train_runs_df()) == 2 and len(store.candidates_df()) == 2 * 24
         assert len(store.evaluations_df()) == 1
+
+
+def test_a_run_built_from_two_prompt_sources_keeps_both_in_its_config(tmp_path, tiny_model_dir,
+                                                                      capsys):
+    """12 toy prompts, then 3 from a CSV: the run's config names one file holding all 15, so
+    `craft run` on the run plans the same prompts (it used to name only the CSV)."""
+    from craft.prompts import load_prompts
+    from craft.run import run_config
+
+    run = tmp_path / "run"
+    csv = tmp_path / "more.csv"
+    csv.write_text("prompt\na blue square on a red background\na red circle on a "
+                   "green background\na white triangle on a black background\n")
+    assert main(["prompts", "--run-dir", str(run), *_sets(tiny_model_dir, **{
+        "prompts.max_prompts": 12})]) == 0
+    assert main(["prompts", "--run-dir", str(run), "--set", f"prompts.source={csv}",
+                 "--set", "prompts.max_prompts=null"]) == 0
+    capsys.readouterr()
+    with RunStore(run) as store:
+        stored = store.prompts_df()
+        stored = list(stored.loc[stored["split"] == "train", "text"])
+    assert len(stored) == 15
+    cfg, _ = run_config(run)
+    assert cfg.prompts.source == str(run / "prompts" / "train.jsonl")
+    assert load_prompts(cfg.prompts.source, cfg.prompts.format, cfg.prompts.column,
+                        cfg.prompts.max_prompts).prompts == stored
+    # running the prompts stage again with the run's own config adds nothing
+    assert main(["prompts", "--run-dir", str(run)]) == 0
+    with RunStore(run) as store:
+        assert (store.prompts_df()["split"] == "train").sum() == 15

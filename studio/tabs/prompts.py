@@ -24,7 +24,26 @@ from studio.ui import (MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, s
 UPLOAD_TYPES = [".txt", ".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet"]
 SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in, natural "
                                                        "language)",
-           "upload": "Upload a file", "paste": "Paste text"}
+           "upload": "Upload a file", "paste": "Paste text",
+           "run": "This run's prompts (every source added so far)"}
+
+
+def source_kind(source: str) -> str:
+    """Which of :data:`SOURCES` ``prompts.source`` is (what the Prompts tab shows checked)."""
+    from craft.stages import RUN_PROMPTS_FILE
+
+    if source in ("toy", "sample"):
+        return source
+    if source.replace("\\", "/").endswith(RUN_PROMPTS_FILE):
+        return "run"
+    return "paste" if Path(source).name.startswith("pasted-") else "upload"
+
+
+def kind_updates(source: str) -> list:
+    """The radio and the upload / paste boxes for ``source``."""
+    key = source_kind(source)
+    return [SOURCES[key], gr.update(visible=key == "upload"), gr.update(visible=key == "paste"),
+            gr.update(visible=key == "paste")]
 PREVIEW_ROWS = 200
 VARIANT_PREVIEW_PROMPTS = 3
 
@@ -189,7 +208,10 @@ class PromptsTab(Tab):
 
         def on_kind(kind):
             key = next(k for k, v in SOURCES.items() if v == kind)
-            source = {"toy": "toy", "sample": "sample"}.get(key, gr.skip())
+            # the built-in sets are chosen at once; a file waits for its upload / paste
+            # (an empty source: Add says to choose one, never adds a previous file)
+            source = {"toy": "toy", "sample": "sample", "run": self.ctx.cfg.prompts.source
+                      if source_kind(self.ctx.cfg.prompts.source) == "run" else ""}.get(key, "")
             return (gr.update(visible=key == "upload"), gr.update(visible=key == "paste"),
                     gr.update(visible=key == "paste"), source)
 
@@ -199,25 +221,36 @@ class PromptsTab(Tab):
 
         def on_upload(path):
             if not path:
-                return gr.skip(), gr.skip()
+                return "", ""
             try:
                 return store_upload(self.ctx, path), ""
-            except Exception as e:  # noqa: BLE001
-                return gr.skip(), user_error(e)
+            except Exception as e:  # noqa: BLE001 - a rejected file is not pending any more
+                return "", user_error(e)
 
         app.on(app.on(self.upload.upload, on_upload, self.upload,
                       [self.source, self.message]).success,
                safe(preview, 3), preview_inputs, preview_outputs)
+        app.on(self.upload.clear, lambda: ("", ""), None, [self.source, self.message])
         app.on(app.on(self.use_paste.click, lambda t: store_paste(self.ctx, t), self.paste,
                       self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
         app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
 
-        def on_add():
+        def on_add(source, seen):
+            from studio.settings_sync import commit
+
             ctx = self.ctx
             try:
+                if not (source or "").strip():
+                    raise ValueError("choose a prompt set first: a built-in set, an uploaded "
+                                     "file or pasted text")
+                # the pending source (an upload sets it without a keystroke) becomes the run's
+                seen, text = commit(ctx, app.settings, {"prompts.source": source}, seen or {})
+                if text:
+                    raise ValueError("the prompt source was changed in another window; "
+                                     "reload the settings first")
                 cfg = ctx.settings_now()
             except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), gr.skip()]
+                return [user_error(e), gr.skip(), gr.skip(), gr.skip()]
 
             def in_process(jc, run):
                 from craft.stages import stage_prompts
@@ -234,35 +267,53 @@ class PromptsTab(Tab):
                     info={"run_dir": str(ctx.run_dir)})
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), gr.skip()]
-            return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False)]
+            return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False),
+                    seen]
 
-        app.on(self.add_btn.click, on_add, None,
-               [self.message, self.panel.timer, self.add_btn])
+        app.on(self.add_btn.click, on_add, [self.source, app.seen],
+               [self.message, self.panel.timer, self.add_btn, app.seen])
 
-        def tick():
+        def tick(seen):
+            from studio.settings_sync import snapshot
+
+            ctx = self.ctx
             snap = self.jobs.latest("prompts")
             out = self.panel.render(snap)
             if snap is None or snap.running:
-                return [*out, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
-            stored, variants = stored_tables(self.ctx)
-            msg = (ok_md(f"added: {snap.result['train_summary']} (train), "
-                         f"{snap.result['eval_summary']} (held out)")
-                   if snap.status == "done" and snap.result else finished_message(snap))
+                return [*out, *[gr.skip()] * 10]
+            stored, variants = stored_tables(ctx)
+            result = snap.result or {}
+            msg = (ok_md(f"added: {result['train_summary']} (train), "
+                         f"{result['eval_summary']} (held out)"
+                         + ("; the run's prompts now come from several sources, recorded in "
+                            f"{result['sources_file']} (its config names that file)"
+                            if result.get("sources_file") else ""))
+                   if snap.status == "done" and result else finished_message(snap))
+            cfg = ctx.reload_config()  # the stage may have recorded several sources
+            seen = {**(seen or {}), **{k: v for k, v in snapshot(app.settings, cfg).items()
+                                       if k.startswith("prompts.")}}
             return [*out, gr.Timer(active=False), stored, variants, msg,
-                    gr.update(interactive=True)]
+                    gr.update(interactive=True), cfg.prompts.source,
+                    *kind_updates(cfg.prompts.source)[:1], seen, *kind_updates(
+                        cfg.prompts.source)[1:]]
 
-        self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.panel.timer, self.stored,
-                                             self.stored_variants, self.message, self.add_btn])
+        self.panel.on_tick(app, tick, app.seen, [
+            *self.panel.outputs, self.panel.timer, self.stored, self.stored_variants,
+            self.message, self.add_btn, self.source, self.kind, app.seen, self.upload, self.paste,
+            self.use_paste])
 
     # ------------------------------------------------------------------ refresh
 
     @property
     def refresh_outputs(self) -> list:
-        return [self.stored, self.stored_variants, *self.panel.outputs, self.panel.timer]
+        return [self.stored, self.stored_variants, *self.panel.outputs, self.panel.timer,
+                self.kind, self.upload, self.paste, self.use_paste]
 
     def refresh(self) -> list:
+        """The run's prompts, and its real source checked (after a reload or a restart too)."""
         stored, variants = stored_tables(self.ctx)
-        return [stored, variants, *self.panel.render(), self.panel.keep_polling()]
+        return [stored, variants, *self.panel.render(), self.panel.keep_polling(),
+                *kind_updates(self.ctx.cfg.prompts.source)]
 
 
 __all__ = ["PromptsTab", "preview", "store_paste", "store_upload"]
