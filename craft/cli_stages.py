@@ -13,7 +13,7 @@ import argparse
 import logging
 import time
 
-from craft import CraftError
+from craft import CraftError, StageStopped
 from craft.cli_common import (Reporter, add_config_arguments, add_job_arguments, stop_check,
                               write_result)
 
@@ -77,40 +77,56 @@ def _finish(args, run, result: dict) -> int:
     return 0
 
 
-def cmd_prompts(args) -> int:
-    from craft.stages import stage_prompts
+def _hooks(args, run, reporter):
+    from craft.stage_calls import Hooks
+
+    def on_stage(stage: str) -> None:
+        if stage == "train" and run.is_main:
+            log.info("training on the kept set")
+        reporter.write(stage, 0, 0, force=True)
+
+    return Hooks(progress_for=reporter.stage, should_stop=stop_check(args.stop_file),
+                 on_stage=on_stage)
+
+
+def _call(args, say) -> int:
+    """``craft COMMAND``: the command's StageCall (craft.stage_calls) run on the run, its
+    result printed by ``say(run, cfg, out)`` and written to --result-file."""
+    from craft.stage_calls import StageCall, run_call
 
     run, cfg = _open(args)
     with run:
-        info = stage_prompts(run, cfg, _reporter(args, run).stage("prompts"))
+        reporter = _reporter(args, run)
+        try:
+            out = run_call(StageCall.from_args(args), run, cfg, _hooks(args, run, reporter))
+        except StageStopped as e:
+            if run.is_main and getattr(e, "result", None) is not None:
+                write_result(args.result_file, {"status": "stopped", **e.result})
+            raise
+        if run.is_main:
+            say(run, cfg, out)
+        return _finish(args, run, out)
+
+
+def cmd_prompts(args) -> int:
+    def say(run, cfg, info):
         _say(run, f"training prompts: {info['train_summary']}\nevaluation prompts: "
                   f"{info['eval_summary']}\nvariants written for {info['expanded']} prompts "
-                  f"(V={cfg.prompts.num_variants})")
-        return _finish(args, run, info)
+                  f"(V={cfg.prompts.num_variants})"
+             + (f"\nthe run's prompts come from several sources: recorded in "
+                f"{info['sources_file']}, which its config now names"
+                if info.get("sources_file") else ""))
+
+    return _call(args, say)
 
 
 def cmd_generate(args) -> int:
-    from craft.stages import stage_generate
-
-    run, cfg = _open(args)
-    with run:
-        out = stage_generate(run, cfg, _reporter(args, run).stage("generate"),
-                             stop_check(args.stop_file))
-        _say(run, f"generated {out['written']} new candidates; {out['total']} in the run")
-        return _finish(args, run, out)
+    return _call(args, lambda run, cfg, out: _say(
+        run, f"generated {out['written']} new candidates; {out['total']} in the run"))
 
 
 def cmd_score(args) -> int:
-    from craft.stages import stage_score
-
-    run, cfg = _open(args)
-    with run:
-        names = args.rewards.split(",") if args.rewards else None
-        out = stage_score(run, cfg, names, force=args.force,
-                          progress=_reporter(args, run).stage("score"),
-                          should_stop=stop_check(args.stop_file))
-        _say(run, f"wrote {out['written']} scores")
-        return _finish(args, run, out)
+    return _call(args, lambda run, cfg, out: _say(run, f"wrote {out['written']} scores"))
 
 
 def cmd_filter(args) -> int:
@@ -141,41 +157,13 @@ def cmd_filter(args) -> int:
                                    "largest_share": cov["largest_share"]})
 
 
-def _train_result(result) -> dict:
-    return {"run_id": result.run_id, "training": result.status, "steps": result.steps_done,
-            "final": result.final_dir, "checkpoint": result.last_checkpoint}
-
-
 def cmd_train(args) -> int:
-    from craft.stages import StageStopped, stage_publish, stage_rounds, stage_train
+    def say(run, cfg, out):
+        _say(run, f"training {out['training']} after {out['steps']} steps; tuned "
+                  f"{'adapters' if cfg.train.lora else 'pipeline'} at {out['published']} "
+                  f"(from {out['final']})")
 
-    run, cfg = _open(args)
-    with run:
-        resume = True if args.resume else (False if args.new else None)
-        reporter = _reporter(args, run)
-        if cfg.train.rounds > 1:  # online CRAFT: rounds NAME.r1 .. NAME.rR (each resumable)
-            if resume is not None:
-                raise CraftError("--resume / --new apply to one training run; with "
-                                 "train.rounds > 1 `craft train` always resumes the rounds "
-                                 "already there (finished rounds are not trained again)")
-            result = stage_rounds(run, cfg, args.name, reporter.stage,
-                                  stop_check(args.stop_file))
-        else:
-            result = stage_train(run, cfg, args.name, resume=resume,
-                                 progress=reporter.stage("train"),
-                                 should_stop=stop_check(args.stop_file))
-        if result.status != "done":
-            if run.is_main:
-                write_result(args.result_file, {"status": "stopped", **_train_result(result)})
-            raise StageStopped(f"training {args.name} stopped on request after "
-                               f"{result.steps_done} steps (checkpoint "
-                               f"{result.last_checkpoint or 'none: nothing trained yet'}); "
-                               f"`craft train --run-dir {args.run_dir} --name {args.name}` "
-                               f"continues it")
-        final = stage_publish(run, result)
-        _say(run, f"training {result.status} after {result.steps_done} steps; tuned pipeline "
-                  f"at {final} (from {result.final_dir})")
-        return _finish(args, run, {**_train_result(result), "published": final})
+    return _call(args, say)
 
 
 def cmd_publish(args) -> int:
@@ -195,16 +183,11 @@ def cmd_publish(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from craft.stages import stage_evaluate
+    def say(run, cfg, out):
+        _say(run, out["table"])
+        _say(run, f"side-by-side grid: {out['grid']}")
 
-    run, cfg = _open(args)
-    with run:
-        ev = stage_evaluate(run, cfg, tuned=args.tuned, base=args.base, name=args.name,
-                            label=args.label, progress=_reporter(args, run).stage("evaluate"),
-                            should_stop=stop_check(args.stop_file))
-        _say(run, ev.table())
-        _say(run, f"side-by-side grid: {ev.grid_path}")
-        return _finish(args, run, {"evaluation_id": ev.evaluation_id, "grid": ev.grid_path})
+    return _call(args, say)
 
 
 def cmd_export(args) -> int:
@@ -220,29 +203,17 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     """All stages in order; leaves the tuned pipeline at RUN/final and prints the evaluation."""
-    from craft.stages import run_all
-
     t0 = time.time()
-    run, cfg = _open(args)
-    with run:
-        rep = _reporter(args, run)
 
-        def on_stage(stage: str) -> None:
-            if stage == "train" and run.is_main:
-                log.info("training on the kept set")
-            rep.write(stage, 0, 0, force=True)
-
-        out = run_all(run, cfg, args.name, progress_for=rep.stage,
-                      should_stop=stop_check(args.stop_file), on_stage=on_stage)
-        ev = out["eval"]
-        _say(run, ev.table())
+    def say(run, cfg, out):
+        _say(run, out["table"])
         _say(run, f"\nkept {out['kept']} candidates; training run {args.name}: "
-                  f"{out['train'].steps_done} steps\ntuned pipeline: {out['final']}\n"
-                  f"side-by-side grid: {ev.grid_path}\nstage times: "
+                  f"{out['steps']} steps\ntuned {'adapters' if cfg.train.lora else 'pipeline'}: "
+                  f"{out['published']}\nside-by-side grid: {out['grid']}\nstage times: "
                   + ", ".join(f"{k} {v:.0f}s" for k, v in out["timings"].items())
                   + f"; total {time.time() - t0:.0f}s")
-        return _finish(args, run, {"evaluation_id": ev.evaluation_id, "final": out["final"],
-                                   "kept": out["kept"], **_train_result(out["train"])})
+
+    return _call(args, say)
 
 
 def _common(p: argparse.ArgumentParser, config_positional: bool = False) -> None:

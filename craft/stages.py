@@ -638,8 +638,8 @@ def stage_export(run: Run, cfg, settings=None, name: str | None = None,
 
 def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
             progress_for: Callable[[str], ProgressFn | None] | None = None,
-            should_stop: StopFn | None = None, on_stage: Callable[[str], None] | None = None
-            ) -> dict:
+            should_stop: StopFn | None = None, on_stage: Callable[[str], None] | None = None,
+            on_round: Callable[[int, str], None] | None = None) -> dict:
     """Every stage in order; leaves the tuned pipeline at RUN/final and returns the stage times,
     the kept count, the training result and the evaluation. Rerunning it resumes: stored
     candidates and scores are skipped, an unfinished training run continues from its last
@@ -675,13 +675,13 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
                                        should_stop=should_stop))
     pipe.to(device)
-    result = timed("train", lambda: stage_rounds(run, cfg, name, progress_for, should_stop,
-                                                 pipe=pipe, on_stage=on_stage))
+    result, final = timed("train", lambda: stage_tune(
+        run, cfg, name, progress_for=progress_for, should_stop=should_stop, pipe=pipe,
+        on_stage=on_stage, on_round=on_round))
     if result.status != "done":
         raise StageStopped(f"training {name} stopped on request at step {result.steps_done} "
                            f"(checkpoint {result.last_checkpoint}); run the same command again "
                            f"to continue")
-    final = timed("publish", lambda: stage_publish(run, result))
     ev = timed("evaluate", lambda: stage_evaluate(run, cfg, final, name="eval",
                                                   progress=progress_for("evaluate"),
                                                   should_stop=should_stop,
@@ -696,6 +696,16 @@ ROUND_SEED_STRIDE = 1_000  # round r's candidates use generation.seed + stride *
 def round_name(name: str, r: int, rounds: int) -> str:
     """Training-run name of round ``r``: NAME itself when there is one round, else NAME.rR."""
     return name if rounds == 1 else f"{name}.r{r}"
+
+
+def round_number(run_name: str) -> int | None:
+    """The online round a training run's name says (NAME.rR -> R), None for a one-round run:
+    the inverse of :func:`round_name`."""
+    m = _ROUND_RE.fullmatch(run_name)
+    return int(m.group(1)) if m else None
+
+
+_ROUND_RE = re.compile(r".+\.r(\d+)")
 
 
 def round_config(cfg, r: int, model_path: str | None):
@@ -715,10 +725,39 @@ def round_config(cfg, r: int, model_path: str | None):
     return c
 
 
+def stage_tune(run: Run, cfg, name: str = DEFAULT_RUN_NAME, resume: bool | None = None,
+               progress_for: Callable[[str], ProgressFn | None] | None = None,
+               should_stop: StopFn | None = None, callbacks=None, pipe=None,
+               on_stage: Callable[[str], None] | None = None,
+               on_round: Callable[[int, str], None] | None = None):
+    """Train (one run, or ``train.rounds`` online rounds) and publish a finished run as
+    RUN/final: what ``craft train``, ``craft run`` and the studio's Train do, in one place.
+    Returns (the last TrainResult, RUN/final or None when it did not finish). ``resume``
+    (True: must exist, False: must be new, None: either) applies to a one-round run; rounds
+    always continue the ones already there."""
+    progress_for = progress_for or (lambda stage: None)
+    if cfg.train.rounds > 1:
+        if resume is not None:
+            raise CraftError("--resume / --new apply to one training run; with train.rounds > 1 "
+                             "the rounds already there are always continued (finished rounds "
+                             "are not trained again)")
+        result = stage_rounds(run, cfg, name, progress_for, should_stop, pipe=pipe,
+                              on_stage=on_stage, on_round=on_round, callbacks=callbacks)
+    else:
+        if on_round:
+            on_round(1, name)
+        result = stage_train(run, cfg, name, resume=resume, progress=progress_for("train"),
+                             should_stop=should_stop, callbacks=callbacks, pipe=pipe)
+    if result.status != "done":
+        return result, None
+    return result, stage_publish(run, result)
+
+
 def stage_rounds(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
                  progress_for: Callable[[str], ProgressFn | None] | None = None,
                  should_stop: StopFn | None = None, pipe=None,
-                 on_stage: Callable[[str], None] | None = None):
+                 on_stage: Callable[[str], None] | None = None,
+                 on_round: Callable[[int, str], None] | None = None, callbacks=None):
     """Online CRAFT over ``train.rounds`` rounds; returns the last round's TrainResult.
 
     Round 1 is offline CRAFT on the base model's candidates (already generated and scored by
@@ -742,9 +781,11 @@ def stage_rounds(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
             stage_score(run, cfg_r, progress=progress_for("score"), should_stop=should_stop)
         if on_stage and rounds > 1:
             on_stage(f"round {r}: train")
+        if on_round:
+            on_round(r, round_name(name, r, rounds))
         result = stage_train(run, cfg_r, round_name(name, r, rounds),
                              progress=progress_for("train"), should_stop=should_stop,
-                             pipe=pipe if r == 1 else None)
+                             callbacks=callbacks, pipe=pipe if r == 1 else None)
         if result.status != "done":
             return result
         model_path = str(result.final_dir)
@@ -760,5 +801,6 @@ __all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPl
            "candidate_frame", "check_run_name", "filter_settings", "kept_digest", "open_run",
            "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
            "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
-           "stage_rounds", "stage_score", "stage_train", "train_dir", "training_set",
+           "stage_rounds", "stage_score", "stage_train", "stage_tune", "train_dir",
+           "training_set", "round_number",
            "tuned_label", "round_config", "round_name"]

@@ -95,10 +95,15 @@ class StudioApp:
                                              secret=secret)
             gr.Markdown("## CRAFT Studio · align a text-to-image model with composite rewards")
             with gr.Row(equal_height=True):
-                self.run_dir = gr.Dropdown(self.studio.runs(), value=str(ctx.run_dir),
-                                           allow_custom_value=True, filterable=True,
-                                           label="Run directory (pick one or type a new path)",
-                                           scale=4, elem_id="run-dir")
+                # A typed path is opened as typed (Enter or the button); the list offers the
+                # runs the studio knows. (One dropdown for both dropped a typed path on Enter.)
+                self.run_dir = gr.Textbox(str(ctx.run_dir), max_lines=1, scale=4,
+                                          label="Run directory: type a path and press Enter "
+                                                "(a new folder becomes a new run)",
+                                          elem_id="run-dir")
+                self.run_pick = gr.Dropdown(self.studio.runs(), value=None, scale=2,
+                                            label="…or open one of these runs",
+                                            elem_id="run-pick")
                 self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
             self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
             self.other_jobs = gr.Markdown(elem_id="other-jobs")
@@ -125,6 +130,9 @@ class StudioApp:
                                              elem_id="settings-file")
                 self.settings_yaml = gr.Code(language="yaml", label="Current settings",
                                              visible=False, elem_id="settings-yaml")
+            from studio.loop import LoopPanel
+
+            self.loop = LoopPanel()
             with gr.Tabs(elem_id="studio-tabs") as self.tabset:
                 with gr.Tab("Prompts", id="prompts") as t_prompts:
                     self.tabs["Prompts"] = PromptsTab(ctx, self.settings)
@@ -144,6 +152,7 @@ class StudioApp:
                                               t_train, t_compare)))
             for tab in self.tabs.values():
                 tab.wire(self)
+            self.loop.wire(self)
             for name, block in tab_blocks.items():
                 self._refresh_event(block.select, name)
             self._wire_header()
@@ -151,9 +160,11 @@ class StudioApp:
             # A (re)load restores this browser's run, then shows the first tab; the others
             # refresh when they are opened.
             prompts = self.tabs["Prompts"]
-            self.then(self.on(demo.load, self._on_load, None, self._restored_outputs()),
-                      _guarded(prompts.refresh, len(prompts.refresh_outputs)), None,
-                      prompts.refresh_outputs, show_progress="hidden")
+            dep = self.then(self.on(demo.load, self._on_load, None, self._restored_outputs()),
+                            _guarded(prompts.refresh, len(prompts.refresh_outputs)), None,
+                            prompts.refresh_outputs, show_progress="hidden")
+            self.then(dep, _guarded(self.loop.refresh, len(self.loop.refresh_outputs)), None,
+                      self.loop.refresh_outputs, show_progress="hidden")
         self.demo = demo
         return demo
 
@@ -166,8 +177,7 @@ class StudioApp:
                          show_progress="hidden")
 
     def _refresh_all(self, dep):
-        for name in TAB_NAMES:
-            tab = self.tabs[name]
+        for tab in [*(self.tabs[name] for name in TAB_NAMES), self.loop]:
             dep = self.then(dep, _guarded(tab.refresh, len(tab.refresh_outputs)),
                             getattr(tab, "refresh_inputs", []), tab.refresh_outputs,
                             show_progress="hidden")
@@ -176,13 +186,14 @@ class StudioApp:
     # ------------------------------------------------------------------ restoring a run
 
     def _restored_outputs(self) -> list:
-        return [self.run_dir, self.run_info, self.seen, self.stale, self.reload_settings,
-                *self.settings.components, *self.ui.components]
+        return [self.run_dir, self.run_pick, self.run_info, self.seen, self.stale,
+                self.reload_settings, *self.settings.components, *self.ui.components]
 
     def _restored_values(self, ctx: RunContext) -> list:
         from studio.settings_sync import snapshot
 
-        return [gr.update(choices=self.studio.runs(), value=str(ctx.run_dir)), ctx.describe(),
+        return [str(ctx.run_dir), gr.update(choices=self.studio.runs(), value=None),
+                ctx.describe(),
                 snapshot(self.settings, ctx.cfg), "", gr.update(visible=False),
                 *self.settings.values_from(ctx.cfg), *self.ui.values_from(ctx.ui_state())]
 
@@ -200,14 +211,16 @@ class StudioApp:
                 ctx = studio.context(path)
             except Exception as e:  # noqa: BLE001
                 n = len(self._restored_outputs())
-                return [gr.skip(), gr.skip(), user_error(e), *[gr.skip()] * (n - 2)]
+                return [gr.skip(), gr.skip(), gr.skip(), user_error(e), *[gr.skip()] * (n - 3)]
             return [str(ctx.run_dir), *self._restored_values(ctx)]
 
         outputs = [self.run_state, *self._restored_outputs()]
         # on_open's outputs start with the run state: the refresh chain that follows runs with
         # the newly opened run bound.
-        dep = self.open_btn.click(lambda path: on_open(path), self.run_dir, outputs)
-        self._refresh_all(dep)
+        for event, source in ((self.open_btn.click, self.run_dir),
+                              (self.run_dir.submit, self.run_dir),
+                              (self.run_pick.input, self.run_pick)):
+            self._refresh_all(event(lambda path: on_open(path), source, outputs))
         def on_info(seen):
             from studio.settings_sync import conflict_text, stale_keys
 

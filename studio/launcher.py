@@ -158,24 +158,55 @@ def _last_error(log_path: Path) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
-def stage_job(kind: str, command: list[str], run_dir: Path, cfg, processes: int,
-              in_process: Callable[[Any, Any], Any]) -> Callable[[Any], Any]:
-    """A job function for one stage: ``in_process(jc, run)`` in a thread of the studio for one
-    process, or ``craft COMMAND`` on ``processes`` processes (:func:`subprocess_job`)."""
+def job_hooks(jc):
+    """craft.stage_calls.Hooks that report into a studio job: progress per stage, the stage
+    and round being run (``info``: what the tabs show), training steps, previews and
+    checkpoints as log lines, cancel."""
+    from craft.stage_calls import Hooks
+    from craft.training import TrainCallbacks
+
+    def progress_for(stage):
+        return lambda done, total: jc.progress(done, total, f"{stage} {done}/{total}")
+
+    def on_stage(stage):
+        jc.log(stage)
+        jc.set_info(stage=stage)
+
+    def on_step(step, total, metrics):
+        jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
+
+    return Hooks(progress_for=progress_for, should_stop=jc.should_stop, on_stage=on_stage,
+                 on_round=lambda r, name: jc.set_info(name=name, round=r),
+                 callbacks=TrainCallbacks(
+                     on_step=on_step,
+                     on_preview=lambda step, ims, ps: jc.log(f"previews at step {step}"),
+                     on_checkpoint=lambda step, path: jc.log(f"checkpoint at step {step}: "
+                                                             f"{path}")))
+
+
+def stage_job(call, run_dir: Path, cfg, processes: int) -> Callable[[Any], Any]:
+    """A job function for one stage call (craft.stage_calls.StageCall): run in a thread of the
+    studio for one process, or as ``craft`` + ``call.argv()`` on ``processes`` processes
+    (:func:`subprocess_job`): the same call either way, as the CLI runs it."""
     processes = int(processes or 1)
     if processes < 1:
         raise CraftError(f"processes = {processes}: use 1 (in the studio) or more (accelerate "
                          f"launch)")
     if processes > 1:
-        return subprocess_job(command, run_dir, cfg, processes, kind)
+        return subprocess_job(call.argv(), run_dir, cfg, processes, call.command)
 
     def job(jc):
+        from craft.stage_calls import run_call
         from craft.stages import open_run
 
         with open_run(run_dir, cfg) as run:
-            return in_process(jc, run)
+            out = run_call(call, run, cfg, job_hooks(jc))
+        jc.log(f"{call.command} finished: " + ", ".join(
+            f"{k} {v}" for k, v in out.items() if isinstance(v, (int, float, str))
+            and k != "table"))
+        return out
 
     return job
 
 
-__all__ = ["JOBS_DIR", "STOP_GRACE_S", "launch_prefix", "stage_job", "subprocess_job"]
+__all__ = ["JOBS_DIR", "STOP_GRACE_S", "job_hooks", "launch_prefix", "stage_job", "subprocess_job"]

@@ -454,7 +454,7 @@ def test_settings_round_trip(page, studio, tmp_path):
 
 
 def open_run(page, path) -> None:
-    box = page.locator("#run-dir input")
+    box = page.locator("#run-dir textarea, #run-dir input").first
     box.fill(str(path))
     box.press("Enter")
     page.click("#run-open")

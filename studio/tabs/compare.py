@@ -18,6 +18,7 @@ from craft.fsutil import save_image_atomic
 from studio.context import RunContext
 from studio.plots import empty_figure, mean_reward_bars
 from studio.settings import Settings, UiState, none_as_zero, optional_int
+from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, short_name, start_job, user_error)
@@ -292,19 +293,9 @@ class CompareTab(Tab):
                 base_path = str(resolve_path(base) or base)
                 name = eval_name(base_path, tuned, cfg)
 
-                def in_process(jc, run):
-                    from craft.stages import stage_evaluate
-
-                    jc.log(f"{name}: base {base_path} vs {tuned}")
-                    res = stage_evaluate(run, cfg, tuned=tuned, base=base_path, name=name,
-                                         progress=jc.progress, should_stop=jc.should_stop)
-                    jc.log(res.table())
-                    return {"evaluation_id": res.evaluation_id}
-
-                command = ["evaluate", "--tuned", tuned, "--base", base_path, "--name", name]
                 start_job("compare", f"Compare base vs tuned · {ctx.run_dir}", stage_job(
-                    "compare", command, ctx.run_dir, cfg, processes, in_process),
-                    info={"run_dir": str(ctx.run_dir)})
+                    StageCall("evaluate", name=name, tuned=tuned, base=base_path), ctx.run_dir,
+                    cfg, processes))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip()
             return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)

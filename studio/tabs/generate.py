@@ -8,6 +8,7 @@ import gradio as gr
 from craft.config import field_choices, field_help
 from studio.context import RunContext
 from studio.settings import Settings, UiState, none_as_zero, optional_int
+from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, start_job, user_error)
@@ -94,17 +95,8 @@ class GenerateTab(Tab):
                 if ctx.counts()["prompts"] == 0:
                     raise ValueError("this run has no prompts yet; add some in the Prompts tab")
 
-                def in_process(jc, run):
-                    from craft.stages import stage_generate
-
-                    jc.log(f"loading {cfg.model.pretrained}")
-                    out = stage_generate(run, cfg, jc.progress, jc.should_stop)
-                    jc.log(f"wrote {out['written']} candidates; {out['total']} in the run")
-                    return out
-
                 start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
-                    "generate", ["generate"], ctx.run_dir, cfg, processes, in_process),
-                    info={"run_dir": str(ctx.run_dir)})
+                    StageCall("generate"), ctx.run_dir, cfg, processes))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return (ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx),

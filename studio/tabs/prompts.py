@@ -17,6 +17,7 @@ import pandas as pd
 from craft.config import field_choices, field_help
 from studio.context import RunContext
 from studio.settings import Settings, none_as_zero, optional_int
+from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, safe,
                        start_job, user_error)
@@ -252,19 +253,9 @@ class PromptsTab(Tab):
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), gr.skip(), gr.skip()]
 
-            def in_process(jc, run):
-                from craft.stages import stage_prompts
-
-                jc.log(f"loading {cfg.prompts.source} and {cfg.prompts.eval_source}")
-                info = stage_prompts(run, cfg, progress=jc.progress)
-                jc.log(f"train: {info['train_summary']}; eval: {info['eval_summary']}; "
-                       f"expanded {info['expanded']} prompt(s)")
-                return info
-
             try:
                 start_job("prompts", f"Add prompts · {ctx.run_dir}", stage_job(
-                    "prompts", ["prompts"], ctx.run_dir, cfg, 1, in_process),
-                    info={"run_dir": str(ctx.run_dir)})
+                    StageCall("prompts"), ctx.run_dir, cfg, 1))
             except Exception as e:  # noqa: BLE001
                 return [user_error(e), gr.skip(), gr.skip()]
             return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False),

@@ -10,6 +10,7 @@ import pandas as pd
 from studio.context import RunContext
 from studio.plots import correlation_heatmap, reward_histograms
 from studio.settings import Settings, UiState
+from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, start_job, user_error)
@@ -80,19 +81,9 @@ class ScoreTab(Tab):
                 if ctx.counts()["candidates"] == 0:
                     raise ValueError("this run has no candidates yet; run the Generate step")
 
-                def in_process(jc, run):
-                    from craft.stages import stage_score
-
-                    jc.log(f"scoring with {', '.join(names)}")
-                    out = stage_score(run, cfg, list(names), force=bool(force),
-                                      progress=jc.progress, should_stop=jc.should_stop)
-                    jc.log(f"wrote {out['written']} scores")
-                    return out
-
-                command = ["score", "--rewards", ",".join(names), *(["--force"] if force else [])]
                 start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
-                    "score", command, ctx.run_dir, cfg, processes, in_process),
-                    info={"run_dir": str(ctx.run_dir)})
+                    StageCall("score", rewards=tuple(names), force=bool(force)), ctx.run_dir,
+                    cfg, processes))
             except Exception as e:  # noqa: BLE001
                 return user_error(e), gr.skip(), gr.skip(), gr.skip()
             return ok_md("scoring started"), gr.Timer(active=True), *job_buttons(True)

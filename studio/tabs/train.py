@@ -14,7 +14,8 @@ from craft.config import config_from_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
-from craft.stages import check_run_name, round_name, train_dir
+from craft.stages import check_run_name, round_name, round_number, train_dir
+from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, short_name, start_job, user_error)
@@ -22,14 +23,6 @@ from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_butt
 
 RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss", "kept",
                "selection", "processes", "checkpoint", "error"]
-
-
-def round_of(name: str) -> int | None:
-    """The online-CRAFT round of a training run named NAME.rR (None: a one-round run)."""
-    import re
-
-    m = re.fullmatch(r".+\.r(\d+)", name)
-    return int(m.group(1)) if m else None
 
 
 def selection_summary(settings: dict) -> str:
@@ -60,7 +53,7 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
                 and int(r.selection_id) in selections.index:
             row = selections.loc[int(r.selection_id)]
             sel, kept = json.loads(row["settings_json"]), int(row["num_items"])
-        rows.append({"id": r.id, "name": r.name, "round": round_of(r.name), "status": r.status,
+        rows.append({"id": r.id, "name": r.name, "round": round_number(r.name), "status": r.status,
                      "started": pd.Timestamp(r.started, unit="s").strftime("%H:%M:%S"),
                      "steps": int(m["step"].max()) if not m.empty else 0,
                      "last loss": round(float(m["loss"].iloc[-1]), 5) if not m.empty else None,
@@ -231,59 +224,18 @@ class TrainTab(Tab):
     # ------------------------------------------------------------------ jobs
 
     def _start(self, cfg, name: str, resume: bool, processes: int) -> str:
+        """Train (and publish) as ``craft train`` does: the same call (craft.stage_calls), in
+        this studio or on several processes."""
         ctx = self.ctx
-
         rounds = cfg.train.rounds
         shown = round_name(name, rounds, rounds)  # the run the loss curve follows at the end
-
-        def in_process(jc, run):
-            from craft.stages import stage_publish, stage_rounds, stage_train
-            from craft.training import TrainCallbacks
-
-            jc.set_info(name=shown, out_dir=str(train_dir(run.run_dir, shown)))
-
-            def on_step(step, total, metrics):
-                jc.progress(step, total, f"step {step}/{total} · loss {metrics['loss']:.4f}")
-
-            if rounds > 1:  # online CRAFT: each round generates, scores, filters and trains
-                def progress_for(stage):
-                    return lambda done, total: jc.progress(done, total,
-                                                           f"{stage} {done}/{total}")
-
-                def on_stage(text):  # "round R: generate | score | train"
-                    jc.log(text)
-                    r = int(text.split()[1].rstrip(":"))
-                    jc.set_info(name=round_name(name, r, rounds),
-                                out_dir=str(train_dir(run.run_dir, round_name(name, r, rounds))))
-
-                result = stage_rounds(run, cfg, name, progress_for, jc.should_stop,
-                                      on_stage=on_stage)
-            else:
-                result = stage_train(run, cfg, name, resume=resume, should_stop=jc.should_stop,
-                                     callbacks=TrainCallbacks(
-                                         on_step=on_step,
-                                         on_preview=lambda step, ims, ps: jc.log(
-                                             f"previews at step {step}"),
-                                         on_checkpoint=lambda step, path: jc.log(
-                                             f"checkpoint at step {step}: {path}")))
-            out = {"status": result.status, "steps": result.steps_done,
-                   "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
-            if result.status == "done":
-                out["final"] = str(stage_publish(run, result))
-                jc.log(f"done after {result.steps_done} steps; published as {out['final']}")
-            else:
-                jc.log(f"{result.status} after {result.steps_done} steps; "
-                       + (f"checkpoint {result.last_checkpoint}" if result.last_checkpoint
-                          else "no checkpoint (nothing trained yet); Resume starts at step 0"))
-            return out
-
-        command = ["train", "--name", name] + (
-            [] if rounds > 1 else ["--resume" if resume else "--new"])
-        fn = stage_job("train", command, ctx.run_dir, cfg, processes, in_process)
-        start_job("train", f"{'Resume' if resume else 'Train'} {name}"
-                   + (f" ({rounds} rounds)" if rounds > 1 else "")
-                   + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
-                   info={"name": shown, "run_dir": str(ctx.run_dir)})
+        call = StageCall("train", name=name, resume=None if rounds > 1 else resume)
+        fn = stage_job(call, ctx.run_dir, cfg, processes)
+        start_job("train", f"{'Resume' if resume else 'Train'} {name} · {ctx.run_dir}"
+                  + (f" ({rounds} rounds)" if rounds > 1 else "")
+                  + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
+                  info={"name": shown if int(processes or 1) > 1 else round_name(
+                      name, 1, rounds)})
         return name
 
     def wire(self, app) -> None:

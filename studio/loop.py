@@ -1,0 +1,145 @@
+"""The first thing a new run offers: the whole loop in one click, and what each tab is for.
+
+"Run the whole loop" runs ``craft run`` (craft.stage_calls.StageCall("run"): the engine's
+``run_all``) as one job of the run: prompts, candidates, scores, the kept set, fine-tuning,
+publishing and the base-vs-tuned evaluation, with per-stage progress, cancel (the stage in
+progress stops at its next batch or step) and resume (running it again continues: stored
+candidates and scores are kept, training continues from its checkpoint). Each tab shows its
+stage's results as soon as they are stored; when the job ends, Compare opens on the evaluation.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from craft.stage_calls import StageCall
+from studio.launcher import stage_job
+from studio.ui import JobPanel, Tab, cancel_message, error_md, job_buttons, ok_md, start_job
+
+TABS_HELP = """\
+**What each tab is for.** **Prompts**: the original prompts and their richer *variants* (used
+only to generate). **Generate**: S images per prompt and variant from the base model: one
+*group* per original prompt. **Score**: every image scored by each reward *against its original
+prompt*. **Curate**: Composite Reward Filtering: the images that beat their group's reference
+(the original prompt's own images) on the chosen rewards, ranked by the composite R, top K kept.
+**Groups**: one prompt's group, each image's advantage A (how far its R is above the group's
+mean) and the loss weight it gets. **Train**: fine-tuning on the kept set, each image's loss
+weighted by its advantage. **Compare**: base vs tuned on held-out prompts with the same seeds.
+"""
+
+STAGES = ("prompts", "generate", "score", "train", "publish", "evaluate")
+
+
+class LoopPanel(Tab):
+    def __init__(self):
+        with gr.Accordion("New here? Run the whole loop in one click", open=False,
+                          elem_id="loop") as self.box:
+            gr.Markdown(
+                "One job runs every stage with the run's settings (the same as `craft run`): "
+                "prompts → candidates → scores → the kept set → fine-tuning → base vs tuned. "
+                "Cancel stops it at the next batch or step; pressing the button again "
+                "continues where it stopped. Every tab shows its stage's results as they are "
+                "stored; Compare shows the comparison at the end.")
+            with gr.Row():
+                self.start = gr.Button("Run the whole loop", variant="primary",
+                                       elem_id="loop-start")
+                self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
+                                        elem_id="loop-cancel")
+            self.stages = gr.Markdown(elem_id="loop-stages")
+            self.message = gr.Markdown(elem_id="loop-message")
+            self.panel = JobPanel("loop", log_lines=4)
+            gr.Markdown(TABS_HELP)
+        self.shown_for = gr.State(None)  # the loop job whose result Compare already shows
+
+    def wire(self, app) -> None:
+        buttons = [self.start, self.cancel]
+
+        def on_start():
+            ctx = self.ctx
+            try:
+                cfg = ctx.settings_now()
+                start_job("loop", f"The whole loop · {ctx.run_dir}", stage_job(
+                    StageCall("run"), ctx.run_dir, cfg, 1), info={"stage": "prompts"})
+            except Exception as e:  # noqa: BLE001
+                return error_md(e), gr.skip(), gr.skip(), gr.skip()
+            return ok_md("the whole loop started"), gr.Timer(active=True), *job_buttons(True)
+
+        app.on(self.start.click, on_start, None,
+               [self.message, self.panel.timer, *buttons])
+        app.on(self.cancel.click, lambda: cancel_message("loop", "loop"), None, self.message)
+
+        def tick():
+            snap = self.panel.latest()
+            out = self.panel.render(snap)
+            running = snap is not None and snap.running
+            stages = stage_line(snap)
+            if running:
+                return [*out, stages, gr.skip(), gr.skip(), gr.skip(), *job_buttons(True)]
+            done = snap is not None and snap.status == "done"
+            message = finished(snap)
+            # at the end, Compare opens on the evaluation the loop made
+            tab = gr.Tabs(selected="compare") if done else gr.skip()
+            return [*out, stages, message, gr.Timer(active=False), tab, *job_buttons(False)]
+
+        dep = self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.stages,
+                                                   self.message, self.panel.timer, app.tabset,
+                                                   *buttons])
+        compare = app.tabs["Compare"]
+        n = len(compare.refresh_outputs)
+
+        def show_result(tuned, shown_for):
+            """Once per finished loop: Compare shows the evaluation it made."""
+            snap = self.panel.latest()
+            if snap is None or snap.status != "done" or shown_for == snap.id:
+                return [gr.skip()] * (n + 1)
+            return [*compare.refresh(tuned), snap.id]
+
+        app.then(dep, show_result, [compare.tuned, self.shown_for],
+                 [*compare.refresh_outputs, self.shown_for], show_progress="hidden")
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [self.box, self.stages, *self.panel.outputs, self.panel.timer, *[self.start,
+                                                                                 self.cancel]]
+
+    def refresh(self) -> list:
+        """Open for a run with nothing in it yet (or while the loop runs)."""
+        ctx = self.ctx
+        snap = self.panel.latest()
+        empty = ctx.counts()["candidates"] == 0
+        running = snap is not None and snap.running
+        return [gr.Accordion(open=empty or running), stage_line(snap), *self.panel.render(snap),
+                self.panel.keep_polling(), *job_buttons(running)]
+
+
+def stage_line(snap) -> str:
+    """prompts ✓ · generate 120/960 · score · ... for the loop's job."""
+    if snap is None:
+        return " · ".join(STAGES)
+    current = str(snap.info.get("stage", "")).split(":")[-1].strip() or "prompts"
+    if snap.status == "done":
+        current = None
+    parts, reached = [], current is None
+    for s in STAGES:
+        if s == current:
+            parts.append(f"**{s} {snap.done}/{snap.total}**" if snap.total else f"**{s}**")
+            reached = True
+        else:
+            parts.append(f"{s} ✓" if not reached else s)
+    return " · ".join(parts)
+
+
+def finished(snap) -> str:
+    if snap is None:
+        return ""
+    if snap.status == "done":
+        r = snap.result or {}
+        return ok_md(f"done: {r.get('kept')} images kept, {r.get('steps')} training steps; the "
+                     f"Compare tab shows base vs tuned")
+    if snap.status == "cancelled":
+        return ("the loop was cancelled; what it made is kept, and pressing the button again "
+                "continues it")
+    return error_md(f"the loop failed: {snap.error or 'see its log'}")
+
+
+__all__ = ["LoopPanel", "TABS_HELP"]
