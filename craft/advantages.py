@@ -22,10 +22,11 @@ import pandas as pd
 
 from craft import CraftError
 from craft.filtering import FilterSettings, apply_filter
+from craft.vocab import ADVANTAGE_MODES
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("clamp", "raw", "softmax", "uniform")
+MODES = ADVANTAGE_MODES  # advantage.mode (craft.vocab)
 
 
 class AdvantageError(CraftError, ValueError):
@@ -124,6 +125,19 @@ def training_weights(advantages: Any, mode: str = "clamp", tau: float = 1.0) -> 
     return w * (a.size / w.sum())
 
 
+def filter_with_advantages(df: pd.DataFrame, settings: FilterSettings, eps: float = 1e-6,
+                           overrides: Mapping[Any, str] | None = None,
+                           embeddings: tuple[np.ndarray, np.ndarray] | None = None):
+    """The selection rule, once: CRF (craft.filtering.apply_filter) and each candidate's group
+    advantage over its *whole* group (see the module docstring). Returns (the FilterResult, its
+    frame with an ``advantage`` column): what ``craft filter`` / ``craft train`` select from
+    and what the studio's Curate and Groups show."""
+    result = apply_filter(df, settings, overrides, embeddings)
+    frame = result.frame.assign(
+        advantage=group_advantages(result.frame, "composite", "prompt_id", eps).to_numpy())
+    return result, frame
+
+
 def select_for_training(df: pd.DataFrame, settings: FilterSettings, adv_mode: str = "clamp",
                         tau: float = 1.0, eps: float = 1e-6,
                         overrides: Mapping[Any, str] | None = None,
@@ -134,13 +148,11 @@ def select_for_training(df: pd.DataFrame, settings: FilterSettings, adv_mode: st
     weights are then normalised over the kept rows only, since those are the batch the loss sees.
     Rows come best composite first.
     """
-    result = apply_filter(df, settings, overrides, embeddings)
-    frame = result.frame.assign(
-        advantage=group_advantages(result.frame, "composite", "prompt_id", eps))
+    _, frame = filter_with_advantages(df, settings, eps, overrides, embeddings)
     kept = frame.loc[frame["kept"].to_numpy()].sort_values(
         ["composite", "candidate_id"], ascending=[False, True], kind="stable")
     return kept.assign(weight=training_weights(kept["advantage"].to_numpy(), adv_mode, tau))
 
 
-__all__ = ["AdvantageError", "MODES", "group_advantages", "select_for_training",
-           "training_weights"]
+__all__ = ["AdvantageError", "MODES", "filter_with_advantages", "group_advantages",
+           "select_for_training", "training_weights"]

@@ -31,7 +31,9 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 import yaml
 
 from craft import CraftError
-from craft.vocab import LEVEL_ROLES, LEVELS, NORMALIZATIONS, ROLES
+from craft.vocab import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, LEVEL_ROLES, LEVELS,
+                         MODEL_FAMILIES, NORMALIZATIONS, PROMPT_FORMATS, ROLES, TIMESTEP_SAMPLING,
+                         TIMESTEP_WEIGHTINGS)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -221,7 +223,7 @@ class ModelConfig(_Section):
         "assets/toy-base",
         "Base model: a Hugging Face hub id, a local diffusers folder, or a single .safetensors "
         "checkpoint. A relative path is looked up in the working directory, then the project root.")
-    family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "toy"] = _opt(
+    family: Literal[MODEL_FAMILIES] = _opt(
         "auto", "Architecture family; 'auto' detects it from the checkpoint's components. sd15 "
                 "(SD1.x/2.x), sdxl: UNets; sd3 (SD3 / SD3.5), flux (FLUX.1 dev / schnell): "
                 "flow-matching transformers; toy: the UNet toy base (loads as sd15).")
@@ -265,7 +267,7 @@ class PromptsConfig(_Section):
     source: str = _opt(
         "toy", "Training prompts: 'toy' (built-in toy prompt set) or a file path "
                "(relative: working directory, then project root).")
-    format: Literal["auto", "txt", "csv", "jsonl", "parquet", "hpdv2", "parti", "pickapic"] = _opt(
+    format: Literal[PROMPT_FORMATS] = _opt(
         "auto", "File format of prompts.source; 'auto' infers it from the file extension.")
     column: str | None = _opt(
         None, "Column/field holding the prompt text in csv/jsonl/parquet; null = guess "
@@ -434,7 +436,7 @@ class AdvantageConfig(_Section):
 
     section: ClassVar[str] = "advantage"
 
-    mode: Literal["clamp", "raw", "softmax", "uniform"] = _opt(
+    mode: Literal[ADVANTAGE_MODES] = _opt(
         "clamp", "clamp: A = max(A, 0), weights renormalised to mean 1 over the batch; raw: A as "
                  "is (may be negative); softmax: softmax(A / tau) scaled to mean 1; uniform: "
                  "every weight 1 (plain SFT on the kept set, the paper's Table 6 baseline).")
@@ -461,12 +463,12 @@ class TrainConfig(_Section):
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
-    timestep_weighting: Literal["uniform", "elbo", "min_snr", "sigma_sqrt", "cosmap"] = _opt(
+    timestep_weighting: Literal[TIMESTEP_WEIGHTINGS] = _opt(
         "uniform", "w(t). UNet models: plain loss on the model's target, the paper's ELBO weight, "
                    "or min-SNR(gamma). Flow models (sd3, flux): uniform (the SD3/FLUX recipes' "
                    "default), sigma_sqrt or cosmap (diffusers' compute_loss_weighting_for_sd3).")
     snr_gamma: float = _opt(5.0, "gamma for timestep_weighting = min_snr.")
-    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = _opt(
+    timestep_sampling: Literal[TIMESTEP_SAMPLING] = _opt(
         "logit_normal", "Flow models only: the density sigma is drawn from, as diffusers' SD3 / "
                         "FLUX scripts draw it (the model scheduler's shift applies on top). "
                         "UNet models always draw t uniformly from the training steps.")
@@ -556,7 +558,7 @@ class EvalConfig(_Section):
     num_inference_steps: int = _opt(20, "Denoising steps per evaluation image.")
     guidance_scale: float = _opt(3.0, "Classifier-free guidance scale for evaluation images.")
     batch_size: int = _opt(16, "Images per pipeline call, per device.")
-    diversity_encoder: Literal["pixels", "dinov2", "clip", "none"] = _opt(
+    diversity_encoder: Literal[DIVERSITY_ENCODERS] = _opt(
         "pixels", "Diversity across seeds (mean pairwise distance of one prompt's images): "
                   "pixels = RMS pixel difference, 0-255 (no weights; the toy world); dinov2 = "
                   "1 - cosine of self-supervised DINOv2 embeddings (real models); clip = 1 - "
@@ -581,7 +583,7 @@ class EmbedConfig(_Section):
 
     section: ClassVar[str] = "embed"
 
-    encoder: Literal["pixels", "clip"] = _opt(
+    encoder: Literal[EMBED_ENCODERS] = _opt(
         "pixels", "pixels: 16x16 RGB of the image (no weights; enough for the toy world); clip: "
                   "the projected image embedding of a CLIP vision tower (embed.encoder_model).")
     encoder_model: str | None = _opt(

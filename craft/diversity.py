@@ -35,10 +35,11 @@ import numpy as np
 import pandas as pd
 
 from craft import CraftError
+from craft.vocab import DIVERSITY_ENCODERS
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("pixels", "dinov2", "clip", "none")
+ENCODERS = DIVERSITY_ENCODERS  # eval.diversity_encoder (craft.vocab)
 DINOV2_DEFAULT = "facebook/dinov2-base"
 DINOV2_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"),
                 "preprocessor_config.json")

@@ -27,10 +27,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from craft import CraftError
+from craft.vocab import EMBED_ENCODERS
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("pixels", "clip")
+ENCODERS = EMBED_ENCODERS  # embed.encoder (craft.vocab)
 PIXEL_SIDE = 16
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
 

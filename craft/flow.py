@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
+from craft.vocab import TIMESTEP_SAMPLING as _SAMPLING
+
+TIMESTEP_SAMPLING = _SAMPLING  # train.timestep_sampling (craft.vocab)
 FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 

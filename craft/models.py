@@ -31,10 +31,11 @@ import torch
 from craft import CraftError, MissingWeightsError
 from craft.devices import resolve_device, resolve_dtype  # noqa: F401 - re-exported
 from craft.pipes import FAMILY_PIPELINES, FLOW_FAMILIES
+from craft.vocab import MODEL_FAMILIES
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("auto", *FAMILY_PIPELINES, "toy")
+FAMILIES = MODEL_FAMILIES  # model.family (craft.vocab; tests check it against craft.pipes)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # Hub repos whose configs describe a single-file checkpoint of each family when diffusers
 # cannot tell (its own table is consulted first).

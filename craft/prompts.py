@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from craft import CraftError
 from craft.config import PROJECT_ROOT, resolve_path
+from craft.vocab import PROMPT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def builtin_sources() -> list[str]:
 
     load_plugins()
     return [*_SOURCES, "sample"]
-FORMATS: tuple[str, ...] = ("auto", "txt", "csv", "tsv", "json", "jsonl", "parquet",
-                            "hpdv2", "parti", "pickapic")
+FORMATS = PROMPT_FORMATS  # prompts.format (craft.vocab)
 # Auto-detected prompt columns, in order of preference (matched case-insensitively).
 PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "caption", "text")
 

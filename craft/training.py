@@ -68,6 +68,7 @@ from craft.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
 from craft.flow import loss_weight as flow_loss_weight
 from craft.lora import LORA_TARGETS  # noqa: F401
 from craft.pipes import native_size
+from craft.vocab import UNET_WEIGHTINGS as _UNET_W
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def check_train_options(cfg) -> None:
 
 # train.timestep_weighting on a flow model -> diffusers' weighting scheme (craft.flow)
 FLOW_WEIGHTING_OF = {"uniform": "none", "sigma_sqrt": "sigma_sqrt", "cosmap": "cosmap"}
-UNET_WEIGHTINGS = ("uniform", "elbo", "min_snr")
+UNET_WEIGHTINGS = _UNET_W  # (craft.vocab)
 
 
 def check_flow_options(cfg, pipe) -> None:

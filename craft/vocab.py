@@ -1,8 +1,9 @@
-"""The words of Composite Reward Filtering that the config, the filter and the store share.
+"""The names the config offers as choices and the modules that act on them share.
 
-Why a module of its own: the config validates these names, the filter computes with them and the
-store constrains its rows by them; defined in one of those, the other two would import a heavy
-module (pandas, sqlite) or keep a copy that drifts. Nothing here imports anything.
+Why a module of its own: the config validates these names (its ``Literal`` choices are these
+tuples, and the studio's dropdowns are built from the config), the stages compute with them and
+the store constrains its rows by them; defined in one of those, the others would import a heavy
+module (torch, pandas, sqlite) or keep a copy that drifts. Nothing here imports anything.
 """
 
 from __future__ import annotations
@@ -18,4 +19,25 @@ NORMALIZATIONS: tuple[str, ...] = ("zscore", "rank", "minmax")
 # A manual curation decision on one candidate; absent = automatic.
 OVERRIDE_ACTIONS: tuple[str, ...] = ("include", "exclude")
 
-__all__ = ["LEVELS", "LEVEL_ROLES", "NORMALIZATIONS", "OVERRIDE_ACTIONS", "ROLES"]
+
+# advantage.mode: how group advantages become loss weights (craft.advantages)
+ADVANTAGE_MODES: tuple[str, ...] = ("clamp", "raw", "softmax", "uniform")
+# prompts.format (craft.prompts)
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "txt", "csv", "tsv", "json", "jsonl", "parquet",
+                                   "hpdv2", "parti", "pickapic")
+# model.family: "auto" detects; "toy" is the UNet toy base (loads as sd15) (craft.models)
+MODEL_FAMILIES: tuple[str, ...] = ("auto", "sd15", "sdxl", "sd3", "flux", "toy")
+# train.timestep_weighting: w(t) of the UNets' noise objective, w(sigma) of the flow objective
+UNET_WEIGHTINGS: tuple[str, ...] = ("uniform", "elbo", "min_snr")
+FLOW_WEIGHTINGS: tuple[str, ...] = ("uniform", "sigma_sqrt", "cosmap")
+TIMESTEP_WEIGHTINGS: tuple[str, ...] = (*UNET_WEIGHTINGS, *FLOW_WEIGHTINGS[1:])
+# train.timestep_sampling: the flow models' sigma density (craft.flow)
+TIMESTEP_SAMPLING: tuple[str, ...] = ("logit_normal", "mode", "uniform")
+# eval.diversity_encoder (craft.diversity) and embed.encoder (craft.embeddings)
+DIVERSITY_ENCODERS: tuple[str, ...] = ("pixels", "dinov2", "clip", "none")
+EMBED_ENCODERS: tuple[str, ...] = ("pixels", "clip")
+
+__all__ = ["ADVANTAGE_MODES", "DIVERSITY_ENCODERS", "EMBED_ENCODERS", "FLOW_WEIGHTINGS",
+           "LEVELS", "LEVEL_ROLES", "MODEL_FAMILIES", "NORMALIZATIONS", "OVERRIDE_ACTIONS",
+           "PROMPT_FORMATS", "ROLES", "TIMESTEP_SAMPLING", "TIMESTEP_WEIGHTINGS",
+           "UNET_WEIGHTINGS"]

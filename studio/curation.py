@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from craft.advantages import group_advantages, training_weights
-from craft.filtering import LEVEL_ROLES, FilterResult, FilterSettings, apply_filter
+from craft.advantages import filter_with_advantages, training_weights
+from craft.filtering import LEVEL_ROLES, FilterResult, FilterSettings
 
 # The views of the pool the grid pages through (the last two are filled by the map and by
 # "more like this").
@@ -67,12 +67,10 @@ class Curation:
 def curate(df: pd.DataFrame, settings: FilterSettings,
            overrides: Mapping[int, str] | None = None, eps: float = 1e-6,
            embeddings=None) -> Curation:
-    """apply_filter + group advantages: what one slider move recomputes."""
+    """The engine's selection rule (craft.advantages.filter_with_advantages): what one slider
+    move recomputes."""
     t0 = time.perf_counter()
-    result = apply_filter(df, settings, overrides, embeddings)
-    adv = group_advantages(result.frame, "composite", "prompt_id", eps)
-    frame = result.frame
-    frame = frame.assign(advantage=adv.to_numpy())
+    result, frame = filter_with_advantages(df, settings, eps, overrides, embeddings)
     return Curation(result, frame, settings, time.perf_counter() - t0)
 
 

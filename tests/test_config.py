@@ -42,7 +42,7 @@ def test_every_field_has_help_and_sections_match():
             assert len(f.metadata.get("help", "")) > 10, f"{name}.{f.name} lacks help"
             assert field_help(name, f.name) == f.metadata["help"]
     assert field_choices("filter", "level") == ("h", "ha", "hpa", "custom", "none")
-    assert field_choices("model", "revision") is None
+    assert field_choices("model", "revision") == None
 
 
 def test_file_overrides_dataclass_defaults_not_toy_yaml(tmp_path):
@@ -255,3 +255,21 @@ def test_resolve_path(tmp_path, monkeypatch):
 def test_round_trip_keeps_unicode_line_breaks_and_non_ascii(prompt):
     cfg = CraftConfig(train=TrainConfig(preview_prompts=(prompt,)))
     assert config_from_dict(__import__("yaml").safe_load(config_to_yaml(cfg))) == cfg
+
+
+def test_choice_lists_are_defined_once_and_agree():
+    """The config's choices are the tuples the modules act on (craft.vocab), not copies."""
+    from craft import advantages, diversity, embeddings, flow, models, prompts, training, vocab
+    from craft.config import field_choices
+    from craft.pipes import FAMILY_PIPELINES
+
+    assert field_choices("advantage", "mode") == advantages.MODES
+    assert field_choices("eval", "diversity_encoder") == diversity.ENCODERS
+    assert field_choices("embed", "encoder") == embeddings.ENCODERS
+    assert field_choices("train", "timestep_sampling") == flow.TIMESTEP_SAMPLING
+    assert field_choices("prompts", "format") == prompts.FORMATS
+    assert field_choices("model", "family") == models.FAMILIES
+    assert set(models.FAMILIES) == {"auto", *FAMILY_PIPELINES, "toy"}
+    assert set(training.FLOW_WEIGHTING_OF) == set(vocab.FLOW_WEIGHTINGS)
+    assert set(field_choices("train", "timestep_weighting")) == (
+        set(training.UNET_WEIGHTINGS) | set(training.FLOW_WEIGHTING_OF))
