@@ -163,5 +163,25 @@ class Dist:
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return bool(t.item())
 
+    def in_rounds(self, todo: list, batch: int, work, commit=None, should_stop=None) -> bool:
+        """The one loop of every sharded stage (generation, scoring, evaluation images).
+
+        Process ``r`` of ``n`` takes every n-th item of ``todo`` (the same list on every
+        process); all move in rounds of one ``batch`` each: each runs ``work(its chunk) ->
+        rows`` (an empty chunk when it has run out), the rows go to the main process, which
+        runs ``commit(all rows of the round)``. Before every round the processes agree on
+        stopping (a stop asked on one stops all), so a killed or cancelled launch loses at most
+        the round in flight. Returns True when it stopped early."""
+        mine = todo[self.rank::self.world]
+        rounds = -(-len(todo[0::self.world]) // batch)  # process 0 has the most items
+        for k in range(rounds):
+            if self.any(should_stop is not None and should_stop()):
+                return True
+            rows = work(mine[k * batch:(k + 1) * batch])
+            gathered = self.gather(rows)
+            if self.is_main and commit is not None:
+                commit([r for part in gathered for r in part])
+        return False
+
 
 __all__ = ["Dist", "setup_process"]

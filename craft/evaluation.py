@@ -334,27 +334,28 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
         done += len(plan) - len(missing)
         if not missing:
             continue
-        mine = missing[dist.rank::dist.world]
-        rounds = -(-len(missing[0::dist.world]) // e.batch_size)
         pipe = (pipes or {}).get(label) or load_for_eval(cfg, str(models[label]), device)
         apply_scheduler(pipe, cfg.generation.scheduler)  # every model: the same sampler
-        batches = generate_images(pipe, [plan[i][0] for i in mine], [plan[i][1] for i in mine],
-                                  params, e.batch_size)
         if run.is_main and progress:
             progress(done, total)
-        for _ in range(rounds):
-            if dist.any(should_stop is not None and should_stop()):
-                raise StageStopped("evaluation stopped on request; the images made so far are "
-                                   "kept and running it again continues from them")
-            sl, images = next(batches, (slice(0, 0), []))
-            for i, im in zip(mine[sl], images):
+
+        def work(chunk, pipe=pipe, label=label):
+            images = [im for _, b in generate_images(pipe, [plan[i][0] for i in chunk],
+                                                     [plan[i][1] for i in chunk], params,
+                                                     e.batch_size) for im in b]
+            for i, im in zip(chunk, images):
                 save_image_atomic(im, paths[label][i], fsync=False)
-            counts = dist.gather(len(images))
-            if run.is_main:
-                done += sum(counts)
-                if progress:
-                    progress(done, total)
-        del batches
+            return [len(images)]
+
+        def commit(counts):
+            nonlocal done
+            done += sum(counts)
+            if progress:
+                progress(done, total)
+
+        if dist.in_rounds(missing, e.batch_size, work, commit, should_stop):
+            raise StageStopped("evaluation stopped on request; the images made so far are "
+                               "kept and running it again continues from them")
         _off_gpu(pipe, given=(pipes or {}).get(label) is pipe, moved=moved)
         del pipe
     dist.barrier()  # every image exists before anyone scores

@@ -216,8 +216,6 @@ def generate_candidates(run, cfg, pipe=None, split: str = "train",
     if not todo:
         return 0
     g = cfg.generation
-    mine = todo[dist.rank::dist.world]
-    rounds = -(-len(todo[0::dist.world]) // g.batch_size)  # process 0 has the most keys
     if pipe is None:
         from craft.models import load_from_config
 
@@ -225,25 +223,27 @@ def generate_candidates(run, cfg, pipe=None, split: str = "train",
     apply_scheduler(pipe, g.scheduler)
     params = SamplingParams(num_inference_steps=g.num_inference_steps,
                             guidance_scale=g.guidance_scale, height=g.height, width=g.width)
-    batches = generate_images(pipe, [t for *_, t in mine], [c[2] for c in mine], params,
-                              g.batch_size)
     written = 0
+
+    def work(chunk):
+        images = [im for _, b in generate_images(pipe, [t for *_, t in chunk],
+                                                 [c[2] for c in chunk], params, g.batch_size)
+                  for im in b]
+        return write_candidate_images(run.run_dir, [
+            NewCandidate(pid, vid, seed, model, params.as_dict(), im)
+            for (pid, vid, seed, _), im in zip(chunk, images)])
+
+    def commit(rows):
+        nonlocal written
+        written += len(run.store.record_candidates(rows))
+        if progress:
+            progress(written, len(todo))
+
     dist.barrier()  # every process has its model: the rounds start together
     if run.is_main and progress:
         progress(0, len(todo))
     with writing_images(run.run_dir):
-        for _ in range(rounds):
-            if dist.any(should_stop is not None and should_stop()):
-                break
-            sl, images = next(batches, (slice(0, 0), []))
-            rows = write_candidate_images(run.run_dir, [
-                NewCandidate(pid, vid, seed, model, params.as_dict(), im)
-                for (pid, vid, seed, _), im in zip(mine[sl], images)])
-            gathered = dist.gather(rows)
-            if run.is_main:
-                written += len(run.store.record_candidates([r for part in gathered for r in part]))
-                if progress:
-                    progress(written, len(todo))
+        dist.in_rounds(todo, g.batch_size, work, commit, should_stop)
         dist.barrier()  # every process's last rows are committed: its marker can go
     written = dist.broadcast(written)
     log.info("generation: wrote %d candidates", written)

@@ -53,15 +53,11 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     rewards = {n: load_reward(n, device=device, batch_size=bs, path=cfg.rewards.paths.get(n))
                for n in needed}
     dist.barrier()  # every process has its rewards: the rounds start together
-    mine = todo[dist.rank::dist.world]
-    rounds = -(-len(todo[0::dist.world]) // bs)
     done = written = 0
     if run.is_main and progress and total:
         progress(0, total)
-    for k in range(rounds):
-        if dist.any(should_stop is not None and should_stop()):
-            break
-        chunk = mine[k * bs:(k + 1) * bs]
+
+    def work(chunk):
         images = [Image.open(run.run_dir / rel).convert("RGB") for _, rel, _, _ in chunk]
         rows = []
         for name, reward in rewards.items():
@@ -69,13 +65,16 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
             if pick:
                 values = reward([images[i] for i in pick], [chunk[i][2] for i in pick])
                 rows += [(chunk[i][0], name, float(v)) for i, v in zip(pick, values)]
-        gathered = dist.gather(rows)
-        if run.is_main:
-            flat = [r for part in gathered for r in part]
-            written += run.store.add_scores(flat)
-            done += len(flat)
-            if progress:
-                progress(done, total)
+        return rows
+
+    def commit(rows):
+        nonlocal written, done
+        written += run.store.add_scores(rows)
+        done += len(rows)
+        if progress:
+            progress(done, total)
+
+    dist.in_rounds(todo, bs, work, commit, should_stop)
     if todo:
         log.info("scored %d candidates with %s", len(todo), ", ".join(needed))
     return dist.broadcast(written)
