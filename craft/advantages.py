@@ -149,10 +149,17 @@ def select_for_training(df: pd.DataFrame, settings: FilterSettings, adv_mode: st
     Rows come best composite first.
     """
     _, frame = filter_with_advantages(df, settings, eps, overrides, embeddings)
+    return kept_with_weights(frame, adv_mode, tau)
+
+
+def kept_with_weights(frame: pd.DataFrame, adv_mode: str = "clamp", tau: float = 1.0
+                      ) -> pd.DataFrame:
+    """The kept rows of a :func:`filter_with_advantages` frame, best composite first, with
+    their loss weights (normalised over the kept rows: the batch the loss sees)."""
     kept = frame.loc[frame["kept"].to_numpy()].sort_values(
         ["composite", "candidate_id"], ascending=[False, True], kind="stable")
     return kept.assign(weight=training_weights(kept["advantage"].to_numpy(), adv_mode, tau))
 
 
 __all__ = ["AdvantageError", "MODES", "filter_with_advantages", "group_advantages",
-           "select_for_training", "training_weights"]
+           "kept_with_weights", "select_for_training", "training_weights"]

@@ -32,7 +32,7 @@ from studio.context import RunContext, Studio
 from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
 from studio.session import current, for_session
 from studio.settings import Settings, UiState
-from studio.ui import HEAD_JS, _page_css, ok_md, others_markdown, user_error
+from studio.ui import HEAD_JS, _page_css, ok_md, others_markdown, safe
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ class StudioApp:
             logger.info("browser's run %r cannot be opened (%s); using the default", run_value, e)
             return self.ctx
 
-    def on(self, trigger, fn, inputs=None, outputs=None, **kw):
-        """Wire ``fn`` to ``trigger`` (e.g. ``button.click``) with the session's run bound."""
+    def on(self, trigger, fn, inputs=None, outputs=None, message=None, **kw):
+        """Wire ``fn`` to ``trigger`` (e.g. ``button.click``) with the session's run bound;
+        with ``message`` (one of the outputs) an error in ``fn`` is shown there (ui.safe)."""
+        if message is not None:
+            outs = _listed(outputs)
+            fn = safe(fn, len(outs), outs.index(message))
         return trigger(for_session(fn, self.resolve), [self.run_state, *_listed(inputs)],
                        outputs, **kw)
 
@@ -204,23 +208,27 @@ class StudioApp:
     # ------------------------------------------------------------------ header
 
     def _wire_header(self) -> None:
+        self._wire_run_selector()
+        self._wire_info()
+        self._wire_settings_file()
+
+    def _wire_run_selector(self) -> None:
         studio = self.studio
 
         def on_open(path):
-            try:
-                ctx = studio.context(path)
-            except Exception as e:  # noqa: BLE001
-                n = len(self._restored_outputs())
-                return [gr.skip(), gr.skip(), gr.skip(), user_error(e), *[gr.skip()] * (n - 3)]
+            ctx = studio.context(path)
             return [str(ctx.run_dir), *self._restored_values(ctx)]
 
         outputs = [self.run_state, *self._restored_outputs()]
+        opener = safe(on_open, len(outputs), outputs.index(self.run_info))
         # on_open's outputs start with the run state: the refresh chain that follows runs with
         # the newly opened run bound.
         for event, source in ((self.open_btn.click, self.run_dir),
                               (self.run_dir.submit, self.run_dir),
                               (self.run_pick.input, self.run_pick)):
-            self._refresh_all(event(lambda path: on_open(path), source, outputs))
+            self._refresh_all(event(opener, source, outputs))
+
+    def _wire_info(self) -> None:
         def on_info(seen):
             from studio.settings_sync import conflict_text, stale_keys
 
@@ -235,30 +243,21 @@ class StudioApp:
         dep = self.on(self.reload_settings.click, self._on_load, None, self._restored_outputs())
         self._refresh_all(dep)
 
+    def _wire_settings_file(self) -> None:
         def on_save():
             ctx = current()
-            try:
-                ctx.flush()  # every field is saved as it changes: the run's settings are it
-                cfg = ctx.cfg
-                path = save_config(cfg, ctx.run_dir / SETTINGS_FILE)
-                text = config_to_yaml(cfg)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip()
+            ctx.flush()  # every field is saved as it changes: the run's settings are it
+            path = save_config(ctx.cfg, ctx.run_dir / SETTINGS_FILE)
             return (ok_md(f"saved to `{path}`; the same pipeline from the command line: "
                           f"`craft run {path} --run-dir {ctx.run_dir}`"),
                     gr.update(value=str(path), visible=True),
-                    gr.update(value=text, visible=True))
+                    gr.update(value=config_to_yaml(ctx.cfg), visible=True))
 
         self.on(self.save_btn.click, on_save, None,
-                [self.settings_msg, self.settings_file, self.settings_yaml])
-
-        def on_check():
-            try:
-                return check_markdown(current().cfg)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e)
-
-        self.on(self.check_btn.click, on_check, None, self.settings_msg)
+                [self.settings_msg, self.settings_file, self.settings_yaml],
+                message=self.settings_msg)
+        self.on(self.check_btn.click, lambda: check_markdown(current().cfg), None,
+                self.settings_msg, message=self.settings_msg)
         bound = self.settings.components
 
         def on_load_file(path):
@@ -267,12 +266,9 @@ class StudioApp:
             ctx = current()
             if not path:
                 return [gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
-            try:
-                cfg = load_config(path)
-                ctx.set_config(cfg)
-                ctx.save_settings()
-            except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), gr.skip(), *[gr.skip()] * len(bound)]
+            cfg = load_config(path)
+            ctx.set_config(cfg)
+            ctx.save_settings()
             note = ""
             curate = self.tabs["Curate"]
             if list(cfg.rewards.names) != curate.rewards:
@@ -283,7 +279,8 @@ class StudioApp:
                     snapshot(self.settings, cfg), *self.settings.values_from(cfg)]
 
         dep = self.on(self.load_file.upload, on_load_file, self.load_file,
-                      [self.settings_msg, self.settings_yaml, self.seen, *bound])
+                      [self.settings_msg, self.settings_yaml, self.seen, *bound],
+                      message=self.settings_msg)
         dep = self.then(dep, lambda: current().describe(), None, self.run_info)
         self._refresh_all(dep)
 

@@ -419,10 +419,10 @@ def groups_table(c: Curation) -> pd.DataFrame:
 
 def kept_rows(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> pd.DataFrame:
     """The kept candidates of a filter run with their training weights, best first: what
-    training and export receive (craft.stages.training_set computes the same)."""
-    kept = c.frame.loc[c.frame["kept"].to_numpy()].sort_values(
-        ["composite", "candidate_id"], ascending=[False, True], kind="stable")
-    return kept.assign(weight=training_weights(kept["advantage"].to_numpy(), adv_mode, tau))
+    training and export receive (the engine's rule: craft.advantages.kept_with_weights)."""
+    from craft.advantages import kept_with_weights
+
+    return kept_with_weights(c.frame, adv_mode, tau)
 
 
 __all__ = ["Curation", "CurationCache", "PAGE_SIZE", "VIEWS", "badges", "caption", "coverage_line",

@@ -56,16 +56,12 @@ class LoopPanel(Tab):
 
         def on_start():
             ctx = self.ctx
-            try:
-                cfg = ctx.settings_now()
-                start_job("loop", f"The whole loop · {ctx.run_dir}", stage_job(
-                    StageCall("run"), ctx.run_dir, cfg, 1), info={"stage": "prompts"})
-            except Exception as e:  # noqa: BLE001
-                return error_md(e), gr.skip(), gr.skip(), gr.skip()
+            start_job("loop", f"The whole loop · {ctx.run_dir}", stage_job(
+                StageCall("run"), ctx.run_dir, ctx.settings_now(), 1), info={"stage": "prompts"})
             return ok_md("the whole loop started"), gr.Timer(active=True), *job_buttons(True)
 
         app.on(self.start.click, on_start, None,
-               [self.message, self.panel.timer, *buttons])
+               [self.message, self.panel.timer, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("loop", "loop"), None, self.message)
 
         def tick():

@@ -193,8 +193,10 @@ def others_markdown() -> str:
         "\n".join(lines)
 
 
-def finished_message(snap: JobSnapshot | None) -> Any:
-    """What a tab's message line says once its job has ended (it said "… started" before)."""
+def finished_message(snap: JobSnapshot | None,
+                     again: str = "starting it again continues") -> Any:
+    """What a tab's message line says once its job has ended (it said "… started" before);
+    ``again``: how to continue a cancelled one."""
     if snap is None or snap.running:
         return gr.skip()
     took = format_seconds(snap.elapsed_s)
@@ -202,7 +204,7 @@ def finished_message(snap: JobSnapshot | None) -> Any:
         return ok_md(f"{snap.title}: finished in {took}")
     if snap.status == "cancelled":
         return f"{html.escape(snap.title)}: cancelled after {took}; what it made is kept, and " \
-               f"starting it again continues"
+               f"{again}"
     return error_md(f"{snap.title} failed: {snap.error or 'see its log'}")
 
 
@@ -223,9 +225,13 @@ def _bar(snap: JobSnapshot | None) -> str:
 
 
 def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Callable[..., Any]:
-    """Wrap a handler so a user error lands in its message output instead of a traceback;
-    other outputs are left unchanged."""
+    """Wrap a handler so any error lands in its message output (a CraftError / ValueError as
+    its text, anything else typed and logged) instead of a traceback; other outputs are left
+    unchanged. The one place the studio's handlers catch exceptions: ``app.on(...,
+    message=component)`` applies it."""
+    import functools
 
+    @functools.wraps(fn)  # keeps the signature: Gradio's event data still reaches fn
     def wrapper(*args: Any) -> Any:
         try:
             return fn(*args)
@@ -234,7 +240,6 @@ def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Call
             out[message_index] = user_error(e)
             return out[0] if n_outputs == 1 else tuple(out)
 
-    wrapper.__name__ = getattr(fn, "__name__", "handler")
     return wrapper
 
 

@@ -21,7 +21,7 @@ from studio.settings import Settings, UiState, none_as_zero, optional_int
 from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, short_name, start_job, user_error)
+                       processes_control, safe, short_name, start_job)
 
 MAX_PAIRS = 24
 CELL = 128
@@ -277,31 +277,27 @@ class CompareTab(Tab):
         views = [self.head, self.pairs, self.wins, self.bars, self.deltas]
         buttons = [self.start, self.cancel]
 
-        def on_start(base, tuned, processes, *values):
+        def on_start(base, tuned, processes):
+            from craft.config import resolve_path
+
             ctx = self.ctx
-            try:
-                if not tuned:
-                    raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
-                if not Path(tuned).exists():
-                    raise ValueError(f"tuned checkpoint {tuned} is not there any more; pick one "
-                                     "from the list (↻ refreshes it)")
-                if not base:
-                    raise ValueError("give the base model")
-                cfg = ctx.settings_now()
-                from craft.config import resolve_path
-
-                base_path = str(resolve_path(base) or base)
-                name = eval_name(base_path, tuned, cfg)
-
-                start_job("compare", f"Compare base vs tuned · {ctx.run_dir}", stage_job(
-                    StageCall("evaluate", name=name, tuned=tuned, base=base_path), ctx.run_dir,
-                    cfg, processes))
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+            if not tuned:
+                raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
+            if not Path(tuned).exists():
+                raise ValueError(f"tuned checkpoint {tuned} is not there any more; pick one "
+                                 "from the list (↻ refreshes it)")
+            if not base:
+                raise ValueError("give the base model")
+            cfg = ctx.settings_now()
+            base_path = str(resolve_path(base) or base)
+            name = eval_name(base_path, tuned, cfg)
+            start_job("compare", f"Compare base vs tuned · {ctx.run_dir}", stage_job(
+                StageCall("evaluate", name=name, tuned=tuned, base=base_path), ctx.run_dir,
+                cfg, processes))
             return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)
 
         app.on(self.start.click, on_start, [self.base, self.tuned, self.processes],
-               [self.message, self.panel.timer, *buttons])
+               [self.message, self.panel.timer, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("compare", "evaluation"), None,
                self.message)
 
@@ -323,13 +319,8 @@ class CompareTab(Tab):
         self.panel.on_tick(app, tick, None, [*self.panel.outputs, self.past, *views,
                                              self.message, self.panel.timer, *buttons])
 
-        def on_past(eid):
-            try:
-                return evaluation_views(self.ctx, eid)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame()
-
-        app.on(self.past.input, on_past, self.past, views)
+        app.on(self.past.input, lambda eid: evaluation_views(self.ctx, eid), self.past, views,
+               message=self.head)
         app.on(self.refresh_btn.click, lambda: gr.update(choices=checkpoint_choices(self.ctx)),
                None, self.tuned)
 
@@ -349,10 +340,7 @@ class CompareTab(Tab):
         paths = [p for _, p in ckpts]
         evals = evaluation_choices(ctx)
         eid = evals[0][1] if evals else None
-        try:
-            views = evaluation_views(ctx, eid)
-        except Exception as e:  # noqa: BLE001
-            views = (user_error(e), [], pd.DataFrame(), empty_figure("-"), pd.DataFrame())
+        views = safe(evaluation_views, 5)(ctx, eid)
         held = ctx.counts()["eval_prompts"]
         wanted = ctx.cfg.eval.num_prompts
         note = (f"this run has {held} held-out prompts" + (

@@ -11,7 +11,7 @@ from studio.settings import Settings, UiState, none_as_zero, optional_int
 from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, start_job, user_error)
+                       processes_control, start_job)
 
 LATEST = 32
 
@@ -90,21 +90,17 @@ class GenerateTab(Tab):
     def wire(self, app) -> None:
         def on_start(processes):
             ctx = self.ctx
-            try:
-                cfg = ctx.settings_now()
-                if ctx.counts()["prompts"] == 0:
-                    raise ValueError("this run has no prompts yet; add some in the Prompts tab")
-
-                start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
-                    StageCall("generate"), ctx.run_dir, cfg, processes))
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            cfg = ctx.settings_now()
+            if ctx.counts()["prompts"] == 0:
+                raise ValueError("this run has no prompts yet; add some in the Prompts tab")
+            start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
+                StageCall("generate"), ctx.run_dir, cfg, processes))
             return (ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx),
                     *job_buttons(True))
 
         buttons = [self.start, self.cancel]
         app.on(self.start.click, on_start, [self.processes],
-               [self.message, self.panel.timer, self.plan, *buttons])
+               [self.message, self.panel.timer, self.plan, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("generate", "generation"), None,
                self.message)
 

@@ -11,7 +11,11 @@ from studio.context import RunContext
 from studio.curation import grid_items, groups_table, level_pass_table
 from studio.grid import ThumbGrid, item_value
 from studio.plots import empty_figure, group_bars
-from studio.ui import MAX_TABLE_ROWS, Tab, error_md, short_name
+from studio.ui import MAX_TABLE_ROWS, Tab, short_name
+
+# what the all-groups table can be ordered by (largest first; prompt_id ascending)
+SORT_COLUMNS = ["kept", "gain_R", "best_R", "reference_R", "kept share %", "candidates",
+                "prompt_id"]
 
 
 def prompt_choices(ctx: RunContext, first_ids=None) -> list[tuple[str, int]]:
@@ -25,7 +29,13 @@ def prompt_choices(ctx: RunContext, first_ids=None) -> list[tuple[str, int]]:
     return [(f"#{pid} {first[pid]}", int(pid)) for pid in order]
 
 
-def group_view(curation, prompt_id: int, rewards: list[str]):
+def group_view(curation, prompt_id: int, rewards: list[str], adv_mode: str = "clamp",
+               tau: float = 1.0):
+    """One group: header, grid, bars and a table whose last columns show how each image's
+    advantage A becomes its training weight (0 when it is not kept)."""
+    from studio.curation import kept_rows
+
+    weights = kept_rows(curation, adv_mode, tau).set_index("candidate_id")["weight"]
     f = curation.frame
     g = f[f["prompt_id"] == prompt_id].sort_values(["variant_idx", "seed"], kind="stable")
     seeds = g["seed_idx"] if "seed_idx" in g else g["seed"]
@@ -53,16 +63,24 @@ def group_view(curation, prompt_id: int, rewards: list[str]):
             if f"beats_{r}" in g:
                 table[f"beats ref on {short[r]}"] = g[f"beats_{r}"].to_numpy()
     table["R"] = g["composite"].round(3).to_numpy()
-    table["A"] = g["advantage"].round(3).to_numpy()
     for col in levels:
         table[f"pass {col}"] = levels[col].to_numpy()
     table["kept"] = g["kept"].to_numpy()
+    table["A"] = g["advantage"].round(3).to_numpy()
+    table["training weight"] = weights.reindex(g["candidate_id"]).fillna(0.0).round(3).to_numpy()
     ref = g[g["variant_idx"] == 0]
     head = (f"**{_md(g['prompt'].iloc[0])}** · {len(g)} candidates "
             f"({len(ref)} from the original prompt, ★) · reference R "
             f"{ref['composite'].mean():+.3f} · kept {int(g['kept'].sum())}")
     why = group_why(curation, g)
+    head += ("<br>A = (R − the group's mean R) / (the group's std of R + ε), over the whole "
+             f"group; a kept image's training weight comes from its A ({WEIGHT_RULES[adv_mode]}"
+             ", normalised to mean 1 over the kept set); an image that is not kept weighs 0.")
     return head + (f"<br>{why}" if why else ""), gallery, fig, table
+
+
+WEIGHT_RULES = {"clamp": "max(A, 0)", "raw": "A itself, possibly negative",
+                "softmax": "softmax(A / τ)", "uniform": "1 whatever A: plain SFT"}
 
 
 def group_why(curation, g: pd.DataFrame) -> str:
@@ -114,49 +132,53 @@ class GroupsTab(Tab):
         self.bars = gr.Plot(label="Rewards, composite and advantage", elem_id="groups-bars")
         self.table = gr.Dataframe(label="Pass / fail per level", interactive=False,
                                   max_height=360, elem_id="groups-table")
-        gr.Markdown("### All groups (click a column header to sort, a row to open the group)")
+        with gr.Row():
+            gr.Markdown("### All groups (a row opens the group)")
+            self.sort_by = gr.Dropdown(SORT_COLUMNS, value="kept", label="sort by",
+                                       elem_id="groups-sort", scale=0, min_width=180)
         self.all_groups = gr.Dataframe(interactive=False, max_height=420,
                                        elem_id="groups-all")
 
     def show(self, prompt_id, *values):
         if prompt_id is None:
             return "Pick a prompt.", item_value([]), empty_figure("pick a prompt"), None
-        try:
-            c = self.curate.run(values)
-            return group_view(c, int(prompt_id), self.curate.rewards)
-        except Exception as e:  # noqa: BLE001
-            return error_md(str(e)), item_value([]), empty_figure("nothing to show"), None
+        a = self.ctx.cfg.advantage
+        return group_view(self.curate.run(values), int(prompt_id), self.curate.rewards,
+                          a.mode, a.tau)
 
     def wire(self, app) -> None:
         controls = self.curate.controls
         outs = [self.head, self.gallery, self.bars, self.table]
-        app.on(self.prompt.input, self.show, [self.prompt, *controls], outs)
+        app.on(self.prompt.input, self.show, [self.prompt, *controls], outs, message=self.head)
 
         def on_row(evt: gr.SelectData, table):
-            try:
-                row = evt.index[0]
-                pid = int(table.iloc[row]["prompt_id"])
-            except Exception:  # noqa: BLE001
+            row = evt.index[0] if evt.index else None
+            if row is None or row < 0 or row >= len(table):  # a header, not a row
                 return gr.skip()
-            return pid
+            return int(table.iloc[row]["prompt_id"])
 
         app.then(app.on(self.all_groups.select, on_row, self.all_groups, self.prompt),
-                 self.show, [self.prompt, *controls], outs)
-        app.on(self.refresh_btn.click, self.refresh, self.refresh_inputs, self.refresh_outputs)
+                 self.show, [self.prompt, *controls], outs, message=self.head)
+        app.on(self.refresh_btn.click, self.refresh, self.refresh_inputs, self.refresh_outputs,
+               message=self.head)
+        app.on(self.sort_by.input, self.refresh, self.refresh_inputs, self.refresh_outputs,
+               message=self.head)
 
     @property
     def refresh_inputs(self) -> list:
-        return [self.prompt, *self.curate.controls]
+        return [self.prompt, self.sort_by, *self.curate.controls]
 
     @property
     def refresh_outputs(self) -> list:
         return [self.prompt, self.all_groups, self.head, self.gallery, self.bars, self.table]
 
-    def refresh(self, prompt_id, *values) -> list:
-        try:
+    def refresh(self, prompt_id, sort_by, *values) -> list:
+        ctx = self.ctx
+        table = None
+        if not ctx.frame().empty:  # nothing scored yet: nothing to group
             table = groups_table(self.curate.run(values))
-        except Exception:  # noqa: BLE001
-            table = None
+            table = table.sort_values(sort_by or "kept", ascending=sort_by == "prompt_id",
+                                      kind="stable")
         choices = prompt_choices(self.ctx, [] if table is None else table["prompt_id"].tolist())
         ids = [v for _, v in choices]
         if prompt_id not in ids:

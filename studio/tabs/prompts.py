@@ -225,12 +225,15 @@ class PromptsTab(Tab):
                 return "", ""
             try:
                 return store_upload(self.ctx, path), ""
-            except Exception as e:  # noqa: BLE001 - a rejected file is not pending any more
+            except ValueError as e:  # a rejected file: nothing stays pending for Add
                 return "", user_error(e)
+
+        def preview_upload(source, *rest):  # after a rejected file, its message stays
+            return safe(preview, 3)(source, *rest) if source else [gr.skip()] * 3
 
         app.on(app.on(self.upload.upload, on_upload, self.upload,
                       [self.source, self.message]).success,
-               safe(preview, 3), preview_inputs, preview_outputs)
+               preview_upload, preview_inputs, preview_outputs)
         app.on(self.upload.clear, lambda: ("", ""), None, [self.source, self.message])
         app.on(app.on(self.use_paste.click, lambda t: store_paste(self.ctx, t), self.paste,
                       self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
@@ -240,29 +243,21 @@ class PromptsTab(Tab):
             from studio.settings_sync import commit
 
             ctx = self.ctx
-            try:
-                if not (source or "").strip():
-                    raise ValueError("choose a prompt set first: a built-in set, an uploaded "
-                                     "file or pasted text")
-                # the pending source (an upload sets it without a keystroke) becomes the run's
-                seen, text = commit(ctx, app.settings, {"prompts.source": source}, seen or {})
-                if text:
-                    raise ValueError("the prompt source was changed in another window; "
-                                     "reload the settings first")
-                cfg = ctx.settings_now()
-            except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), gr.skip(), gr.skip()]
-
-            try:
-                start_job("prompts", f"Add prompts · {ctx.run_dir}", stage_job(
-                    StageCall("prompts"), ctx.run_dir, cfg, 1))
-            except Exception as e:  # noqa: BLE001
-                return [user_error(e), gr.skip(), gr.skip()]
+            if not (source or "").strip():
+                raise ValueError("choose a prompt set first: a built-in set, an uploaded file "
+                                 "or pasted text")
+            # the pending source (an upload sets it without a keystroke) becomes the run's
+            seen, text = commit(ctx, app.settings, {"prompts.source": source}, seen or {})
+            if text:
+                raise ValueError("the prompt source was changed in another window; reload the "
+                                 "settings first")
+            start_job("prompts", f"Add prompts · {ctx.run_dir}", stage_job(
+                StageCall("prompts"), ctx.run_dir, ctx.settings_now(), 1))
             return [ok_md("adding prompts…"), gr.Timer(active=True), gr.update(interactive=False),
                     seen]
 
         app.on(self.add_btn.click, on_add, [self.source, app.seen],
-               [self.message, self.panel.timer, self.add_btn, app.seen])
+               [self.message, self.panel.timer, self.add_btn, app.seen], message=self.message)
 
         def tick(seen):
             from studio.settings_sync import snapshot

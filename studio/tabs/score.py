@@ -13,7 +13,7 @@ from studio.settings import Settings, UiState
 from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, start_job, user_error)
+                       processes_control, start_job)
 
 
 def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
@@ -74,24 +74,19 @@ class ScoreTab(Tab):
     def wire(self, app) -> None:
         def on_start(names, force, processes):
             ctx = self.ctx
-            try:
-                cfg = ctx.settings_now()
-                if not names:
-                    raise ValueError("tick at least one reward to compute")
-                if ctx.counts()["candidates"] == 0:
-                    raise ValueError("this run has no candidates yet; run the Generate step")
-
-                start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
-                    StageCall("score", rewards=tuple(names), force=bool(force)), ctx.run_dir,
-                    cfg, processes))
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip()
+            cfg = ctx.settings_now()
+            if not names:
+                raise ValueError("tick at least one reward to compute")
+            if ctx.counts()["candidates"] == 0:
+                raise ValueError("this run has no candidates yet; run the Generate step")
+            start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
+                StageCall("score", rewards=tuple(names), force=bool(force)), ctx.run_dir,
+                cfg, processes))
             return ok_md("scoring started"), gr.Timer(active=True), *job_buttons(True)
 
         buttons = [self.start, self.cancel]
-        app.on(self.start.click, on_start, [self.rewards, self.force,
-                                            self.processes],
-               [self.message, self.panel.timer, *buttons])
+        app.on(self.start.click, on_start, [self.rewards, self.force, self.processes],
+               [self.message, self.panel.timer, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("score", "scoring"), None, self.message)
 
         def tick():

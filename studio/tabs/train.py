@@ -18,9 +18,11 @@ from craft.stages import check_run_name, round_name, round_number, train_dir
 from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, short_name, start_job, user_error)
+                       processes_control, short_name, start_job)
 
 
+RESUME_HINT = ("“Resume” (below) continues it from its last checkpoint; “Start training” "
+               "starts a new run")
 RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss", "kept",
                "selection", "processes", "checkpoint", "error"]
 
@@ -243,17 +245,14 @@ class TrainTab(Tab):
 
         def on_start(name, processes):
             ctx = self.ctx
-            try:
-                name = check_run_name(name)
-                cfg = ctx.settings_now()
-                rounds = cfg.train.rounds
-                for n in {name, *(round_name(name, r, rounds) for r in range(1, rounds + 1))}:
-                    if n in run_names(ctx) or train_dir(ctx.run_dir, n).exists():
-                        raise ValueError(f"a training run named {n!r} exists; pick another "
-                                         f"name or resume it (the Resume list below)")
-                self._start(cfg, name, resume=False, processes=processes)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            name = check_run_name(name)
+            cfg = ctx.settings_now()
+            rounds = cfg.train.rounds
+            for n in {name, *(round_name(name, r, rounds) for r in range(1, rounds + 1))}:
+                if n in run_names(ctx) or train_dir(ctx.run_dir, n).exists():
+                    raise ValueError(f"a training run named {n!r} exists; pick another "
+                                     f"name or resume it (the Resume list below)")
+            self._start(cfg, name, resume=False, processes=processes)
             first = round_name(name, 1, cfg.train.rounds)
             return (ok_md(f"training {name} started"
                           + (f" ({cfg.train.rounds} rounds: {first} first)"
@@ -263,22 +262,19 @@ class TrainTab(Tab):
                     *job_buttons(True))
 
         app.on(self.start.click, on_start, [self.name, self.processes],
-               [self.message, self.panel.timer, self.view, self.name, *buttons])
+               [self.message, self.panel.timer, self.view, self.name, *buttons],
+               message=self.message)
 
         def on_resume(name, processes):
             ctx = self.ctx
-            try:
-                if not name:
-                    raise ValueError("pick a cancelled or failed run to resume")
-                cfg = stored_config(ctx, name)
-                self._start(cfg, name, resume=True, processes=processes)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            if not name:
+                raise ValueError("pick a cancelled or failed run to resume")
+            self._start(stored_config(ctx, name), name, resume=True, processes=processes)
             return (ok_md(f"resuming {name} from its last checkpoint"), gr.Timer(active=True),
                     gr.update(choices=run_names(ctx), value=name), *job_buttons(True))
 
         app.on(self.resume.click, on_resume, [self.resume_name, self.processes],
-               [self.message, self.panel.timer, self.view, *buttons])
+               [self.message, self.panel.timer, self.view, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("train", "training"), None,
                self.message)
 
@@ -287,13 +283,14 @@ class TrainTab(Tab):
             snap = self.jobs.latest("train")
             out = self.panel.render(snap)
             running = snap is not None and snap.running
-            if running and snap.info.get("name") and snap.info.get("run_dir") == str(ctx.run_dir):
-                view = snap.info["name"]
+            if running and snap.info.get("name"):
+                view = snap.info["name"]  # this run's job: the loss curve follows it
             loss, previews = self._run_view(view)
-            extra = [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            # the runs table shows a run in progress as it goes
+            extra = [runs_table(ctx), gr.skip(), gr.skip(), gr.skip()]
             if not running:
                 extra = [runs_table(ctx), gr.update(choices=resumable(ctx)),
-                         finished_message(snap), gr.Timer(active=False)]
+                         finished_message(snap, again=RESUME_HINT), gr.Timer(active=False)]
             return [*out, loss, previews, *extra, *job_buttons(running)]
 
         self.panel.on_tick(app, tick, self.view, [*self.panel.outputs, self.loss, self.previews,
@@ -312,10 +309,9 @@ class TrainTab(Tab):
         ctx = self.ctx
         metrics = metrics_for(ctx, name)
         fig = loss_curve(metrics, title=f"Loss · {name}")
-        try:
-            prompts = list(stored_config(ctx, name).train.preview_prompts)
-        except Exception:  # noqa: BLE001
-            prompts = list(ctx.cfg.train.preview_prompts)
+        runs = ctx.store.train_runs_df()
+        prompts = list((stored_config(ctx, name) if name in set(runs.get("name", []))
+                        else ctx.cfg).train.preview_prompts)
         items = previews_for(ctx, name, prompts)
         key = (name, tuple(p for p, _ in items))
         if key == self._preview_key:
