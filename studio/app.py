@@ -98,42 +98,7 @@ class StudioApp:
             self.run_state = gr.BrowserState(str(ctx.run_dir), storage_key=RUN_STORAGE_KEY,
                                              secret=secret)
             gr.Markdown("## CRAFT Studio · align a text-to-image model with composite rewards")
-            with gr.Row(equal_height=True):
-                # A typed path is opened as typed (Enter or the button); the list offers the
-                # runs the studio knows. (One dropdown for both dropped a typed path on Enter.)
-                self.run_dir = gr.Textbox(str(ctx.run_dir), max_lines=1, scale=4,
-                                          label="Run directory: type a path and press Enter "
-                                                "(a new folder becomes a new run)",
-                                          elem_id="run-dir")
-                self.run_pick = gr.Dropdown(self.studio.runs(), value=None, scale=2,
-                                            label="…or open one of these runs",
-                                            elem_id="run-pick")
-                self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
-            self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
-            self.other_jobs = gr.Markdown(elem_id="other-jobs")
-            # What this page last loaded or saved of each setting (studio.settings_sync): a
-            # change made in another window is shown here, never silently overwritten.
-            self.seen = gr.State({})
-            with gr.Row():
-                self.stale = gr.Markdown(elem_id="settings-stale")
-                self.reload_settings = gr.Button("Reload settings", visible=False, scale=0,
-                                                 elem_id="settings-reload")
-            # The run's counts change as jobs write; a slow, cheap poll keeps the line current.
-            self.info_timer = gr.Timer(5.0)
-            with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
-                              open=False):
-                with gr.Row():
-                    self.save_btn = gr.Button("Save settings as YAML", elem_id="settings-save")
-                    self.load_file = gr.File(label="Load settings (.yaml)",
-                                             file_types=[".yaml", ".yml"], type="filepath",
-                                             elem_id="settings-load")
-                    self.check_btn = gr.Button("Check what these settings need",
-                                               elem_id="settings-check")
-                self.settings_msg = gr.Markdown(elem_id="settings-message")
-                self.settings_file = gr.File(label="Saved settings", visible=False,
-                                             elem_id="settings-file")
-                self.settings_yaml = gr.Code(language="yaml", label="Current settings",
-                                             visible=False, elem_id="settings-yaml")
+            self._build_header(ctx)
             from studio.loop import LoopPanel
 
             self.loop = LoopPanel()
@@ -171,6 +136,46 @@ class StudioApp:
                       self.loop.refresh_outputs, show_progress="hidden")
         self.demo = demo
         return demo
+
+    def _build_header(self, ctx) -> None:
+        """The run selector, the run's line, other runs' jobs, the stale-settings banner and
+        the settings file accordion."""
+        with gr.Row(equal_height=True):
+            # A typed path is opened as typed (Enter or the button); the list offers the
+            # runs the studio knows. (One dropdown for both dropped a typed path on Enter.)
+            self.run_dir = gr.Textbox(str(ctx.run_dir), max_lines=1, scale=4,
+                                      label="Run directory: type a path and press Enter "
+                                            "(a new folder becomes a new run)",
+                                      elem_id="run-dir")
+            self.run_pick = gr.Dropdown(self.studio.runs(), value=None, scale=2,
+                                        label="…or open one of these runs",
+                                        elem_id="run-pick")
+            self.open_btn = gr.Button("Open / create run", scale=1, elem_id="run-open")
+        self.run_info = gr.Markdown(ctx.describe(), elem_id="run-info")
+        self.other_jobs = gr.Markdown(elem_id="other-jobs")
+        # What this page last loaded or saved of each setting (studio.settings_sync): a
+        # change made in another window is shown here, never silently overwritten.
+        self.seen = gr.State({})
+        with gr.Row():
+            self.stale = gr.Markdown(elem_id="settings-stale")
+            self.reload_settings = gr.Button("Reload settings", visible=False, scale=0,
+                                             elem_id="settings-reload")
+        # The run's counts change as jobs write; a slow, cheap poll keeps the line current.
+        self.info_timer = gr.Timer(5.0)
+        with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
+                          open=False):
+            with gr.Row():
+                self.save_btn = gr.Button("Save settings as YAML", elem_id="settings-save")
+                self.load_file = gr.File(label="Load settings (.yaml)",
+                                         file_types=[".yaml", ".yml"], type="filepath",
+                                         elem_id="settings-load")
+                self.check_btn = gr.Button("Check what these settings need",
+                                           elem_id="settings-check")
+            self.settings_msg = gr.Markdown(elem_id="settings-message")
+            self.settings_file = gr.File(label="Saved settings", visible=False,
+                                         elem_id="settings-file")
+            self.settings_yaml = gr.Code(language="yaml", label="Current settings",
+                                         visible=False, elem_id="settings-yaml")
 
     def _refresh_event(self, event, name: str):
         tab = self.tabs[name]

@@ -132,11 +132,24 @@ def effective_count(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> i
     return int((training_weights(adv, adv_mode, tau) > 0).sum())
 
 
+SCORABLE = ("every reward the settings use has a finite score for it; an image with a NaN "
+            "score has no composite and is left out, never counted as a number")
+
+
+def k_note(action: str) -> str:
+    """What a manual decision does to the kept set's size (said where it is made)."""
+    return {"exclude": " · the kept set is one smaller: an image excluded by hand is not "
+                       "replaced by the next candidate",
+            "keep": " · it is kept on top of the top K automatic picks",
+            "auto": ""}.get(action, "")
+
+
 def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
               changed: Mapping[int, str] | None = None) -> str:
     """The kept count and what it rests on; with ``changed``, what the last move changed."""
     counts = c.result.counts
-    text = (f"Kept <b id='kept-number'>{counts.kept}</b> of {counts.scorable} scorable candidates"
+    text = (f"Kept <b id='kept-number'>{counts.kept}</b> of {counts.scorable} "
+            f"<abbr title='{SCORABLE}'>scorable</abbr> candidates"
             f" ({counts.groups} groups) · <span id='effective-number'>"
             f"{effective_count(c, adv_mode, tau)}</span> with training weight > 0")
     if c.result.cutoff is not None:
@@ -145,7 +158,8 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
         text += f" · {counts.unscorable} unscorable (NaN) excluded"
     if counts.overrides_applied:
         inc = sum(v == "include" for v in counts.overrides_applied.values())
-        text += f" · by hand: {inc} included, {len(counts.overrides_applied) - inc} excluded"
+        text += (f" · by hand: {inc} included (on top of the top K), "
+                 f"{len(counts.overrides_applied) - inc} excluded (not replaced)")
     if changed is not None:
         entered = sum(v == "entered" for v in changed.values())
         left = len(changed) - entered
@@ -427,6 +441,6 @@ def kept_rows(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> pd.Data
 
 __all__ = ["Curation", "CurationCache", "PAGE_SIZE", "VIEWS", "badges", "caption", "coverage_line",
            "curate", "effective_count", "explain", "failed_rewards", "grid_items",
-           "groups_table", "kept_line", "kept_rows", "level_pass_table", "levels_line",
+           "groups_table", "k_note", "kept_line", "kept_rows", "level_pass_table", "levels_line",
            "make_settings", "moved", "page_of", "short_reward", "showing_line", "toggle_action",
            "view_ids"]

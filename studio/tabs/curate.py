@@ -11,18 +11,20 @@ from __future__ import annotations
 
 
 import gradio as gr
+
+from craft import CraftError
 import numpy as np
 
 from craft.config import field_choices, field_help
 from studio.context import RunContext
 from studio.curation import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line, curate,
-                             explain, grid_items, kept_line, kept_rows, levels_line,
+                             explain, grid_items, k_note, kept_line, kept_rows, levels_line,
                              make_settings, moved, page_of, showing_line, view_ids)
 from studio.grid import ThumbGrid, event_delta, event_id, item_value
 from studio.pool_map import KEPT, PoolMap, in_box, map_value
 from studio.plots import composite_histogram, empty_figure
 from studio.settings import Settings, UiState, none_as_zero, optional_int
-from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, start_job, user_error
+from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, start_job
 
 LEVEL_LABELS = {"I_h (beat the reference on h)": "h", "I_ha (h and a)": "ha",
                 "I_hpa (h, p and a; strictest)": "hpa", "custom (rewards below)": "custom",
@@ -155,6 +157,7 @@ class CurateTab(Tab):
         self.controls = [*self.weights, self.normalization, self.level, self.require,
                          self.margin, self.top_k, self.cap, self.dedup, self.include_ref]
         self.settings = settings
+        self.moved_flag = gr.State(False)  # whether the last control event changed a value
         by_component = {id(b.component): b.key for b in settings.bindings}
         self.control_keys = [by_component[id(c)] for c in self.controls]
 
@@ -201,7 +204,7 @@ class CurateTab(Tab):
         for key, value in zip(self.control_keys, values):
             try:
                 new = value_of(self.settings.config_with(ctx.cfg, key, value), key)
-            except Exception:  # noqa: BLE001 - a half-typed value: counts() says what is wrong
+            except (CraftError, ValueError):  # a half-typed value: counts() says what is wrong
                 continue
             if new != seen.get(key, value_of(ctx.cfg, key)):
                 out[key] = value
@@ -215,22 +218,22 @@ class CurateTab(Tab):
 
         seen = seen or {}
         moved_keys = self.changes(seen, values)
-        if not moved_keys:
-            return [gr.skip()] * 8
+        if not moved_keys:  # e.g. leaving a number box with the value it had
+            return [*[gr.skip()] * 8, False]
         try:
             seen, text = commit(self.ctx, self.settings, moved_keys, seen)
-        except Exception as e:  # noqa: BLE001 - a value the config refuses
-            return [user_error(e), "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
-        return [*self.counts(last_kept, *values), seen, text, gr.update(visible=bool(text))]
+        except (CraftError, ValueError) as e:  # a value the config refuses: said, not saved
+            return [error_md(e), "", "", *[gr.skip()] * 5, False]
+        return [*self.counts(last_kept, *values), seen, text, gr.update(visible=bool(text)),
+                True]
 
     def counts(self, last_kept, *values):
         """The fast step (what a control move waits for): kept count, what the move changed,
         coverage, pass counts. Saves nothing (a tab refresh calls it too)."""
         try:
             c = self.run(values)
-        except Exception as e:  # noqa: BLE001
-            message = error_md(str(e)) if isinstance(e, ValueError) else user_error(e)
-            return message, "", "", gr.skip(), gr.skip()
+        except (CraftError, ValueError) as e:  # settings the filter refuses: said here
+            return error_md(e), "", "", gr.skip(), gr.skip()
         a = self.ctx.cfg.advantage
         now = sorted(int(i) for i in c.kept_ids)
         changed = moved(last_kept, now)
@@ -240,7 +243,7 @@ class CurateTab(Tab):
     def histogram(self, *values):
         try:
             c = self.run(values)
-        except Exception:  # noqa: BLE001 - counts() already showed the message
+        except (CraftError, ValueError):  # counts() already showed the message
             return empty_figure("nothing to show")
         f = c.frame
         return composite_histogram(f["composite"].to_numpy(float), f["passes"].to_numpy(),
@@ -251,7 +254,7 @@ class CurateTab(Tab):
         """One page of ``view``: (grid value, showing line, page ids, page, why text)."""
         try:
             c = self.run(values)
-        except Exception as e:  # noqa: BLE001 - counts() already showed the message
+        except (CraftError, ValueError) as e:  # counts() already showed the message
             empty = item_value([], empty=str(e))
             return empty, "", [], 1, gr.skip(), None
         extra = ()
@@ -304,7 +307,7 @@ class CurateTab(Tab):
             return gr.skip(), "Near-duplicates: compute the map first."
         try:
             c = self.run(values)
-        except Exception:  # noqa: BLE001 - counts() shows the message
+        except (CraftError, ValueError):  # counts() shows the message
             return gr.skip(), ""
         ids, xy, _ = pm
         return map_value(c.frame, ids, xy, color_by, map_ids), self.duplicates(c)[0]
@@ -312,22 +315,28 @@ class CurateTab(Tab):
     # ------------------------------------------------------------------ wiring
 
     def wire(self, app) -> None:
+        self.view_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
+                        self.similar_ids, *self.controls]
+        self.view_out = [self.grid, self.showing, self.ids, self.page, self.why, self.selected]
+        self._wire_moves(app)
+        self._wire_views(app)
+        self._wire_overrides(app)
+        self._wire_export(app)
+        self._wire_map(app, self.view_in, self.view_out)
+
+    def _wire_moves(self, app) -> None:
+        """A control moved: the count first (its own round trip), then the first page of the
+        grid, then the histogram; nothing at all when the move changed no value."""
         quiet = dict(show_progress="hidden")
         count_in = [self.last_kept, app.seen, *self.controls]
         count_out = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
-                     app.seen, app.stale, app.reload_settings]
-        view_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
-                   self.similar_ids, *self.controls]
-        view_out = [self.grid, self.showing, self.ids, self.page, self.why, self.selected]
+                     app.seen, app.stale, app.reload_settings, self.moved_flag]
 
-        def first_page(view, page, *rest):
-            return self.page_view(view, 1, *rest)
+        def first_page_if_moved(moved_, view, page, *rest):
+            return self.page_view(view, 1, *rest) if moved_ else [gr.skip()] * 6
 
-        def chain(dep):
-            """After the counts: the first page of the grid, then the histogram (each its own
-            round trip, so the count shows as soon as it is known, then the images)."""
-            dep = app.then(dep, first_page, view_in, view_out, **quiet)
-            return app.then(dep, self.histogram, self.controls, self.hist, **quiet)
+        def histogram_if_moved(moved_, *values):
+            return self.histogram(*values) if moved_ else gr.skip()
 
         for control in self.controls:
             # Sliders answer on release (a click, the end of a drag, Enter in the number box),
@@ -338,8 +347,20 @@ class CurateTab(Tab):
                 [control.submit, control.blur] if isinstance(control, gr.Number) else
                 [control.input])
             for event in events:
-                chain(app.on(event, self.move, count_in, count_out,
-                             trigger_mode="always_last", queue=False, **quiet))
+                dep = app.on(event, self.move, count_in, count_out,
+                             trigger_mode="always_last", queue=False, **quiet)
+                dep = app.then(dep, first_page_if_moved, [self.moved_flag, *self.view_in],
+                               self.view_out, **quiet)
+                app.then(dep, histogram_if_moved, [self.moved_flag, *self.controls], self.hist,
+                         **quiet)
+
+    def _wire_views(self, app) -> None:
+        quiet = dict(show_progress="hidden")
+        view_in, view_out = self.view_in, self.view_out
+
+        def first_page(view, page, *rest):
+            return self.page_view(view, 1, *rest)
+
         app.on(self.view.input, first_page, view_in, view_out, **quiet)
 
         def turn(delta):
@@ -357,137 +378,127 @@ class CurateTab(Tab):
 
         def on_pick(evt: gr.EventData, *values):
             cid = event_id(evt)
-            try:
-                c = self.run(values)
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
-            return explain(c, cid, self.rewards), cid
+            return explain(self.run(values), cid, self.rewards), cid
 
-        app.on(self.grid.grid_pick, on_pick, self.controls, [self.why, self.selected], **quiet)
+        app.on(self.grid.grid_pick, on_pick, self.controls, [self.why, self.selected],
+               message=self.why, **quiet)
 
-        # Overrides: the page keeps its images; their badges, the counts and the why change.
+    def _overridden(self, message, view, page, selected, changed, map_ids, similar_ids, ids,
+                    last_kept, values):
+        """After an override: the page keeps its images; their badges, the counts and the
+        why change."""
+        kept, coverage, levels, now, changed = self.counts(last_kept, *values)
+        value, _, ids, _, why, selected = self.page_view(
+            view, page, selected, changed, map_ids, similar_ids, *values, keep_ids=ids)
+        return [kept, coverage, levels, now, changed, value, ids, why, selected, message]
+
+    def _wire_overrides(self, app) -> None:
+        quiet = dict(show_progress="hidden")
         after = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
                  self.grid, self.ids, self.why, self.selected, self.message]
-
-        def overridden(message, view, page, selected, changed, map_ids, similar_ids, ids,
-                       last_kept, values):
-            kept, coverage, levels, now, changed = self.counts(last_kept, *values)
-            value, _, ids, _, why, selected = self.page_view(
-                view, page, selected, changed, map_ids, similar_ids, *values, keep_ids=ids)
-            return [kept, coverage, levels, now, changed, value, ids, why, selected, message]
-
         state_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
-                    self.similar_ids, self.ids, self.last_kept]
+                    self.similar_ids, self.ids, self.last_kept, *self.controls]
 
         def set_action(action_name):
             def fn(cid, view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
                    *values):
-                ctx = self.ctx
                 cid = selected if cid is None else cid
                 if cid is None:
                     return [*[gr.skip()] * 9, "Select an image first (click it)."]
-                try:
-                    ctx.set_overrides({int(cid): ACTIONS[action_name]})
-                except Exception as e:  # noqa: BLE001
-                    return [*[gr.skip()] * 9, user_error(e)]
+                self.ctx.set_overrides({int(cid): ACTIONS[action_name]})
                 text = {"keep": f"#{cid}: kept by hand", "exclude": f"#{cid}: excluded by hand",
                         "auto": f"#{cid}: back to the automatic choice"}[action_name]
-                return overridden(ok_md(text + " (undo: u)"), view, page, int(cid), changed,
-                                  map_ids, similar_ids, ids, last_kept, values)
+                return self._overridden(ok_md(text + " (undo: u)" + k_note(action_name)), view,
+                                        page, int(cid), changed, map_ids, similar_ids, ids,
+                                        last_kept, values)
             return fn
 
         for name, button in (("keep", self.keep_btn), ("exclude", self.exclude_btn),
                              ("auto", self.auto_btn)):
             action = set_action(name)
-            app.on(button.click, lambda *a, fn=action: fn(None, *a), [*state_in, *self.controls],
-                   after, **quiet)
+            app.on(button.click, lambda *a, fn=action: fn(None, *a), state_in, after,
+                   message=self.message, **quiet)
 
             def by_key(evt: gr.EventData, *a, fn=action):
                 return fn(event_id(evt), *a)
 
-            app.on(getattr(self.grid, f"grid_{name}"), by_key, [*state_in, *self.controls], after,
-                   **quiet)
+            app.on(getattr(self.grid, f"grid_{name}"), by_key, state_in, after,
+                   message=self.message, **quiet)
 
-        def on_undo(view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
-                    *values):
+        def on_undo(*a):
             restored = self.ctx.undo_override()
             message = "Nothing to undo." if restored is None else ok_md(
-                "undone: " + ", ".join(f"#{c} back to {a or 'automatic'}"
-                                       for c, a in list(restored.items())[:5])
+                "undone: " + ", ".join(f"#{c} back to {x or 'automatic'}"
+                                       for c, x in list(restored.items())[:5])
                 + (" …" if len(restored) > 5 else ""))
-            return overridden(message, view, page, selected, changed, map_ids, similar_ids,
-                              ids, last_kept, values)
+            return self._overridden(message, *a[:8], a[8:])
 
-        app.on(self.undo_btn.click, on_undo, [*state_in, *self.controls], after, **quiet)
+        app.on(self.undo_btn.click, on_undo, state_in, after, message=self.message, **quiet)
 
         def on_undo_key(evt: gr.EventData, *a):
             return on_undo(*a)
 
-        app.on(self.grid.grid_undo, on_undo_key, [*state_in, *self.controls], after, **quiet)
+        app.on(self.grid.grid_undo, on_undo_key, state_in, after, message=self.message,
+               **quiet)
 
-        def on_clear(view, page, selected, changed, map_ids, similar_ids, ids, last_kept,
-                     *values):
+        def on_clear(*a):
             n = self.ctx.clear_overrides()
             message = ok_md(f"cleared {n} manual override(s) (undo brings them back)") if n \
                 else "There are no manual overrides."
-            return overridden(message, view, page, selected, changed, map_ids, similar_ids,
-                              ids, last_kept, values)
+            return self._overridden(message, *a[:8], a[8:])
 
-        app.on(self.clear_btn.click, on_clear, [*state_in, *self.controls], after, **quiet)
+        app.on(self.clear_btn.click, on_clear, state_in, after, message=self.message, **quiet)
 
+    def _wire_export(self, app) -> None:
         def on_export(*values):
+            from craft.run import Run
+            from craft.stages import stage_export
+
             ctx = self.ctx
-            try:
-                from craft.run import Run
-                from craft.stages import stage_export
+            c = self.run(values)
+            a = ctx.cfg.advantage
+            kept = kept_rows(c, a.mode, a.tau)
+            folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings, kept=kept)
+            return (ok_md(f"exported {len(kept)} images to {folder} (load with "
+                          f"datasets.load_dataset('imagefolder', data_dir=...); the same as "
+                          f"`craft export`)"), gr.update(value=str(archive), visible=True))
 
-                c = self.run(values)
-                a = ctx.cfg.advantage
-                kept = kept_rows(c, a.mode, a.tau)
-                folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings,
-                                               kept=kept)
-                return (ok_md(f"exported {len(kept)} images to {folder} (load with "
-                              f"datasets.load_dataset('imagefolder', data_dir=...); the same "
-                              f"as `craft export`)"),
-                        gr.update(value=str(archive), visible=True))
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
-
-        app.on(self.export.click, on_export, self.controls, [self.message, self.download])
-        self._wire_map(app, view_in, view_out)
+        app.on(self.export.click, on_export, self.controls, [self.message, self.download],
+               message=self.message)
 
     def _wire_map(self, app, view_in, view_out) -> None:
+        self._wire_map_job(app)
+        self._wire_map_selection(app, view_in, view_out)
+
+    def _wire_map_job(self, app) -> None:
+        """Compute the map (embed the pool, project it) as a job of the run; redraw on end."""
         quiet = dict(show_progress="hidden")
         map_out = [self.pool_map, self.dups]
 
         def on_map_start(*values):
+            from craft.embeddings import check_encoder
+
             ctx = self.ctx
-            try:
-                cfg = ctx.cfg
-                from craft.embeddings import check_encoder
+            cfg = ctx.cfg
+            check_encoder(cfg)
 
-                check_encoder(cfg)
+            def job(jc):
+                from craft.embeddings import embed_candidates, project_pool
+                from craft.store import RunStore
 
-                def job(jc):
-                    from craft.embeddings import embed_candidates, project_pool
-                    from craft.store import RunStore
+                with RunStore(ctx.run_dir) as store:
+                    n = embed_candidates(store, cfg, jc.progress, jc.should_stop)
+                    jc.log(f"embedded {n} new candidates ({cfg.embed.encoder})")
+                    m = project_pool(store, cfg)
+                    jc.log(f"map of {m} candidates")
+                ctx.invalidate()
+                return {"embedded": n, "mapped": m}
 
-                    with RunStore(ctx.run_dir) as store:
-                        n = embed_candidates(store, cfg, jc.progress, jc.should_stop)
-                        jc.log(f"embedded {n} new candidates ({cfg.embed.encoder})")
-                        m = project_pool(store, cfg)
-                        jc.log(f"map of {m} candidates")
-                    ctx.invalidate()
-                    return {"embedded": n, "mapped": m}
-
-                start_job("map", f"Map the pool · {ctx.run_dir}", job,
-                           info={"run_dir": str(ctx.run_dir)})
-            except Exception as e:  # noqa: BLE001
-                return user_error(e), gr.skip()
+            start_job("map", f"Map the pool · {ctx.run_dir}", job)
             return ok_md("computing the map…"), gr.Timer(active=True)
 
         app.on(self.map_btn.click, on_map_start, self.controls,
-               [self.dups, self.map_panel.timer])
+               [self.dups, self.map_panel.timer], message=self.dups)
 
         def map_tick(color_by, map_ids, *values):
             snap = self.jobs.latest("map")
@@ -501,6 +512,11 @@ class CurateTab(Tab):
                                [*self.map_panel.outputs, *map_out, self.map_panel.timer])
         app.on(self.color_by.input, self.map_view, [self.color_by, self.map_ids,
                                                     *self.controls], map_out, **quiet)
+
+    def _wire_map_selection(self, app, view_in, view_out) -> None:
+        """A box drawn on the map, or "more like this": the grid shows those images."""
+        quiet = dict(show_progress="hidden")
+        map_out = [self.pool_map, self.dups]
 
         def on_box(evt: gr.EventData, color_by, *values):
             pm = self.ctx.pool_map()
@@ -529,17 +545,14 @@ class CurateTab(Tab):
                 return gr.skip(), gr.skip(), ("“More like this” needs the map: open “Map of "
                                               "the pool” and press “Compute the map”.")
             ids, _, vectors = pm
-            try:
-                near, sims = neighbours(ids, vectors, int(selected), PAGE_SIZE)
-            except Exception as e:  # noqa: BLE001
-                return gr.skip(), gr.skip(), user_error(e)
+            near, sims = neighbours(ids, vectors, int(selected), PAGE_SIZE)
             span = f" (cosine {sims[-1]:.3f} to {sims[1]:.3f})" if len(sims) > 1 else ""
             return (near, "similar to the selected image",
                     ok_md(f"#{selected} and the {len(near) - 1} images most like it{span}, most "
                           f"alike first"))
 
         dep = app.on(self.similar_btn.click, on_similar, [self.selected, *self.controls],
-                     [self.similar_ids, self.view, self.message], **quiet)
+                     [self.similar_ids, self.view, self.message], message=self.message, **quiet)
         app.then(dep, show_selection, view_in, view_out, **quiet)
 
     # ------------------------------------------------------------------ refresh

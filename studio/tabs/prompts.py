@@ -238,6 +238,10 @@ class PromptsTab(Tab):
         app.on(app.on(self.use_paste.click, lambda t: store_paste(self.ctx, t), self.paste,
                       self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
         app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
+        self._wire_add(app)
+
+    def _wire_add(self, app) -> None:
+        """Add the pending source to the run (a job: an LLM expander can take a while)."""
 
         def on_add(source, seen):
             from studio.settings_sync import commit
