@@ -340,13 +340,14 @@ def explain(c: Curation, candidate_id: int, rewards: Sequence[str]) -> str:
                    "**Not kept**: nothing is kept with these settings.")
     lines = [head, "", verdict, "",
              f"| reward | raw | normalised ({s.normalization}) | group reference | "
-             f"level needs > ref + {s.margin:g} | beats it |", "|---|---|---|---|---|---|"]
+             f"counts for level {s.level} | beats reference + {s.margin:g} |",
+             "|---|---|---|---|---|---|"]
     for r in rewards:
         norm, ref = getattr(row, f"norm_{r}", np.nan), getattr(row, f"ref_{r}", np.nan)
-        need = "yes" if r in required else "–"
+        need = "yes" if r in required else "no"
         beats = getattr(row, f"beats_{r}", None)
         lines.append(f"| {r} | {getattr(row, r):.3f} | {norm:+.3f} | {ref:+.3f} | {need} | "
-                     f"{'✓' if beats else '✗'} |")
+                     f"{'✓ yes' if beats else '✗ no'} |")
     weights = " + ".join(f"{w:.2f}·{short_reward(r)}" for r, w in s.normalized_weights.items())
     lines += ["", f"Composite R = {weights} = **{row.composite:+.3f}**; group advantage "
                   f"A = **{row.advantage:+.3f}** (within its prompt's group)."]

@@ -36,24 +36,27 @@ def _label_font():
 
 
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
-    """Tuned models of this run: finished ones (``final``: a complete pipeline, or a LoRA run's
-    adapters) and intermediate checkpoints (``checkpoint-N``: a denoiser or adapters, evaluated
-    on the base pipeline)."""
-    from craft.checkpoints import is_checkpoint
-    from craft.lora import is_lora_folder
+    """Tuned models of this run, newest first (what Compare offers first): finished ones
+    (``final``: a complete pipeline, or a LoRA run's adapters) and intermediate checkpoints
+    (``checkpoint-N``: a denoiser or adapters, evaluated on the base pipeline)."""
+    from craft.checkpoints import STATE_FILE, is_checkpoint
+    from craft.lora import TRAIN_RECORD, is_lora_folder
 
-    out = []
+    found = []
     root = ctx.run_dir / "train"
     if not root.is_dir():
-        return out
-    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        return []
+    for run in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         final = run / "final"
         if (final / "model_index.json").exists() or is_lora_folder(final):
-            out.append((f"{run.name} · final", str(final)))
-        ckpts = sorted((p for p in run.glob("checkpoint-*") if is_checkpoint(p)),
-                       key=lambda p: int(p.name.split("-")[1]), reverse=True)
-        out += [(f"{run.name} · {p.name}", str(p)) for p in ckpts]
-    return out
+            stamp = final / TRAIN_RECORD if (final / TRAIN_RECORD).exists() else final
+            found.append((stamp.stat().st_mtime, f"{run.name} · final", str(final)))
+        for p in run.glob("checkpoint-*"):
+            if is_checkpoint(p):
+                stamp = p / STATE_FILE if (p / STATE_FILE).exists() else p
+                found.append((stamp.stat().st_mtime, f"{run.name} · {p.name}", str(p)))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    return [(label, path) for _, label, path in found]
 
 
 def eval_name(base: str, tuned: str, cfg) -> str:

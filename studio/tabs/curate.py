@@ -30,6 +30,16 @@ LEVEL_LABELS = {"I_h (beat the reference on h)": "h", "I_ha (h and a)": "ha",
                 "I_hpa (h, p and a; strictest)": "hpa", "custom (rewards below)": "custom",
                 "none (keep every scorable)": "none"}
 LEVEL_BY_VALUE = {v: k for k, v in LEVEL_LABELS.items()}
+LEVEL_INFO = ("A level keeps the images that beat their group's reference (the mean of the "
+              "original prompt's own images) on its roles: h = the HPS-like reward (how well "
+              "the image shows the prompt), p = the PickScore-like one (which image people "
+              "pick), a = the aesthetic one. I_hpa, the strictest, was the paper's best.")
+GLOSSARY = ("**Terms.** A *group* is every image of one original prompt; its *reference* is "
+            "the mean of the images made from the prompt itself (★). *R*, the composite, is "
+            "the weighted sum of the normalised rewards (the sliders). *A*, the advantage, is "
+            "how far an image's R is above its group's mean, in the group's standard "
+            "deviations; it becomes the image's training weight. *Scorable*: every reward used "
+            "has a finite score.")
 ACTIONS = {"keep": "include", "exclude": "exclude", "auto": None}
 
 
@@ -48,6 +58,7 @@ class CurateTab(Tab):
                     "top K are kept. Click an image to see why it is (not) kept; keep or exclude "
                     "it by hand with the buttons or the keys k / x (arrows move, z enlarges, "
                     "u undoes).")
+        gr.Markdown(GLOSSARY, elem_id="curate-glossary")
         curated = dict(persisted_by="Curate")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
@@ -65,7 +76,7 @@ class CurateTab(Tab):
                     elem_id="curate-normalization"), **curated)
                 self.level = settings.bind("filter.level", gr.Radio(
                     list(LEVEL_LABELS), value=LEVEL_BY_VALUE[f.level], label="level",
-                    elem_id="curate-level"),
+                    info=LEVEL_INFO, elem_id="curate-level"),
                     to_ui=lambda v: LEVEL_BY_VALUE[v], from_ui=lambda v: LEVEL_LABELS[v],
                     **curated)
                 self.require = settings.bind("filter.require", gr.CheckboxGroup(

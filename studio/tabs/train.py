@@ -65,6 +65,31 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS).iloc[::-1]
 
 
+def will_train(ctx: RunContext) -> str:
+    """What Start will train on: the kept set of the run's current Curate settings."""
+    from craft import CraftError
+    from craft.filtering import coverage
+    from craft.stages import training_set
+    from craft.training import weighted_epochs
+
+    cfg = ctx.cfg
+    f, t, a = cfg.filter, cfg.train, cfg.advantage
+    if f.dedup_threshold is not None:
+        return (f"**Start will train on at most {f.top_k} images**: the kept set of Curate's "
+                f"settings, near-duplicates dropped when it starts")
+    try:
+        kept = training_set(ctx.store, cfg, save_as=None)
+    except (CraftError, ValueError) as e:
+        return f"Start needs a kept set first: {e}"
+    cov = coverage(kept)
+    return (f"**Start will train on {len(kept)} images** from {cov['prompts']} prompts: the "
+            f"kept set of Curate's current settings (level {f.level}, K {f.top_k}"
+            + (f", at most {f.per_prompt_cap} per prompt" if f.per_prompt_cap else "")
+            + f"), each weighted by its advantage ({a.mode}); {t.steps} steps × "
+              f"{t.effective_batch} samples ≈ "
+              f"{weighted_epochs(len(kept), t.steps, t.effective_batch):.0f} passes over it")
+
+
 def run_names(ctx: RunContext) -> list[str]:
     runs = ctx.store.train_runs_df()
     return list(dict.fromkeys(runs["name"].tolist()[::-1])) if not runs.empty else []
@@ -199,6 +224,7 @@ class TrainTab(Tab):
                 list_to_lines(t.preview_prompts), lines=4,
                 label="preview prompts (one per line; fixed seeds 0, 1, 2, …)"),
                 to_ui=list_to_lines, from_ui=lines_to_list)
+        self.will_train = gr.Markdown(elem_id="train-will")
         with gr.Row():
             self.name = ui.bind("train.name", gr.Textbox(
                 "craft-1", label="run name", elem_id="train-name", scale=2))
@@ -328,7 +354,8 @@ class TrainTab(Tab):
     @property
     def refresh_outputs(self) -> list:
         return [self.name, self.view, self.resume_name, self.runs, self.loss, self.previews,
-                *self.panel.outputs, self.panel.timer, self.start, self.cancel]
+                *self.panel.outputs, self.panel.timer, self.start, self.cancel,
+                self.will_train]
 
     def refresh(self, current_name: str = "") -> list:
         ctx = self.ctx
@@ -343,7 +370,7 @@ class TrainTab(Tab):
         return [next_name(ctx) if taken else gr.skip(), gr.update(choices=names, value=view),
                 gr.update(choices=resumable(ctx), value=None), runs_table(ctx), loss, previews,
                 *self.panel.render(), self.panel.keep_polling(),
-                *job_buttons(self.panel.is_running())]
+                *job_buttons(self.panel.is_running()), will_train(ctx)]
 
 
 __all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table"]
