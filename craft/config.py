@@ -403,6 +403,9 @@ class FilterConfig(_Section):
     per_prompt_cap: int | None = _opt(
         None, "Keep at most this many candidates of one original prompt (its best by R); null = "
               "no cap. Spreads the kept set over more prompts (coverage).")
+    replace_excluded: bool = _opt(
+        False, "An image excluded by hand (the studio's Curate) gives its place in the top K "
+               "to the next passing candidate, so K stays K; false: it is just left out.")
     dedup_threshold: float | None = _opt(
         None, "Drop a candidate whose image embedding (embed.encoder) has cosine similarity >= "
               "this with a better kept one, and keep the next instead; null = off. 0.98 with "

@@ -104,6 +104,9 @@ class FilterSettings:
         "help": "Drop a passing candidate whose embedding has cosine similarity >= this with an "
                 "already kept, better one (the next passing candidate takes its place); None = "
                 "off. Needs embeddings (apply_filter's ``embeddings``)."})
+    replace_excluded: bool = field(default=False, metadata={
+        "help": "An image excluded by hand gives its place in the top K to the next passing "
+                "candidate (K stays K); False: it is just left out (the kept set shrinks)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.rewards, str) or isinstance(self.require, str):
@@ -193,7 +196,7 @@ class FilterSettings:
         return hash((self.rewards, tuple(sorted(self.weights.items())), self.normalization,
                      self.level, tuple(sorted(self.roles.items())), self.require, self.margin,
                      self.top_k, bool(self.include_reference), self.per_prompt_cap,
-                     self.dedup_threshold))
+                     self.dedup_threshold, bool(self.replace_excluded)))
 
     @property
     def normalized_weights(self) -> dict[str, float]:
@@ -216,7 +219,7 @@ class FilterSettings:
                       normalization=f.normalization, level=f.level, roles=dict(r.roles),
                       require=tuple(f.require), margin=f.margin, top_k=f.top_k,
                       include_reference=f.include_reference, per_prompt_cap=f.per_prompt_cap,
-                      dedup_threshold=f.dedup_threshold)
+                      dedup_threshold=f.dedup_threshold, replace_excluded=f.replace_excluded)
         if changes:  # values from elsewhere (studio controls): check them here
             return cls(**{**values, **changes})
         # The config's own checks (craft.config: FilterConfig, RewardsConfig, CraftConfig) have
@@ -470,12 +473,13 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
     duplicate = np.zeros(n, dtype=bool)
     if settings.dedup_threshold is not None and ranked.size:
         ranked = _drop_near_duplicates(ranked, cand_ids, embeddings, settings, duplicate)
+    include, exclude, applied, ignored = _overrides_mask(df, overrides, scorable)
+    if settings.replace_excluded:  # an excluded image's place in the top K goes to the next
+        ranked = ranked[~exclude[ranked]]
     rank_values = np.zeros(n, dtype=np.int64)
     rank_values[ranked] = np.arange(1, ranked.size + 1)
     kept = np.zeros(n, dtype=bool)
     kept[ranked[:settings.top_k]] = True
-
-    include, exclude, applied, ignored = _overrides_mask(df, overrides, scorable)
     kept = (kept | include) & ~exclude
     override_codes = np.where(include, 0, np.where(exclude, 1, -1))
 

@@ -29,7 +29,8 @@ PAGE_SIZE = 60
 def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: str,
                   require: Sequence[str], margin: float, top_k: int | float | None,
                   include_reference: bool, per_prompt_cap: int | float | None = None,
-                  dedup_threshold: float | None = None) -> FilterSettings:
+                  dedup_threshold: float | None = None,
+                  replace_excluded: bool = False) -> FilterSettings:
     """Filter settings from the Curate controls (every reward of ``weights`` is in the
     composite; a weight of 0 leaves it out of R but it must still be scored). Problems are
     said in the controls' terms and with this run's rewards."""
@@ -47,7 +48,8 @@ def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: 
                           normalization=normalization, level=level, roles=dict(cfg.rewards.roles),
                           require=tuple(require or ()), margin=float(margin or 0.0), top_k=top,
                           include_reference=bool(include_reference), per_prompt_cap=cap,
-                          dedup_threshold=float(dedup_threshold) if dedup_threshold else None)
+                          dedup_threshold=float(dedup_threshold) if dedup_threshold else None,
+                          replace_excluded=bool(replace_excluded))
 
 
 @dataclasses.dataclass
@@ -136,10 +138,13 @@ SCORABLE = ("every reward the settings use has a finite score for it; an image w
             "score has no composite and is left out, never counted as a number")
 
 
-def k_note(action: str) -> str:
+def k_note(action: str, replace: bool = False) -> str:
     """What a manual decision does to the kept set's size (said where it is made)."""
+    if action == "exclude" and replace:
+        return " · the next passing candidate takes its place in the top K"
     return {"exclude": " · the kept set is one smaller: an image excluded by hand is not "
-                       "replaced by the next candidate",
+                       "replaced (tick “the next candidate replaces an excluded image” to keep "
+                       "K)",
             "keep": " · it is kept on top of the top K automatic picks",
             "auto": ""}.get(action, "")
 
@@ -159,7 +164,9 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
     if counts.overrides_applied:
         inc = sum(v == "include" for v in counts.overrides_applied.values())
         text += (f" · by hand: {inc} included (on top of the top K), "
-                 f"{len(counts.overrides_applied) - inc} excluded (not replaced)")
+                 f"{len(counts.overrides_applied) - inc} excluded ("
+                 + ("replaced by the next candidates" if c.settings.replace_excluded
+                    else "not replaced") + ")")
     if changed is not None:
         entered = sum(v == "entered" for v in changed.values())
         left = len(changed) - entered

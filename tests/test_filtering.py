@@ -147,6 +147,20 @@ def test_overrides_apply_last_but_never_keep_the_unscorable():
     assert result.cutoff == pytest.approx(min(f.loc[6, "composite"], f.loc[11, "composite"]))
 
 
+def test_an_excluded_image_is_replaced_only_when_asked():
+    """K = 1 of the passing candidates: excluding the kept one leaves nothing kept, unless
+    replace_excluded gives its place to the next passing candidate."""
+    top1 = apply_filter(TWO_GROUPS, make_settings(top_k=1))
+    everyone = apply_filter(TWO_GROUPS, make_settings())
+    assert len(kept_ids(top1)) == 1 and len(kept_ids(everyone)) >= 2
+    (first,) = kept_ids(top1)
+    plain = apply_filter(TWO_GROUPS, make_settings(top_k=1), {first: "exclude"})
+    assert kept_ids(plain) == set()
+    replaced = apply_filter(TWO_GROUPS, make_settings(top_k=1, replace_excluded=True),
+                            {first: "exclude"})
+    assert len(kept_ids(replaced)) == 1 and kept_ids(replaced) <= kept_ids(everyone) - {first}
+
+
 def test_bad_override_action_is_an_error_that_names_the_choices():
     with pytest.raises(FilterError, match="include.*exclude"):
         apply_filter(TWO_GROUPS, make_settings(), {3: "keep"})
@@ -249,11 +263,12 @@ def test_from_config_mirrors_the_filter_and_rewards_sections():
         filter=SimpleNamespace(weights={"hps": 0.5, "aes": 0.5}, normalization="rank",
                                level="ha", require=(), margin=0.1, top_k=7,
                                include_reference=False, per_prompt_cap=None,
-                               dedup_threshold=None),
+                               dedup_threshold=None, replace_excluded=True),
         rewards=SimpleNamespace(roles={"h": "hps", "a": "aes"}))
     s = FilterSettings.from_config(cfg, top_k=3)
-    assert (s.rewards, s.level, s.normalization, s.margin, s.top_k, s.include_reference) == (
-        ("hps", "aes"), "ha", "rank", 0.1, 3, False)
+    assert (s.rewards, s.level, s.normalization, s.margin, s.top_k, s.include_reference,
+            s.replace_excluded) == (
+        ("hps", "aes"), "ha", "rank", 0.1, 3, False, True)
 
 
 # --------------------------------------------------------------------------------------------

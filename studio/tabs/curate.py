@@ -104,6 +104,10 @@ class CurateTab(Tab):
                 self.include_ref = settings.bind("filter.include_reference", gr.Checkbox(
                     f.include_reference, label="original-prompt images may be kept",
                     elem_id="curate-include-ref"), **curated)
+                self.replace_excluded = settings.bind("filter.replace_excluded", gr.Checkbox(
+                    f.replace_excluded, label="the next candidate replaces an excluded image",
+                    info=field_help("filter", "replace_excluded"),
+                    elem_id="curate-replace-excluded"), **curated)
             with gr.Column(scale=3):
                 self.kept = gr.HTML("", elem_id="curate-kept", elem_classes=["kept-count"])
                 self.coverage = gr.HTML("", elem_id="curate-coverage")
@@ -166,7 +170,8 @@ class CurateTab(Tab):
         self.similar_ids = gr.State([])
         self.dup_ids = gr.State([])
         self.controls = [*self.weights, self.normalization, self.level, self.require,
-                         self.margin, self.top_k, self.cap, self.dedup, self.include_ref]
+                         self.margin, self.top_k, self.cap, self.dedup, self.include_ref,
+                         self.replace_excluded]
         self.settings = settings
         self.moved_flag = gr.State(False)  # whether the last control event changed a value
         by_component = {id(b.component): b.key for b in settings.bindings}
@@ -177,9 +182,9 @@ class CurateTab(Tab):
     def settings_from(self, values):
         n = len(self.rewards)
         weights = dict(zip(self.rewards, values[:n]))
-        norm, level_label, require, margin, top_k, cap, dedup, include_ref = values[n:]
+        norm, level_label, require, margin, top_k, cap, dedup, include_ref, replace = values[n:]
         return make_settings(self.ctx.cfg, weights, norm, LEVEL_LABELS[level_label], require,
-                             margin, top_k, include_ref, cap, dedup)
+                             margin, top_k, include_ref, cap, dedup, replace)
 
     def run(self, values) -> Curation:
         ctx = self.ctx
@@ -419,7 +424,9 @@ class CurateTab(Tab):
                 self.ctx.set_overrides({int(cid): ACTIONS[action_name]})
                 text = {"keep": f"#{cid}: kept by hand", "exclude": f"#{cid}: excluded by hand",
                         "auto": f"#{cid}: back to the automatic choice"}[action_name]
-                return self._overridden(ok_md(text + " (undo: u)" + k_note(action_name)), view,
+                replace = bool(values[-1])  # the "replaces an excluded image" box
+                return self._overridden(ok_md(text + " (undo: u)" + k_note(action_name, replace)),
+                                        view,
                                         page, int(cid), changed, map_ids, similar_ids, ids,
                                         last_kept, values)
             return fn
