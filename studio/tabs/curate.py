@@ -123,7 +123,12 @@ class CurateTab(Tab):
                     self.showing = gr.Markdown("", elem_id="curate-showing")
                     self.next_btn = gr.Button("next page ▶", elem_id="curate-next", scale=0,
                                               min_width=130)
-                self.grid = ThumbGrid(elem_id="curate-grid")
+                with gr.Row():  # the why sits beside the grid, where the image was clicked
+                    with gr.Column(scale=3, min_width=420):
+                        self.grid = ThumbGrid(elem_id="curate-grid")
+                    with gr.Column(scale=2, min_width=300):
+                        self.why = gr.Markdown("Click an image to see why it is or is not "
+                                               "kept.", elem_id="curate-why")
                 with gr.Row(equal_height=True):
                     self.keep_btn = gr.Button("Keep (k)", elem_id="curate-keep", min_width=90)
                     self.exclude_btn = gr.Button("Exclude (x)", elem_id="curate-exclude",
@@ -138,8 +143,6 @@ class CurateTab(Tab):
                     self.export = gr.Button("Export kept set (imagefolder)",
                                             elem_id="curate-export", min_width=160)
                 self.message = gr.Markdown(elem_id="curate-message")
-                self.why = gr.Markdown("Click an image to see why it is or is not kept.",
-                                       elem_id="curate-why")
                 self.download = gr.File(label="Exported archive", visible=False,
                                         elem_id="curate-download")
                 with gr.Accordion("Map of the pool: image embeddings in 2-D", open=False,
