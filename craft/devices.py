@@ -8,9 +8,16 @@ meant and on which spellings were accepted. ``key`` names the config field in er
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from craft import CraftError
+
+# Building a model from weights goes through accelerate's init_empty_weights, which patches
+# torch.nn.Module for the whole process while it runs: two threads loading at once (two studio
+# jobs on two runs) got each other's modules on the meta device ("Cannot copy out of meta
+# tensor"). Every pipeline, reward and adapter load, and every build on meta, holds this lock.
+LOAD_LOCK = threading.RLock()
 
 if TYPE_CHECKING:  # torch is imported on first use: the reward registry imports this module
     import torch
@@ -77,4 +84,4 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: torch.device |
     return out
 
 
-__all__ = ["DeviceError", "resolve_device", "resolve_dtype"]
+__all__ = ["DeviceError", "LOAD_LOCK", "resolve_device", "resolve_dtype"]

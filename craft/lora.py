@@ -133,8 +133,11 @@ def lora_base(path: str | Path) -> dict | None:
 def apply_lora(pipe, folder: str | Path, fuse: bool = True):
     """Load the adapters in ``folder`` into ``pipe`` (``load_lora_weights``); with ``fuse``
     merge them into the weights and drop the adapter layers, so the pipeline is a plain one."""
+    from craft.models import LOAD_LOCK
+
     try:
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name="craft")
+        with LOAD_LOCK:
+            pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name="craft")
     except (ValueError, KeyError, RuntimeError) as e:
         raise CraftError(f"{folder}/{LORA_WEIGHTS} does not load into this "
                          f"{type(pipe).__name__}: {str(e).splitlines()[0]}; were the adapters "

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from craft import CraftError, MissingWeightsError
-from craft.devices import resolve_device, resolve_dtype  # noqa: F401 - re-exported
+from craft.devices import LOAD_LOCK, resolve_device, resolve_dtype  # noqa: F401 - re-exported
 from craft.pipes import FAMILY_PIPELINES, FLOW_FAMILIES
 from craft.vocab import MODEL_FAMILIES
 
@@ -436,6 +436,18 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
     fam = detect_family(location, family)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    with LOAD_LOCK:
+        pipe = _load(location, fam, str(pretrained), torch_dtype, revision, variant,
+                     single_file_config)
+    apply_memory_options(pipe, attention, vae_tiling, vae_slicing)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
+    return pipe
+
+
+def _load(location: Path, fam: str, pretrained: str, torch_dtype, revision, variant,
+          single_file_config):
     cls = pipeline_class(fam)
     kwargs = dict(dtype=torch_dtype)
     if fam in ("sd15", "toy"):
@@ -456,10 +468,6 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
         _check_folder(location, str(pretrained), variant)
         pipe = cls.from_pretrained(str(location), local_files_only=True, variant=variant,
                                    **{**_absent_components(location), **kwargs})
-    apply_memory_options(pipe, attention, vae_tiling, vae_slicing)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(dev)
-    log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
     return pipe
 
 

@@ -439,7 +439,9 @@ def float32_copy(module) -> torch.nn.Module:
     half a model more at the peak)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    from craft.models import LOAD_LOCK
+
+    with LOAD_LOCK, init_empty_weights(include_buffers=False):
         copy_ = type(module).from_config(module.config)
     state = {k: v.detach().to(torch.float32, copy=True) for k, v in module.state_dict().items()}
     copy_.load_state_dict(state, assign=True, strict=True)

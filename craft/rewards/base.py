@@ -386,8 +386,12 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RewardError(f"load_reward({name!r}): batch_size must be a positive integer, got "
                           f"{batch_size!r}; use e.g. 32")
-    reward = spec.factory(device=str(resolve_device(device, key="rewards.device")), dtype=dtype,
-                          batch_size=batch_size, path=None if path is None else str(path), **kw)
+    from craft.devices import LOAD_LOCK
+
+    with LOAD_LOCK:  # one model build at a time in a process (craft.devices)
+        reward = spec.factory(device=str(resolve_device(device, key="rewards.device")),
+                              dtype=dtype, batch_size=batch_size,
+                              path=None if path is None else str(path), **kw)
     logger.info("loaded reward %s: %r", name, reward)
     return reward
 

@@ -207,36 +207,52 @@ class PromptsTab(Tab):
                           self.num_variants, self.expander, self.seed]
         preview_outputs = [self.message, self.preview_table, self.preview_variants]
 
-        def on_kind(kind):
+        def chosen(source: str, seen):
+            """A source the user chose (a built-in set, an upload, a paste) is the run's
+            prompts.source at once (studio.settings_sync), so a reload shows it checked."""
+            from studio.settings_sync import try_commit
+
+            seen, _ = try_commit(self.ctx, app.settings, "prompts.source", source, seen or {})
+            return seen
+
+        def on_kind(kind, seen):
             key = next(k for k, v in SOURCES.items() if v == kind)
             # the built-in sets are chosen at once; a file waits for its upload / paste
             # (an empty source: Add says to choose one, never adds a previous file)
             source = {"toy": "toy", "sample": "sample", "run": self.ctx.cfg.prompts.source
                       if source_kind(self.ctx.cfg.prompts.source) == "run" else ""}.get(key, "")
             return (gr.update(visible=key == "upload"), gr.update(visible=key == "paste"),
-                    gr.update(visible=key == "paste"), source)
+                    gr.update(visible=key == "paste"), source,
+                    chosen(source, seen) if source else gr.skip())
 
-        app.then(app.on(self.kind.input, on_kind, self.kind,
-                        [self.upload, self.paste, self.use_paste, self.source]),
+        app.then(app.on(self.kind.input, on_kind, [self.kind, app.seen],
+                        [self.upload, self.paste, self.use_paste, self.source, app.seen]),
                  safe(preview, 3), preview_inputs, preview_outputs)
 
-        def on_upload(path):
+        def on_upload(path, seen):
             if not path:
-                return "", ""
+                return "", "", gr.skip()
             try:
-                return store_upload(self.ctx, path), ""
+                source = store_upload(self.ctx, path)
             except ValueError as e:  # a rejected file: nothing stays pending for Add
-                return "", user_error(e)
+                return "", user_error(e), gr.skip()
+            return source, "", chosen(source, seen)
 
         def preview_upload(source, *rest):  # after a rejected file, its message stays
             return safe(preview, 3)(source, *rest) if source else [gr.skip()] * 3
 
-        app.on(app.on(self.upload.upload, on_upload, self.upload,
-                      [self.source, self.message]).success,
+        app.on(app.on(self.upload.upload, on_upload, [self.upload, app.seen],
+                      [self.source, self.message, app.seen]).success,
                preview_upload, preview_inputs, preview_outputs)
         app.on(self.upload.clear, lambda: ("", ""), None, [self.source, self.message])
-        app.on(app.on(self.use_paste.click, lambda t: store_paste(self.ctx, t), self.paste,
-                      self.source).success, safe(preview, 3), preview_inputs, preview_outputs)
+
+        def on_paste(text, seen):
+            source = store_paste(self.ctx, text)
+            return source, chosen(source, seen)
+
+        app.on(app.on(self.use_paste.click, on_paste, [self.paste, app.seen],
+                      [self.source, app.seen]).success, safe(preview, 3), preview_inputs,
+               preview_outputs)
         app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
         self._wire_add(app)
 
