@@ -113,7 +113,7 @@ def wait_job(page, kind: str, status: str = "done", timeout: int = JOB_TIMEOUT_M
     """Wait until the job panel of ``kind`` shows a finished job (titled ``title``, if given);
     fail with its log if it finished otherwise."""
     if title is not None:
-        page.wait_for_selector(f"#{kind}-job-status:has-text({json.dumps(title + ':')})",
+        page.wait_for_selector(f"#{kind}-job-status:has-text({json.dumps(title)})",
                                timeout=timeout)
     finished = ", ".join(f"#{kind}-job-bar .job-bar[data-status='{s}']"
                          for s in ("done", "failed", "cancelled"))
@@ -324,7 +324,7 @@ def test_cancel_a_second_run(page, studio):
     fill(page, "train-preview-every", "0")
     fill(page, "train-name", "long")
     page.click("#train-start")
-    page.wait_for_selector("#train-job-status:has-text('Train long: running')")
+    page.wait_for_selector("#train-job-status:has-text('Train long'):has-text(': running')")
     page.wait_for_function("() => { const p = document.querySelector('#train-loss "
                            ".js-plotly-plot'); return p && p.data && p.data.length && "
                            "p.layout.title.text.includes('long') && p.data[0].x.length >= 2; }",
@@ -344,7 +344,7 @@ def test_cancel_a_second_run(page, studio):
     page.click("#train-resume-name input")
     page.get_by_role("option", name="long", exact=True).click()
     page.click("#train-resume")
-    page.wait_for_selector("#train-job-status:has-text('Resume long: running')")
+    page.wait_for_selector("#train-job-status:has-text('Resume long'):has-text(': running')")
     page.wait_for_function("() => { const p = document.querySelector('#train-loss "
                            f".js-plotly-plot'); return p && Math.max(...p.data[0].x) > {steps}; }}",
                            timeout=JOB_TIMEOUT_MS)
@@ -370,7 +370,7 @@ def test_two_process_training_from_the_page(page, studio):
     fill(page, "train-name", "multi")
     fill(page, "train-processes", "2")
     page.click("#train-start")
-    page.wait_for_selector("#train-job-status:has-text('Train multi (2 processes): running')")
+    page.wait_for_selector("#train-job-status:has-text('Train multi (2 processes)'):has-text(': running')")
     page.wait_for_selector("#train-job-status:has-text('/120 step')", timeout=JOB_TIMEOUT_MS)
     page.wait_for_function("() => { const p = document.querySelector('#train-loss "
                            ".js-plotly-plot'); return p && p.data && p.data.length && "
@@ -391,7 +391,7 @@ def test_two_process_training_from_the_page(page, studio):
     page.click("#train-resume-name input")
     page.get_by_role("option", name="multi", exact=True).click()
     page.click("#train-resume")
-    page.wait_for_selector("#train-job-status:has-text('Resume multi (2 processes): running')")
+    page.wait_for_selector("#train-job-status:has-text('Resume multi (2 processes)'):has-text(': running')")
     wait_job(page, "train", status="done", title="Resume multi (2 processes)")
     runs = ctx.store.train_runs_df()
     row = runs[runs["name"] == "multi"]

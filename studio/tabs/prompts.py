@@ -225,9 +225,12 @@ class PromptsTab(Tab):
                     gr.update(visible=key == "paste"), source,
                     chosen(source, seen) if source else gr.skip())
 
+        def preview_if_any(source, *rest):  # nothing chosen yet (a file to come): no preview
+            return safe(preview, 3)(source, *rest) if source else [gr.skip()] * 3
+
         app.then(app.on(self.kind.input, on_kind, [self.kind, app.seen],
                         [self.upload, self.paste, self.use_paste, self.source, app.seen]),
-                 safe(preview, 3), preview_inputs, preview_outputs)
+                 preview_if_any, preview_inputs, preview_outputs)
 
         def on_upload(path, seen):
             if not path:
@@ -238,12 +241,9 @@ class PromptsTab(Tab):
                 return "", user_error(e), gr.skip()
             return source, "", chosen(source, seen)
 
-        def preview_upload(source, *rest):  # after a rejected file, its message stays
-            return safe(preview, 3)(source, *rest) if source else [gr.skip()] * 3
-
         app.on(app.on(self.upload.upload, on_upload, [self.upload, app.seen],
                       [self.source, self.message, app.seen]).success,
-               preview_upload, preview_inputs, preview_outputs)
+               preview_if_any, preview_inputs, preview_outputs)
         app.on(self.upload.clear, lambda: ("", ""), None, [self.source, self.message])
 
         def on_paste(text, seen):

@@ -259,9 +259,10 @@ class TrainTab(Tab):
         shown = round_name(name, rounds, rounds)  # the run the loss curve follows at the end
         call = StageCall("train", name=name, resume=None if rounds > 1 else resume)
         fn = stage_job(call, ctx.run_dir, cfg, processes)
-        start_job("train", f"{'Resume' if resume else 'Train'} {name} · {ctx.run_dir}"
+        start_job("train", f"{'Resume' if resume else 'Train'} {name}"
                   + (f" ({rounds} rounds)" if rounds > 1 else "")
-                  + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else ""), fn,
+                  + (f" ({int(processes)} processes)" if int(processes or 1) > 1 else "")
+                  + f" · {ctx.run_dir}", fn,
                   info={"name": shown if int(processes or 1) > 1 else round_name(
                       name, 1, rounds)})
         return name
