@@ -147,7 +147,8 @@ def save_json(path: Path, data) -> None:
 def train_control(run, cfg, n: int, timings: dict, name: str = "control") -> str:
     """The control that tells alignment from drift: the same fine-tune on ``n`` random
     plain-prompt samples of the model's own, unfiltered, weight 1 (RUN/train/control)."""
-    from craft.stages import random_subset, train_dir
+    from craft.run_layout import train_dir
+    from craft.stages import random_subset
     from craft.training import train
 
     out = train_dir(run.run_dir, name)

@@ -36,8 +36,9 @@ MAX_SHARD = "10GB"  # diffusers' default shard size
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((p for p in Path(out_dir).glob("checkpoint-*") if (p / STATE_FILE).exists()),
-                   key=lambda p: int(p.name.split("-")[1]))
+    from craft.run_layout import checkpoint_dirs
+
+    ckpts = [p for p in checkpoint_dirs(out_dir) if (p / STATE_FILE).exists()]
     return ckpts[-1] if ckpts else None
 
 
@@ -161,10 +162,11 @@ def save_checkpoint(out_dir: Path, step: int, *, pipe, model, ema, opt, lora: bo
     """Write checkpoint-<step>/ atomically; every process calls it (a sharded run's processes
     all write), the main process returns the path."""
     from craft.fsutil import TMP_PREFIX, replace_dir
+    from craft.run_layout import checkpoint_dir
     from craft.sharding import is_sharded
 
     main = accelerator.is_main_process
-    final = Path(out_dir) / f"checkpoint-{step}"
+    final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     sharded = is_sharded(model)
     if not sharded and not main:

@@ -167,7 +167,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from craft.stages import stage_publish, train_dir
+    from craft.run_layout import final_dir, train_dir
+    from craft.stages import stage_publish
     from craft.training import TrainResult
 
     run, cfg = _open(args)
@@ -175,10 +176,10 @@ def cmd_publish(args) -> int:
         out = train_dir(run.run_dir, args.name)
         status = run.dist.on_main(lambda: (run.store.train_run_by_name(args.name) or {}).get(
             "status", "missing"))
-        result = TrainResult(None, status, 0, out, out / "final" if status == "done" else None,
+        result = TrainResult(None, status, 0, out, final_dir(out) if status == "done" else None,
                              None)
         final = stage_publish(run, result)
-        _say(run, f"published {out / 'final'} as {final}")
+        _say(run, f"published {final_dir(out)} as {final}")
         return _finish(args, run, {"published": final})
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 from craft import CraftError, StageStopped
 from craft.distributed import Dist, setup_process
 from craft.run import Run, as_run
+from craft.run_layout import TRAIN_DIR, final_dir, train_dir  # noqa: F401 (train_dir: API)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ STAGE_UNITS = {"prompts": "prompt", "generate": "img", "score": "score", "train"
                "evaluate": "img"}
 STAGES = ("prompts", "generate", "score", "filter", "train", "publish", "evaluate")
 DEFAULT_RUN_NAME = "craft"  # the training run `craft run` / `craft train` make
-FINAL_DIR = "final"
-TRAIN_DIR = "train"
 TRAIN_LOCK = "train.lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -101,10 +100,6 @@ def check_run_name(name: str) -> str:
         raise CraftError(f"training run name {name!r}: use letters, digits, '-', '_' or '.' "
                          f"(up to 64, starting with a letter or digit), e.g. craft-1")
     return name
-
-
-def train_dir(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / TRAIN_DIR / name
 
 
 # ------------------------------------------------------------------------ prompts
@@ -386,10 +381,10 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
                              f"another name")
         from craft.lora import is_lora_folder
 
-        final = out_dir / FINAL_DIR
+        final = final_dir(out_dir)
         if not ((final / "model_index.json").exists() or is_lora_folder(final)):
             raise CraftError(f"training run {name!r} is recorded as finished but "
-                             f"{out_dir / FINAL_DIR} is missing; pick another name, or delete "
+                             f"{final_dir(out_dir)} is missing; pick another name, or delete "
                              f"{out_dir} and its record to train it again")
         log.info("training run %r is finished (%s); not training it again", name, out_dir)
         return TrainPlan("skip", False, rec["id"], {}, None, None)
@@ -439,7 +434,7 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
     plan: TrainPlan = dist.on_main(lambda: _plan_training(run, cfg, name, resume, settings))
     if plan.action == "skip":
         steps = dist.on_main(lambda: _steps_done(run.store, plan.run_id))
-        return TrainResult(plan.run_id, "done", steps, out_dir, out_dir / FINAL_DIR,
+        return TrainResult(plan.run_id, "done", steps, out_dir, final_dir(out_dir),
                            _latest(out_dir))
     if plan.config != config_to_dict(cfg):  # a resumed run: the config it started with
         cfg = config_from_dict(plan.config, f"training run {name}")
@@ -534,7 +529,7 @@ def stage_publish(run: Run, result) -> Path:
     from craft.fsutil import copy_dir_atomic
 
     run = as_run(run)
-    final = run.run_dir / FINAL_DIR
+    final = final_dir(run.run_dir)
     if result.status != "done" or result.final_dir is None:
         raise CraftError(f"training run ended {result.status} at step {result.steps_done}; "
                          f"only a finished run is published")
@@ -568,6 +563,28 @@ def tuned_label(path: str | Path) -> str:
     return "tuned"
 
 
+def tuned_models(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(label, folder) of every model a run's training made, newest first: finished ones
+    (``NAME · final``: a complete pipeline, or a LoRA run's adapters) and loadable intermediate
+    checkpoints (``NAME · checkpoint-N``: a denoiser or adapters, evaluated on the base)."""
+    from craft.checkpoints import STATE_FILE, is_checkpoint
+    from craft.lora import TRAIN_RECORD, is_lora_folder
+    from craft.run_layout import checkpoint_dirs, training_dirs
+
+    found = []
+    for out in training_dirs(run_dir):
+        final = final_dir(out)
+        if (final / "model_index.json").exists() or is_lora_folder(final):
+            stamp = final / TRAIN_RECORD if (final / TRAIN_RECORD).exists() else final
+            found.append((stamp.stat().st_mtime, f"{out.name} · {final.name}", final))
+        for p in checkpoint_dirs(out):
+            if is_checkpoint(p):
+                stamp = p / STATE_FILE if (p / STATE_FILE).exists() else p
+                found.append((stamp.stat().st_mtime, f"{out.name} · {p.name}", p))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    return [(label, path) for _, label, path in found]
+
+
 def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | None = None,
                    name: str = "eval", label: str | None = None,
                    progress: ProgressFn | None = None, should_stop: StopFn | None = None,
@@ -578,7 +595,7 @@ def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | N
     from craft.evaluation import evaluate
 
     run = as_run(run)
-    tuned = str(tuned or run.run_dir / FINAL_DIR)
+    tuned = str(tuned or final_dir(run.run_dir))
     if not Path(tuned).exists():
         raise CraftError(f"no tuned model at {tuned}; train and publish first (`craft train "
                          f"--run-dir {run.run_dir}`), or pass --tuned PATH")

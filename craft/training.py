@@ -68,6 +68,7 @@ from craft.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
 from craft.flow import loss_weight as flow_loss_weight
 from craft.lora import LORA_TARGETS  # noqa: F401
 from craft.pipes import native_size
+from craft.run_layout import final_dir, preview_dir
 from craft.vocab import UNET_WEIGHTINGS as _UNET_W
 
 log = logging.getLogger(__name__)
@@ -702,7 +703,7 @@ def render_previews(cfg, pipe, tr: Trainable, out_dir: Path, step: int,
         images = [im for _, b in generate_images(pipe, prompts, list(range(len(prompts))),
                                                  params) for im in b]
     if save:
-        pdir = Path(out_dir) / "previews" / f"step-{step:06d}"
+        pdir = preview_dir(out_dir, step)
         pdir.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):  # the studio shows them while training goes on
             save_image_atomic(im, pdir / f"{i}.png", fsync=False)
@@ -720,7 +721,7 @@ def finish(cfg, pipe, tr: Trainable, out_dir: Path, steps: int, meta: dict,
     from craft.lora import TRAIN_RECORD, merged_state, save_lora
 
     record = json.dumps({**meta, "steps": steps, "config": config_to_dict(cfg)}, indent=1)
-    final = Path(out_dir) / "final"
+    final = final_dir(out_dir)
     with ema_weights(tr.ema, tr.params):
         if tr.lora:
             state = merged_state(tr.raw, tr.model_dtype) if cfg.train.save_merged else None
@@ -944,8 +945,8 @@ def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: 
     if status == "cancelled":
         log.info("training cancelled at step %d; %s", start,
                  f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (nothing trained yet)")
-    final_dir = out_dir / "final" if status == "done" else None
-    return TrainResult(None, status, start, out_dir, final_dir, last_ckpt)
+    return TrainResult(None, status, start, out_dir,
+                       final_dir(out_dir) if status == "done" else None, last_ckpt)
 
 
 def weighted_epochs(n_samples: int, steps: int, effective_batch: int) -> float:

@@ -4,7 +4,7 @@ under docs/ (the README's "The studio" section shows them), at 1400 px wide and,
 
     .venv/bin/python scripts/studio_screenshots.py [--run-dir /tmp/studio-shots] [--model PATH]
 
-Everything is done through the page, as a user would: load the toy prompts, generate, score,
+Everything is done through the page, as a user would: the first open, load the toy prompts, generate, score,
 curate, open a group, train, compare. Settings are a reduced version of configs/toy.yaml so
 the walk takes a few minutes on a CPU.
 """
@@ -84,6 +84,8 @@ def main() -> None:
             page.set_viewport_size({"width": 1400, "height": 1000})
 
         t0 = time.time()
+        page.wait_for_selector("#loop")
+        shot("Open")  # what a first visit sees: the whole loop in one click, what each tab is for
         page.click("#prompts-preview")
         time.sleep(2)
         page.click("#prompts-add")
@@ -115,9 +117,8 @@ def main() -> None:
         time.sleep(2)
         shot("Train")
         tab("Compare")
-        page.wait_for_function("() => document.querySelector('#compare-tuned input').value")
-        page.click("#compare-tuned input")
-        page.get_by_role("option", name="craft-1 · final").click()
+        page.wait_for_function(  # the newest model is offered first
+            "() => document.querySelector('#compare-tuned input').value === 'craft-1 · final'")
         page.click("#compare-start")
         done("compare")
         shot("Compare")

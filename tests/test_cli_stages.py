@@ -198,3 +198,33 @@ def test_a_run_built_from_two_prompt_sources_keeps_both_in_its_config(tmp_path, 
     assert main(["prompts", "--run-dir", str(run)]) == 0
     with RunStore(run) as store:
         assert (store.prompts_df()["split"] == "train").sum() == 15
+
+
+def test_run_layout_orders_by_number_and_lists_tuned_models_newest_first(tmp_path):
+    """checkpoint-10 comes after checkpoint-9 (not by text); half-written folders ('.tmp-…')
+    and stray names are not training outputs; Compare's list is the engine's, newest first."""
+    import os
+
+    from craft.checkpoints import STATE_FILE
+    from craft.lora import LORA_WEIGHTS
+    from craft.run_layout import (checkpoint_dirs, checkpoint_step, preview_dir, preview_dirs,
+                                  train_dir, training_dirs)
+    from craft.stages import tuned_models
+
+    out = train_dir(tmp_path, "craft-1")
+    for step in (10, 9, 100):
+        d = out / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / STATE_FILE).write_bytes(b"")
+        (d / LORA_WEIGHTS).write_bytes(b"")
+        os.utime(d / STATE_FILE, (1000 + step, 1000 + step))
+    (out / "checkpoint-x").mkdir()
+    (tmp_path / "train" / ".tmp-craft-2").mkdir()
+    assert [checkpoint_step(p) for p in checkpoint_dirs(out)] == [9, 10, 100]
+    assert checkpoint_step(out / "checkpoint-x") is None
+    assert training_dirs(tmp_path) == [out]
+    for step in (20, 3):
+        preview_dir(out, step).mkdir(parents=True)
+    assert [s for s, _ in preview_dirs(out)] == [3, 20]
+    assert [label for label, _ in tuned_models(tmp_path)] == [
+        "craft-1 · checkpoint-100", "craft-1 · checkpoint-10", "craft-1 · checkpoint-9"]

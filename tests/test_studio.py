@@ -462,3 +462,18 @@ def test_win_table_of_an_evaluation_with_several_tuned_models():
     assert table["Δ / SE"].tolist() == [10.0, 10.0, 2.0, 2.0]
     one = win_table(pd.DataFrame([r for r in rows if r["model"] != "control"]))
     assert "model" not in one.columns and len(one) == 2
+
+
+def test_an_upload_of_another_type_is_refused_and_nothing_is_stored(app, tmp_path):
+    """The browser's file box checks the type too, but a request can bypass it."""
+    from studio.tabs.prompts import store_upload
+
+    bad = tmp_path / "image.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    before = sorted((app.ctx.run_dir / "uploads").glob("*")) if (
+        app.ctx.run_dir / "uploads").exists() else []
+    with pytest.raises(ValueError, match=r"image\.png: unsupported file type \.png; upload one of"):
+        store_upload(app.ctx, str(bad))
+    after = sorted((app.ctx.run_dir / "uploads").glob("*")) if (
+        app.ctx.run_dir / "uploads").exists() else []
+    assert after == before

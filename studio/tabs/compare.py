@@ -36,27 +36,10 @@ def _label_font():
 
 
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
-    """Tuned models of this run, newest first (what Compare offers first): finished ones
-    (``final``: a complete pipeline, or a LoRA run's adapters) and intermediate checkpoints
-    (``checkpoint-N``: a denoiser or adapters, evaluated on the base pipeline)."""
-    from craft.checkpoints import STATE_FILE, is_checkpoint
-    from craft.lora import TRAIN_RECORD, is_lora_folder
+    """Tuned models of this run, newest first (what Compare offers first)."""
+    from craft.stages import tuned_models
 
-    found = []
-    root = ctx.run_dir / "train"
-    if not root.is_dir():
-        return []
-    for run in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        final = run / "final"
-        if (final / "model_index.json").exists() or is_lora_folder(final):
-            stamp = final / TRAIN_RECORD if (final / TRAIN_RECORD).exists() else final
-            found.append((stamp.stat().st_mtime, f"{run.name} · final", str(final)))
-        for p in run.glob("checkpoint-*"):
-            if is_checkpoint(p):
-                stamp = p / STATE_FILE if (p / STATE_FILE).exists() else p
-                found.append((stamp.stat().st_mtime, f"{run.name} · {p.name}", str(p)))
-    found.sort(key=lambda t: (-t[0], t[1]))
-    return [(label, path) for _, label, path in found]
+    return [(label, str(path)) for label, path in tuned_models(ctx.run_dir)]
 
 
 def eval_name(base: str, tuned: str, cfg) -> str:

@@ -14,7 +14,8 @@ from craft.config import config_from_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
-from craft.stages import check_run_name, round_name, round_number, train_dir
+from craft.run_layout import preview_dirs, train_dir
+from craft.stages import check_run_name, round_name, round_number
 from craft.stage_calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
@@ -128,15 +129,12 @@ def metrics_for(ctx: RunContext, name: str) -> pd.DataFrame:
 
 def previews_for(ctx: RunContext, name: str, prompts: list[str]) -> list[tuple[str, str]]:
     """The first and the latest preview sets of a run (same prompts and seeds)."""
-    pdir = train_dir(ctx.run_dir, name) / "previews"
-    steps = sorted(pdir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    steps = [p for p in steps if any(p.glob("*.png"))]
+    steps = [(s, d) for s, d in preview_dirs(train_dir(ctx.run_dir, name)) if any(d.glob("*.png"))]
     if not steps:
         return []
     chosen = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
     items = []
-    for d in chosen:
-        step = int(d.name.split("-")[1])
+    for step, d in chosen:
         files = sorted(d.glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
         for i, f in enumerate(files):
             text = prompts[i] if i < len(prompts) else f"preview {i}"
