@@ -28,6 +28,8 @@ def _open(args):
     overrides = list(args.overrides)
     if getattr(args, "per_prompt_cap", None) is not None:
         overrides.append(f"filter.per_prompt_cap={args.per_prompt_cap or 'null'}")
+    if getattr(args, "method", None):
+        overrides.append(f"train.method={args.method}")
     cfg, given = run_config(args.run_dir, args.config, overrides)
     if getattr(args, "plan_check", False):
         check_fits(cfg, args)
@@ -192,10 +194,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from craft.stages import stage_export
+    from craft.stages import stage_export, stage_export_pairs
 
     run, cfg = _open(args)
     with run:
+        if args.pairs:
+            folder = stage_export_pairs(run, cfg, name=args.name)
+            _say(run, f"exported the DPO pairs (Pick-a-Pic layout: caption, jpg_0, jpg_1, "
+                      f"label_0, label_1) to {folder}; load them with datasets.load_dataset("
+                      f"'{folder}') or pass the folder to diffusers' train_diffusion_dpo.py "
+                      f"as --dataset_name")
+            return _finish(args, run, {"folder": folder})
         folder, archive = stage_export(run, cfg, name=args.name)
         _say(run, f"exported the kept set to {folder} (and {archive}); load it with "
                   f"datasets.load_dataset('imagefolder', data_dir='{folder}')")
@@ -236,6 +245,14 @@ def _name(p: argparse.ArgumentParser) -> None:
                    help=f"training run name: RUN/train/NAME (default {DEFAULT_RUN_NAME})")
 
 
+def _method(p: argparse.ArgumentParser) -> None:
+    from craft.vocab import TRAIN_METHODS
+
+    p.add_argument("--method", choices=TRAIN_METHODS, default=None,
+                   help="the training method (the same as --set train.method=M): craft, sft "
+                        "(kept set, weight 1), dpo (Diffusion-DPO on pool pairs), grpo (online)")
+
+
 def _plan_check(p: argparse.ArgumentParser) -> None:
     from craft.cli_plan import add_gpu_arguments
 
@@ -253,11 +270,13 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
         ("generate", cmd_generate, "generate candidates (resumable; skips stored ones)"),
         ("score", cmd_score, "score candidates against their original prompt (cached)"),
         ("filter", cmd_filter, "Composite Reward Filtering: show and save the kept set"),
-        ("train", cmd_train, "advantage-weighted fine-tuning on the kept set, then publish "
-                             "RUN/final (an unfinished run continues from its checkpoint)"),
+        ("train", cmd_train, "fine-tune by train.method (craft: advantage-weighted on the kept "
+                             "set; sft; dpo; grpo), then publish RUN/final (an unfinished run "
+                             "continues from its checkpoint)"),
         ("publish", cmd_publish, "copy a finished training run's pipeline to RUN/final"),
         ("evaluate", cmd_evaluate, "base vs tuned on held-out prompts, same seeds"),
-        ("export", cmd_export, "write the kept set as a Hugging Face imagefolder (+ zip)"),
+        ("export", cmd_export, "write the kept set as a Hugging Face imagefolder (+ zip), or "
+                               "--pairs: the DPO pairs as a Pick-a-Pic parquet"),
     ]
     for name, fn, help_text in specs:
         p = subparsers.add_parser(name, help=help_text)
@@ -273,6 +292,8 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
         if name in ("train", "publish"):
             _name(p)
         if name == "train":
+            _method(p)
+        if name == "train":
             _plan_check(p)
             how = p.add_mutually_exclusive_group()
             how.add_argument("--resume", action="store_true",
@@ -281,20 +302,26 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
                              help="require a new name (refuse to continue an existing run)")
         if name == "evaluate":
             p.add_argument("--base", default=None, help="reference model (default model.pretrained)")
-            p.add_argument("--tuned", default=None,
-                           help="tuned pipeline or RUN/train/NAME/checkpoint-N (default RUN/final)")
+            p.add_argument("--tuned", default=None, action="append",
+                           help="tuned pipeline or RUN/train/NAME/checkpoint-N (default "
+                                "RUN/final); repeat it to compare several models (methods) "
+                                "with the base on the same seeds")
             p.add_argument("--name", default="eval", help="evaluation name: RUN/eval/NAME")
             p.add_argument("--label", default=None,
                            help="the tuned model's label (default: its training run's name)")
         if name == "export":
             p.add_argument("--name", default=None,
                            help="export name: RUN/exports/NAME (default kept-DATE-TIME)")
+            p.add_argument("--pairs", action="store_true",
+                           help="export the DPO pairs (dpo.pairs / margin / max_pairs) as a "
+                                "Pick-a-Pic parquet instead of the kept set")
     run = subparsers.add_parser("run", help="every stage in order; leaves RUN/final; rerun the "
                                             "same command to resume")
     _common(run, config_positional=True)
     _plan_check(run)
     _cap(run)
     _name(run)
+    _method(run)
     run.add_argument("--resume", action="store_true",
                      help="accepted for older scripts: `craft run` always resumes")
     run.set_defaults(handler=cmd_run)

@@ -32,8 +32,8 @@ import yaml
 
 from craft import CraftError
 from craft.vocab import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, LEVEL_ROLES, LEVELS,
-                         MODEL_FAMILIES, NORMALIZATIONS, PROMPT_FORMATS, ROLES, TIMESTEP_SAMPLING,
-                         TIMESTEP_WEIGHTINGS)
+                         MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES, PROMPT_FORMATS, ROLES,
+                         TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRAIN_METHODS)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -456,7 +456,13 @@ class TrainConfig(_Section):
 
     section: ClassVar[str] = "train"
 
-    steps: int = _opt(150, "Optimizer steps.")
+    method: Literal[TRAIN_METHODS] = _opt(
+        "craft", "craft: the kept set, each image's loss weighted by its group advantage (the "
+                 "paper); sft: the same kept set, weight 1 (advantage.mode uniform, named as a "
+                 "method); dpo: Diffusion-DPO on winner / loser pairs of each prompt's group "
+                 "(section dpo; the kept-set filter does not apply); grpo: online group RL, "
+                 "sampling new groups from the model being trained (section grpo).")
+    steps: int = _opt(150, "Optimizer steps (grpo: sampling rounds, each grpo.updates steps).")
     lr: float = _opt(1e-4, "Peak learning rate (AdamW).")
     effective_batch: int = _opt(
         32, "Samples per optimizer step across all processes (micro_batch x processes x "
@@ -545,9 +551,87 @@ class TrainConfig(_Section):
                  f"must divide train.steps ({self.steps}): each round trains steps / rounds",
                  f"use rounds that divide {self.steps}, or change train.steps",
                  self._key("steps"))
+        _require(self.rounds == 1 or self.method in ("craft", "sft"), self._key("rounds"),
+                 self.rounds, f"online rounds regenerate and re-filter the pool; train.method="
+                 f"{self.method!r} does not train on a filtered pool",
+                 "use rounds 1 (grpo is online by itself)", self._key("method"))
+        _require(self.anchor_weight == 0 or self.method in ("craft", "sft"),
+                 self._key("anchor_weight"), self.anchor_weight,
+                 f"applies to the craft / sft losses; train.method={self.method!r} has its own "
+                 "tie to the base", "set it to 0 and use dpo.beta or grpo.kl_weight",
+                 self._key("method"))
         _require(self.lr_warmup_steps <= self.steps, self._key("lr_warmup_steps"),
                  self.lr_warmup_steps, f"must not exceed train.steps ({self.steps})",
                  "shorten the warm-up", self._key("steps"))
+
+
+@dataclass(frozen=True)
+class DPOConfig(_Section):
+    """Diffusion-DPO (Wallace et al. 2023) on pairs from the pool (train.method = dpo)."""
+
+    section: ClassVar[str] = "dpo"
+
+    pairs: Literal[PAIR_RULES] = _opt(
+        "best_worst", "How pairs are drawn from each original prompt's group, winner = higher "
+                      "composite (filter.weights, filter.normalization): best_worst = the best "
+                      "against the worst of every group; above_margin = every pair whose "
+                      "composite differs by more than dpo.margin.")
+    margin: float = _opt(0.0, "A pair's winner must beat its loser by more than this, in "
+                              "composite units (normalised rewards: group z-scores by default).")
+    max_pairs: int | None = _opt(
+        None, "Use at most this many pairs, the widest composite gaps first; null = all.")
+    beta: float = _opt(
+        2000.0, "beta of the DPO loss -log sigmoid(-beta/2 * (err_w - ref_w - err_l + ref_l)), "
+                "in units of the denoiser's per-pixel squared error (noise, or velocity for flow "
+                "models). The paper uses 5000 for SD1.5 / SDXL; benchmarks/toy_methods.md "
+                "sweeps it for the toy world.")
+
+    def _check(self) -> None:
+        self._positive("beta", "max_pairs")
+        self._positive("margin", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class GRPOConfig(_Section):
+    """Online group RL with the same rewards (train.method = grpo): DDPO / Flow-GRPO."""
+
+    section: ClassVar[str] = "grpo"
+
+    prompts_per_step: int = _opt(
+        4, "Training prompts sampled per round, across all processes (must divide by them).")
+    group_size: int = _opt(8, "Images sampled per prompt each round: the group advantages are "
+                              "taken over (reward - group mean) / group std.")
+    num_inference_steps: int = _opt(
+        10, "Sampler steps of each trajectory (each one is a policy action with a log-prob).")
+    eta: float = _opt(1.0, "UNet models: DDIM's eta (> 0: a stochastic step with a "
+                           "log-prob; 1 = DDPM variance), as ddpo-pytorch.")
+    noise_level: float = _opt(
+        0.7, "Flow models: the SDE sampler's noise level a (sigma_t = a * sqrt(t / (1 - t))), "
+             "as Flow-GRPO.")
+    clip_range: float = _opt(
+        0.2, "PPO clip of the ratio pi_theta / pi_old around 1; matters from the second update "
+             "on a round's samples (ddpo-pytorch: 1e-4 at SD scale).")
+    kl_weight: float = _opt(
+        0.0, "Weight of the KL to the frozen base, per step ||mu_theta - mu_base||^2 / (2 "
+             "sigma_t^2) (Flow-GRPO's beta); 0 = off.")
+    updates: int = _opt(2, "Optimizer steps on each round's samples (the ratio departs from 1 "
+                           "after the first).")
+    timestep_fraction: float = _opt(
+        1.0, "Fraction of each trajectory's steps trained on per update (random, per sample).")
+    adv_clip: float = _opt(5.0, "Clip advantages to [-adv_clip, adv_clip].")
+    store_every: int = _opt(
+        1, "Store the sampled images (as candidates of the training run) every N rounds; 0 = "
+           "never.")
+
+    def _check(self) -> None:
+        self._positive("prompts_per_step", "num_inference_steps", "eta", "noise_level",
+                       "clip_range", "updates", "timestep_fraction", "adv_clip")
+        self._positive("kl_weight", "store_every", allow_zero=True)
+        _require(self.group_size >= 2, self._key("group_size"), self.group_size,
+                 "must be >= 2: an advantage compares an image with its group",
+                 "sample at least 2 images per prompt")
+        _require(self.timestep_fraction <= 1, self._key("timestep_fraction"),
+                 self.timestep_fraction, "must lie in (0, 1]", "use 1.0 for every step")
 
 
 @dataclass(frozen=True)
@@ -606,7 +690,7 @@ class EmbedConfig(_Section):
 SECTIONS: dict[str, type[_Section]] = {
     cls.section: cls
     for cls in (ModelConfig, PromptsConfig, GenerationConfig, RewardsConfig, FilterConfig,
-                AdvantageConfig, TrainConfig, EvalConfig, EmbedConfig)
+                AdvantageConfig, TrainConfig, DPOConfig, GRPOConfig, EvalConfig, EmbedConfig)
 }
 
 
@@ -625,6 +709,8 @@ class CraftConfig:
     filter: FilterConfig = _sub(FilterConfig, "Composite Reward Filtering.")
     advantage: AdvantageConfig = _sub(AdvantageConfig, "Group-advantage loss weights.")
     train: TrainConfig = _sub(TrainConfig, "Advantage-weighted fine-tuning.")
+    dpo: DPOConfig = _sub(DPOConfig, "Diffusion-DPO baseline (train.method = dpo).")
+    grpo: GRPOConfig = _sub(GRPOConfig, "Online GRPO baseline (train.method = grpo).")
     eval: EvalConfig = _sub(EvalConfig, "Base-vs-tuned evaluation.")
     embed: EmbedConfig = _sub(EmbedConfig, "Image embeddings for the studio's map.")
 

@@ -71,4 +71,45 @@ def export_imagefolder(kept: pd.DataFrame, run_dir: str | Path, rewards: Sequenc
     return folder, archive
 
 
-__all__ = ["EXPORTS_DIR", "export_imagefolder"]
+PAIRS_FILE = "data/train-00000-of-00001.parquet"
+
+
+def export_pairs(pairs: pd.DataFrame, frame: pd.DataFrame, run_dir: str | Path,
+                 settings: Mapping[str, Any], name: str | None = None) -> Path:
+    """Write DPO pairs (craft.dpo.build_pairs over ``frame``'s candidates) in Pick-a-Pic's
+    layout, which diffusers' ``train_diffusion_dpo.py`` and other DPO trainers read: one
+    parquet row per pair with ``caption`` (the original prompt), ``jpg_0`` / ``jpg_1`` (the two
+    images' bytes, inline; PNG bytes, as stored: every reader opens them with PIL), ``label_0``
+    / ``label_1`` (1 = preferred), plus the ids, composites and gap. The winner sits on side 0
+    of even pairs and side 1 of odd ones, so no trainer can learn a side. Under
+    RUN/exports/NAME/ (``datasets.load_dataset(folder)`` finds ``data/``), with
+    ``pair_settings.json``; returns the folder."""
+    from craft.fsutil import atomic_dir
+
+    if pairs.empty:
+        raise CraftError("no DPO pairs with these settings; lower dpo.margin or generate more "
+                         "seeds before exporting pairs")
+    name = name or time.strftime("pairs-%Y%m%d-%H%M%S")
+    folder = Path(run_dir) / EXPORTS_DIR / name
+    by_id = frame.set_index("candidate_id")
+    rows = []
+    for j, p in enumerate(pairs.itertuples()):
+        win, lose = by_id.loc[int(p.win_id)], by_id.loc[int(p.lose_id)]
+        sides = (win, lose) if j % 2 == 0 else (lose, win)
+        ids = (int(p.win_id), int(p.lose_id)) if j % 2 == 0 else (int(p.lose_id), int(p.win_id))
+        rows.append({"caption": win["prompt"],
+                     "jpg_0": Path(sides[0]["image_path"]).read_bytes(),
+                     "jpg_1": Path(sides[1]["image_path"]).read_bytes(),
+                     "label_0": 1.0 if j % 2 == 0 else 0.0, "label_1": 0.0 if j % 2 == 0 else 1.0,
+                     "prompt_id": int(p.prompt_id), "candidate_id_0": ids[0],
+                     "candidate_id_1": ids[1], "composite_0": _num(sides[0]["composite"]),
+                     "composite_1": _num(sides[1]["composite"]), "gap": _num(p.gap)})
+    with atomic_dir(folder) as tmp:
+        (tmp / PAIRS_FILE).parent.mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(tmp / PAIRS_FILE, index=False)
+        (tmp / "pair_settings.json").write_text(json.dumps(dict(settings), indent=1,
+                                                           default=list))
+    return folder
+
+
+__all__ = ["EXPORTS_DIR", "PAIRS_FILE", "export_imagefolder", "export_pairs"]

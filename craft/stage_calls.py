@@ -30,7 +30,8 @@ class StageCall:
     resume: bool | None = None  # train: True must continue, False must be new, None either
     rewards: tuple[str, ...] = ()  # score: a subset of rewards.names (empty: all)
     force: bool = False  # score: re-score stored scores
-    tuned: str | None = None  # evaluate: the tuned model (default RUN/final)
+    tuned: str | tuple[str, ...] | None = None  # evaluate: the tuned model(s) (default
+    # RUN/final); several: compared with the base side by side on the same seeds
     base: str | None = None  # evaluate: the reference (default model.pretrained)
     label: str | None = None  # evaluate: the tuned model's label
 
@@ -49,8 +50,10 @@ class StageCall:
             out += ["--rewards", ",".join(self.rewards)]
         if self.force:
             out.append("--force")
-        for flag, value in (("--tuned", self.tuned), ("--base", self.base),
-                            ("--label", self.label)):
+        tuned = (self.tuned,) if isinstance(self.tuned, str) else self.tuned or ()
+        for t in tuned:
+            out += ["--tuned", str(t)]
+        for flag, value in (("--base", self.base), ("--label", self.label)):
             if value is not None:
                 out += [flag, str(value)]
         return out
@@ -64,8 +67,11 @@ class StageCall:
             resume = None  # `craft run` always resumes (--resume kept for older scripts)
         rewards = tuple(get("rewards").split(",")) if get("rewards") else ()
         command = "prompts" if args.command == "expand" else args.command
+        tuned = get("tuned")
+        if isinstance(tuned, list):  # --tuned given once or several times
+            tuned = tuned[0] if len(tuned) == 1 else tuple(tuned) or None
         return cls(command, name=get("name"), resume=resume, rewards=rewards,
-                   force=bool(get("force")), tuned=get("tuned"), base=get("base"),
+                   force=bool(get("force")), tuned=tuned, base=get("base"),
                    label=get("label"))
 
 

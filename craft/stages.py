@@ -247,23 +247,31 @@ def filter_settings(cfg, **changes):
     return FilterSettings.from_config(cfg, **changes)
 
 
-def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd.DataFrame:
-    """The kept candidates with their advantage weights (the set CRAFT fine-tunes on).
-
-    Manual include/exclude overrides from the store are applied last. With ``save_as`` the
-    selection is recorded in the store, so a training run can say exactly what it saw.
-    """
-    from craft.advantages import select_for_training
-
+def scored_frame(store, cfg) -> pd.DataFrame:
+    """:func:`candidate_frame`, refused while there is nothing to select from."""
     df = candidate_frame(store, cfg)
     if df.empty:
         raise CraftError("no candidates in this run yet; run `craft generate` first")
     missing = [n for n in cfg.rewards.names if df[n].isna().all()]
     if missing:
         raise CraftError(f"rewards {missing} have no scores in this run; run `craft score` first")
+    return df
+
+
+def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd.DataFrame:
+    """The kept candidates with their advantage weights (the set CRAFT fine-tunes on; weight 1
+    each for ``train.method`` = sft).
+
+    Manual include/exclude overrides from the store are applied last. With ``save_as`` the
+    selection is recorded in the store, so a training run can say exactly what it saw.
+    """
+    from craft.advantages import select_for_training
+
+    df = scored_frame(store, cfg)
     settings = settings or filter_settings(cfg)
     a = cfg.advantage
-    kept = select_for_training(df, settings, a.mode, a.tau, a.eps, store.overrides(),
+    mode = "uniform" if cfg.train.method == "sft" else a.mode
+    kept = select_for_training(df, settings, mode, a.tau, a.eps, store.overrides(),
                                pool_embeddings(store, cfg) if settings.dedup_threshold is not None
                                else None)
     if save_as:
@@ -272,6 +280,22 @@ def training_set(store, cfg, settings=None, save_as: str | None = "craft") -> pd
         store.save_selection(save_as, selection_record(settings, cfg, coverage=coverage(kept)),
                              kept)
     return kept
+
+
+def dpo_pairs(store, cfg, settings=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the images of the pairs, the pairs) ``train.method`` = dpo trains on: winner and loser
+    from each original prompt's whole group by the composite (craft.dpo.build_pairs; the
+    kept-set filter does not apply, manual excludes do)."""
+    from craft.advantages import filter_with_advantages
+    from craft.dpo import build_pairs, pair_images
+
+    df = scored_frame(store, cfg)
+    _, frame = filter_with_advantages(df, settings or filter_settings(cfg), cfg.advantage.eps,
+                                      store.overrides())
+    d = cfg.dpo
+    pairs = build_pairs(frame, d.pairs, d.margin, d.max_pairs)
+    images, _ = pair_images(pairs, frame)
+    return images, pairs
 
 
 def pool_embeddings(store, cfg) -> tuple:
@@ -300,21 +324,37 @@ def random_subset(store, cfg, n: int, seed: int = 0) -> pd.DataFrame:
     return plain.sample(n=n, random_state=seed).assign(weight=1.0)
 
 
-def kept_digest(kept: pd.DataFrame) -> str:
-    """A short fingerprint of a kept set (which candidates, with which weights), so processes
-    and resumed runs can check they train on the same data."""
-    rows = sorted(zip(kept["candidate_id"].astype(int), kept["weight"].astype(float)))
+def kept_digest(kept: pd.DataFrame, pairs=None) -> str:
+    """A short fingerprint of a kept set (which candidates, with which weights; DPO: and which
+    pairs), so processes and resumed runs can check they train on the same data."""
+    key = "candidate_id" if "candidate_id" in kept else "prompt_id"  # GRPO: its prompts
+    weights = kept["weight"].astype(float) if "weight" in kept else [1.0] * len(kept)
+    rows = sorted(zip(kept[key].astype(int), weights))
     text = ";".join(f"{c}:{w:.8g}" for c, w in rows)
+    if pairs is not None:
+        text += "|" + ";".join(f"{int(w)}>{int(lo)}" for w, lo in pairs)
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def grpo_prompts(store) -> pd.DataFrame:
+    """The original training prompts GRPO samples from (columns prompt_id, prompt)."""
+    p = store.prompts_df("train")
+    if p.empty:
+        raise CraftError("no training prompts in this run yet; run `craft prompts` first")
+    return pd.DataFrame({"prompt_id": p["id"].astype(int), "prompt": p["text"]})
 
 
 def _portable(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     """Image paths relative to the run, for sending to processes that may mount it elsewhere."""
+    if "image_path" not in frame:  # GRPO's prompts: no images
+        return frame
     root = str(run_dir) + "/"
     return frame.assign(image_path=[str(p).removeprefix(root) for p in frame["image_path"]])
 
 
 def _localize(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    if "image_path" not in frame:
+        return frame
     return frame.assign(image_path=[str(run_dir / p) for p in frame["image_path"]])
 
 
@@ -339,6 +379,7 @@ class TrainPlan:
     config: dict  # the config the run trains with (a resumed run: the one it started with)
     kept: pd.DataFrame | None  # image paths relative to the run
     settings: dict | None  # how the kept set was selected (recorded with it)
+    pairs: list | None = None  # DPO: [winner id, loser id] per pair
 
 
 def _lock_is_free(out_dir: Path) -> bool:
@@ -370,11 +411,25 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
             raise CraftError(f"{out_dir} exists but no training run named {name!r} is recorded "
                              f"in this run's store; delete the folder or pick another name")
         settings = settings or filter_settings(cfg)
+        if cfg.train.method == "grpo":  # online: trains on the prompts, samples its own images
+            prompts = grpo_prompts(store)
+            return TrainPlan("train", False, None, config_to_dict(cfg), prompts, {
+                "method": "grpo", "grpo": dataclasses.asdict(cfg.grpo),
+                "rewards": list(cfg.rewards.names), "weights": dict(cfg.filter.weights),
+                "prompt_ids": prompts["prompt_id"].tolist()})
+        if cfg.train.method == "dpo":
+            images, pairs = dpo_pairs(store, cfg, settings)
+            ids = pairs[["win_id", "lose_id"]].to_numpy().tolist()
+            return TrainPlan("train", False, None, config_to_dict(cfg),
+                             _portable(images, run.run_dir), selection_record(
+                                 settings, cfg, method="dpo", dpo=dataclasses.asdict(cfg.dpo),
+                                 n_pairs=len(ids), pairs=ids), ids)
         kept = training_set(store, cfg, settings, save_as=None)
         from craft.filtering import coverage
 
         return TrainPlan("train", False, None, config_to_dict(cfg), _portable(kept, run.run_dir),
-                         selection_record(settings, cfg, coverage=coverage(kept)))
+                         selection_record(settings, cfg, method=cfg.train.method,
+                                          coverage=coverage(kept)))
     if rec["status"] == "done":
         if resume is False:
             raise CraftError(f"a training run named {name!r} exists and is finished; pick "
@@ -393,6 +448,16 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
                          f"or pick another name")
     config = json.loads(rec["config_json"])
     cfg_then = config_from_dict(config, f"training run {name}")
+    if cfg_then.train.method == "grpo":
+        recorded = json.loads(store.selections_df().set_index("id").loc[
+            int(rec["selection_id"]), "settings_json"])
+        prompts = grpo_prompts(store)
+        prompts = prompts[prompts["prompt_id"].isin(recorded["prompt_ids"])]
+        if len(prompts) != len(recorded["prompt_ids"]):
+            raise CraftError(f"training run {name!r} sampled from {len(recorded['prompt_ids'])}"
+                             f" prompts, some of which are gone from the store; train under a "
+                             f"new name")
+        return TrainPlan("train", True, rec["id"], config, prompts, recorded)
     if rec.get("selection_id") is not None:
         items = store.selection_items_df(int(rec["selection_id"]))
         frame = candidate_frame(store, cfg_then).drop(
@@ -409,7 +474,8 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
         settings = filter_settings(cfg_then)
         kept = training_set(store, cfg_then, settings, save_as=None)
         recorded = selection_record(settings, cfg_then)
-    return TrainPlan("train", True, rec["id"], config, _portable(kept, run.run_dir), recorded)
+    return TrainPlan("train", True, rec["id"], config, _portable(kept, run.run_dir), recorded,
+                     recorded.get("pairs"))
 
 
 def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
@@ -430,7 +496,7 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
     dist = run.dist
     name = check_run_name(name)
     out_dir = train_dir(run.run_dir, name)
-    require(cfg, model=pipe is None, train=True, processes=dist.world)
+    require(cfg, model=pipe is None, train=True, processes=dist.world, rewards=_online(cfg))
     plan: TrainPlan = dist.on_main(lambda: _plan_training(run, cfg, name, resume, settings))
     if plan.action == "skip":
         steps = dist.on_main(lambda: _steps_done(run.store, plan.run_id))
@@ -438,9 +504,10 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
                            _latest(out_dir))
     if plan.config != config_to_dict(cfg):  # a resumed run: the config it started with
         cfg = config_from_dict(plan.config, f"training run {name}")
-        require(cfg, model=pipe is None, train=True, processes=dist.world)
+        require(cfg, model=pipe is None, train=True, processes=dist.world,
+                rewards=_online(cfg))
     kept = _localize(plan.kept, run.run_dir)
-    digest = kept_digest(kept)
+    digest = kept_digest(kept, plan.pairs)
     digests = dist.gather(digest)
 
     def record() -> int:
@@ -452,14 +519,27 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
         if plan.resume:
             run.store.update_train_run(plan.run_id, status="running")
             return plan.run_id
-        sid = run.store.save_selection(f"train:{name}", settings_rec, kept)
+        sid = run.store.save_selection(f"train:{name}", settings_rec,
+                                       [] if "candidate_id" not in kept else kept)
         return run.store.create_train_run(name, plan.config, checkpoint_dir=str(out_dir),
                                           selection_id=sid)
 
     run_id = dist.on_main(record)
-    log.info("training %s on %d kept candidates (~%.0f passes)%s; output %s", name, len(kept),
-             weighted_epochs(len(kept), cfg.train.steps, cfg.train.effective_batch),
-             " (resumed)" if plan.resume else "", out_dir)
+    pairs = None
+    if plan.pairs is not None:
+        from craft.dpo import pair_index
+
+        pairs = pair_index(kept, plan.pairs)
+        log.info("training %s by DPO on %d pairs of %d images%s; output %s", name, len(pairs),
+                 len(kept), " (resumed)" if plan.resume else "", out_dir)
+    elif cfg.train.method == "grpo":
+        log.info("training %s by online GRPO over %d prompts%s; output %s", name, len(kept),
+                 " (resumed)" if plan.resume else "", out_dir)
+    else:
+        log.info("training %s (%s) on %d kept candidates (~%.0f passes)%s; output %s", name,
+                 cfg.train.method, len(kept),
+                 weighted_epochs(len(kept), cfg.train.steps, cfg.train.effective_batch),
+                 " (resumed)" if plan.resume else "", out_dir)
     user = callbacks or TrainCallbacks()
 
     def on_step(step, total, metrics):
@@ -482,10 +562,18 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
 
     lock = _hold_lock(out_dir) if run.is_main else None
     try:
-        result = train(cfg, kept, out_dir, resume=plan.resume, pipe=pipe,
-                       meta={"run_name": name, "kept_digest": digest},
-                       callbacks=TrainCallbacks(on_step=on_step, on_preview=user.on_preview,
-                                                on_checkpoint=on_checkpoint, should_stop=stop))
+        cbs = TrainCallbacks(on_step=on_step, on_preview=user.on_preview,
+                             on_checkpoint=on_checkpoint, should_stop=stop)
+        meta = {"run_name": name, "kept_digest": digest}
+        if cfg.train.method == "grpo":
+            from craft.grpo import GRPOCallbacks, train_grpo
+
+            result = train_grpo(cfg, kept, out_dir, resume=plan.resume, pipe=pipe, meta=meta,
+                                callbacks=cbs, grpo_callbacks=GRPOCallbacks(
+                                    on_round=_round_keeper(run, cfg, name, kept)))
+        else:
+            result = train(cfg, kept, out_dir, resume=plan.resume, pipe=pipe, pairs=pairs,
+                           meta=meta, callbacks=cbs)
     except BaseException as e:
         if run.is_main:
             run.store.update_train_run(run_id, status="failed", error=f"{type(e).__name__}: {e}")
@@ -498,6 +586,53 @@ def stage_train(run: Run, cfg, name: str = DEFAULT_RUN_NAME, *, settings=None,
             result.final_dir or result.last_checkpoint or out_dir))
     result.run_id = run_id
     return result
+
+
+def _online(cfg) -> tuple:
+    """The rewards a training method scores with while it trains (GRPO's online rewards)."""
+    return tuple(cfg.rewards.names) if cfg.train.method == "grpo" else ()
+
+
+def grpo_model_key(name: str) -> str:
+    """The store's model key of the images a GRPO training run sampled (apart from the pool,
+    which is keyed by the base model)."""
+    from craft.store import SAMPLED_PREFIX
+
+    return f"{SAMPLED_PREFIX}{name}"
+
+
+def _round_keeper(run: Run, cfg, name: str, prompts: pd.DataFrame):
+    """GRPO's on_round: every process writes its samples' images, the main process records
+    them (skipping those a killed run already stored) with their rewards, so the studio shows
+    what online RL looked at."""
+    from craft.store import NewCandidate, write_candidate_images, writing_images
+
+    every = cfg.grpo.store_every
+    model = grpo_model_key(name)
+    pid = prompts["prompt_id"].to_numpy()
+    originals = run.dist.on_main(lambda: {
+        int(r.prompt_id): int(r.id) for r in run.store.variants_df("train").itertuples()
+        if r.idx == 0})
+
+    def on_round(r, rows, seeds, images, scores):
+        if not every or r % every:
+            return
+        items = [NewCandidate(int(pid[i]), originals[int(pid[i])], int(sd), model,
+                              {"round": int(r), "sampler": "grpo"}, im)
+                 for i, sd, im in zip(rows, seeds, images)]
+        with writing_images(run.run_dir):
+            written = write_candidate_images(run.run_dir, items)
+        values = [{n: float(v[j]) for n, v in scores.items()} for j in range(len(items))]
+        gathered = run.dist.gather((written, values))
+        if run.is_main:
+            have = run.store.existing_candidate_keys(model)
+            new = [(w, v) for part in gathered for w, v in zip(*part)
+                   if (w[0], w[1], w[2]) not in have]
+            ids = run.store.record_candidates([w for w, _ in new])
+            run.store.add_scores([(cid, n, x) for cid, (_, v) in zip(ids, new)
+                                  for n, x in v.items()])
+
+    return on_round
 
 
 def _hold_lock(out_dir: Path):
@@ -585,28 +720,41 @@ def tuned_models(run_dir: str | Path) -> list[tuple[str, Path]]:
     return [(label, path) for _, label, path in found]
 
 
-def stage_evaluate(run: Run, cfg, tuned: str | Path | None = None, base: str | None = None,
+def stage_evaluate(run: Run, cfg, tuned=None, base: str | None = None,
                    name: str = "eval", label: str | None = None,
                    progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                    pipes=None):
     """Base vs tuned on the held-out prompts with shared seeds (sharded; images reused on a
     rerun); the same evaluation record whichever front end asks. ``tuned`` defaults to
-    RUN/final; it may also be a training checkpoint (RUN/train/NAME/checkpoint-N)."""
+    RUN/final; it may also be a training checkpoint (RUN/train/NAME/checkpoint-N), or a list of
+    models (several methods side by side: each is paired with the base on the same seeds)."""
     from craft.evaluation import evaluate
 
     run = as_run(run)
-    tuned = str(tuned or final_dir(run.run_dir))
-    if not Path(tuned).exists():
-        raise CraftError(f"no tuned model at {tuned}; train and publish first (`craft train "
-                         f"--run-dir {run.run_dir}`), or pass --tuned PATH")
+    paths = [str(t) for t in (tuned if isinstance(tuned, (list, tuple)) and tuned
+                              else [tuned or final_dir(run.run_dir)])]
+    for t in paths:
+        if not Path(t).exists():
+            raise CraftError(f"no tuned model at {t}; train and publish first (`craft train "
+                             f"--run-dir {run.run_dir}`), or pass --tuned PATH")
     require(cfg, rewards=cfg.rewards.eval_names)
-    label = label or tuned_label(tuned)
-    if label == "base":
+    labels = [label] if label and len(paths) == 1 else unique_labels(paths)
+    if "base" in labels:
         raise CraftError("the tuned model's label must not be 'base' (that is the reference)")
-    models = {"base": base or cfg.model.pretrained, label: tuned}
-    cov = run.dist.on_main(lambda: training_coverage(run.store, label))
+    models = {"base": base or cfg.model.pretrained, **dict(zip(labels, paths))}
+    cov = run.dist.on_main(lambda: training_coverage(run.store, labels[0])) \
+        if len(labels) == 1 else None
     return evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
                     should_stop=should_stop, coverage=cov)
+
+
+def unique_labels(paths: list[str]) -> list[str]:
+    """Each model's :func:`tuned_label`, with the checkpoint step where two would share one."""
+    from craft.run_layout import checkpoint_step
+
+    labels = [tuned_label(p) for p in paths]
+    return [f"{lab}@{checkpoint_step(p)}" if labels.count(lab) > 1 and checkpoint_step(p)
+            is not None else lab for lab, p in zip(labels, paths)]
 
 
 def training_coverage(store, name: str) -> dict | None:
@@ -650,6 +798,29 @@ def stage_export(run: Run, cfg, settings=None, name: str | None = None,
     return run.dist.on_main(export)
 
 
+def stage_export_pairs(run: Run, cfg, settings=None, name: str | None = None) -> Path:
+    """The DPO pairs ``train.method`` = dpo would train on (dpo.pairs, dpo.margin,
+    dpo.max_pairs), in Pick-a-Pic's parquet layout under RUN/exports/NAME, so the pool can feed
+    a peer's DPO trainer too (craft.export.export_pairs)."""
+    from craft.advantages import filter_with_advantages
+    from craft.dpo import build_pairs
+    from craft.export import export_pairs
+
+    run = as_run(run)
+    settings = settings or filter_settings(cfg)
+
+    def export():
+        _, frame = filter_with_advantages(scored_frame(run.store, cfg), settings,
+                                          cfg.advantage.eps, run.store.overrides())
+        d = cfg.dpo
+        pairs = build_pairs(frame, d.pairs, d.margin, d.max_pairs)
+        return export_pairs(pairs, frame, run.run_dir, {
+            "dpo": dataclasses.asdict(d), "weights": dict(settings.weights),
+            "normalization": settings.normalization, "n_pairs": len(pairs)}, name)
+
+    return run.dist.on_main(export)
+
+
 # ------------------------------------------------------------------------ all of it
 
 
@@ -681,17 +852,18 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
 
     timed("prompts", lambda: stage_prompts(run, cfg, progress_for("prompts")))
     pipe = load_from_config(cfg.model, device=str(run.dist.model_device(cfg.model.device)))
-    timed("generate", lambda: stage_generate(run, cfg, progress_for("generate"), should_stop,
-                                             pipe=pipe))
-    device = pipe.device
-    if device.type == "cuda":  # the reward models have the GPU to themselves while they score
-        import torch
+    if cfg.train.method != "grpo":  # online GRPO samples and scores its own images
+        timed("generate", lambda: stage_generate(run, cfg, progress_for("generate"),
+                                                 should_stop, pipe=pipe))
+        device = pipe.device
+        if device.type == "cuda":  # the reward models have the GPU to themselves to score
+            import torch
 
-        pipe.to("cpu")
-        torch.cuda.empty_cache()
-    timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
-                                       should_stop=should_stop))
-    pipe.to(device)
+            pipe.to("cpu")
+            torch.cuda.empty_cache()
+        timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
+                                           should_stop=should_stop))
+        pipe.to(device)
     result, final = timed("train", lambda: stage_tune(
         run, cfg, name, progress_for=progress_for, should_stop=should_stop, pipe=pipe,
         on_stage=on_stage, on_round=on_round))

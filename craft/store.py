@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "store.sqlite"
 LOCK_NAME = "store.lock"
 IMAGES_DIR = "images"
@@ -148,6 +148,7 @@ CREATE TABLE train_metrics (
     lr REAL,
     step_time REAL,
     created REAL NOT NULL,
+    extra_json TEXT,
     PRIMARY KEY (run_id, step)
 );
 CREATE INDEX train_runs_name ON train_runs(name);
@@ -181,7 +182,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE embeddings (candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON "
         "DELETE CASCADE, space TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (space, "
         "candidate_id))"),
+    # v3: a training step records its method's own numbers (DPO's implicit accuracy, GRPO's
+    # group rewards) beside the loss
+    2: ("ALTER TABLE train_metrics ADD COLUMN extra_json TEXT",),
 }
+
+
+# the model key's prefix of images an online training method (GRPO) sampled: candidates of
+# that training run, not of the pool the filter selects from (craft.stages.grpo_model_key)
+SAMPLED_PREFIX = "grpo:"
+# the per-step numbers every training method records in their own columns
+METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "step_time")
 
 
 class StoreError(CraftError):
@@ -325,15 +336,20 @@ class RunStore:
 
     def counts(self) -> dict[str, int]:
         """Rows per kind: train/eval prompts, train variants (the original excluded),
-        candidates, scored candidates, training runs, evaluations. A few aggregate queries:
+        candidates of the pool, images sampled online (GRPO), scored pool candidates, training
+        runs, evaluations. A few aggregate queries:
         cheap enough for a UI to poll while a job writes (WAL: readers never wait)."""
         q = {
             "prompts": "SELECT count(*) FROM prompts WHERE split='train'",
             "eval_prompts": "SELECT count(*) FROM prompts WHERE split='eval'",
             "variants": "SELECT count(*) FROM variants v JOIN prompts p ON p.id=v.prompt_id "
                         "WHERE p.split='train' AND v.idx>0",
-            "candidates": "SELECT count(*) FROM candidates",
-            "scored": "SELECT count(DISTINCT candidate_id) FROM scores",
+            # the pool; images an online method sampled while it trained are counted apart
+            "candidates": f"SELECT count(*) FROM candidates WHERE model NOT LIKE "
+                          f"'{SAMPLED_PREFIX}%'",
+            "sampled": f"SELECT count(*) FROM candidates WHERE model LIKE '{SAMPLED_PREFIX}%'",
+            "scored": f"SELECT count(DISTINCT candidate_id) FROM scores WHERE candidate_id NOT "
+                      f"IN (SELECT id FROM candidates WHERE model LIKE '{SAMPLED_PREFIX}%')",
             "train_runs": "SELECT count(*) FROM train_runs",
             "evaluations": "SELECT count(*) FROM evaluations",
         }
@@ -834,29 +850,35 @@ class RunStore:
         return self._df("SELECT * FROM train_runs ORDER BY id")
 
     def add_metrics(self, run_id: int, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Record per-step metrics (keys step, loss, grad_norm, lr, step_time; missing = NULL).
+        """Record per-step metrics (keys step, loss, grad_norm, lr, step_time; missing = NULL;
+        any other numeric keys, a method's own, are kept as JSON and come back as columns).
         A step logged again (after a resume) replaces the earlier row."""
         now = _now()
         data = []
         for r in rows:
             if "step" not in r:
                 raise StoreError(f"metrics row {dict(r)!r} has no 'step'")
+            extra = {k: _finite_or_none(v) for k, v in r.items() if k not in METRIC_COLUMNS}
             data.append((run_id, int(r["step"]), *(_finite_or_none(r.get(k)) for k in
-                         ("loss", "grad_norm", "lr", "step_time")), now))
+                         METRIC_COLUMNS[1:]), now, _json(extra) if extra else None))
         try:
             with self._tx() as conn:
-                conn.executemany("INSERT OR REPLACE INTO train_metrics VALUES (?,?,?,?,?,?,?)",
-                                 data)
+                conn.executemany("INSERT OR REPLACE INTO train_metrics(run_id, step, loss, "
+                                 "grad_norm, lr, step_time, created, extra_json) VALUES "
+                                 "(?,?,?,?,?,?,?,?)", data)
         except sqlite3.IntegrityError:
             raise StoreError(f"train run id {run_id} does not exist") from None
 
     def metrics_df(self, run_id: int) -> pd.DataFrame:
-        """Columns step, loss, grad_norm, lr, step_time, created; sorted by step."""
-        df = self._df("SELECT step, loss, grad_norm, lr, step_time, created FROM train_metrics "
-                      "WHERE run_id=? ORDER BY step", (run_id,))
-        cols = ["loss", "grad_norm", "lr", "step_time"]
+        """Columns step, loss, grad_norm, lr, step_time, created, then a method's own numbers
+        (e.g. dpo_accuracy, reward_mean) where recorded; sorted by step."""
+        df = self._df("SELECT step, loss, grad_norm, lr, step_time, created, extra_json FROM "
+                      "train_metrics WHERE run_id=? ORDER BY step", (run_id,))
+        cols = list(METRIC_COLUMNS[1:])
         df[cols] = df[cols].astype(float)
-        return df
+        extra = pd.DataFrame([json.loads(x) if isinstance(x, str) else {}
+                              for x in df.pop("extra_json")], index=df.index)
+        return pd.concat([df, extra.astype(float)], axis=1) if len(extra.columns) else df
 
     # ---------------------------------------------------------------- evaluation
 
@@ -929,5 +951,5 @@ def writing_images(run_dir: str | Path) -> Iterator[Path]:
     marker.unlink(missing_ok=True)
 
 
-__all__ = ["CandidateRow", "NewCandidate", "RunStore", "SCHEMA_VERSION", "StoreError",
-           "image_relpath", "write_candidate_images", "writing_images"]
+__all__ = ["CandidateRow", "NewCandidate", "RunStore", "SAMPLED_PREFIX", "SCHEMA_VERSION",
+           "StoreError", "image_relpath", "write_candidate_images", "writing_images"]

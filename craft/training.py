@@ -390,6 +390,7 @@ class TrainData:
     shift: float
     call: DenoiserCall
     input_dtype: torch.dtype = torch.float32  # what the denoiser is fed (LoRA: its own dtype)
+    pairs: torch.Tensor | None = None  # DPO: (n_pairs, 2) rows of winner and loser
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -482,7 +483,10 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
     else:
         raw = float32_copy(base)
         raw.requires_grad_(True)
-        anchor, input_dtype = (base if tc.anchor_weight > 0 else None), torch.float32
+        # the frozen base stays on the device when a loss compares with it (anchor, DPO)
+        needs_base = (tc.anchor_weight > 0 or tc.method == "dpo"
+                      or (tc.method == "grpo" and cfg.grpo.kl_weight > 0))
+        anchor, input_dtype = (base if needs_base else None), torch.float32
         if anchor is None:
             _offload(base, restore)
     if cfg.model.gradient_checkpointing:
@@ -567,11 +571,12 @@ def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
                      denoiser(pipe).dtype if tc.lora else torch.float32)
 
 
-def offload_encoders(pipe, restore: list) -> None:
+def offload_encoders(pipe, restore: list, keep: tuple[str, ...] = ()) -> None:
     """The text encoders and the VAE leave the GPU once the kept set is encoded (FLUX's T5-XXL
-    alone is 9.5 GB); previews bring them back for a while (:func:`encoders_on`)."""
+    alone is 9.5 GB); previews bring them back for a while (:func:`encoders_on`). ``keep``:
+    the ones a method still needs (GRPO decodes every round with the VAE)."""
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-        module = getattr(pipe, name, None)
+        module = None if name in keep else getattr(pipe, name, None)
         if module is not None:
             _offload(module, restore)
 
@@ -594,13 +599,76 @@ def _is_denoiser(pipe, module) -> bool:
     return module is denoiser(pipe)
 
 
+def _generator(tc, step: int, micro: int, process: int) -> torch.Generator:
+    """The draws of one micro-batch: a function of (seed, step, micro-batch, process), so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(
+        ((tc.seed * 1_000_003 + step) * 1009 + micro) * 97 + process)
+
+
+@dataclasses.dataclass
+class Noised:
+    """One micro-batch on its way into the denoiser: the noisy latents, their timesteps, the
+    target the model should predict, the per-sample w(t) and the (dropped-out) conditioning."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    w: torch.Tensor
+    cond: dict
+
+
+def noised_batch(noise_sched, w_t, data: TrainData, tc, idx: torch.Tensor, gen, device,
+                 share: int = 1) -> Noised:
+    """Draw x0 from each image's latent posterior, noise it at a random timestep, and drop the
+    prompt with probability ``train.cond_dropout``. ``share`` = 2: ``idx`` is two halves (DPO's
+    winners then losers) that get the same noise, timestep and dropout, so their errors compare
+    the images and nothing else. The order of the draws is fixed (resume depends on it)."""
+    x0 = data.lat_mean[idx] + data.lat_std[idx] * torch.randn(
+        data.lat_mean[idx].shape, generator=gen).to(device)
+    x0 = (x0 - data.shift) * data.scaling
+    n = len(idx) // share
+    noise = torch.randn((n, *x0.shape[1:]), generator=gen).to(device).repeat(
+        share, *[1] * (x0.dim() - 1))
+    if is_flow_scheduler(noise_sched):
+        sigmas, t = sample_sigmas(noise_sched, n, tc.timestep_sampling,
+                                  logit_mean=tc.logit_mean, logit_std=tc.logit_std,
+                                  mode_scale=tc.mode_scale, generator=gen)
+        sigmas, t = sigmas.to(device).repeat(share), t.to(device).repeat(share)
+        xt = noisy(x0, noise, sigmas)
+        target = velocity_target(x0, noise)
+        w = flow_loss_weight(sigmas, FLOW_WEIGHTING_OF[tc.timestep_weighting])
+    else:
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (n,),
+                          generator=gen).to(device).repeat(share)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = training_target(noise_sched, x0, noise, t)
+        w = w_t[t]
+    c = _gather(data.cond, idx)
+    drop = (torch.rand(n, generator=gen) < tc.cond_dropout).to(device).repeat(share)
+    if drop.any():
+        for k in c:
+            c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
+                               data.empty[k].expand_as(c[k]), c[k])
+    return Noised(xt, t, target, w, c)
+
+
+def _predict(model, data: TrainData, nb: Noised, accelerator) -> torch.Tensor:
+    with accelerator.autocast():
+        return data.call(model, nb.xt.to(data.input_dtype), nb.t,
+                         {k: v.to(data.input_dtype) for k, v in nb.cond.items()})
+
+
+def _sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error, in float32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, pred.dim())))
+
+
 def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, step: int,
                      micro: int, process: int, accelerator, base_unet=None) -> torch.Tensor:
     """One micro-batch of L = mean_i weight_i * w(t_i) * ||pred - target||^2
     (+ anchor_weight * mean_i ||pred - pred_base||^2 when ``train.anchor_weight`` > 0).
-
-    Samples, noise, timesteps and dropout come from a generator seeded by (seed, step,
-    micro-batch, process): a resumed run draws exactly what the uninterrupted run drew.
 
     The anchor term compares the tuned prediction with the frozen base model's (``base_unet``;
     for LoRA the same module with its adapters disabled) on the same noisy input, timestep and
@@ -613,45 +681,36 @@ def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, 
     bit.
     """
     device = accelerator.device
-    gen = torch.Generator().manual_seed(
-        ((tc.seed * 1_000_003 + step) * 1009 + micro) * 97 + process)
+    gen = _generator(tc, step, micro, process)
     idx = torch.randint(0, len(data), (tc.micro_batch,), generator=gen).to(device)
-    x0 = data.lat_mean[idx] + data.lat_std[idx] * torch.randn(
-        data.lat_mean[idx].shape, generator=gen).to(device)
-    x0 = (x0 - data.shift) * data.scaling
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    if is_flow_scheduler(noise_sched):
-        sigmas, t = sample_sigmas(noise_sched, len(idx), tc.timestep_sampling,
-                                  logit_mean=tc.logit_mean, logit_std=tc.logit_std,
-                                  mode_scale=tc.mode_scale, generator=gen)
-        sigmas, t = sigmas.to(device), t.to(device)
-        xt = noisy(x0, noise, sigmas)
-        target = velocity_target(x0, noise)
-        w = flow_loss_weight(sigmas, FLOW_WEIGHTING_OF[tc.timestep_weighting])
-    else:
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),),
-                          generator=gen).to(device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        target = training_target(noise_sched, x0, noise, t)
-        w = w_t[t]
-    c = _gather(data.cond, idx)
-    drop = (torch.rand(len(idx), generator=gen) < tc.cond_dropout).to(device)
-    if drop.any():
-        for k in c:
-            c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
-                               data.empty[k].expand_as(c[k]), c[k])
-    xt_in = xt.to(data.input_dtype)
-    c_in = {k: v.to(data.input_dtype) for k, v in c.items()}
-    with accelerator.autocast():
-        pred = data.call(unet, xt_in, t, c_in)
-    dims = tuple(range(1, pred.dim()))
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
-    loss = (data.weights[idx] * w * per_sample).mean()
+    nb = noised_batch(noise_sched, w_t, data, tc, idx, gen, device)
+    pred = _predict(unet, data, nb, accelerator)
+    loss = (data.weights[idx] * nb.w * _sq_error(pred, nb.target)).mean()
     if tc.anchor_weight > 0 and base_unet is not None:
-        ref = _base_prediction(base_unet, data, xt, t, c, accelerator)
-        drift = F.mse_loss(pred.float(), ref.float(), reduction="none").mean(dim=dims)
-        loss = loss + tc.anchor_weight * drift.mean()
+        ref = _base_prediction(base_unet, data, nb.xt, nb.t, nb.cond, accelerator)
+        loss = loss + tc.anchor_weight * _sq_error(pred, ref).mean()
     return loss
+
+
+def dpo_micro_batch_loss(model, noise_sched, w_t, data: TrainData, tc, beta: float, step: int,
+                         micro: int, process: int, accelerator, ref_model
+                         ) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of Diffusion-DPO (craft.dpo): ``train.micro_batch`` pairs, winners and
+    losers in one forward pass with shared noise, timestep and dropout; the reference is the
+    frozen base (LoRA: the same module with its adapters off). Unweighted over t, as the DPO
+    derivation absorbs the ELBO weight into beta."""
+    from craft.dpo import dpo_loss
+
+    device = accelerator.device
+    gen = _generator(tc, step, micro, process)
+    k = torch.randint(0, len(data.pairs), (tc.micro_batch,), generator=gen)
+    idx = torch.cat([data.pairs[k, 0], data.pairs[k, 1]]).to(device)
+    nb = noised_batch(noise_sched, w_t, data, tc, idx, gen, device, share=2)
+    err = _sq_error(_predict(model, data, nb, accelerator), nb.target)
+    ref = _sq_error(_base_prediction(ref_model, data, nb.xt, nb.t, nb.cond, accelerator),
+                    nb.target)
+    n = len(k)
+    return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta)
 
 
 def _base_prediction(base, data: TrainData, xt, t, c, accelerator):
@@ -773,17 +832,19 @@ def _clip(tr: Trainable, accelerator, max_norm: float) -> float:
                                          if p.grad is not None])))
 
 
-def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
-          callbacks: TrainCallbacks | None = None, resume: bool = False, pipe=None,
-          meta: dict | None = None) -> TrainResult:
-    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
+@dataclasses.dataclass
+class Session:
+    """What every training method starts from: the accelerator, the pipeline on its device and
+    a fresh noise scheduler (the training grid) with the UNets' w(t) table."""
 
-    ``pipe`` may be passed to reuse an already loaded base pipeline: it is given back as it
-    came (LoRA adapters removed, offloaded parts back on the device). ``meta`` is saved with
-    every checkpoint (craft.stages puts the run name and the kept-set digest there). Under
-    several processes the main one saves (all of them, for a sharded model); every process
-    returns.
-    """
+    accelerator: object
+    pipe: object
+    noise_sched: object
+    w_t: torch.Tensor | None
+
+
+def open_session(cfg, out_dir: Path, pipe=None) -> Session:
+    """Checks, the accelerator (accumulation to ``train.effective_batch``), the model."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from craft.devices import resolve_device
@@ -791,40 +852,88 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     from craft.pipes import is_flow
 
     tc = cfg.train
-    cb = callbacks or TrainCallbacks()
-    _check_training_frame(train_df)
     check_train_options(cfg)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.model.device)
     mixed = resolve_mixed_precision(tc.mixed_precision, device)
     _forget_other_precision(mixed)
     with _without_accelerate_fsdp():
         accelerator = _accelerator(mixed, device)
-    accum = gradient_accumulation(tc, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = accum
+    accelerator.gradient_accumulation_steps = gradient_accumulation(tc,
+                                                                    accelerator.num_processes)
     torch.manual_seed(tc.seed)
     if pipe is None:
         pipe = load_from_config(cfg.model, device=str(accelerator.device))
     pipe.to(accelerator.device)
     check_flow_options(cfg, pipe)
     if is_flow(pipe):  # a fresh copy: its timesteps are the training grid (craft.flow)
-        noise_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        w_t = None
-    else:
-        noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-        w_t = timestep_weights(noise_sched, tc.timestep_weighting, tc.snr_gamma).to(
-            accelerator.device)
+        return Session(accelerator, pipe,
+                       FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), None)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Session(accelerator, pipe, noise_sched, timestep_weights(
+        noise_sched, tc.timestep_weighting, tc.snr_gamma).to(accelerator.device))
+
+
+def run_meta(cfg, **extra) -> dict:
+    """What every checkpoint and final/ of a run records about how it was trained."""
+    tc = cfg.train
+    return {"base": cfg.model.pretrained, "lora": tc.lora,
+            "lora_rank": tc.lora_rank if tc.lora else None, "method": tc.method, **extra}
+
+
+def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
+          callbacks: TrainCallbacks | None = None, resume: bool = False, pipe=None,
+          meta: dict | None = None, pairs=None) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
+
+    ``pipe`` may be passed to reuse an already loaded base pipeline: it is given back as it
+    came (LoRA adapters removed, offloaded parts back on the device). ``meta`` is saved with
+    every checkpoint (craft.stages puts the run name and the kept-set digest there). Under
+    several processes the main one saves (all of them, for a sharded model); every process
+    returns. ``train.method`` = dpo: ``pairs`` holds the (n_pairs, 2) rows of ``train_df`` that
+    are each pair's winner and loser (craft.dpo.pair_images). (grpo: craft.grpo.train_grpo.)
+    """
+    tc = cfg.train
+    _check_training_frame(train_df)
+    out_dir = Path(out_dir)
+    ses = open_session(cfg, out_dir, pipe)
+    pipe, accelerator = ses.pipe, ses.accelerator
     data = encode_dataset(cfg, pipe, train_df, accelerator.device)
+    if tc.method == "dpo":
+        if pairs is None or len(pairs) == 0:
+            raise CraftError("train.method=dpo needs winner / loser pairs (craft.dpo."
+                             "build_pairs); none were given")
+        data.pairs = torch.as_tensor(np.asarray(pairs), dtype=torch.long)
     restore: list = []
     offload_encoders(pipe, restore)
     tr = build_trainable(cfg, pipe, accelerator)
     tr.restore[:0] = restore
-    meta = {"n_train": len(data), "base": cfg.model.pretrained, "lora": tc.lora,
-            "lora_rank": tc.lora_rank if tc.lora else None, **(meta or {})}
+    meta = run_meta(cfg, n_train=len(data), **({"n_pairs": len(data.pairs)}
+                                               if data.pairs is not None else {}), **(meta or {}))
+    accum = accelerator.gradient_accumulation_steps
+
+    def step_fn(step: int) -> dict:
+        losses, extras = [], []
+        for micro in range(accum):
+            with _accumulating(tr, accelerator, micro, accum):
+                if data.pairs is not None:
+                    loss, extra = dpo_micro_batch_loss(
+                        tr.model, ses.noise_sched, ses.w_t, data, tc, cfg.dpo.beta, step, micro,
+                        accelerator.process_index, accelerator, tr.base)
+                    extras.append(extra)
+                else:
+                    loss = micro_batch_loss(tr.model, ses.noise_sched, ses.w_t, data, tc, step,
+                                            micro, accelerator.process_index, accelerator,
+                                            tr.base)
+                _backward(tr, accelerator, loss, accum)
+                losses.append(loss.item())
+        return {"loss": float(np.mean(losses)),
+                **{k: float(np.mean([e[k] for e in extras])) for k in (extras[0] if extras
+                                                                         else {})}}
+
     try:
-        return _loop(cfg, pipe, tr, data, noise_sched, w_t, out_dir, cb, resume, meta,
-                     accelerator, accum)
+        return run_loop(cfg, pipe, tr, step_fn, out_dir, callbacks or TrainCallbacks(), resume,
+                        meta, accelerator)
     finally:
         release(tr, pipe, accelerator)
 
@@ -870,9 +979,14 @@ def _forget_other_precision(mixed: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: Path,
-          cb: TrainCallbacks, resume: bool, meta: dict, accelerator, accum: int) -> TrainResult:
-    """Resume, the steps (checkpoints and previews on the way), the final save."""
+def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: Path,
+             cb: TrainCallbacks, resume: bool, meta: dict, accelerator,
+             boundary: int = 1) -> TrainResult:
+    """Resume, the steps (checkpoints and previews on the way), the final save. ``step_fn``
+    (step) runs the method's micro-batches (forward and backward) and returns its metrics
+    (``loss`` and the method's own); clipping, the optimizer and the EMA step are here. A
+    cancel is honoured at steps that are multiples of ``boundary`` (GRPO: between rounds, so
+    the checkpoint it leaves resumes exactly)."""
     from craft.checkpoints import load_checkpoint, save_checkpoint
 
     tc = cfg.train
@@ -908,19 +1022,13 @@ def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: 
     if start == 0:
         preview(0)
     for step in range(start, tc.steps):
-        if cb.should_stop is not None and cb.should_stop():
+        if step % boundary == 0 and cb.should_stop is not None and cb.should_stop():
             status = "cancelled"
             break
         t0 = time.perf_counter()
         for g in tr.opt.param_groups:
             g["lr"] = lr_at(step)
-        losses = []
-        for micro in range(accum):
-            with _accumulating(tr, accelerator, micro, accum):
-                loss = micro_batch_loss(tr.model, noise_sched, w_t, data, tc, step, micro,
-                                        accelerator.process_index, accelerator, tr.base)
-                _backward(tr, accelerator, loss, accum)
-                losses.append(loss.item())
+        metrics = step_fn(step)
         grad_norm = _clip(tr, accelerator, tc.max_grad_norm)
         tr.opt.step()
         tr.opt.zero_grad(set_to_none=True)
@@ -928,8 +1036,7 @@ def _loop(cfg, pipe, tr: Trainable, data: TrainData, noise_sched, w_t, out_dir: 
             tr.ema.step(tr.params)
         start = done = step + 1
         if cb.on_step:
-            cb.on_step(done, tc.steps, {"loss": float(np.mean(losses)), "grad_norm": grad_norm,
-                                        "lr": lr_at(step),
+            cb.on_step(done, tc.steps, {**metrics, "grad_norm": grad_norm, "lr": lr_at(step),
                                         "step_time": time.perf_counter() - t0})
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
             checkpoint(done)

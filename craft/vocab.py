@@ -33,11 +33,15 @@ FLOW_WEIGHTINGS: tuple[str, ...] = ("uniform", "sigma_sqrt", "cosmap")
 TIMESTEP_WEIGHTINGS: tuple[str, ...] = (*UNET_WEIGHTINGS, *FLOW_WEIGHTINGS[1:])
 # train.timestep_sampling: the flow models' sigma density (craft.flow)
 TIMESTEP_SAMPLING: tuple[str, ...] = ("logit_normal", "mode", "uniform")
+# train.method: what the denoiser is trained on and how (craft.training, craft.dpo, craft.grpo)
+TRAIN_METHODS: tuple[str, ...] = ("craft", "sft", "dpo", "grpo")
+# dpo.pairs: how winner / loser pairs are drawn from each original prompt's group (craft.dpo)
+PAIR_RULES: tuple[str, ...] = ("best_worst", "above_margin")
 # eval.diversity_encoder (craft.diversity) and embed.encoder (craft.embeddings)
 DIVERSITY_ENCODERS: tuple[str, ...] = ("pixels", "dinov2", "clip", "none")
 EMBED_ENCODERS: tuple[str, ...] = ("pixels", "clip")
 
 __all__ = ["ADVANTAGE_MODES", "DIVERSITY_ENCODERS", "EMBED_ENCODERS", "FLOW_WEIGHTINGS",
            "LEVELS", "LEVEL_ROLES", "MODEL_FAMILIES", "NORMALIZATIONS", "OVERRIDE_ACTIONS",
-           "PROMPT_FORMATS", "ROLES", "TIMESTEP_SAMPLING", "TIMESTEP_WEIGHTINGS",
-           "UNET_WEIGHTINGS"]
+           "PAIR_RULES", "PROMPT_FORMATS", "ROLES", "TIMESTEP_SAMPLING", "TIMESTEP_WEIGHTINGS",
+           "TRAIN_METHODS", "UNET_WEIGHTINGS"]

@@ -117,8 +117,8 @@ def main() -> None:
         time.sleep(2)
         shot("Train")
         tab("Compare")
-        page.wait_for_function(  # the newest model is offered first
-            "() => document.querySelector('#compare-tuned input').value === 'craft-1 · final'")
+        page.wait_for_selector(  # the newest model is chosen first
+            "#compare-tuned .token:has-text('craft-1 · final')")
         page.click("#compare-start")
         done("compare")
         shot("Compare")

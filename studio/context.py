@@ -77,6 +77,8 @@ class RunContext:
         return (f"Run **{self.run_dir}** · {counts['prompts']} prompts "
                 f"({counts['eval_prompts']} held out) · {counts['variants']} variants · "
                 f"{counts['candidates']} candidates · {counts['scored']} scored · "
+                + (f"{counts['sampled']} sampled by online training · " if counts.get("sampled")
+                   else "") +
                 f"{counts['train_runs']} training runs · {counts['evaluations']} evaluations")
 
     def counts(self) -> dict[str, int]:

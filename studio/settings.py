@@ -103,6 +103,10 @@ class Settings:
         values[self.index(key)] = value
         return self.config_from(base, values)
 
+    def component(self, key: str) -> Any:
+        """The control bound to ``key``."""
+        return self.bindings[self.index(key)].component
+
     def index(self, key: str) -> int:
         for i, b in enumerate(self.bindings):
             if b.key == key:

@@ -63,7 +63,7 @@ def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):
     msg = str(e.value)
     assert "train.lrr" in msg and str(path) in msg
     assert "did you mean 'lr'" in msg
-    assert "allowed: steps, lr, effective_batch" in msg
+    assert "allowed: method, steps, lr, effective_batch" in msg
     assert e.value.keys == ("train.lrr",)
 
 

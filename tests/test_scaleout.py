@@ -271,3 +271,50 @@ def test_a_batch_two_processes_cannot_split_fails_before_any_work(tmp_path, tiny
     assert proc.returncode != 0
     assert "multiple of 4" in proc.stderr and "micro_batch (2) x processes (2)" in proc.stderr
     assert not list(run.glob("images/*/*.png"))  # nothing was generated
+
+
+def _train_cmd(run: Path, model_dir: str, method: str, name: str, **extra) -> list[str]:
+    sets = [x for o in tiny_overrides(model_dir, **{
+        "train.steps": 6, "train.checkpoint_every": 2, "grpo.prompts_per_step": 2,
+        "grpo.group_size": 4, "grpo.num_inference_steps": 3, "grpo.updates": 2,
+        "train.micro_batch": 4, "train.effective_batch": 8, **extra}) for x in ("--set", o)]
+    return [*_launcher(2), "train", "--run-dir", str(run), "--method", method, "--name", name,
+            *sets]
+
+
+def test_every_method_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, tiny_model_dir):
+    """DPO through the shipped `craft run`, SFT and GRPO through `craft train --method` on the
+    same pool, two processes each; GRPO's rank 0 is SIGKILLed mid-training and the same
+    command finishes it: every round's samples stored once, every step logged once."""
+    run = tmp_path / "run"
+    proc = _run([*_launcher(2), *_craft_run(run, _sets(tiny_model_dir, **{
+        "train.method": "dpo", "dpo.pairs": "above_margin"}))])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    with RunStore(run) as store:
+        rec = store.train_run_by_name("craft")
+        sel = json.loads(store.selections_df().set_index("id").loc[
+            int(rec["selection_id"]), "settings_json"])
+        assert rec["status"] == "done" and sel["method"] == "dpo" and sel["n_pairs"] > 0
+        assert sel["processes"] == 2 and len(set(sel["digest_by_process"])) == 1
+        assert store.metrics_df(int(rec["id"]))["dpo_accuracy"].notna().all()
+    proc = _run(_train_cmd(run, tiny_model_dir, "sft", "sft"))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    progress = tmp_path / "progress.json"
+    cmd = _train_cmd(run, tiny_model_dir, "grpo", "grpo")
+    launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_when(launcher, progress, "train", 3, 0)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    again = _run(cmd)
+    assert again.returncode == 0, again.stderr[-6000:]
+    with RunStore(run) as store:
+        runs = store.train_runs_df().groupby("name").tail(1).set_index("name")
+        assert runs["status"].to_dict() == {"craft": "done", "sft": "done", "grpo": "done"}
+        m = store.metrics_df(int(runs.loc["grpo", "id"]))
+        assert m["step"].tolist() == list(range(1, 7)) and m["ratio"].notna().all()
+        sampled = store.candidates_df(model="grpo:grpo")
+        assert len(sampled) == 3 * 2 * 4  # 3 rounds x 2 prompts x 4 images, each once
+        assert len(store.scores_df(["toy_fidelity"]).reindex(sampled["id"]).dropna()) == len(
+            sampled)
+    assert (run / "train" / "grpo" / "final" / "model_index.json").is_file()

@@ -179,6 +179,10 @@ def test_overrides_selections_training_evaluations_config(store):
     store.add_metrics(rid, [{"step": 2, "loss": 0.3, "grad_norm": 1.0}])  # a resumed step
     m = store.metrics_df(rid)
     assert m.step.tolist() == [1, 2] and m.loss.tolist() == [0.5, 0.3] and math.isnan(m.lr[1])
+    assert "dpo_accuracy" not in m  # a method's own numbers appear only where recorded
+    store.add_metrics(rid, [{"step": 3, "loss": 0.2, "dpo_accuracy": 0.5}])
+    m = store.metrics_df(rid)
+    assert m["dpo_accuracy"].isna().tolist() == [True, True, False] and m.loss.tolist()[-1] == 0.2
     store.update_train_run(rid, status="done", checkpoint_dir="ckpt")
     run = store.get_train_run(rid)
     assert run["status"] == "done" and run["ended"] is not None and run["checkpoint_dir"] == "ckpt"
@@ -396,7 +400,7 @@ def test_sigkilled_writer_leaves_a_consistent_resumable_store(tmp_path, pause):
 
 def test_counts_and_data_version(store):
     empty = store.counts()
-    assert set(empty.values()) == {0} and len(empty) == 7
+    assert set(empty.values()) == {0} and len(empty) == 8
     v0 = store.data_version()
     ids = seeded(store, n_prompts=2, n_variants=2, seeds=2)  # originals + 2 variants each
     store.add_prompts(["held out"], split="eval")
@@ -411,6 +415,15 @@ def test_counts_and_data_version(store):
     time.sleep(0.01)
     store.add_scores([(ids[0], "h", 2.0)])  # a rescore changes the version, not the count
     assert store.data_version() != v2 and store.counts()["scored"] == 1
+    # images an online method sampled are counted apart from the pool
+    from craft.store import SAMPLED_PREFIX, NewCandidate
+    from PIL import Image
+
+    cid = store.add_candidates([NewCandidate(1, 1, 7, f"{SAMPLED_PREFIX}g", {},
+                                             Image.new("RGB", (4, 4)))])[0]
+    store.add_scores([(cid, "h", 0.5)])
+    c = store.counts()
+    assert (c["candidates"], c["sampled"], c["scored"]) == (12, 1, 1)
 
 
 def test_a_version_1_store_is_upgraded_in_place(tmp_path):
@@ -425,10 +438,13 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
     conn.executescript("DROP INDEX train_runs_name; DROP INDEX scores_by_reward; "
                        "DROP TABLE embeddings; "
                        "CREATE INDEX scores_reward ON scores(reward); "
-                       "ALTER TABLE train_runs DROP COLUMN selection_id; PRAGMA user_version=1;")
+                       "ALTER TABLE train_runs DROP COLUMN selection_id; "
+                       "ALTER TABLE train_metrics DROP COLUMN extra_json; PRAGMA user_version=1;")
     conn.close()
     with RunStore(run) as s:
-        assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        s.add_metrics(rid, [{"step": 1, "loss": 0.5, "dpo_accuracy": 0.75}])
+        assert s.metrics_df(rid)["dpo_accuracy"].tolist() == [0.75]
         assert s.get_train_run(rid)["selection_id"] is None
         assert s.scores_df(["h"])["h"].tolist() == [0.5]
         s.add_embeddings("pixels16", [ids[0]], [[0.5, -0.25]])

@@ -131,6 +131,24 @@ def fill(page, elem_id: str, value: str) -> None:
     page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(value)
 
 
+def chosen_models(page) -> list[str]:
+    """The tuned models Compare has chosen (its multiselect's tokens)."""
+    return [t.strip() for t in page.locator("#compare-tuned .token span").all_inner_texts()]
+
+
+def choose_models(page, labels: list[str]) -> None:
+    """Make Compare's multiselect hold exactly ``labels``."""
+    for label in chosen_models(page):
+        if label not in labels:
+            page.locator(f"#compare-tuned .token:has-text('{label}') .token-remove").click()
+    for label in labels:
+        if label not in chosen_models(page):
+            page.click("#compare-tuned input")
+            page.get_by_role("option", name=label, exact=True).click()
+    page.keyboard.press("Escape")
+    assert sorted(chosen_models(page)) == sorted(labels)
+
+
 def table_rows(page, elem_id: str) -> int:
     return page.evaluate(f"() => ROWS('{elem_id}')")
 
@@ -409,10 +427,8 @@ def test_two_process_training_from_the_page(page, studio):
 
 def test_compare_base_and_tuned(page, studio):
     tab(page, "Compare")
-    page.wait_for_function("() => document.querySelector('#compare-tuned input') && "
-                           "document.querySelector('#compare-tuned input').value.length > 0")
-    page.click("#compare-tuned input")
-    page.get_by_role("option", name="tiny · final").click()
+    page.wait_for_selector("#compare-tuned .token")  # the newest model, chosen by default
+    choose_models(page, ["tiny · final"])
     page.click("#compare-start")
     wait_job(page, "compare")
     page.wait_for_function("() => ROWS('compare-wins') "
@@ -425,6 +441,53 @@ def test_compare_base_and_tuned(page, studio):
     page.wait_for_function("() => document.querySelectorAll('#compare-pairs img').length == 4")
     page.wait_for_selector("#compare-bars .js-plotly-plot")
     assert studio[0].ctx.counts()["evaluations"] == 1
+
+
+def train_and_show(page, name: str, images: int) -> None:
+    """Start a training run named ``name``, wait for it, and for ``images`` images of what it
+    trained on."""
+    fill(page, "train-name", name)
+    page.click("#train-start")
+    wait_job(page, "train", title=f"Train {name}")
+    page.wait_for_function("() => document.querySelectorAll('#train-trained-on img').length "
+                           f">= {images}")
+
+
+def test_dpo_and_grpo_from_train_then_three_methods_in_compare(page, studio):
+    """The baselines from the Train tab: a DPO run (its pairs shown side by side) and an online
+    GRPO run (the groups it sampled shown), then CRAFT, DPO and GRPO against the base in one
+    Compare, on the same seeds."""
+    ctx = studio[0].ctx
+    tab(page, "Train")
+    page.locator("#train-method").get_by_text("dpo", exact=True).click()
+    page.wait_for_selector("#train-dpo-beta", state="visible")
+    page.wait_for_selector("#train-will:has-text('pairs')")
+    fill(page, "train-steps", "4")
+    fill(page, "train-dpo-beta", "500")
+    train_and_show(page, "dpo-1", 2)
+    assert "winner" in page.inner_text("#train-trained-on")
+    page.wait_for_selector("#train-runs:has-text('DPO:')")
+    page.locator("#train-method").get_by_text("grpo", exact=True).click()
+    page.wait_for_selector("#train-grpo-group-size", state="visible")
+    for key, value in (("prompts-per-step", "2"), ("group-size", "4"),
+                       ("num-inference-steps", "3"), ("updates", "2")):
+        fill(page, f"train-grpo-{key}", value)
+    page.locator("#train-grpo-updates input").blur()
+    page.wait_for_selector("#train-will:has-text('2 prompts × 4 images')")
+    train_and_show(page, "grpo-1", 4)
+    assert "round" in page.inner_text("#train-trained-on")
+    assert len(ctx.store.candidates_df(model="grpo:grpo-1")) == 2 * 2 * 4  # 2 rounds
+    tab(page, "Compare")
+    page.click("button:has-text('↻')")
+    choose_models(page, ["tiny · final", "dpo-1 · final", "grpo-1 · final"])
+    page.click("#compare-start")
+    wait_job(page, "compare")
+    page.wait_for_selector("#compare-wins:has-text('grpo-1')")
+    text = page.inner_text("#compare-wins")
+    assert "tiny" in text and "dpo-1" in text and "diversity across seeds" in text
+    page.wait_for_function("() => document.querySelectorAll('#compare-pairs img').length == 4")
+    tab(page, "Train")  # back to CRAFT for the tests that follow
+    page.locator("#train-method").get_by_text("craft", exact=True).click()
 
 
 def test_settings_round_trip(page, studio, tmp_path):

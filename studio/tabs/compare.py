@@ -42,14 +42,18 @@ def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
     return [(label, str(path)) for label, path in tuned_models(ctx.run_dir)]
 
 
-def eval_name(base: str, tuned: str, cfg) -> str:
+def eval_name(base: str, tuned, cfg) -> str:
     """Deterministic per (models, their files' age, evaluation settings): a rerun reuses the
-    images, a retrained checkpoint of the same name gets new ones."""
-    stamp = [str(Path(p).stat().st_mtime_ns) if Path(p).exists() else "" for p in (base, tuned)]
-    key = json.dumps([base, tuned, stamp, cfg.eval.num_prompts, cfg.eval.seeds_per_prompt,
+    images, a retrained checkpoint of the same name gets new ones. ``tuned``: a path or a list
+    of paths (a one-element list names the evaluation as the path does)."""
+    tuned = [tuned] if isinstance(tuned, str) else list(tuned)
+    stamp = [str(Path(p).stat().st_mtime_ns) if Path(p).exists() else ""
+             for p in (base, *tuned)]
+    key = json.dumps([base, tuned[0] if len(tuned) == 1 else tuned, stamp[:2] if len(tuned) == 1
+                      else stamp, cfg.eval.num_prompts, cfg.eval.seeds_per_prompt,
                       cfg.eval.num_inference_steps, cfg.eval.guidance_scale,
                       cfg.generation.seed, list(cfg.rewards.eval_names)])
-    label = Path(tuned).parent.name + "-" + Path(tuned).name
+    label = "+".join(Path(t).parent.name + "-" + Path(t).name for t in tuned)[:80]
     return f"studio-{label}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
@@ -84,42 +88,51 @@ def win_table(summary: pd.DataFrame, training_rewards=()) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def tuned_label_of(scores: pd.DataFrame) -> str:
-    """The compared model's label in an evaluation (the one that is not "base")."""
-    others = [m for m in dict.fromkeys(scores["model"]) if m != "base"]
-    return others[0] if others else "tuned"
+def tuned_labels_of(scores: pd.DataFrame) -> list[str]:
+    """The compared models' labels in an evaluation (all but "base"), in evaluation order."""
+    return [m for m in dict.fromkeys(scores["model"]) if m != "base"] or ["tuned"]
 
 
 def pair_images(scores: pd.DataFrame, out_dir: Path, rewards: list[str],
                 limit: int = MAX_PAIRS) -> tuple[list[tuple[str, str]], pd.DataFrame]:
-    """One PNG per (prompt, seed): base | tuned, upscaled without smoothing, and a caption with
-    the per-reward deltas; plus the deltas table for every pair."""
-    label = tuned_label_of(scores)
+    """One PNG per (prompt, seed): base | each tuned model, upscaled without smoothing, and a
+    caption with the per-reward deltas (of each model against the base); plus the deltas table
+    for every pair (one row per model when there are several)."""
+    labels = tuned_labels_of(scores)
     base = scores[scores["model"] == "base"].set_index(["prompt", "seed"])
-    tuned = scores[scores["model"] == label].set_index(["prompt", "seed"])
-    keys = [k for k in base.index if k in tuned.index]
+    tuned = {m: scores[scores["model"] == m].set_index(["prompt", "seed"]) for m in labels}
+    keys = [k for k in base.index if all(k in t.index for t in tuned.values())]
     rows, items = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha1("|".join(labels).encode()).hexdigest()[:6]  # a sheet per model set
     for i, key in enumerate(keys):
-        b, t = base.loc[key], tuned.loc[key]
-        deltas = {r: float(t[r]) - float(b[r]) for r in rewards if r in b}
-        rows.append({"prompt": key[0], "seed": key[1],
-                     **{f"Δ {short_name(r)}": round(d, 3) for r, d in deltas.items()}})
+        b = base.loc[key]
+        deltas = {m: {r: float(t.loc[key][r]) - float(b[r]) for r in rewards if r in b}
+                  for m, t in tuned.items()}
+        for m, d in deltas.items():
+            rows.append({**({"model": m} if len(labels) > 1 else {}), "prompt": key[0],
+                         "seed": key[1], **{f"Δ {short_name(r)}": round(v, 3)
+                                            for r, v in d.items()}})
         if i >= limit:
             continue
-        path = out_dir / f"pair3-{i:04d}.png"  # "3": labelled with the tuned model's name
+        path = out_dir / f"pair4-{tag}-{i:04d}.png"
         if not path.exists():
-            with Image.open(b["image_path"]) as ib, Image.open(t["image_path"]) as it:
-                sheet = Image.new("RGB", (2 * CELL + GAP, HEADER + CELL), "white")
-                d = ImageDraw.Draw(sheet)
-                for k, (text, im) in enumerate((("base", ib), (label, it))):
-                    x = k * (CELL + GAP)
+            cols = [("base", b["image_path"])] + [(m, tuned[m].loc[key]["image_path"])
+                                                  for m in labels]
+            sheet = Image.new("RGB", (len(cols) * CELL + (len(cols) - 1) * GAP, HEADER + CELL),
+                              "white")
+            d = ImageDraw.Draw(sheet)
+            for k, (text, img_path) in enumerate(cols):
+                x = k * (CELL + GAP)
+                with Image.open(img_path) as im:
                     sheet.paste(im.convert("RGB").resize((CELL, CELL), Image.NEAREST),
                                 (x, HEADER))
-                    d.text((x + CELL / 2, HEADER / 2), text[:18], fill="black",
-                           font=_label_font(), anchor="mm")
-                save_image_atomic(sheet, path, fsync=False)
-        text = " ".join(f"Δ{short_name(r)} {d:+.2f}" for r, d in deltas.items())
+                d.text((x + CELL / 2, HEADER / 2), text[:18], fill="black",
+                       font=_label_font(), anchor="mm")
+            save_image_atomic(sheet, path, fsync=False)
+        text = "\n".join((f"{m}: " if len(labels) > 1 else "")
+                         + " ".join(f"Δ{short_name(r)} {v:+.2f}" for r, v in dd.items())
+                         for m, dd in deltas.items())
         items.append((str(path), f"{key[0]} · seed {key[1]}\n{text}"))
     return items, pd.DataFrame(rows)
 
@@ -216,8 +229,8 @@ class CompareTab(Tab):
             # The choices arrive after the page loads, the remembered selection with the page
             # state: a custom value keeps the two from racing (Compare checks the path itself).
             self.tuned = ui.bind("compare.tuned", gr.Dropdown(
-                [], label="tuned checkpoint", scale=2, elem_id="compare-tuned",
-                allow_custom_value=True))
+                [], label="tuned model(s): several methods side by side on the same seeds",
+                scale=2, elem_id="compare-tuned", allow_custom_value=True, multiselect=True))
             self.refresh_btn = gr.Button("↻", scale=0, min_width=40, size="sm")
         with gr.Row():
             self.n_prompts = settings.bind("eval.num_prompts", gr.Number(
@@ -267,19 +280,22 @@ class CompareTab(Tab):
             from craft.config import resolve_path
 
             ctx = self.ctx
+            tuned = [tuned] if isinstance(tuned, str) else list(tuned or [])
             if not tuned:
-                raise ValueError("choose a tuned checkpoint (train one in the Train tab)")
-            if not Path(tuned).exists():
-                raise ValueError(f"tuned checkpoint {tuned} is not there any more; pick one "
-                                 "from the list (↻ refreshes it)")
+                raise ValueError("choose a tuned model (train one in the Train tab)")
+            for t in tuned:
+                if not Path(t).exists():
+                    raise ValueError(f"tuned model {t} is not there any more; pick one from "
+                                     "the list (↻ refreshes it)")
             if not base:
                 raise ValueError("give the base model")
             cfg = ctx.settings_now()
             base_path = str(resolve_path(base) or base)
             name = eval_name(base_path, tuned, cfg)
-            start_job("compare", f"Compare base vs tuned · {ctx.run_dir}", stage_job(
-                StageCall("evaluate", name=name, tuned=tuned, base=base_path), ctx.run_dir,
-                cfg, processes))
+            start_job("compare", f"Compare base vs {len(tuned)} tuned · {ctx.run_dir}",
+                      stage_job(StageCall("evaluate", name=name, tuned=tuple(tuned) if
+                                          len(tuned) > 1 else tuned[0], base=base_path),
+                                ctx.run_dir, cfg, processes))
             return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)
 
         app.on(self.start.click, on_start, [self.base, self.tuned, self.processes],
@@ -332,11 +348,17 @@ class CompareTab(Tab):
         note = (f"this run has {held} held-out prompts" + (
             f"; {wanted} asked, so all {held} are used" if wanted and wanted > held else ""))
         return [ctx.model_path(),
-                gr.update(choices=ckpts, value=tuned if tuned in paths else
-                          (paths[0] if paths else None)),
+                gr.update(choices=ckpts, value=_kept_choice(tuned, paths)),
                 gr.update(info=note), gr.update(choices=evals, value=eid), *views,
                 *self.panel.render(), self.panel.keep_polling(),
                 *job_buttons(self.panel.is_running())]
+
+
+def _kept_choice(tuned, paths: list[str]) -> list[str]:
+    """The models a page had chosen that still exist, else the newest one."""
+    chosen = [tuned] if isinstance(tuned, str) else list(tuned or [])
+    chosen = [t for t in chosen if t in paths]
+    return chosen or paths[:1]
 
 
 __all__ = ["CompareTab", "checkpoint_choices", "pair_images", "win_table"]

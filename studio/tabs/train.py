@@ -10,7 +10,7 @@ import json
 import gradio as gr
 import pandas as pd
 
-from craft.config import config_from_dict, field_choices, field_help
+from craft.config import config_from_dict, config_to_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
@@ -32,12 +32,21 @@ def selection_summary(settings: dict) -> str:
     """What a training run's recorded selection was, in one line."""
     if not settings:
         return ""
+    if settings.get("method") == "dpo":
+        d = settings.get("dpo", {})
+        return (f"DPO: {settings.get('n_pairs')} pairs ({d.get('pairs')}, β {d.get('beta'):g}, "
+                f"margin {d.get('margin'):g})")
+    if settings.get("method") == "grpo":
+        g = settings.get("grpo", {})
+        return (f"GRPO online: {g.get('prompts_per_step')} prompts × {g.get('group_size')} per "
+                f"round of {len(settings.get('prompt_ids', []))} prompts")
     weights = settings.get("weights") or {}
     w = ", ".join(f"{short_name(k)} {v:g}" for k, v in weights.items())
     cap = f", cap {settings['per_prompt_cap']}" if settings.get("per_prompt_cap") else ""
     if settings.get("dedup_threshold") is not None:
         cap += f", no near-duplicates ≥ {settings['dedup_threshold']:g}"
-    return (f"{settings.get('level', '?')}, K {settings.get('top_k')}{cap}, "
+    sft = "SFT: " if settings.get("method") == "sft" else ""
+    return (f"{sft}{settings.get('level', '?')}, K {settings.get('top_k')}{cap}, "
             f"{settings.get('normalization', '')} ({w})")
 
 
@@ -66,28 +75,44 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS).iloc[::-1]
 
 
-def will_train(ctx: RunContext) -> str:
-    """What Start will train on: the kept set of the run's current Curate settings."""
+def will_train(ctx: RunContext, cfg=None) -> str:
+    """What Start will train on, by method: the kept set of the run's current Curate settings
+    (craft, sft), the pairs of the pool (dpo), or the groups it will sample (grpo). ``cfg``:
+    the page's settings as they are being typed (default: the run's)."""
     from craft import CraftError
     from craft.filtering import coverage
-    from craft.stages import training_set
+    from craft.stages import dpo_pairs, training_set
     from craft.training import weighted_epochs
 
-    cfg = ctx.cfg
+    cfg = cfg or ctx.cfg
     f, t, a = cfg.filter, cfg.train, cfg.advantage
-    if f.dedup_threshold is not None:
-        return (f"**Start will train on at most {f.top_k} images**: the kept set of Curate's "
-                f"settings, near-duplicates dropped when it starts")
+    if t.method == "grpo":
+        g = cfg.grpo
+        rounds = t.steps // max(1, g.updates)
+        return (f"**Start will sample {g.prompts_per_step} prompts × {g.group_size} images per "
+                f"round**, {rounds} rounds of {g.num_inference_steps} sampler steps (= "
+                f"{rounds * g.prompts_per_step * g.group_size} images generated and scored with "
+                f"{', '.join(cfg.rewards.names)}), {g.updates} updates each; no pool needed")
     try:
+        if t.method == "dpo":
+            images, pairs = dpo_pairs(ctx.store, cfg)
+            return (f"**Start will train on {len(pairs)} pairs** of {len(images)} images from "
+                    f"{pairs['prompt_id'].nunique()} prompts ({cfg.dpo.pairs}, composite gap > "
+                    f"{cfg.dpo.margin:g}, β {cfg.dpo.beta:g}); {t.steps} steps × "
+                    f"{t.effective_batch} pairs")
+        if f.dedup_threshold is not None:
+            return (f"**Start will train on at most {f.top_k} images**: the kept set of "
+                    f"Curate's settings, near-duplicates dropped when it starts")
         kept = training_set(ctx.store, cfg, save_as=None)
     except (CraftError, ValueError) as e:
-        return f"Start needs a kept set first: {e}"
+        return f"Start needs {'pairs' if t.method == 'dpo' else 'a kept set'} first: {e}"
     cov = coverage(kept)
+    how = ("weight 1 each (SFT)" if t.method == "sft"
+           else f"each weighted by its advantage ({a.mode})")
     return (f"**Start will train on {len(kept)} images** from {cov['prompts']} prompts: the "
             f"kept set of Curate's current settings (level {f.level}, K {f.top_k}"
             + (f", at most {f.per_prompt_cap} per prompt" if f.per_prompt_cap else "")
-            + f"), each weighted by its advantage ({a.mode}); {t.steps} steps × "
-              f"{t.effective_batch} samples ≈ "
+            + f"), {how}; {t.steps} steps × {t.effective_batch} samples ≈ "
               f"{weighted_epochs(len(kept), t.steps, t.effective_batch):.0f} passes over it")
 
 
@@ -142,6 +167,37 @@ def previews_for(ctx: RunContext, name: str, prompts: list[str]) -> list[tuple[s
     return items
 
 
+TRAINED_ON_SHOWN = 24  # images in the "what it trains on" gallery
+
+
+def trained_on(ctx: RunContext, name: str) -> list[tuple[str, str]]:
+    """(image, caption) of what run ``name`` trains on: DPO's recorded pairs side by side, or
+    the images GRPO sampled (newest round first) with their composite rewards."""
+    from craft.stages import grpo_model_key
+
+    runs = ctx.store.train_runs_df()
+    rows = runs[runs["name"] == name] if not runs.empty else runs
+    if rows.empty or pd.isna(rows.iloc[-1].get("selection_id")):
+        return []
+    sel = json.loads(ctx.store.selections_df().set_index("id").loc[
+        int(rows.iloc[-1]["selection_id"]), "settings_json"])
+    if sel.get("method") == "dpo":
+        paths = ctx.store.candidates_df().set_index("id")["image_path"]
+        out = []
+        for k, (w, lo) in enumerate(sel.get("pairs", [])[:TRAINED_ON_SHOWN // 2]):
+            out += [(paths.get(w), f"pair {k + 1}: winner #{w}"),
+                    (paths.get(lo), f"pair {k + 1}: loser #{lo}")]
+        return [(p, c) for p, c in out if p is not None]
+    if sel.get("method") == "grpo":
+        c = ctx.store.candidates_df(model=grpo_model_key(name))
+        if c.empty:
+            return []
+        c = c.assign(round=[json.loads(p).get("round", 0) for p in c["params_json"]])
+        c = c.sort_values(["round", "id"], ascending=[False, True]).head(TRAINED_ON_SHOWN)
+        return [(r.image_path, f"round {r.round}: {r.prompt}") for r in c.itertuples()]
+    return []
+
+
 def stored_config(ctx: RunContext, name: str):
     runs = ctx.store.train_runs_df()
     rows = runs[runs["name"] == name]
@@ -161,8 +217,15 @@ class TrainTab(Tab):
                 else "the denoiser (UNet, or a flow transformer)"
                 if ctx.cfg.model.family == "auto" else "the UNet")
         gr.Markdown(f"Fine-tune {what} on the **kept set** (Curate tab) with each image's loss "
-                    "weighted by its group advantage; conditioning is the original prompt. "
-                    "Training runs in the background: every other tab stays usable.")
+                    "weighted by its group advantage (CRAFT); conditioning is the original "
+                    "prompt. The other methods are the paper's baselines on the same pool: SFT "
+                    "(the kept set, weight 1), Diffusion-DPO (winner / loser pairs of each "
+                    "prompt's group) and online GRPO (samples and scores its own groups while "
+                    "it trains). Training runs in the background: every other tab stays usable.")
+        self.method = settings.bind("train.method", gr.Radio(
+            list(field_choices("train", "method")), value=t.method, label="method",
+            info=field_help("train", "method"), elem_id="train-method"))
+        self._method_settings(ctx, settings)
         with gr.Row():
             self.steps = settings.bind("train.steps", gr.Number(
                 t.steps, precision=0, minimum=1, label="steps", info=field_help("train", "steps"),
@@ -243,9 +306,50 @@ class TrainTab(Tab):
             self.previews = gr.Gallery(label="Fixed-seed previews: first and latest", columns=4,
                                        height=360, object_fit="contain",
                                        elem_classes=["pixelated"], elem_id="train-previews")
+        self.trained_on = gr.Gallery(
+            label="What the run trains on: DPO's pairs (winner, then loser) or the groups GRPO "
+                  "sampled so far (newest round first); CRAFT / SFT: the kept set (Curate)",
+            columns=6, height=300, object_fit="contain", elem_classes=["pixelated"],
+            elem_id="train-trained-on")
         self.runs = gr.Dataframe(label="Training runs", interactive=False, max_height=260,
                                  elem_id="train-runs")
         self._preview_key = None
+
+    def _method_settings(self, ctx: RunContext, settings: Settings) -> None:
+        """DPO's and GRPO's own settings, shown for their method only."""
+        d, g, m = ctx.cfg.dpo, ctx.cfg.grpo, ctx.cfg.train.method
+        self.settings = settings
+        self._method_keys = ["dpo.pairs", "dpo.beta", "dpo.margin", "dpo.max_pairs",
+                             *(f"grpo.{k}" for k in ("prompts_per_step", "group_size",
+                                                      "num_inference_steps", "updates",
+                                                      "clip_range", "kl_weight", "eta",
+                                                      "noise_level"))]
+        with gr.Group(visible=m == "dpo", elem_id="train-dpo") as self.dpo_box:
+            with gr.Row():
+                self.dpo_pairs = settings.bind("dpo.pairs", gr.Dropdown(
+                    list(field_choices("dpo", "pairs")), value=d.pairs, label="DPO pairs",
+                    info=field_help("dpo", "pairs"), elem_id="train-dpo-pairs"))
+                self.dpo_beta = settings.bind("dpo.beta", gr.Number(
+                    d.beta, minimum=0, label="β", info=field_help("dpo", "beta"),
+                    elem_id="train-dpo-beta"))
+                self.dpo_margin = settings.bind("dpo.margin", gr.Number(
+                    d.margin, minimum=0, label="composite margin",
+                    info=field_help("dpo", "margin")))
+                self.dpo_max = settings.bind("dpo.max_pairs", gr.Number(
+                    d.max_pairs or 0, precision=0, minimum=0, label="at most N pairs (0 = all)"),
+                    to_ui=lambda v: v or 0, from_ui=lambda v: int(v or 0) or None)
+        with gr.Group(visible=m == "grpo", elem_id="train-grpo") as self.grpo_box:
+            with gr.Row():
+                binds = [("prompts_per_step", "prompts per round", 0),
+                         ("group_size", "group size (images per prompt)", 0),
+                         ("num_inference_steps", "sampler steps", 0),
+                         ("updates", "updates per round", 0),
+                         ("clip_range", "clip range ε", None), ("kl_weight", "KL to the base", None),
+                         ("eta", "DDIM η (UNets)", None), ("noise_level", "SDE noise (flow)", None)]
+                for key, label, precision in binds:
+                    settings.bind(f"grpo.{key}", gr.Number(
+                        getattr(g, key), precision=precision, minimum=0, label=label,
+                        info=field_help("grpo", key), elem_id=f"train-grpo-{key.replace('_', '-')}"))
 
     # ------------------------------------------------------------------ jobs
 
@@ -267,6 +371,28 @@ class TrainTab(Tab):
 
     def wire(self, app) -> None:
         buttons = [self.start, self.cancel]
+
+        keys = ["train.method", "train.steps", *self._method_keys]
+        fields = [self.settings.component(k) for k in keys]
+
+        def on_method_settings(method, *values):
+            """The method's own settings shown, and what Start would train on with the values
+            on the page (saved or not yet)."""
+            from craft.config import ConfigError
+
+            cfg = self.ctx.cfg
+            try:
+                for key, value in zip(keys, (method, *values)):
+                    cfg = self.settings.config_with(cfg, key, value)
+                text = will_train(self.ctx, cfg)
+            except (ConfigError, ValueError, TypeError):
+                text = gr.skip()  # a half-typed value: its box says what is wrong
+            return (gr.update(visible=method == "dpo"), gr.update(visible=method == "grpo"),
+                    text)
+
+        for field in fields:  # what the user changes (a refresh sets the same itself)
+            app.on(field.input, on_method_settings, fields,
+                   [self.dpo_box, self.grpo_box, self.will_train], show_progress="hidden")
 
         def on_start(name, processes):
             ctx = self.ctx
@@ -310,15 +436,16 @@ class TrainTab(Tab):
             running = snap is not None and snap.running
             if running and snap.info.get("name"):
                 view = snap.info["name"]  # this run's job: the loss curve follows it
-            loss, previews = self._run_view(view)
+            loss, previews, seen = self._run_view(view)
             # the runs table shows a run in progress as it goes
             extra = [runs_table(ctx), gr.skip(), gr.skip(), gr.skip()]
             if not running:
                 extra = [runs_table(ctx), gr.update(choices=resumable(ctx)),
                          finished_message(snap, again=RESUME_HINT), gr.Timer(active=False)]
-            return [*out, loss, previews, *extra, *job_buttons(running)]
+            return [*out, loss, previews, seen, *extra, *job_buttons(running)]
 
         self.panel.on_tick(app, tick, self.view, [*self.panel.outputs, self.loss, self.previews,
+                                                  self.trained_on,
                                                   self.runs, self.resume_name, self.message,
                                                   self.panel.timer, *buttons])
 
@@ -326,11 +453,13 @@ class TrainTab(Tab):
             self._preview_key = None
             return self._run_view(view)
 
-        app.on(self.view.input, on_view, self.view, [self.loss, self.previews])
+        app.on(self.view.input, on_view, self.view, [self.loss, self.previews, self.trained_on])
 
     def _run_view(self, name):
+        """(loss figure, previews, what it trains on) of run ``name``; unchanged galleries are
+        skipped so a poll does not reload their images."""
         if not name:
-            return loss_curve(None), []
+            return loss_curve(None), [], []
         ctx = self.ctx
         metrics = metrics_for(ctx, name)
         fig = loss_curve(metrics, title=f"Loss · {name}")
@@ -338,11 +467,12 @@ class TrainTab(Tab):
         prompts = list((stored_config(ctx, name) if name in set(runs.get("name", []))
                         else ctx.cfg).train.preview_prompts)
         items = previews_for(ctx, name, prompts)
-        key = (name, tuple(p for p, _ in items))
+        seen = trained_on(ctx, name)
+        key = (name, tuple(p for p, _ in items), tuple(p for p, _ in seen))
         if key == self._preview_key:
-            return fig, gr.skip()
+            return fig, gr.skip(), gr.skip()
         self._preview_key = key
-        return fig, items
+        return fig, items, seen
 
     # ------------------------------------------------------------------ refresh
 
@@ -353,8 +483,9 @@ class TrainTab(Tab):
     @property
     def refresh_outputs(self) -> list:
         return [self.name, self.view, self.resume_name, self.runs, self.loss, self.previews,
+                self.trained_on,
                 *self.panel.outputs, self.panel.timer, self.start, self.cancel,
-                self.will_train]
+                self.will_train, self.dpo_box, self.grpo_box]
 
     def refresh(self, current_name: str = "") -> list:
         ctx = self.ctx
@@ -365,11 +496,14 @@ class TrainTab(Tab):
         mine = snap is not None and snap.info.get("run_dir") == str(ctx.run_dir)
         view = snap.info.get("name") if mine else (names[0] if names else None)
         self._preview_key = None
-        loss, previews = self._run_view(view)
+        loss, previews, seen = self._run_view(view)
         return [next_name(ctx) if taken else gr.skip(), gr.update(choices=names, value=view),
                 gr.update(choices=resumable(ctx), value=None), runs_table(ctx), loss, previews,
+                seen,
                 *self.panel.render(), self.panel.keep_polling(),
-                *job_buttons(self.panel.is_running()), will_train(ctx)]
+                *job_buttons(self.panel.is_running()), will_train(ctx),
+                gr.update(visible=ctx.cfg.train.method == "dpo"),
+                gr.update(visible=ctx.cfg.train.method == "grpo")]
 
 
-__all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table"]
+__all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table", "trained_on"]
