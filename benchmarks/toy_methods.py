@@ -43,7 +43,8 @@ DPO_SWEEP = [  # (name, overrides)
                      "dpo.max_pairs=2000"]),
 ]
 GRPO = ["train.method=grpo", "grpo.prompts_per_step=4", "grpo.group_size=8",
-        "grpo.num_inference_steps=10", "grpo.updates=2", "train.lr=1e-4",
+        "grpo.num_inference_steps=10", "grpo.updates=2", "grpo.timestep_fraction=0.5",
+        "train.lr=1e-4",
         "train.micro_batch=32", "train.effective_batch=32", "train.checkpoint_every=10",
         "train.ema_decay=0"]
 
@@ -59,7 +60,7 @@ def main() -> None:
     args = ta.parse_args(__doc__, "/tmp/bench/methods", lambda ap: (
         ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2]),
         ap.add_argument("--bases", nargs="+", default=["toy", "toy-flow"]),
-        ap.add_argument("--grpo-steps", type=int, default=200)))
+        ap.add_argument("--grpo-steps", type=int, default=120)))
     t_start = time.time()
     out = Path(args.out) / "toy_methods.json"
     results = json.loads(out.read_text()) if out.exists() else {}
