@@ -106,16 +106,8 @@ def test_the_cli_verdicts_for_the_shipped_configs(capsys):
     assert main(["plan", flux, "--gpus", "8", "--gpu-memory", "80", "--set", "train.lora=false",
                  "--set", "train.sharding=fsdp"]) == 0
     assert "verdict: fits on 8 x 80 GiB" in capsys.readouterr().out
-    sdxl = str(PROJECT_ROOT / "configs" / "sdxl.yaml")
-    assert main(["plan", sdxl, "--gpus", "1", "--gpu-memory", "24"]) == 4
-    out = capsys.readouterr().out
-    assert "the cheapest change that fits every stage: --set " in out
-    change = out.split("the cheapest change that fits every stage: ")[1].split("\n")[0]
-    overrides = [c for c in change.split("--set") if c.strip()]
-    again = ["plan", sdxl, "--gpus", "1", "--gpu-memory", "24"]
-    for o in overrides:
-        again += ["--set", o.strip()]
-    assert main(again) == 0  # the suggested change does fit
+    # SDXL on 24 GiB (-> LoRA) is recorded in benchmarks/real_scale.md: its plan takes ~2 min
+    # here, and that a suggested change fits is checked on the toy plan below
 
 
 def test_the_toy_plan_and_a_gpu_too_small(capsys):
@@ -125,6 +117,11 @@ def test_the_toy_plan_and_a_gpu_too_small(capsys):
     assert main(["plan", "--gpu-memory", "1.05"]) == 4
     out = capsys.readouterr().out
     assert "the cheapest change that fits every stage: --set" in out
+    change = out.split("the cheapest change that fits every stage: ")[1].split("\n")[0]
+    again = ["plan", "--gpu-memory", "1.05"]
+    for o in (c for c in change.split("--set") if c.strip()):
+        again += ["--set", o.strip()]
+    assert main(again) == 0  # the suggested change does fit
     assert main(["plan", "--gpu", "nosuchgpu"]) == 2
     assert "is not a GPU the plan knows" in capsys.readouterr().err
 

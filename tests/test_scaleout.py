@@ -118,7 +118,7 @@ def one_process(tmp_path_factory, tiny_model_dir):
     run = tmp_path_factory.mktemp("one") / "run"
     proc = _run([sys.executable, "-m", "craft.cli", *_craft_run(run, _sets(tiny_model_dir))])
     assert proc.returncode == 0, proc.stderr[-6000:]
-    return _state(run)
+    return {**_state(run), "run_dir": run}
 
 
 def test_shipped_command_on_two_processes(tmp_path, tiny_model_dir, one_process):
@@ -240,10 +240,10 @@ def test_a_killed_rank_leaves_a_run_the_same_command_resumes(tmp_path, tiny_mode
                                                              at, rank):
     run = tmp_path / "run"
     progress = tmp_path / "progress.json"
-    # Long enough to be caught mid-stage: 4 prompts x 3 x 4 seeds at 30 steps; 40 train steps.
+    # Long enough to be caught mid-stage: 4 prompts x 3 x 4 seeds at 20 steps; 24 train steps.
     sets = _sets(tiny_model_dir, **{"generation.seeds_per_prompt": 4,
-                                    "generation.num_inference_steps": 30, "train.steps": 40,
-                                    "train.checkpoint_every": 5})
+                                    "generation.num_inference_steps": 20, "train.steps": 24,
+                                    "train.checkpoint_every": 4})
     cmd = [*_launcher(2), *_craft_run(run, sets)]
     launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -259,7 +259,7 @@ def test_a_killed_rank_leaves_a_run_the_same_command_resumes(tmp_path, tiny_mode
     again = _run(cmd)
     assert again.returncode == 0, again.stderr[-6000:]
     state = _state(run)
-    _check_complete(state, seeds=4, steps=40)
+    _check_complete(state, seeds=4, steps=24)
     _final_loads(run)
     assert seen["done"] >= at
 
@@ -282,23 +282,25 @@ def _train_cmd(run: Path, model_dir: str, method: str, name: str, **extra) -> li
             *sets]
 
 
-def test_every_method_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, tiny_model_dir):
-    """DPO through the shipped `craft run`, SFT and GRPO through `craft train --method` on the
-    same pool, two processes each; GRPO's rank 0 is SIGKILLed mid-training and the same
-    command finishes it: every round's samples stored once, every step logged once."""
+def test_dpo_and_grpo_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, tiny_model_dir,
+                                                                     one_process):
+    """DPO and GRPO through the shipped `craft train --method` on two processes, on a copy of
+    the one-process run's pool (SFT is CRAFT's loop with weight 1: the craft runs here cover
+    it); GRPO's rank 0 is SIGKILLed mid-training and the same command finishes it: every
+    round's samples stored once, every step logged once."""
+    import shutil
+
     run = tmp_path / "run"
-    proc = _run([*_launcher(2), *_craft_run(run, _sets(tiny_model_dir, **{
-        "train.method": "dpo", "dpo.pairs": "above_margin"}))])
+    shutil.copytree(one_process["run_dir"], run)
+    proc = _run(_train_cmd(run, tiny_model_dir, "dpo", "dpo", **{"dpo.pairs": "above_margin"}))
     assert proc.returncode == 0, proc.stderr[-6000:]
     with RunStore(run) as store:
-        rec = store.train_run_by_name("craft")
+        rec = store.train_run_by_name("dpo")
         sel = json.loads(store.selections_df().set_index("id").loc[
             int(rec["selection_id"]), "settings_json"])
         assert rec["status"] == "done" and sel["method"] == "dpo" and sel["n_pairs"] > 0
         assert sel["processes"] == 2 and len(set(sel["digest_by_process"])) == 1
         assert store.metrics_df(int(rec["id"]))["dpo_accuracy"].notna().all()
-    proc = _run(_train_cmd(run, tiny_model_dir, "sft", "sft"))
-    assert proc.returncode == 0, proc.stderr[-6000:]
     progress = tmp_path / "progress.json"
     cmd = _train_cmd(run, tiny_model_dir, "grpo", "grpo")
     launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
@@ -310,7 +312,7 @@ def test_every_method_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, t
     assert again.returncode == 0, again.stderr[-6000:]
     with RunStore(run) as store:
         runs = store.train_runs_df().groupby("name").tail(1).set_index("name")
-        assert runs["status"].to_dict() == {"craft": "done", "sft": "done", "grpo": "done"}
+        assert runs["status"].to_dict() == {"craft": "done", "dpo": "done", "grpo": "done"}
         m = store.metrics_df(int(runs.loc["grpo", "id"]))
         assert m["step"].tolist() == list(range(1, 7)) and m["ratio"].notna().all()
         sampled = store.candidates_df(model="grpo:grpo")

@@ -382,14 +382,14 @@ def test_two_process_training_from_the_page(page, studio):
     page: its progress shows, Cancel stops the subprocesses at a step with a checkpoint, Resume
     continues it (one training run, one row) to the end and publishes RUN/final."""
     ctx = studio[0].ctx
-    fill(page, "train-steps", "120")
+    fill(page, "train-steps", "48")
     fill(page, "train-micro-batch", "2")  # effective batch 4 = 2 per process x 2 processes
     fill(page, "train-checkpoint-every", "10")
     fill(page, "train-name", "multi")
     fill(page, "train-processes", "2")
     page.click("#train-start")
     page.wait_for_selector("#train-job-status:has-text('Train multi (2 processes)'):has-text(': running')")
-    page.wait_for_selector("#train-job-status:has-text('/120 step')", timeout=JOB_TIMEOUT_MS)
+    page.wait_for_selector("#train-job-status:has-text('/48 step')", timeout=JOB_TIMEOUT_MS)
     page.wait_for_function("() => { const p = document.querySelector('#train-loss "
                            ".js-plotly-plot'); return p && p.data && p.data.length && "
                            "p.layout.title.text.includes('multi') && p.data[0].x.length >= 12; }",
@@ -402,7 +402,7 @@ def test_two_process_training_from_the_page(page, studio):
     row = runs[runs["name"] == "multi"]
     assert row["status"].tolist() == ["cancelled"]
     steps = int(ctx.store.metrics_df(int(row["id"].iloc[0]))["step"].max())
-    assert 12 <= steps < 120
+    assert 12 <= steps < 48
     assert (ctx.run_dir / "train" / "multi" / f"checkpoint-{steps}" / "unet").is_dir()
     page.wait_for_function("() => document.querySelector('#train-runs').innerText"
                            ".includes('cancelled')")
@@ -415,12 +415,12 @@ def test_two_process_training_from_the_page(page, studio):
     row = runs[runs["name"] == "multi"]
     assert row["status"].tolist() == ["done"]
     metrics = ctx.store.metrics_df(int(row["id"].iloc[0]))
-    assert metrics["step"].tolist() == list(range(1, 121))
+    assert metrics["step"].tolist() == list(range(1, 49))
     sel = json.loads(ctx.store.selections_df().set_index("id").loc[
         int(row["selection_id"].iloc[0]), "settings_json"])
     assert sel["processes"] == 2 and len(set(sel["digest_by_process"])) == 1
     final = json.loads((ctx.run_dir / "final" / "craft_train.json").read_text())
-    assert final["run_name"] == "multi" and final["steps"] == 120
+    assert final["run_name"] == "multi" and final["steps"] == 48
     fill(page, "train-processes", "1")
     fill(page, "train-micro-batch", "4")
 

@@ -203,7 +203,8 @@ def _md(text: str) -> str:
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 REPORTS = (("toy_ablation.md", "The paper's ablations in the toy world (levels, K, weighting)"),
            ("toy_pareto.md", "The price of alignment: gain against diversity, per control"),
-           ("toy_rounds.md", "Online CRAFT: two rounds against one"))
+           ("toy_rounds.md", "Online CRAFT: two rounds against one"),
+           ("toy_methods.md", "CRAFT against SFT, Diffusion-DPO and online GRPO, with costs"))
 
 
 def reports_markdown() -> list[tuple[str, str]]:
@@ -267,7 +268,8 @@ class CompareTab(Tab):
         reports = reports_markdown()
         if reports:
             with gr.Accordion("Recorded benchmarks: ablations, the price of alignment, online "
-                              "rounds (benchmarks/)", open=False, elem_id="compare-reports"):
+                              "rounds, the baselines (benchmarks/)", open=False,
+                              elem_id="compare-reports"):
                 for title, text in reports:
                     with gr.Accordion(title, open=False):
                         gr.Markdown(text, elem_classes=["report"])
