@@ -43,7 +43,7 @@ def _dpo_setup(tiny_model_dir, tiny_pipe, paths, pairs):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from craft.training import encode_dataset, timestep_weights
+    from craft.training import _forget_other_precision, encode_dataset, timestep_weights
 
     cfg = tiny_config(tiny_model_dir, **{"train.method": "dpo", "train.micro_batch": 3,
                                          "train.effective_batch": 3, "dpo.beta": 500.0})
@@ -53,7 +53,10 @@ def _dpo_setup(tiny_model_dir, tiny_pipe, paths, pairs):
     data.lat_std = torch.zeros_like(data.lat_std)  # x0 = the posterior mean: one x0 per image
     data.pairs = torch.tensor(pairs)
     sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
-    return cfg, Accelerator(cpu=True), sched, timestep_weights(sched, "uniform"), data
+    # float32: accelerate's process-wide state may still hold an earlier test's bf16 autocast
+    _forget_other_precision("no")
+    acc = Accelerator(cpu=True, mixed_precision="no")
+    return cfg, acc, sched, timestep_weights(sched, "uniform"), data
 
 
 def _grad(model, loss) -> torch.Tensor:
@@ -62,8 +65,8 @@ def _grad(model, loss) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_dpo_gradient_is_zero_at_the_reference_with_equal_pair_errors(tiny_model_dir, tiny_pipe,
-                                                                     two_images):
+def test_dpo_gradient_is_zero_at_the_reference_with_equal_pair_errors(tiny_model_dir,
+                                                                     tiny_pipe_copy, two_images):
     """Tuned = reference: the gradient is beta/4 * grad(e_w - e_l), so a pair whose winner and
     loser are the same image (equal errors under the shared noise) pushes nowhere, while a pair
     of two different images does."""
@@ -71,6 +74,8 @@ def test_dpo_gradient_is_zero_at_the_reference_with_equal_pair_errors(tiny_model
 
     from craft.training import dpo_micro_batch_loss
 
+    tiny_pipe = tiny_pipe_copy  # a fresh pipeline: nothing another test did to it counts
+    tiny_pipe.unet.eval()
     tuned = copy.deepcopy(tiny_pipe.unet).requires_grad_(True)
     cfg, acc, sched, w_t, data = _dpo_setup(tiny_model_dir, tiny_pipe, two_images, [[0, 0]])
     loss, _ = dpo_micro_batch_loss(tuned, sched, w_t, data, cfg.train, 500.0, 3, 0, 0, acc,
@@ -306,13 +311,20 @@ def test_grpo_ratio_is_one_on_the_samples_own_weights(flow, tiny_model_dir, tiny
     assert torch.allclose(ratio, torch.ones(3), atol=1e-4), ratio
 
 
-def _register_constant_reward():
+@pytest.fixture
+def constant_reward():
+    """A reward that gives every image 0.5, registered for one test only (the registry is the
+    process's: tests/test_rewards_registry.py checks what it holds)."""
+    from craft.rewards import base
     from craft.rewards.base import FunctionReward, register_reward
 
     @register_reward("test_constant", description="tests: the same score for every image")
     def _c(*, device="cpu", dtype=None, batch_size=32, path=None):
         return FunctionReward("test_constant", lambda images, prompts: [0.5] * len(images),
                               batch_size=batch_size)
+
+    yield "test_constant"
+    base._REGISTRY.pop("test_constant", None)
 
 
 def _grpo_run(tmp_path, weights: str) -> list[dict]:
@@ -339,11 +351,11 @@ def _grpo_run(tmp_path, weights: str) -> list[dict]:
     return metrics
 
 
-def test_a_tiny_grpo_run_raises_its_reward_and_a_constant_reward_does_nothing(tmp_path):
+def test_a_tiny_grpo_run_raises_its_reward_and_a_constant_reward_does_nothing(tmp_path,
+                                                                           constant_reward):
     """GRPO on the aesthetic reward against a control whose only reward is a constant (no
     advantage, so no gradient: the base itself). Rounds are functions of (seed, round), so
     round r of both runs starts from the same noise: the difference is the policy's alone."""
-    _register_constant_reward()
     rl = _grpo_run(tmp_path, "{toy_aesthetic: 1.0, test_constant: 0.0}")
     control = _grpo_run(tmp_path, "{toy_aesthetic: 0.0, test_constant: 1.0}")
     assert rl[0]["ratio"] == pytest.approx(1.0, abs=1e-4)  # first update: on-policy
