@@ -89,8 +89,7 @@ def main() -> None:
                 ta._add(timings, f"train {arm.name}", time.time() - t0)
                 finals[arm.name] = str(r.final_dir)
                 rec = run.store.train_run_by_name(arm.name)
-                sel = json.loads(run.store.selections_df().set_index("id").loc[
-                    int(rec["selection_id"]), "settings_json"])
+                sel = run.store.selection_settings(int(rec["selection_id"]))
                 facts[arm.name] = {"note": arm.note, "n_pairs": sel.get("n_pairs"),
                                    "n_train": len(run.store.selection_items_df(
                                        int(rec["selection_id"])))}

@@ -318,7 +318,7 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     from craft.pipes import latent_shape
     from craft.rewards import load_reward
     from craft.training import (TrainCallbacks, _accumulating, _backward, _sq_error,
-                                build_trainable, empty_conditioning, encode_text,
+                                build_trainable, empty_conditioning, encode_texts,
                                 offload_encoders, open_session, release, run_loop, run_meta,
                                 training_size)
 
@@ -334,8 +334,7 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
                          f"{world} processes: each process samples whole groups")
     size = training_size(cfg, pipe)
     texts = list(prompts["prompt"])
-    cond = {k: v.float().cpu() for k, v in _encode_all(pipe, texts, acc.device, size,
-                                                          encode_text).items()}
+    cond = {k: v.cpu() for k, v in encode_texts(pipe, texts, acc.device, size).items()}
     empty = {k: v.float().cpu() for k, v in empty_conditioning(pipe, acc.device, size).items()}
     rewards = {n: load_reward(n, device=str(acc.device) if cfg.rewards.device == "auto"
                               else cfg.rewards.device, batch_size=cfg.rewards.batch_size,
@@ -436,24 +435,12 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
         release(tr, pipe, acc)
 
 
-def _encode_all(pipe, texts: list[str], device, size, encode_text, chunk: int = 64) -> dict:
-    parts = [encode_text(pipe, texts[i:i + chunk], device, size)
-             for i in range(0, len(texts), chunk)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
 def _base_guided(policy: Policy, base, x, k, c, e, acc):
     """The frozen base's guided prediction (LoRA: the same module, adapters off)."""
-    adapters = bool(getattr(base, "_hf_peft_config_loaded", False))
-    dtype = next(base.parameters()).dtype
-    if adapters:
-        base.disable_adapters()
-    try:
-        with acc.autocast():
-            return policy.predict(base, x, k, c, e, dtype)
-    finally:
-        if adapters:
-            base.enable_adapters()
+    from craft.training import as_base
+
+    with acc.autocast(), as_base(base) as dtype:
+        return policy.predict(base, x, k, c, e, dtype)
 
 
 def _mean_over_processes(acc, value: float) -> float:

@@ -449,8 +449,7 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
     config = json.loads(rec["config_json"])
     cfg_then = config_from_dict(config, f"training run {name}")
     if cfg_then.train.method == "grpo":
-        recorded = json.loads(store.selections_df().set_index("id").loc[
-            int(rec["selection_id"]), "settings_json"])
+        recorded = store.selection_settings(int(rec["selection_id"]))
         prompts = grpo_prompts(store)
         prompts = prompts[prompts["prompt_id"].isin(recorded["prompt_ids"])]
         if len(prompts) != len(recorded["prompt_ids"]):
@@ -468,8 +467,7 @@ def _plan_training(run: Run, cfg, name: str, resume: bool | None, settings) -> T
                              f"which {len(items) - len(kept)} are gone from the store; it "
                              f"cannot be resumed on the same data: train under a new name")
         kept = kept.sort_values(["composite", "candidate_id"], ascending=[False, True])
-        recorded = json.loads(store.selections_df().set_index("id").loc[
-            int(rec["selection_id"]), "settings_json"])
+        recorded = store.selection_settings(int(rec["selection_id"]))
     else:  # a run recorded before selections were linked: select as its config says
         settings = filter_settings(cfg_then)
         kept = training_set(store, cfg_then, settings, save_as=None)

@@ -789,6 +789,13 @@ class RunStore:
         return self._df("SELECT s.*, (SELECT count(*) FROM selection_items i "
                         "WHERE i.selection_id=s.id) AS num_items FROM selections s ORDER BY s.id")
 
+    def selection_settings(self, selection_id: int) -> dict:
+        """The settings a selection was saved with (how it was made)."""
+        rows = self._query("SELECT settings_json FROM selections WHERE id=?", (selection_id,))
+        if not rows:
+            raise StoreError(f"no selection with id {selection_id} in {self.run_dir}")
+        return json.loads(rows[0][0])
+
     def selection_items_df(self, selection_id: int) -> pd.DataFrame:
         """Columns candidate_id, composite, advantage, weight."""
         return self._df("SELECT candidate_id, composite, advantage, weight FROM selection_items "

@@ -547,6 +547,13 @@ def vae_chunk(cfg) -> int:
     return 1 if cfg.model.vae_slicing else cfg.train.micro_batch
 
 
+def encode_texts(pipe, texts: list[str], device, size: tuple[int, int]) -> dict:
+    """:func:`encode_text` of many prompts, ``TEXT_CHUNK`` at a time, as float32."""
+    parts = [encode_text(pipe, texts[i:i + TEXT_CHUNK], device, size)
+             for i in range(0, len(texts), TEXT_CHUNK)]
+    return {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
+
+
 def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
     """Latents and text conditioning of every kept image, computed once (VAE and text encoders
     are frozen), on ``device``, a chunk at a time."""
@@ -557,10 +564,7 @@ def encode_dataset(cfg, pipe, train_df: pd.DataFrame, device) -> TrainData:
     pixels = load_training_images(list(train_df["image_path"]), size)
     lat_mean, lat_std = encode_latents(pipe.vae, pixels, device, batch=vae_chunk(cfg))
     text_col = "variant" if tc.conditioning == "variant" and "variant" in train_df else "prompt"
-    texts = list(train_df[text_col])
-    parts = [encode_text(pipe, texts[i:i + TEXT_CHUNK], device, size)
-             for i in range(0, len(texts), TEXT_CHUNK)]
-    cond = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
+    cond = encode_texts(pipe, list(train_df[text_col]), device, size)
     empty = empty_conditioning(pipe, device, size)
     weights = torch.tensor(train_df["weight"].to_numpy(float), dtype=torch.float32,
                            device=device)
@@ -713,17 +717,23 @@ def dpo_micro_batch_loss(model, noise_sched, w_t, data: TrainData, tc, beta: flo
     return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta)
 
 
-def _base_prediction(base, data: TrainData, xt, t, c, accelerator):
+@contextlib.contextmanager
+def as_base(base):
+    """``base`` as the frozen base model: a LoRA run's denoiser with its adapters off for the
+    duration (a full run's base has none). Yields the dtype to feed it."""
     adapters = bool(getattr(base, "_hf_peft_config_loaded", False))
-    dtype = next(base.parameters()).dtype
-    with torch.no_grad(), accelerator.autocast():
+    if adapters:
+        base.disable_adapters()
+    try:
+        yield next(base.parameters()).dtype
+    finally:
         if adapters:
-            base.disable_adapters()
-        try:
-            return data.call(base, xt.to(dtype), t, {k: v.to(dtype) for k, v in c.items()})
-        finally:
-            if adapters:
-                base.enable_adapters()
+            base.enable_adapters()
+
+
+def _base_prediction(base, data: TrainData, xt, t, c, accelerator):
+    with torch.no_grad(), accelerator.autocast(), as_base(base) as dtype:
+        return data.call(base, xt.to(dtype), t, {k: v.to(dtype) for k, v in c.items()})
 
 
 @contextlib.contextmanager

@@ -179,8 +179,7 @@ def trained_on(ctx: RunContext, name: str) -> list[tuple[str, str]]:
     rows = runs[runs["name"] == name] if not runs.empty else runs
     if rows.empty or pd.isna(rows.iloc[-1].get("selection_id")):
         return []
-    sel = json.loads(ctx.store.selections_df().set_index("id").loc[
-        int(rows.iloc[-1]["selection_id"]), "settings_json"])
+    sel = ctx.store.selection_settings(int(rows.iloc[-1]["selection_id"]))
     if sel.get("method") == "dpo":
         paths = ctx.store.candidates_df().set_index("id")["image_path"]
         out = []
