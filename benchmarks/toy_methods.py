@@ -60,10 +60,15 @@ def main() -> None:
     args = ta.parse_args(__doc__, "/tmp/bench/methods", lambda ap: (
         ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2]),
         ap.add_argument("--bases", nargs="+", default=["toy", "toy-flow"]),
-        ap.add_argument("--grpo-steps", type=int, default=120)))
+        ap.add_argument("--grpo-steps", type=int, default=80),
+        ap.add_argument("--report-only", action="store_true",
+                        help="re-render toy_methods.md from toy_methods.json, run nothing")))
     t_start = time.time()
     out = Path(args.out) / "toy_methods.json"
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.report_only:
+        ta.write_report(args.out, "toy_methods.md", report(results, args, t_start))
+        return
     for base_name in args.bases:
         config = str(ta.ROOT / "configs" / f"{base_name}.yaml")
         res = results.setdefault(base_name, {"seeds": {}, "sweep": {}, "timings": {}})

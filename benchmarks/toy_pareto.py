@@ -12,6 +12,12 @@ rewards, the kept set's coverage, and which arms are on the Pareto front. Contro
 - fewer passes (train.steps).
 
     .venv/bin/python benchmarks/toy_pareto.py [--run-dir /tmp/bench/pareto] [--threads 2]
+    .venv/bin/python benchmarks/toy_pareto.py --config configs/toy-flow.yaml \
+        --run-dir /tmp/bench/pareto-flow      # -> benchmarks/toy_pareto_flow.md / .json
+
+On the flow base the arms are the controls that moved diversity there
+(benchmarks/toy_craft_flow.md: the anchor and fewer steps; the cap changed nothing), alone and
+together, from which configs/toy-flow.yaml's default is chosen.
 
 Interrupted, it resumes from what is in --run-dir (finished arms are not trained again).
 """
@@ -43,6 +49,19 @@ ARMS = [
         "cap 3 and anchor 2 together"),
 ]
 
+FLOW_ARMS = [
+    Arm("craft", [], "the plain setting (I_hpa, K = 100, 300 steps, clamp)"),
+    Arm("steps100", ["train.steps=100"], "100 steps (~32 passes): configs/toy.yaml's default"),
+    Arm("steps50", ["train.steps=50"], "50 steps (~16 passes)"),
+    Arm("anchor0.5", ["train.anchor_weight=0.5"], "anchor to the base, weight 0.5"),
+    Arm("steps100-anchor0.5", ["train.steps=100", "train.anchor_weight=0.5"],
+        "100 steps and anchor 0.5"),
+    Arm("steps100-anchor1", ["train.steps=100", "train.anchor_weight=1"],
+        "100 steps and anchor 1"),
+    Arm("steps50-anchor0.5", ["train.steps=50", "train.anchor_weight=0.5"],
+        "50 steps and anchor 0.5"),
+]
+
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     """Arms no other arm beats on both gain and diversity."""
@@ -63,7 +82,9 @@ def main() -> None:
     timings: dict = {}
     t_start = time.time()
     run = ta.build_pool(Path(args.run_dir), cfg, timings)
-    arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
+    flow = "flow" in Path(args.config).stem
+    name = "toy_pareto_flow" if flow else "toy_pareto"
+    arms = [a for a in (FLOW_ARMS if flow else ARMS) if args.arms is None or a.name in args.arms]
     facts, finals = {}, {}
     for arm in arms:
         acfg = ta.arm_config(args.config, base, arm)
@@ -93,7 +114,7 @@ def main() -> None:
     front = pareto_front({k: (v["gain"], v["diversity"]) for k, v in rows.items()})
     eligible = {k: v for k, v in rows.items() if v["gain_share"] >= 0.8}
     pick = max(eligible, key=lambda k: (eligible[k]["diversity"], eligible[k]["gain"]))
-    ta.save_json(Path(args.out) / "toy_pareto.json", {
+    ta.save_json(Path(args.out) / f"{name}.json", {
         "config": Path(args.config).name, "overrides": base, "rows": rows,
         "base_diversity": [base_div["mean"], base_div["se"]], "front": sorted(front),
         "recommended": pick, "summary": ev.summary.to_dict(orient="records"),
@@ -117,8 +138,8 @@ def main() -> None:
         f"**Diversity** = {ev.diversity_metric} across the {c.eval.seeds_per_prompt} seeds of a "
         f"prompt, mean ± SE over prompts (base: **{base_div['mean']:.1f} ± "
         f"{base_div['se']:.1f}**). *Diversity kept* = how much of the diversity CRAFT loses "
-        "(base − craft) an arm wins back: 0 % = as collapsed as today's default, 100 % = as "
-        "diverse as the base. *Gain share* = the arm's composite gain / today's default's.",
+        "(base − craft) an arm wins back: 0 % = as collapsed as the plain setting (craft), 100 % "
+        "= as diverse as the base. *Gain share* = the arm's composite gain / craft's.",
         "",
         "| arm | what | kept (prompts, max/prompt) | composite gain ± SE | win % | gain share "
         "| diversity ± SE | Δ vs base ± SE | diversity kept | "
@@ -138,10 +159,10 @@ def main() -> None:
     p = rows[pick]
     lines += [
         "",
-        f"**Recommended** (the most diverse arm that keeps ≥ 80 % of today's composite gain): "
+        f"**Recommended** (the most diverse arm that keeps ≥ 80 % of the plain setting's composite gain): "
         f"**{pick}** — {p['note']}: gain {p['gain']:+.3f} ± {p['gain_se']:.3f} "
-        f"({100 * p['gain_share']:.0f} % of today's), diversity {p['diversity']:.1f} against "
-        f"today's {ref['diversity']:.1f} (base {base_div['mean']:.1f}), i.e. "
+        f"({100 * p['gain_share']:.0f} % of craft's), diversity {p['diversity']:.1f} against "
+        f"craft's {ref['diversity']:.1f} (base {base_div['mean']:.1f}), i.e. "
         f"{100 * p['diversity_kept']:.0f} % of the lost diversity kept.",
         "",
         "Warnings the evaluation raised (held-out reward or diversity down > 2 SE while a "
@@ -152,10 +173,12 @@ def main() -> None:
         ta.times_line(timings, args.threads, t_start,
                       " (a resumed run counts only what it redid)"),
         "",
-        "Reproduce: `.venv/bin/python benchmarks/toy_pareto.py --run-dir /tmp/bench/pareto`.",
+        "Reproduce: `.venv/bin/python benchmarks/toy_pareto.py "
+        + (f"--config configs/{Path(args.config).name} " if flow else "")
+        + f"--run-dir /tmp/bench/{name.replace('toy_', '').replace('_', '-')}`.",
         "",
     ]
-    ta.write_report(args.out, "toy_pareto.md", lines)
+    ta.write_report(args.out, f"{name}.md", lines)
 
 
 if __name__ == "__main__":
