@@ -135,6 +135,10 @@ def main() -> None:
     ta.write_report(args.out, "toy_methods.md", report(results, args, t_start))
 
 
+PER_ROUND = 4 * 8  # GRPO images per round: grpo.prompts_per_step x grpo.group_size (GRPO)
+UPDATES = 2  # GRPO steps per round (grpo.updates in GRPO)
+
+
 def _grpo_points(seed_res: dict) -> list[tuple[int, float, float]]:
     """(step, wall seconds, composite gain) of each evaluated GRPO checkpoint."""
     wall = dict((int(a), float(b)) for a, b in seed_res["curve"])
@@ -146,22 +150,50 @@ def _grpo_points(seed_res: dict) -> list[tuple[int, float, float]]:
     return sorted(pts)
 
 
+def _cosine(a: dict, b: dict, rewards: list[str]) -> float:
+    """Cosine of two models' per-reward gain profiles, each gain in units of its SE: do they
+    move the same rewards the same way?"""
+    x = np.array([a[r]["diff"] / a[r]["diff_se"] for r in rewards])
+    y = np.array([b[r]["diff"] / b[r]["diff_se"] for r in rewards])
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
 def report(results: dict, args, t_start: float) -> list[str]:
     lines = ["# CRAFT against SFT, Diffusion-DPO and online GRPO in the toy world", "",
-             f"Scale: {' '.join(SCALE)}; GRPO: {' '.join(GRPO)}. Cells: the mean over seeds of "
-             "the paired difference from the base, and in brackets the half-width of a 95 % t "
-             "interval over the seeds.", ""]
+             "Made by `.venv/bin/python benchmarks/toy_methods.py` (resumable; "
+             "`--report-only` re-renders this file from toy_methods.json).", "",
+             f"Scale: {' '.join(SCALE)}; GRPO: {' '.join(GRPO)}. Every model of a seed is "
+             "evaluated in one evaluation (held-out prompts x 4 seeds, the same starting noise for "
+             "every model), so each Δ is a paired difference from the base. Cells: the mean over "
+             "seeds and, in brackets, the half-width of a 95 % t interval over the seeds "
+             "(3 seeds: t = 4.30, so intervals are wide by construction).", ""]
     for base_name, res in results.items():
         seeds = list(res["seeds"])
         if not seeds:
             continue
         first = res["seeds"][seeds[0]]
         best = res.get("best_dpo")
-        rewards = [r for r in first["base"]]
+        rewards = list(first["base"])
+        tm = res["timings"]
+
+        def t(s, key):
+            return float(tm.get(f"{s}:{key}", 0.0))
+
+        def mean_t(key):
+            return float(np.mean([t(s, key) for s in seeds]))
+
+        base_div = np.mean([res["seeds"][s]["base"]["diversity"] for s in seeds])
         lines += [f"## {base_name} ({len(seeds)} seeds: {', '.join(seeds)})", "",
+                  f"Base diversity across seeds: {base_div:.1f} (mean pairwise pixel RMS, "
+                  "0-255). Time columns: this machine, seconds, mean over seeds; generate and "
+                  "score are the shared pool's (CRAFT, SFT and DPO all train on it); GRPO's "
+                  "train time is the sum of its step times to that checkpoint (sampling, "
+                  "scoring and updates; model loading and checkpoint saving left out, which "
+                  "favours GRPO).", "",
                   "| model | trained on | " + " | ".join(f"{r} Δ" for r in rewards)
-                  + " | composite win % | images generated + scored | wall s |",
-                  "|---|---|" + "---|" * len(rewards) + "---|---|---|"]
+                  + " | composite win % | images generated + scored | generate s | score s "
+                  "| train s | total s |",
+                  "|---|---|" + "---|" * len(rewards) + "---|---|---|---|---|---|"]
 
         def cells(model_of: dict) -> list[str]:
             """Rewards, then the win rate, of the model ``model_of[seed]`` of each seed."""
@@ -176,41 +208,91 @@ def report(results: dict, args, t_start: float) -> list[str]:
             return out + [f"{w:.1f} [±{wh:.1f}]"]
 
         pool = first["pool"]
-        t_craft = np.mean([res["seeds"][s]["craft_time"] for s in seeds])
+        gen, sco = mean_t("generate"), mean_t("score")
         for name, what in (("craft", f"K={first['facts']['craft']['n_train']} kept"),
                            ("sft", f"K={first['facts']['sft']['n_train']} kept, weight 1"),
                            (best, f"{first['facts'][best]['n_pairs']} pairs")):
+            tr = mean_t(f"train {name}")
             lines.append(f"| {name} | {what} | " + " | ".join(cells({s: name for s in seeds}))
-                         + f" | {pool} | {t_craft:.0f} (pipeline) |")
-        per_round = 4 * 8  # GRPO: prompts_per_step x group_size images per round
+                         + f" | {pool} | {gen:.0f} | {sco:.0f} | {tr:.0f} | "
+                         f"{gen + sco + tr:.0f} |")
+        picks_at = {}
         for label, choose in (("grpo@craft-time", lambda pts, tc: min(
                 pts, key=lambda p: abs(p[1] - tc))), ("grpo-long", lambda pts, tc: pts[-1])):
             picks = {s: choose(_grpo_points(res["seeds"][s]), res["seeds"][s]["craft_time"])
                      for s in seeds}
+            picks_at[label] = picks
             step, wall = picks[seeds[0]][0], np.mean([p[1] for p in picks.values()])
-            lines.append(f"| {label} | step {step}: {step // 2} rounds | " + " | ".join(
-                cells({s: f"grpo@{p[0]}" for s, p in picks.items()}))
-                + f" | {step // 2 * per_round} | {wall:.0f} |")
-        lines += ["", "### The cost ratio", "",
-                  "| seed | CRAFT gain | CRAFT wall s | GRPO wall s to reach it | ratio |",
-                  "|---|---|---|---|---|"]
+            lines.append(f"| {label} | step {step}: {step // UPDATES} rounds sampled | "
+                         + " | ".join(cells({s: f"grpo@{p[0]}" for s, p in picks.items()}))
+                         + f" | {step // UPDATES * PER_ROUND} | (in train) | (in train) | "
+                         f"{wall:.0f} | {wall:.0f} |")
+
+        lines += ["", "### GRPO's curve (composite Δ of each checkpoint against its wall time)",
+                  "", "| step | rounds | images sampled | wall s | composite Δ | win % |",
+                  "|---|---|---|---|---|---|"]
+        steps = sorted({p[0] for s in seeds for p in _grpo_points(res["seeds"][s])})
+        for step in steps:
+            have = [s for s in seeds if f"grpo@{step}" in res["seeds"][s]["models"]]
+            wall = np.mean([dict(_grpo_points(res["seeds"][s])[i][:2] for i in range(len(
+                _grpo_points(res["seeds"][s]))))[step] for s in have])
+            m, h = ta.t_interval([res["seeds"][s]["models"][f"grpo@{step}"]["composite"]["diff"]
+                                  for s in have])
+            w, _ = ta.t_interval([100 * res["seeds"][s]["models"][f"grpo@{step}"]["composite"][
+                "win_rate"] for s in have])
+            lines.append(f"| {step} | {step // UPDATES} | {step // UPDATES * PER_ROUND} | "
+                         f"{wall:.0f} | {m:+.3f} [±{h:.3f}] | {w:.1f} |")
+
+        lines += ["", "### The cost and data ratios (Table 7's question)", "",
+                  "| seed | CRAFT gain | CRAFT wall s (generate + score + train) | GRPO wall s to "
+                  "reach it | cost ratio | GRPO images to reach it | data ratio (÷ CRAFT's "
+                  f"{pool} pool images) |", "|---|---|---|---|---|---|---|"]
         for s in seeds:
             sr = res["seeds"][s]
             gain = sr["models"]["craft"]["composite"]["diff"]
             pts = _grpo_points(sr)
             reach = next((p for p in pts if p[2] >= gain), None)
-            lines.append(f"| {s} | {gain:+.3f} | {sr['craft_time']:.0f} | "
-                         + (f"{reach[1]:.0f} (step {reach[0]}) | {reach[1] / sr['craft_time']:.2f}"
-                            if reach else f"not reached in {pts[-1][1]:.0f} s | > "
-                            f"{pts[-1][1] / sr['craft_time']:.2f}") + " |")
+            if reach:
+                imgs = reach[0] // UPDATES * PER_ROUND
+                lines.append(f"| {s} | {gain:+.3f} | {sr['craft_time']:.0f} | {reach[1]:.0f} "
+                             f"(step {reach[0]}) | {reach[1] / sr['craft_time']:.2f} | {imgs} | "
+                             f"{imgs / pool:.2f} |")
+            else:
+                imgs = pts[-1][0] // UPDATES * PER_ROUND
+                lines.append(f"| {s} | {gain:+.3f} | {sr['craft_time']:.0f} | not reached in "
+                             f"{pts[-1][1]:.0f} | > {pts[-1][1] / sr['craft_time']:.2f} | > "
+                             f"{imgs} | > {imgs / pool:.2f} |")
+
+        profile = [r for r in rewards if r != "composite"]
+        lines += ["", "### Does CRAFT move the rewards the way GRPO's first steps do?", "",
+                  "Theorem 3.1 (the advantage-weighted loss is a first-order lower bound of the "
+                  "group-RL objective) predicts that at the base CRAFT's update points where "
+                  "GRPO's first on-policy steps point. Checked here on what can be measured: the "
+                  "cosine between the per-reward gain profiles (each Δ in units of its SE, over "
+                  f"{', '.join(profile)}) of CRAFT and of GRPO's first checkpoint, against the "
+                  "same for SFT and DPO.", "",
+                  "| seed | GRPO checkpoint | cos(CRAFT, GRPO) | cos(SFT, GRPO) | "
+                  f"cos({best}, GRPO) |", "|---|---|---|---|---|"]
+        for s in seeds:
+            sr = res["seeds"][s]
+            k = f"grpo@{_grpo_points(sr)[0][0]}"
+            lines.append(f"| {s} | {k} | " + " | ".join(
+                f"{_cosine(sr['models'][m], sr['models'][k], profile):+.2f}"
+                for m in ("craft", "sft", best)) + " |")
+
         if res.get("sweep"):
-            lines += ["", f"### The DPO sweep (seed {seeds[0]}; composite Δ, win %)", "",
-                      "| setting | composite Δ ± SE | win % |", "|---|---|---|"]
+            lines += ["", f"### The DPO sweep (seed {seeds[0]}; composite Δ ± SE over the "
+                      "evaluation's pairs, win %)", "",
+                      "| setting | pairs | composite Δ ± SE | win % |", "|---|---|---|---|"]
             for n, v in res["sweep"].items():
-                lines.append(f"| {n}{' (best)' if n == best else ''} | {v['diff']:+.3f} ± "
+                lines.append(f"| {n}{' (best)' if n == best else ''} | "
+                             f"{first['facts'][n]['n_pairs']} | {v['diff']:+.3f} ± "
                              f"{v['diff_se']:.3f} | {100 * v['win_rate']:.1f} |")
-    lines += ["", f"Total {time.time() - t_start:.0f} s on {ta.machine()} ({args.threads} "
-              "threads).", "", "Reproduce: `.venv/bin/python benchmarks/toy_methods.py`.", ""]
+        warn = sorted({w for s in seeds for w in res["seeds"][s]["warnings"]})
+        lines += ["", f"Drift warnings the evaluations raised ({len(warn)}):", "",
+                  *([f"- {w}" for w in warn] or ["- none"]), ""]
+    lines += ["", f"Rendered in {time.time() - t_start:.0f} s on {ta.machine()} "
+              f"({args.threads} threads).", ""]
     return lines
 
 

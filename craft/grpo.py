@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def sampling_guidance(family: str, cfg) -> float:
+    """The guidance GRPO samples and trains with: the generation stage's, except FLUX's (a
+    guidance embedding, no second pass). craft/planning sizes the step with it."""
+    return 1.0 if family == "flux" else cfg.generation.guidance_scale
+
+
+def steps_trained(g) -> int:
+    """Sampler steps trained on per image in each update (of ``g.num_inference_steps``)."""
+    return max(1, round(g.num_inference_steps * g.timestep_fraction))
+
+
 # ------------------------------------------------------------------------ the step densities
 
 
@@ -140,7 +151,7 @@ class Policy:
         g = cfg.grpo
         steps = g.num_inference_steps
         call = DenoiserCall.for_pipe(pipe, size, cfg.train.guidance_scale)
-        guidance = 1.0 if family_of(pipe) == "flux" else cfg.generation.guidance_scale
+        guidance = sampling_guidance(family_of(pipe), cfg)
         if is_flow(pipe):
             sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
             kw = {}
@@ -347,7 +358,7 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     shape = latent_shape(pipe, *size)
     dtype = tr.input_dtype
     n_local = g.prompts_per_step // world * g.group_size
-    t_train = max(1, round(policy.num_steps * g.timestep_fraction))
+    t_train = steps_trained(g)
     n_items = n_local * t_train
     accum = math.ceil(n_items / tc.micro_batch)
     acc.gradient_accumulation_steps = accum
@@ -452,4 +463,4 @@ def _mean_over_processes(acc, value: float) -> float:
 
 __all__ = ["GRPOCallbacks", "Policy", "Step", "clipped_loss", "composite_advantages",
            "ddim_step", "flow_sde_step", "gaussian_log_prob", "round_prompts", "sample_round",
-           "train_grpo"]
+           "sampling_guidance", "steps_trained", "train_grpo"]

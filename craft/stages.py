@@ -669,6 +669,10 @@ def stage_publish(run: Run, result) -> Path:
     from craft.fsutil import fingerprint
 
     def publish():
+        from craft.model_card import write_card
+
+        name = tuned_label(result.final_dir)
+        write_card(result.final_dir, name, extra=card_facts(run.store, name))
         if final.exists() and fingerprint(final) == fingerprint(result.final_dir):
             log.info("%s already holds %s", final, result.final_dir)
         else:
@@ -676,6 +680,40 @@ def stage_publish(run: Run, result) -> Path:
 
     run.dist.on_main(publish)
     return final
+
+
+def card_facts(store, name: str) -> dict:
+    """What a model card says about training run ``name``'s data beyond its craft_train.json:
+    the kept set's coverage, DPO's pair count."""
+    row = store.train_run_by_name(name)
+    if not row or row.get("selection_id") is None:
+        return {}
+    sel = store.selection_settings(int(row["selection_id"]))
+    return {"n_pairs": sel.get("n_pairs"), "coverage": training_coverage(store, name)}
+
+
+def update_cards(run: Run, paths: list[str], labels: list[str], evaluation) -> None:
+    """Rewrite the model card of every evaluated model that has one, in each place that holds
+    it (its training run's final folder, RUN/final when it holds the same run): the card shows
+    this evaluation."""
+    from craft.lora import TRAIN_RECORD
+    from craft.model_card import write_card
+
+    final = final_dir(run.run_dir)
+    published = tuned_label(final) if (final / TRAIN_RECORD).is_file() else None
+    for path, label in zip(paths, labels):
+        if not (Path(path) / TRAIN_RECORD).is_file():
+            continue
+        name = tuned_label(path)
+        facts = card_facts(run.store, name)
+        same = {Path(path).resolve()}
+        own = final_dir(train_dir(run.run_dir, name))
+        if (own / TRAIN_RECORD).is_file() and Path(path).resolve() == final.resolve():
+            same.add(own.resolve())
+        if name == published and Path(path).resolve() == own.resolve():
+            same.add(final.resolve())
+        for folder in sorted(same):
+            write_card(folder, label, evaluation, facts)
 
 
 # ------------------------------------------------------------------------ evaluate, export
@@ -742,8 +780,10 @@ def stage_evaluate(run: Run, cfg, tuned=None, base: str | None = None,
     models = {"base": base or cfg.model.pretrained, **dict(zip(labels, paths))}
     cov = run.dist.on_main(lambda: training_coverage(run.store, labels[0])) \
         if len(labels) == 1 else None
-    return evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
-                    should_stop=should_stop, coverage=cov)
+    ev = evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
+                  should_stop=should_stop, coverage=cov)
+    run.dist.on_main(lambda: update_cards(run, paths, labels, ev))
+    return ev
 
 
 def unique_labels(paths: list[str]) -> list[str]:
@@ -985,9 +1025,9 @@ def _kept_count(store, run_id: int) -> int | None:
 
 
 __all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPlan",
-           "candidate_frame", "check_run_name", "filter_settings", "kept_digest", "open_run",
+           "candidate_frame", "card_facts", "check_run_name", "filter_settings", "kept_digest", "open_run",
            "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
            "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
            "stage_rounds", "stage_score", "stage_train", "stage_tune", "train_dir",
-           "training_set", "round_number",
+           "training_set", "round_number", "update_cards",
            "tuned_label", "round_config", "round_name"]

@@ -5,7 +5,8 @@ under docs/ (the README's "The studio" section shows them), at 1400 px wide and,
     .venv/bin/python scripts/studio_screenshots.py [--run-dir /tmp/studio-shots] [--model PATH]
 
 Everything is done through the page, as a user would: the first open, load the toy prompts, generate, score,
-curate, open a group, train, compare. Settings are a reduced version of configs/toy.yaml so
+curate, open a group, train (CRAFT, then Diffusion-DPO and online GRPO on the same pool: shots
+studio-train-dpo / studio-train-grpo), compare all three with the base. Settings are a reduced version of configs/toy.yaml so
 the walk takes a few minutes on a CPU.
 """
 
@@ -116,9 +117,28 @@ def main() -> None:
         done("train")
         time.sleep(2)
         shot("Train")
+        page.locator("#train-method").get_by_text("dpo", exact=True).click()
+        page.wait_for_selector("#train-will:has-text('pairs')")
+        page.click("#train-start")
+        done("train")
+        time.sleep(2)
+        shot("Train-dpo")  # its pairs side by side
+        page.locator("#train-method").get_by_text("grpo", exact=True).click()
+        page.wait_for_selector("#train-grpo-group-size", state="visible")
+        page.fill("#train-steps input", "40")
+        page.locator("#train-steps input").blur()
+        time.sleep(2)
+        page.click("#train-start")
+        done("train")
+        time.sleep(2)
+        shot("Train-grpo")  # the groups it sampled
         tab("Compare")
         page.wait_for_selector(  # the newest model is chosen first
-            "#compare-tuned .token:has-text('craft-1 · final')")
+            "#compare-tuned .token:has-text('grpo-1 · final')")
+        for label in ("craft-1 · final", "dpo-1 · final"):
+            page.click("#compare-tuned input")
+            page.get_by_role("option", name=label, exact=True).click()
+        page.keyboard.press("Escape")
         page.click("#compare-start")
         done("compare")
         shot("Compare")

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import tiny_overrides
 from craft.cli import main
+from craft.evaluation import stored_evaluation
+from craft.model_card import read_card
 from craft.store import RunStore
 
 
@@ -52,6 +54,25 @@ def test_craft_run_end_to_end(tmp_path, tiny_model_dir):
         assert len(store.candidates_df()) == 4 * 3 * 2
         assert store.train_runs_df()["status"].tolist() == ["done"]
         assert len(store.evaluations_df()) == 1
+        ev = stored_evaluation(store, int(store.evaluations_df()["id"].iloc[0]))
+    # The published model's card, parsed back: its numbers are the evaluation record's.
+    for folder in (final, run / "train" / "craft" / "final"):
+        meta, body = read_card(folder / "README.md")
+        assert meta["library_name"] == "diffusers" and "craft" in meta["tags"]
+        assert "base_model" not in meta  # a local folder is not a hub id
+        rec = meta["craft_evaluation"]
+        assert rec["model"] == "craft" and rec["base"] == "base"
+        s = ev.summary.set_index(["model", "reward"])
+        assert {r["reward"] for r in rec["rows"]} == set(s.loc["craft"].index)
+        for r in rec["rows"]:
+            assert r["diff"] == pytest.approx(s.loc[("craft", r["reward"]), "diff"], abs=1e-12)
+            assert r["win_rate"] == pytest.approx(s.loc[("craft", r["reward"]), "win_rate"])
+            assert r["base"] == pytest.approx(s.loc[("base", r["reward"]), "mean"])
+            lo, hi = r["ci95"]
+            assert lo < r["diff"] < hi or r["diff_se"] == 0
+            assert f"| {r['reward']} | {r['base']:.4f} | {r['tuned']:.4f} |" in body
+        assert "2 steps x batch" in body and "kept images" in body
+        assert (folder / "samples.png").is_file() and "](samples.png)" in body
 
 
 def test_each_stage_command_in_turn(tmp_path, tiny_model_dir, capsys):

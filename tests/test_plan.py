@@ -34,11 +34,11 @@ STEPS = ["train.steps=3", "train.checkpoint_every=0", "train.preview_every=0",
 @pytest.mark.slow
 @pytest.mark.parametrize("config, extra", [
     ("toy.yaml", []),
-    ("toy.yaml", ["train.lora=true"]),
     ("toy.yaml", ["train.anchor_weight=0.5", "train.micro_batch=8"]),
+    ("toy.yaml", ["train.method=dpo", "train.micro_batch=8"]),
     ("toy-flow.yaml", []),
     ("toy-flow.yaml", ["train.lora=true", "model.gradient_checkpointing=true"]),
-], ids=["toy-full", "toy-lora", "toy-anchor", "flow-full", "flow-lora-ckpt"])
+], ids=["toy-full", "toy-anchor", "toy-dpo", "flow-full", "flow-lora-ckpt"])
 def test_the_plan_matches_a_measured_training_step_of_the_toy_bases(config, extra, tmp_path):
     cfg = load_config(PROJECT_ROOT / "configs" / config, STEPS + extra)
     planned, measured = _plan_vs_measured(cfg, tmp_path)
@@ -47,7 +47,7 @@ def test_the_plan_matches_a_measured_training_step_of_the_toy_bases(config, extr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, lora", [("sdxl", False), ("flux", True), ("sd3", True)])
+@pytest.mark.parametrize("family, lora", [("sdxl", True), ("flux", True), ("sd3", False)])
 def test_the_plan_matches_tiny_real_architectures_in_bfloat16(family, lora, tmp_path):
     from sd_fixtures import tiny_bf16_run_config
 
@@ -55,6 +55,37 @@ def test_the_plan_matches_tiny_real_architectures_in_bfloat16(family, lora, tmp_
     planned, measured = _plan_vs_measured(cfg, tmp_path / "work")
     assert abs(planned - measured) <= TOLERANCE * measured + SLACK, (planned / 2**20,
                                                                      measured / 2**20)
+
+
+def test_the_baselines_are_planned_as_they_run():
+    """DPO: a pair's two images through the tuned model and the frozen reference (full
+    fine-tuning keeps the base); GRPO: no candidate pool, a sampling stage that holds the
+    training state, the VAE and the rewards, and (image, step) rows doubled by guidance."""
+    from craft.grpo import steps_trained
+    from craft.planning import make_plan
+
+    toy = PROJECT_ROOT / "configs" / "toy.yaml"
+    sets = ["train.steps=4", "model.device=cpu"]
+    craft = make_plan(load_config(toy, sets), suggest=False).stage("training: one step")
+    dpo_plan = make_plan(load_config(toy, [*sets, "train.method=dpo"]), suggest=False)
+    dpo = dpo_plan.stage("training: one step")
+    assert dpo.unit == "pair image" and dpo.units == 2 * craft.units
+    assert dpo.parts["activations"] > 1.5 * craft.parts["activations"]  # 2 x the batch
+    assert dpo.parts.get("weights", 0) > 0 == craft.parts.get("weights", 0)  # the reference
+    assert "training: encode the pairs' images" in [s.stage for s in dpo_plan.stages]
+
+    cfg = load_config(toy, [*sets, "train.method=grpo"])
+    grpo = make_plan(cfg, suggest=False)
+    names = [s.stage for s in grpo.stages]
+    assert "generation" not in names and "scoring" not in names
+    assert names.index("training: one step") < names.index("GRPO: sample a round")
+    g = cfg.grpo
+    step = grpo.stage("training: one step")
+    assert step.units == 4 * g.prompts_per_step * g.group_size * steps_trained(g) * 2
+    sample = grpo.stage("GRPO: sample a round")
+    assert sample.units == 4 // g.updates * g.prompts_per_step * g.group_size
+    assert {"trainable", "optimizer", "activations"} <= set(sample.parts)
+    assert any("no candidate pool" in n for n in grpo.notes)
 
 
 # ------------------------------------------------------------------------ the real sizes

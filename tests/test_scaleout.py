@@ -164,12 +164,17 @@ def test_two_machines_on_one_host(tmp_path, tiny_model_dir, one_process):
     assert state["kept"] == one_process["kept"]
 
 
-def test_online_rounds_and_the_controls_on_two_processes(tmp_path, tiny_model_dir):
-    """The new stages' parts under the shipped 2-process command: two online rounds, the
-    near-duplicate rule (embedded on the main process) and the anchor penalty."""
+def test_a_flow_model_with_online_rounds_and_the_controls_on_two_processes(
+        tmp_path, tiny_flow_model_dir):
+    """The SD3-architecture flow model through the shipped 2-process command, with the stages'
+    newer parts on: its own flow sampler, the flow-matching loss, data parallel, two online
+    rounds, the near-duplicate rule (embedded on the main process) and the anchor penalty.
+    Every candidate and score once, one kept set on both processes in each round, one
+    evaluation, a complete StableDiffusion3Pipeline at RUN/final."""
     run = tmp_path / "run"
-    sets = _sets(tiny_model_dir, **{"train.rounds": 2, "train.anchor_weight": 0.5,
-                                    "filter.dedup_threshold": 0.9})
+    sets = _sets(tiny_flow_model_dir, **{
+        "model.family": "sd3", "generation.scheduler": "default", "train.rounds": 2,
+        "train.anchor_weight": 0.5, "filter.dedup_threshold": 0.9})
     proc = _run([*_launcher(2), *_craft_run(run, sets)])
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert proc.stdout.count("craft.r2 win%") == 1 and "diversity" in proc.stdout
@@ -179,31 +184,19 @@ def test_online_rounds_and_the_controls_on_two_processes(tmp_path, tiny_model_di
         c = store.candidates_df()
         keys = list(zip(c["model"], c["prompt"], c["variant"], c["seed"]))
         assert len(keys) == len(set(keys)) == 2 * 4 * 3 * 2  # both rounds' pools, once each
+        scores = store.scores_df().reindex(c["id"])
+        assert scores.shape[1] == 3 and scores.notna().all().all()  # every score once
         sel = store.selections_df().set_index("id")
         for name in ("craft.r1", "craft.r2"):
             rec = json.loads(sel.loc[int(runs.loc[name, "selection_id"]), "settings_json"])
             assert rec["dedup_threshold"] == 0.9 and rec["processes"] == 2
             assert len(set(rec["digest_by_process"])) == 1
         assert len(store.evaluations_df()) == 1
-    _final_loads(run)
-
-
-def test_a_flow_model_on_two_processes(tmp_path, tiny_flow_model_dir):
-    """The SD3-architecture flow model through the shipped 2-process command: its own flow
-    sampler, the flow-matching loss, data parallel; every candidate and score once, one kept
-    set on both processes, a complete StableDiffusion3Pipeline at RUN/final."""
-    run = tmp_path / "run"
-    sets = _sets(tiny_flow_model_dir, **{"model.family": "sd3",
-                                         "generation.scheduler": "default"})
-    proc = _run([*_launcher(2), *_craft_run(run, sets)])
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    state = _state(run)
-    _check_complete(state)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(run / "final")
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
-    assert (run / "train" / "craft" / "checkpoint-4" / "transformer" / "config.json").is_file()
+    assert list(run.glob("train/craft.r2/checkpoint-*/transformer/config.json"))
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
@@ -235,9 +228,10 @@ def _kill_when(launcher, progress: Path, stage: str, at: int, rank: int) -> dict
     raise AssertionError(f"the launch never reached {stage} {at} (rc {launcher.poll()})")
 
 
-@pytest.mark.parametrize("stage, at, rank", [("generate", 6, 1), ("train", 8, 0)])
-def test_a_killed_rank_leaves_a_run_the_same_command_resumes(tmp_path, tiny_model_dir, stage,
-                                                             at, rank):
+def test_killed_ranks_leave_a_run_the_same_command_resumes(tmp_path, tiny_model_dir):
+    """Rank 1 SIGKILLed mid-generation, then (in the resuming command) rank 0 mid-training:
+    each time the store is consistent right after the kill and the same command goes on; the
+    finished run is complete (every candidate and score once, every step logged once)."""
     run = tmp_path / "run"
     progress = tmp_path / "progress.json"
     # Long enough to be caught mid-stage: 4 prompts x 3 x 4 seeds at 20 steps; 24 train steps.
@@ -245,23 +239,25 @@ def test_a_killed_rank_leaves_a_run_the_same_command_resumes(tmp_path, tiny_mode
                                     "generation.num_inference_steps": 20, "train.steps": 24,
                                     "train.checkpoint_every": 4})
     cmd = [*_launcher(2), *_craft_run(run, sets)]
-    launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = _kill_when(launcher, progress, stage, at, rank)
-    launcher.communicate(timeout=120)
-    assert launcher.returncode != 0  # the launcher stops the others and fails
-    with RunStore(run) as store:  # a consistent store right after the kill
-        before = len(store.candidates_df())
-        if stage == "generate":
-            assert before < 4 * 3 * 4
-        else:
-            assert store.train_runs_df()["status"].tolist() == ["failed"]
+    for stage, at, rank in (("generate", 6, 1), ("train", 8, 0)):
+        progress.unlink(missing_ok=True)
+        launcher = subprocess.Popen([*cmd, "--progress-file", str(progress)], env=ENV,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = _kill_when(launcher, progress, stage, at, rank)
+        launcher.communicate(timeout=120)
+        assert launcher.returncode != 0  # the launcher stops the others and fails
+        assert seen["done"] >= at
+        with RunStore(run) as store:  # a consistent store right after the kill
+            if stage == "generate":
+                assert len(store.candidates_df()) < 4 * 3 * 4
+            else:
+                assert len(store.candidates_df()) == 4 * 3 * 4
+                assert store.train_runs_df()["status"].tolist() == ["failed"]
     again = _run(cmd)
     assert again.returncode == 0, again.stderr[-6000:]
     state = _state(run)
     _check_complete(state, seeds=4, steps=24)
     _final_loads(run)
-    assert seen["done"] >= at
 
 
 def test_a_batch_two_processes_cannot_split_fails_before_any_work(tmp_path, tiny_model_dir):

@@ -477,3 +477,20 @@ def test_an_upload_of_another_type_is_refused_and_nothing_is_stored(app, tmp_pat
     after = sorted((app.ctx.run_dir / "uploads").glob("*")) if (
         app.ctx.run_dir / "uploads").exists() else []
     assert after == before
+
+
+def test_the_suggested_run_name_follows_the_method(app):
+    """Train suggests METHOD-N (a list of runs then says which method made each); a name the
+    user typed is never replaced by a method change."""
+    from craft.run_layout import train_dir
+    from studio.tabs.train import is_suggested_name, next_name
+
+    ctx = app.ctx
+    assert next_name(ctx, method="dpo") == "dpo-1"
+    assert next_name(ctx, ("grpo-1",), method="grpo") == "grpo-2"
+    train_dir(ctx.run_dir, "sft-1").mkdir(parents=True)  # a folder left by a run counts too
+    assert next_name(ctx, method="sft") == "sft-2"
+    assert next_name(ctx) == f"{ctx.cfg.train.method}-1"
+    assert is_suggested_name("craft-3") and is_suggested_name("grpo-12")
+    assert not is_suggested_name("my-run") and not is_suggested_name("dpo-x")
+    assert not is_suggested_name("") and not is_suggested_name(None)

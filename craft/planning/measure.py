@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from craft.memtrack import MemoryTracker
 
 GIB = 2 ** 30
@@ -27,15 +29,22 @@ class Measured:
 
 def measure_training_step(cfg, frame, out_dir, pipe) -> Measured:
     """Train ``cfg`` on ``frame`` (``cfg.train.steps`` >= 2) with the tracker on; the peak of
-    the steps after the first (the first allocates AdamW's moments)."""
+    the steps after the first (the first allocates AdamW's moments). Methods craft, sft and
+    dpo (GRPO samples its own data: its plan is not measured here)."""
     from craft.pipes import denoiser
     from craft.training import TrainCallbacks, train
 
     if cfg.train.steps < 2:
         raise ValueError("measure at least 2 steps: the first one allocates AdamW's state")
+    if cfg.train.method == "grpo":
+        raise ValueError("train.method=grpo samples its own data: its step is not measured "
+                         "here (measure craft, sft or dpo)")
     tracker = MemoryTracker()
-    if cfg.train.lora or cfg.train.anchor_weight > 0:
+    dpo = cfg.train.method == "dpo"
+    if cfg.train.lora or cfg.train.anchor_weight > 0 or dpo:  # the frozen base stays
         tracker.track_module(denoiser(pipe), trainable="weights")
+    # DPO: consecutive images as (winner, loser) pairs; memory does not depend on which
+    pairs = np.arange(len(frame) // 2 * 2).reshape(-1, 2) if dpo else None
     seen: dict = {}
 
     def on_step(step, total, metrics):
@@ -47,7 +56,8 @@ def measure_training_step(cfg, frame, out_dir, pipe) -> Measured:
             seen["steps"] = step
 
     with tracker:
-        train(cfg, frame, out_dir, pipe=pipe, callbacks=TrainCallbacks(on_step=on_step))
+        train(cfg, frame, out_dir, pipe=pipe, callbacks=TrainCallbacks(on_step=on_step),
+              pairs=pairs)
     return Measured(seen["peak"], seen["parts"], seen["steps"])
 
 
@@ -78,13 +88,15 @@ def plan_and_measure(cfg, work_dir, gpus: int = 1) -> dict:
 
     from craft.models import load_from_config
     from craft.planning import make_plan, resolve_gpu
+    from craft.planning.simulate import TrainSetup
     from craft.planning.specs import model_spec
 
     spec = model_spec(cfg)
     plan = make_plan(cfg, gpus=gpus, gpu=resolve_gpu(None, 80), suggest=False)
     step = plan.stage("training: one step")
     pipe = load_from_config(cfg.model, device="cpu")
-    frame = random_frame(Path(work_dir) / "images", cfg.filter.top_k, spec.height)
+    n = TrainSetup.from_config(cfg, gpus, family=spec.family).n_kept  # what the plan holds
+    frame = random_frame(Path(work_dir) / "images", n, spec.height)
     measured = measure_training_step(cfg, frame, Path(work_dir) / "out", pipe)
     return {"planned": step.simulated * GIB, "parts": step.parts,
             "measured": measured.peak_bytes}

@@ -173,12 +173,20 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     stages = []
     gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
                               cfg.model.vae_slicing)
-    stages.append(_stage("generation", _gib(gen.parts), gpu, n_images, "image", gen.flops,
-                         timed(gen.flops, n_images), list(gen.notes)))
-    stages.append(_scoring(cfg, gpu, n_images, timed))
-    setup = TrainSetup.from_config(cfg, gpus)
+    online = t.method == "grpo"
+    if online:  # GRPO samples its own images in training: no candidate pool
+        notes.append("train.method=grpo: no candidate pool; the images are sampled in "
+                     "training (the 'GRPO: sample a round' stage)")
+    else:
+        stages.append(_stage("generation", _gib(gen.parts), gpu, n_images, "image", gen.flops,
+                             timed(gen.flops, n_images), list(gen.notes)))
+        stages.append(_scoring(cfg, gpu, n_images, timed))
+    setup = TrainSetup.from_config(cfg, gpus, pool=n_images, family=spec.family)
     train = simulate_training(spec, setup)
-    stages.append(_stage("training: encode the kept set", _gib(train["data"].parts), gpu))
+    if not online:
+        stages.append(_stage("training: encode the kept set" if t.method in ("craft", "sft")
+                             else "training: encode the pairs' images",
+                             _gib(train["data"].parts), gpu))
     step = train["step"]
     parts = _gib(step.parts)
     ddp = gpus > 1 and sharding == "none"
@@ -186,14 +194,27 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         parts["gradients"] = step.extra["trainable_numel"] * 4 / GIB
     if sharding == "fsdp" and gpus > 1 and not t.lora:
         parts = _sharded(parts, gpus, step.extra)
-    samples = t.steps * t.effective_batch
+    samples, unit = t.steps * t.effective_batch, "sample"
     step_notes = list(step.notes)
+    if t.method == "dpo":  # a sample is a pair: two images through the model and the reference
+        samples, unit = 2 * t.steps * t.effective_batch, "pair image"
+        step_notes.append(f"Diffusion-DPO: {t.micro_batch} pairs a micro-batch = "
+                          f"{2 * t.micro_batch} images through the tuned model and the frozen "
+                          "reference")
+    if online:
+        rows, resident = _grpo_rows(cfg, spec), _grpo_resident(cfg, spec)
+        samples, unit = rows, "(image, step) row"
+        parts["weights"] = parts.get("weights", 0) + resident
+        step_notes.append(f"GRPO: the rewards and the VAE stay on the device all run "
+                          f"({resident:.1f} GiB, in weights)")
     if sharding == "fsdp" and gpus == 1:
         step_notes.append("train.sharding=fsdp on one GPU shards nothing")
     if sharding == "fsdp" and t.lora:
         step_notes.append("LoRA is not sharded (its frozen weights stay whole): data parallel")
-    stages.append(_stage("training: one step", parts, gpu, samples, "sample", step.flops,
+    stages.append(_stage("training: one step", parts, gpu, samples, unit, step.flops,
                          timed(step.flops, samples), step_notes))
+    if online:
+        stages.append(_grpo_sampling(cfg, spec, step, gpu, gpus, sharding, timed))
     stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding))
     stages.append(_evaluation(cfg, spec, gpu, n_eval, timed))
     method = f"LoRA rank {t.lora_rank}" if t.lora else "full fine-tuning"
@@ -285,6 +306,52 @@ def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) 
     return _stage("checkpoint + previews", parts, gpu, notes=notes)
 
 
+def _grpo_rows(cfg, spec: ModelSpec) -> int:
+    """(image, sampler step) rows GRPO trains on over the run, doubled by guidance."""
+    from craft.grpo import sampling_guidance, steps_trained
+
+    g = cfg.grpo
+    per_step = g.prompts_per_step * g.group_size * steps_trained(g)
+    return cfg.train.steps * per_step * (2 if sampling_guidance(spec.family, cfg) > 1 else 1)
+
+
+def _grpo_resident(cfg, spec: ModelSpec) -> float:
+    """GiB GRPO keeps on the device beside the trained model: the VAE (to decode each round)
+    and every training reward (to score it)."""
+    notes: list[str] = []
+    rewards = sum(sim.extra["weights"] for n in cfg.rewards.names
+                  if (sim := _reward(n, cfg.rewards.batch_size, notes)) is not None)
+    return (rewards + _vae_bytes(spec)) / GIB
+
+
+def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str,
+                   timed) -> StagePlan:
+    """A GRPO round: the resident training state, the VAE and the rewards, and the sampler's
+    activations (the denoiser under no_grad, guidance doubling the batch), then scoring."""
+    from craft.grpo import sampling_guidance
+
+    g, t = cfg.grpo, cfg.train
+    after = _gib(step.extra["after_step"])
+    after.pop("activations", None)
+    after.pop("temporary", None)
+    if gpus > 1 and sharding == "fsdp" and not t.lora:
+        after = _sharded(after, gpus, step.extra)
+    guidance = sampling_guidance(spec.family, cfg)
+    batch = max(1, min(cfg.generation.batch_size,
+                       g.prompts_per_step // gpus * g.group_size))
+    sim = simulate_generation(spec, batch, g.num_inference_steps, guidance,
+                              cfg.model.vae_slicing)
+    parts = dict(after)
+    parts["weights"] = parts.get("weights", 0) + _grpo_resident(cfg, spec)
+    parts["activations"] = sum(v for k, v in sim.parts.items() if k != "weights") / GIB
+    images = t.steps // max(1, g.updates) * g.prompts_per_step * g.group_size
+    notes = [f"{g.prompts_per_step} prompts x {g.group_size} images a round, "
+             f"{g.num_inference_steps} sampler steps, {batch} images a batch per GPU; the "
+             "log-probabilities and latents of every step kept (in data)"]
+    return _stage("GRPO: sample a round", parts, gpu, images, "image", sim.flops,
+                  timed(sim.flops, images), notes)
+
+
 def _denoiser_bytes(sim: Sim, spec: ModelSpec) -> int:
     return sim.extra["weights"] - sim.extra["encoders"] - _vae_bytes(spec)
 
@@ -355,8 +422,12 @@ def _candidates(cfg, stage: str, gpus: int) -> list[list[str]]:
         return _halvings("rewards.batch_size", cfg.rewards.batch_size)
     if stage.startswith("training: encode"):
         return [] if m.vae_slicing else [["model.vae_slicing=true"]]
-    out = [] if m.gradient_checkpointing else [["model.gradient_checkpointing=true"]]
-    out += _halvings("train.micro_batch", t.micro_batch)
+    if stage.startswith("GRPO"):  # sampling beside the training state
+        out = [] if m.vae_slicing else [["model.vae_slicing=true"]]
+        out += _halvings("generation.batch_size", cfg.generation.batch_size)
+    else:
+        out = [] if m.gradient_checkpointing else [["model.gradient_checkpointing=true"]]
+        out += _halvings("train.micro_batch", t.micro_batch)
     if not t.use_8bit_adam:
         out.append(["train.use_8bit_adam=true"])
     if t.ema_decay > 0:
@@ -400,7 +471,7 @@ def suggest_fixes(cfg, plan: RunPlan, spec: ModelSpec) -> None:
         s.fix = _search(cands, stage_ok(s.stage))
         if s.fix is not None:
             continue
-        training = s.stage.startswith(("training", "checkpoint"))
+        training = s.stage.startswith(("training", "checkpoint", "GRPO"))
         n = _gpus_for_sharding(cfg, plan, stage_ok, s.stage) if training else None
         by_lora = bool(lora) and training and stage_ok(s.stage)(lora[0])
         ways = []

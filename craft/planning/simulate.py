@@ -258,15 +258,42 @@ class TrainSetup:
     vae_slicing: bool
 
     @classmethod
-    def from_config(cls, cfg, processes: int = 1) -> TrainSetup:
-        t = cfg.train
+    def from_config(cls, cfg, processes: int = 1, pool: int | None = None,
+                    family: str | None = None) -> TrainSetup:
+        """The simulated step of ``cfg``'s training method, as the denoiser sees it:
+
+        - craft / sft: ``micro_batch`` kept images, gradients held over the accumulation;
+        - dpo: winners and losers of ``micro_batch`` pairs in one forward pass, and the same
+          batch through the frozen reference (the anchor's: LoRA's adapters off, or the base
+          weights a full run keeps); its data are the paired images (``pool``: the candidates
+          the pairs are drawn from, when known);
+        - grpo: ``micro_batch`` (image, sampler step) items, doubled by classifier-free
+          guidance, the frozen base only with a KL term; its data are each process's round of
+          latent trajectories."""
+        t, m = cfg.train, cfg.train.method
         mp = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
-        return cls(t.micro_batch, max(1, t.effective_batch // (t.micro_batch * processes)),
-                   t.lora, t.lora_rank, t.lora_alpha, cfg.model.gradient_checkpointing, mp,
-                   t.ema_decay > 0, t.use_8bit_adam, t.anchor_weight > 0, cfg.filter.top_k,
-                   t.guidance_scale, cfg.model.vae_slicing)
+        micro, accumulation = t.micro_batch, max(1, t.effective_batch // (t.micro_batch
+                                                                          * processes))
+        anchor, n_data = t.anchor_weight > 0, cfg.filter.top_k
+        if m == "dpo":
+            d = cfg.dpo
+            micro, anchor = 2 * t.micro_batch, True
+            n_data = 2 * (d.max_pairs or cfg.filter.top_k)
+            if pool is not None:
+                n_data = min(n_data, pool)
+        elif m == "grpo":
+            from craft.grpo import sampling_guidance, steps_trained
 
-
+            g = cfg.grpo
+            cfg_on = sampling_guidance(family or cfg.model.family, cfg) > 1.0
+            micro = t.micro_batch * (2 if cfg_on else 1)
+            anchor = g.kl_weight > 0
+            items = max(1, g.prompts_per_step // processes) * g.group_size
+            accumulation = max(1, -(-items * steps_trained(g) // t.micro_batch))
+            n_data = items * (g.num_inference_steps + 1)
+        return cls(micro, accumulation, t.lora, t.lora_rank, t.lora_alpha,
+                   cfg.model.gradient_checkpointing, mp, t.ema_decay > 0, t.use_8bit_adam,
+                   anchor, n_data, t.guidance_scale, cfg.model.vae_slicing)
 
 
 def _trainable(spec: ModelSpec, s: TrainSetup) -> torch.nn.Module:

@@ -131,13 +131,24 @@ def resumable(ctx: RunContext) -> list[str]:
     return [r.name for r in list(last.itertuples())[::-1] if r.status in ("cancelled", "failed")]
 
 
-def next_name(ctx: RunContext, taken: tuple[str, ...] = ()) -> str:
-    """The first free craft-N (``taken``: names just started, not yet recorded)."""
+def next_name(ctx: RunContext, taken: tuple[str, ...] = (), method: str | None = None) -> str:
+    """The first free METHOD-N, METHOD the run's training method unless given (``taken``:
+    names just started, not yet recorded), so a list of runs says which method made each."""
+    prefix = method or ctx.cfg.train.method
     names = set(run_names(ctx)) | set(taken)
     k = 1
-    while f"craft-{k}" in names or train_dir(ctx.run_dir, f"craft-{k}").exists():
+    while f"{prefix}-{k}" in names or train_dir(ctx.run_dir, f"{prefix}-{k}").exists():
         k += 1
-    return f"craft-{k}"
+    return f"{prefix}-{k}"
+
+
+def is_suggested_name(name: str) -> bool:
+    """A name the page suggested (METHOD-N), which a method change may replace; a name the
+    user typed is never replaced."""
+    from craft.vocab import TRAIN_METHODS
+
+    head, _, k = (name or "").rpartition("-")
+    return head in TRAIN_METHODS and k.isdigit()
 
 
 def metrics_for(ctx: RunContext, name: str) -> pd.DataFrame:
@@ -392,6 +403,13 @@ class TrainTab(Tab):
         for field in fields:  # what the user changes (a refresh sets the same itself)
             app.on(field.input, on_method_settings, fields,
                    [self.dpo_box, self.grpo_box, self.will_train], show_progress="hidden")
+
+        def on_method_name(method, name):
+            """The suggested run name follows the method (dpo-1 after craft-1)."""
+            return next_name(self.ctx, method=method) if is_suggested_name(name) else gr.skip()
+
+        app.on(self.method.input, on_method_name, [self.method, self.name], [self.name],
+               show_progress="hidden")
 
         def on_start(name, processes):
             ctx = self.ctx
