@@ -53,13 +53,10 @@ FLOW_ARMS = [
     Arm("craft", [], "the plain setting (I_hpa, K = 100, 300 steps, clamp)"),
     Arm("steps100", ["train.steps=100"], "100 steps (~32 passes): configs/toy.yaml's default"),
     Arm("steps50", ["train.steps=50"], "50 steps (~16 passes)"),
-    Arm("anchor0.5", ["train.anchor_weight=0.5"], "anchor to the base, weight 0.5"),
     Arm("steps100-anchor0.5", ["train.steps=100", "train.anchor_weight=0.5"],
         "100 steps and anchor 0.5"),
     Arm("steps100-anchor1", ["train.steps=100", "train.anchor_weight=1"],
         "100 steps and anchor 1"),
-    Arm("steps50-anchor0.5", ["train.steps=50", "train.anchor_weight=0.5"],
-        "50 steps and anchor 0.5"),
 ]
 
 

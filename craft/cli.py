@@ -86,6 +86,12 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers)
 
 
+def _add_serve_rewards(subparsers: argparse._SubParsersAction) -> None:
+    from craft.cli_serve import add_serve_rewards
+
+    add_serve_rewards(subparsers)
+
+
 def _add_plugins(subparsers: argparse._SubParsersAction) -> None:
     """Commands registered by installed packages (``craft studio``, ``craft toy``)."""
     from importlib.metadata import entry_points
@@ -105,6 +111,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "stages": _add_stages,
     "plan": _add_plan,
     "plugins": _add_plugins,
+    "serve-rewards": _add_serve_rewards,
 }
 
 

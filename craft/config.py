@@ -110,6 +110,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, Mapping):
             return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
         raise _Mismatch
+    if hint is dict:  # a free-form mapping: its section's _check validates the entries
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise _Mismatch
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -354,10 +358,54 @@ class RewardsConfig(_Section):
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' for the reward models.")
     paths: dict[str, str] = _opt(
         {}, "Reward name -> local checkpoint path, for weights not in the hub cache.")
+    remote: dict[str, dict] = _opt(
+        {}, "Rewards served by `craft serve-rewards` (another process, environment or machine): "
+        "local name -> {url: http://HOST:PORT, reward: the served name (default: the local "
+        "one), token_env: the environment variable holding the server's token, batch_size, "
+        "timeout_s, retries}. Scored like a local reward, under the local name.")
+    vlm: dict[str, dict] = _opt(
+        {}, "Vision-language judges on an OpenAI-compatible endpoint (vLLM, SGLang): name -> "
+        "{url: http://HOST:PORT/v1, model, question: a yes/no question with {prompt}, "
+        "token_env, batch_size, timeout_s, retries}. Score: P(yes) / (P(yes) + P(no)) of the "
+        "answer token.")
 
     def _check(self) -> None:
         self._positive("batch_size")
         self._device("device")
+        allowed = {"remote": {"url", "reward", "token_env", "batch_size", "timeout_s", "retries"},
+                   "vlm": {"url", "model", "question", "token_env", "batch_size", "timeout_s",
+                           "retries"}}
+        for kind, keys in allowed.items():
+            for name, entry in getattr(self, kind).items():
+                key = f"{self._key(kind)}.{name}"
+                _require(isinstance(entry, Mapping), key, entry, "must be a mapping",
+                         "e.g. {url: 'http://127.0.0.1:8765'}")
+                extra = sorted(set(entry) - keys)
+                _require(not extra, key, dict(entry), f"has unknown keys {extra}",
+                         f"use only {sorted(keys)}")
+                url = entry.get("url")
+                _require(isinstance(url, str) and bool(re.match(r"^https?://[^/\s]+", url)),
+                         f"{key}.url", url, "must be an http(s) URL",
+                         "e.g. http://127.0.0.1:8765" + ("/v1" if kind == "vlm" else ""))
+                for k in ("batch_size", "retries"):
+                    v = entry.get(k, 1)
+                    _require(isinstance(v, int) and not isinstance(v, bool)
+                             and v >= (1 if k == "batch_size" else 0), f"{key}.{k}", v,
+                             "must be a whole number " + (">= 1" if k == "batch_size" else ">= 0"),
+                             "e.g. 32" if k == "batch_size" else "e.g. 2")
+                t = entry.get("timeout_s", 1)
+                _require(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0,
+                         f"{key}.timeout_s", t, "must be a number of seconds > 0", "e.g. 120")
+                for k in ("reward", "token_env", "model", "question"):
+                    _require(entry.get(k) is None or isinstance(entry[k], str), f"{key}.{k}",
+                             entry.get(k), "must be a string", "quote it")
+                if kind == "vlm" and entry.get("question") is not None:
+                    _require("{prompt}" in entry["question"], f"{key}.question",
+                             entry["question"], "must contain {prompt}",
+                             "e.g. 'Does this image show {prompt}? Answer yes or no.'")
+        both = sorted(set(self.remote) & set(self.vlm))
+        _require(not both, self._key("vlm"), both, "names rewards that rewards.remote names too",
+                 "give each reward one source")
         for name in ("names", "eval_names"):
             value = getattr(self, name)
             dupes = sorted({n for n in value if value.count(n) > 1})

@@ -292,7 +292,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     """
     from craft.fsutil import save_image_atomic
     from craft.generation import SamplingParams, apply_scheduler, generate_images
-    from craft.rewards import load_reward
+    from craft.rewards.configured import build_reward
     from craft.run import as_run
 
     run = as_run(run)
@@ -368,8 +368,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     values = {}
     rdevice = str(dist.model_device(cfg.rewards.device, key="rewards.device"))
     for r in rewards:
-        fn = load_reward(r, device=rdevice, batch_size=cfg.rewards.batch_size,
-                         path=cfg.rewards.paths.get(r))
+        fn = build_reward(cfg, r, device=rdevice)
         values[r] = [float(v) for v in fn(images, prompts)] if images else []
         del fn  # one reward model on the device at a time
     for p, dev in moved:  # the caller's pipelines back where they were

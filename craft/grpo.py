@@ -327,7 +327,7 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     ``train.steps`` optimizer steps, ``grpo.updates`` per round. Returns the
     :class:`craft.training.TrainResult` of craft.training's loop."""
     from craft.pipes import latent_shape
-    from craft.rewards import load_reward
+    from craft.rewards.configured import build_reward
     from craft.training import (TrainCallbacks, _accumulating, _backward, _sq_error,
                                 build_trainable, empty_conditioning, encode_texts,
                                 offload_encoders, open_session, release, run_loop, run_meta,
@@ -347,9 +347,8 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     texts = list(prompts["prompt"])
     cond = {k: v.cpu() for k, v in encode_texts(pipe, texts, acc.device, size).items()}
     empty = {k: v.float().cpu() for k, v in empty_conditioning(pipe, acc.device, size).items()}
-    rewards = {n: load_reward(n, device=str(acc.device) if cfg.rewards.device == "auto"
-                              else cfg.rewards.device, batch_size=cfg.rewards.batch_size,
-                              path=cfg.rewards.paths.get(n)) for n in cfg.rewards.names}
+    rewards = {n: build_reward(cfg, n, device=str(acc.device) if cfg.rewards.device == "auto"
+                               else cfg.rewards.device) for n in cfg.rewards.names}
     restore: list = []
     offload_encoders(pipe, restore, keep=("vae",))
     tr = build_trainable(cfg, pipe, acc)

@@ -4,7 +4,7 @@ Why: a real-model run is set up by hand (weights copied from a machine with inte
 files put in place, packages installed), then launched on expensive GPUs. ``craft run`` already
 stops at the *first* missing piece; ``craft config check`` lists *every* piece, found or not,
 so one pass fixes them all. Nothing here reads model weights: it resolves files and settings
-with the same functions the stages call (``check_model``, ``check_available``,
+with the same functions the stages call (``check_model``, ``check_reward``,
 ``check_train_options``, ``load_prompts``), so a green report means the stages will find them.
 """
 
@@ -37,7 +37,7 @@ def preflight(cfg, plan: tuple | None = None) -> list[Check]:
     world, about a minute for a 12 B model)."""
     from craft.models import check_model
     from craft.prompts import load_prompts
-    from craft.rewards import check_available
+    from craft.rewards.configured import check_reward
     from craft.training import check_train_options
 
     p = cfg.prompts
@@ -53,7 +53,7 @@ def preflight(cfg, plan: tuple | None = None) -> list[Check]:
         use = ("filter, role " + roles[name]) if name in roles else (
             "filter" if name in cfg.rewards.names else "evaluation only")
         checks.append(_run(f"reward {name} ({use})", lambda n=name: _reward(
-            check_available(n, cfg.rewards.paths.get(n)))))
+            check_reward(cfg, n))))
     checks.append(_run("training options", lambda: (check_train_options(cfg), _train(cfg))[1]))
     checks.append(_run(f"diversity encoder {cfg.eval.diversity_encoder} (evaluation)",
                        lambda: _diversity(cfg)))

@@ -29,7 +29,7 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     loaded once per process before the first batch, and each batch's images are decoded once
     for all the rewards they miss.
     """
-    from craft.rewards import load_reward
+    from craft.rewards.configured import build_reward
     from craft.run import as_run
 
     run = as_run(run)
@@ -50,8 +50,7 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     total = sum(len(t[3]) for t in todo)
     bs = cfg.rewards.batch_size
     device = str(dist.model_device(cfg.rewards.device, key="rewards.device"))
-    rewards = {n: load_reward(n, device=device, batch_size=bs, path=cfg.rewards.paths.get(n))
-               for n in needed}
+    rewards = {n: build_reward(cfg, n, device=device, batch_size=bs) for n in needed}
     dist.barrier()  # every process has its rewards: the rounds start together
     done = written = 0
     if run.is_main and progress and total:

@@ -88,10 +88,10 @@ def require(cfg, *, model: bool = False, rewards=(), train: bool = False,
         check_train_options(cfg)
         gradient_accumulation(cfg.train, processes)
     if rewards:
-        from craft.rewards import check_available
+        from craft.rewards.configured import check_reward
 
         for name in dict.fromkeys(rewards):
-            check_available(name, cfg.rewards.paths.get(name))
+            check_reward(cfg, name)
 
 
 def check_run_name(name: str) -> str:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_overrides
@@ -56,8 +57,9 @@ def _launcher(processes: int, machines: int = 1, machine_rank: int = 0,
     return [*cmd, "-m", "craft.cli"]
 
 
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 600, env: dict | None = None
+         ) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _craft_run(run: Path, sets: list[str]) -> list[str]:
@@ -316,3 +318,35 @@ def test_dpo_and_grpo_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, t
         assert len(store.scores_df(["toy_fidelity"]).reindex(sampled["id"]).dropna()) == len(
             sampled)
     assert (run / "train" / "grpo" / "final" / "model_index.json").is_file()
+
+
+def test_a_served_reward_scores_each_process_share_on_two_processes(tmp_path, one_process):
+    """`craft score` on two processes with a reward served by `craft serve-rewards`' server
+    (here in the test process, over loopback): each process sends its share of the candidates,
+    every candidate is scored once, and the values equal the in-process reward's."""
+    import shutil
+
+    from craft.reward_server import RewardServer
+    from craft.rewards import load_reward
+
+    run = tmp_path / "run"
+    shutil.copytree(one_process["run_dir"], run)
+    reward = load_reward("toy_fidelity")
+    srv = RewardServer({"toy_fidelity": reward}, token="t0k").start()
+    try:
+        remote = {"served_fidelity": {"url": srv.url, "reward": "toy_fidelity",
+                                      "token_env": "CRAFT_TEST_TOKEN"}}
+        proc = _run([*_launcher(2), "score", "--run-dir", str(run), "--set",
+                     f"rewards.remote={json.dumps(remote)}", "--set",
+                     "rewards.names=[toy_fidelity,toy_selection,toy_aesthetic,served_fidelity]"],
+                    env={**ENV, "CRAFT_TEST_TOKEN": "t0k"})
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        assert srv.requests >= 2  # both processes' shares went through the server
+    finally:
+        srv.stop()
+    with RunStore(run) as store:
+        s = store.scores_df(["toy_fidelity", "served_fidelity"])
+        rows = store.scores_df(["served_fidelity"], wide=False)
+    assert len(rows) == len(rows["candidate_id"].unique()) == len(s)  # each scored once
+    assert np.array_equal(s["served_fidelity"].to_numpy(), s["toy_fidelity"].to_numpy(),
+                          equal_nan=True)

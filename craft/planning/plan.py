@@ -242,7 +242,7 @@ def _stage(name, parts, gpu, units=None, unit="image", flops=0.0, hours_=None, n
 def _scoring(cfg, gpu, n_images, timed) -> StagePlan:
     weights, acts, flops, notes = 0.0, 0.0, 0.0, []
     for name in cfg.rewards.names:
-        sim = _reward(name, cfg.rewards.batch_size, notes)
+        sim = _reward(name, cfg.rewards.batch_size, notes, cfg)
         if sim is None:
             continue
         w = sim.extra["weights"] / GIB
@@ -256,7 +256,13 @@ def _scoring(cfg, gpu, n_images, timed) -> StagePlan:
                   timed(flops, n_images) if flops else None, _grouped(notes))
 
 
-def _reward(name: str, batch: int, notes: list[str]) -> Sim | None:
+def _reward(name: str, batch: int, notes: list[str], cfg=None) -> Sim | None:
+    from craft.rewards.configured import is_remote
+
+    if cfg is not None and is_remote(cfg, name):
+        notes.append(f"{name}|served by another process (rewards.remote / rewards.vlm): no "
+                     "memory on this GPU")
+        return None
     if pixel_reward(name):
         notes.append(f"{name}|computed from pixels on the CPU, no GPU memory")
         return None
@@ -320,7 +326,7 @@ def _grpo_resident(cfg, spec: ModelSpec) -> float:
     and every training reward (to score it)."""
     notes: list[str] = []
     rewards = sum(sim.extra["weights"] for n in cfg.rewards.names
-                  if (sim := _reward(n, cfg.rewards.batch_size, notes)) is not None)
+                  if (sim := _reward(n, cfg.rewards.batch_size, notes, cfg)) is not None)
     return (rewards + _vae_bytes(spec)) / GIB
 
 
@@ -371,7 +377,7 @@ def _evaluation(cfg, spec, gpu, n_eval, timed) -> StagePlan:
                               cfg.model.vae_slicing)
     best, notes, flops = _gib(gen.parts), list(gen.notes), gen.flops
     for name in cfg.rewards.eval_names:
-        sim = _reward(name, cfg.rewards.batch_size, notes)
+        sim = _reward(name, cfg.rewards.batch_size, notes, cfg)
         if sim is None:
             continue
         flops += sim.flops / 2  # every image is scored once; both models' images: x2 below

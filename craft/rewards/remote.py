@@ -1,0 +1,152 @@
+"""Rewards scored by another process: a reward served by `craft serve-rewards`
+(:class:`RemoteReward`) and the HTTP they share with the VLM judge (craft/rewards/vlm.py).
+
+A remote reward is a :class:`craft.rewards.Reward` like any other: the same name in
+filtering, the same NaN for "not applicable", scored in batches. Every failure says which URL
+and what to do: a server that is not there (start it, or fix the URL), a wrong token, a reply
+that is not a reward server's, a timeout. Errors leave the scores already stored in place, so
+the same command goes on once the server is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from craft.rewards.base import Reward, RewardError
+from craft.rewards.wire import (MAX_BODY_BYTES, MAX_IMAGES, TOKEN_HEADER, png_b64,
+                                scores_from_json)
+
+log = logging.getLogger(__name__)
+REQUEST_BYTES = MAX_BODY_BYTES // 2  # images per request stop here (prompts and JSON besides)
+
+
+class RemoteRewardError(RewardError):
+    """A served reward could not score: the message names the URL and the fix."""
+
+
+def http_json(url: str, body: dict | None = None, *, token: str | None = None,
+              timeout_s: float = 60.0, retries: int = 2, what: str = "reward server",
+              fix: str = "") -> dict:
+    """GET (``body`` None) or POST JSON to ``url`` and return the JSON reply. Connection
+    failures, timeouts and 5xx replies are retried ``retries`` times (1 s, 2 s, ... apart); a
+    4xx reply is not (the request itself is wrong)."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers[TOKEN_HEADER] = f"Bearer {token}"
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(float(attempt))
+        req = urllib.request.Request(url, data=data, headers=headers,
+                                     method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _error_text(e)
+            if e.code == 401:
+                raise RemoteRewardError(f"{what} at {url} refused the token ({detail}); set the "
+                                        f"token it was started with{fix}") from None
+            if e.code < 500:
+                raise RemoteRewardError(f"{what} at {url} answered {e.code}: {detail}") from None
+            last = f"answered {e.code}: {detail}"
+            continue
+        except (socket.timeout, TimeoutError):
+            last = f"did not answer within {timeout_s:g} s (raise timeout_s, or lower batch_size)"
+            continue
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                last = (f"did not answer within {timeout_s:g} s (raise timeout_s, or lower "
+                        "batch_size)")
+            else:
+                last = f"is not reachable ({reason})"
+            continue
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RemoteRewardError(f"{what} at {url} sent a reply that is not JSON "
+                                    f"({raw[:80]!r}); is that URL a {what}?") from None
+    raise RemoteRewardError(f"{what} at {url} {last} after {retries + 1} attempt(s){fix}")
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(e.read()).get("error", e.reason))
+    except (ValueError, AttributeError, OSError):
+        return str(e.reason)
+
+
+class RemoteReward(Reward):
+    """The reward ``reward`` (default: ``name``) of the `craft serve-rewards` server at
+    ``url``, under the local name ``name``."""
+
+    def __init__(self, name: str, url: str, *, reward: str | None = None,
+                 token: str | None = None, batch_size: int = 32, timeout_s: float = 120.0,
+                 retries: int = 2, needs_prompt: bool = True) -> None:
+        self.name = name
+        self.needs_prompt = needs_prompt
+        super().__init__(batch_size=min(batch_size, MAX_IMAGES))
+        self.url, self.served = url.rstrip("/"), reward or name
+        self.token, self.timeout_s, self.retries = token, float(timeout_s), int(retries)
+        self._fix = (f"; start it with `craft serve-rewards --rewards {self.served} --port "
+                     f"{self.url.rsplit(':', 1)[-1].split('/')[0]}` on that machine (rewards.remote"
+                     f".{name} in the config names it), then rerun the same command: the scores "
+                     "already stored are kept")
+
+    def __repr__(self) -> str:
+        return f"RemoteReward(name={self.name!r}, url={self.url!r}, reward={self.served!r})"
+
+    def info(self) -> dict:
+        """The server's /info, checked to serve this reward (a preflight)."""
+        info = http_json(f"{self.url}/info", token=self.token, timeout_s=min(self.timeout_s, 10),
+                         retries=0, fix=self._fix)
+        served = info.get("rewards") if isinstance(info, dict) else None
+        if not isinstance(served, dict):
+            raise RemoteRewardError(f"{self.url}/info is not a reward server's reply; is that "
+                                    "URL a `craft serve-rewards` server?")
+        if self.served not in served:
+            raise RemoteRewardError(f"the reward server at {self.url} serves {sorted(served)}, "
+                                    f"not {self.served!r}; start it with --rewards "
+                                    f"{self.served} or fix rewards.remote.{self.name}.reward")
+        return info
+
+    def _score_batch(self, images, prompts):
+        encoded = [png_b64(im) for im in images]
+        out, start = [], 0
+        while start < len(encoded):  # requests under the server's size limit
+            stop, size = start, 0
+            while stop < len(encoded) and (stop == start or size + len(encoded[stop])
+                                           < REQUEST_BYTES):
+                size += len(encoded[stop])
+                stop += 1
+            out.append(self._request(encoded[start:stop], list(prompts[start:stop])))
+            start = stop
+        return np.concatenate(out)
+
+    def _request(self, encoded: list[str], prompts: list[str]) -> np.ndarray:
+        body = {"reward": self.served, "prompts": prompts, "images": encoded}
+        reply = http_json(f"{self.url}/score", body, token=self.token, timeout_s=self.timeout_s,
+                          retries=self.retries, fix=self._fix)
+        scores = reply.get("scores") if isinstance(reply, dict) else None
+        if not isinstance(scores, list) or len(scores) != len(encoded):
+            got = len(scores) if isinstance(scores, list) else type(scores).__name__
+            raise RemoteRewardError(f"the reward server at {self.url} answered {got} scores for "
+                                    f"{len(encoded)} images of {self.served!r}; a bad reply (is "
+                                    "it a `craft serve-rewards` server of this version?)")
+        try:
+            return scores_from_json(scores)
+        except (TypeError, ValueError):
+            raise RemoteRewardError(f"the reward server at {self.url} answered scores that are "
+                                    f"not numbers for {self.served!r}") from None
+
+
+__all__ = ["RemoteReward", "RemoteRewardError", "http_json"]
