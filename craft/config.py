@@ -33,7 +33,7 @@ import yaml
 from craft import CraftError
 from craft.vocab import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, LEVEL_ROLES, LEVELS,
                          MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES, PROMPT_FORMATS, ROLES,
-                         TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRAIN_METHODS)
+                         TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRACKERS, TRAIN_METHODS)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -574,8 +574,17 @@ class TrainConfig(_Section):
              "AWM); in units of the denoiser's loss (noise, or velocity for flow models); 0 = off "
              "(the plain CRAFT loss). One "
              "more base forward pass per micro-batch, no extra weights in memory.")
+    report_to: str = _opt(
+        "none", "Experiment trackers the training run logs to: none, tensorboard, wandb, or a "
+                "comma-separated list (tensorboard,wandb). Their files go to "
+                "RUN/train/NAME/trackers/; wandb runs offline unless WANDB_MODE says otherwise. "
+                "Needs the tracker's package (pip install craft-studio[trackers]).")
 
     def _check(self) -> None:
+        names = [v.strip() for v in self.report_to.split(",") if v.strip()]
+        _require(all(n in (*TRACKERS, "none") for n in names), self._key("report_to"),
+                 self.report_to, f"names trackers other than none, {', '.join(TRACKERS)}",
+                 "e.g. tensorboard, or tensorboard,wandb")
         self._positive("steps", "lr", "effective_batch", "micro_batch", "snr_gamma",
                        "lora_rank", "lora_alpha", "logit_std", "guidance_scale")
         self._positive("weight_decay", "max_grad_norm", "checkpoint_every", "preview_every",

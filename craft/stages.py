@@ -692,10 +692,12 @@ def card_facts(store, name: str) -> dict:
     return {"n_pairs": sel.get("n_pairs"), "coverage": training_coverage(store, name)}
 
 
-def update_cards(run: Run, paths: list[str], labels: list[str], evaluation) -> None:
-    """Rewrite the model card of every evaluated model that has one, in each place that holds
-    it (its training run's final folder, RUN/final when it holds the same run): the card shows
-    this evaluation."""
+def record_evaluation(run: Run, cfg, paths: list[str], labels: list[str], evaluation) -> None:
+    """Where an evaluation of trained models is kept besides the store: the model card of every
+    evaluated model that has one, in each place that holds it (its training run's final
+    folder, RUN/final when it holds the same run), and the training run's trackers."""
+    from craft.trackers import log_evaluation
+
     from craft.lora import TRAIN_RECORD
     from craft.model_card import write_card
 
@@ -714,6 +716,9 @@ def update_cards(run: Run, paths: list[str], labels: list[str], evaluation) -> N
             same.add(final.resolve())
         for folder in sorted(same):
             write_card(folder, label, evaluation, facts)
+        if (own / TRAIN_RECORD).is_file():
+            steps = int(json.loads((own / TRAIN_RECORD).read_text()).get("steps") or 0)
+            log_evaluation(cfg, train_dir(run.run_dir, name), name, label, evaluation, steps)
 
 
 # ------------------------------------------------------------------------ evaluate, export
@@ -782,7 +787,7 @@ def stage_evaluate(run: Run, cfg, tuned=None, base: str | None = None,
         if len(labels) == 1 else None
     ev = evaluate(run, cfg, models, name=name, pipes=pipes, progress=progress,
                   should_stop=should_stop, coverage=cov)
-    run.dist.on_main(lambda: update_cards(run, paths, labels, ev))
+    run.dist.on_main(lambda: record_evaluation(run, cfg, paths, labels, ev))
     return ev
 
 
@@ -1029,5 +1034,5 @@ __all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPl
            "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
            "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
            "stage_rounds", "stage_score", "stage_train", "stage_tune", "train_dir",
-           "training_set", "round_number", "update_cards",
+           "training_set", "round_number", "record_evaluation",
            "tuned_label", "round_config", "round_name"]

@@ -1027,36 +1027,48 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
             images, prompts = render_previews(cfg, pipe, tr, out_dir, step, save=main)
             if main and cb.on_preview:
                 cb.on_preview(step, images, prompts)
+            if main and trackers:
+                trackers.images("previews", images, step)
 
-    status = "done"
-    if start == 0:
-        preview(0)
-    for step in range(start, tc.steps):
-        if step % boundary == 0 and cb.should_stop is not None and cb.should_stop():
-            status = "cancelled"
-            break
-        t0 = time.perf_counter()
-        for g in tr.opt.param_groups:
-            g["lr"] = lr_at(step)
-        metrics = step_fn(step)
-        grad_norm = _clip(tr, accelerator, tc.max_grad_norm)
-        tr.opt.step()
-        tr.opt.zero_grad(set_to_none=True)
-        if tr.ema is not None:
-            tr.ema.step(tr.params)
-        start = done = step + 1
-        if cb.on_step:
-            cb.on_step(done, tc.steps, {**metrics, "grad_norm": grad_norm, "lr": lr_at(step),
-                                        "step_time": time.perf_counter() - t0})
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-            checkpoint(done)
-        if tc.preview_every and done % tc.preview_every == 0:
-            preview(done)
+    from craft.trackers import open_run_trackers
 
-    if status == "done" or start > 0:
-        checkpoint(start)
-    if status == "done":
-        finish(cfg, pipe, tr, out_dir, start, meta, main)
+    trackers = open_run_trackers(cfg, out_dir, str(meta.get("run_name") or out_dir.name), meta,
+                                 main)
+    try:
+        status = "done"
+        if start == 0:
+            preview(0)
+        for step in range(start, tc.steps):
+            if step % boundary == 0 and cb.should_stop is not None and cb.should_stop():
+                status = "cancelled"
+                break
+            t0 = time.perf_counter()
+            for g in tr.opt.param_groups:
+                g["lr"] = lr_at(step)
+            metrics = step_fn(step)
+            grad_norm = _clip(tr, accelerator, tc.max_grad_norm)
+            tr.opt.step()
+            tr.opt.zero_grad(set_to_none=True)
+            if tr.ema is not None:
+                tr.ema.step(tr.params)
+            start = done = step + 1
+            logged = {**metrics, "grad_norm": grad_norm, "lr": lr_at(step),
+                      "step_time": time.perf_counter() - t0}
+            if cb.on_step:
+                cb.on_step(done, tc.steps, logged)
+            if trackers:
+                trackers.scalars({f"train/{k}": v for k, v in logged.items()}, done)
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+                checkpoint(done)
+            if tc.preview_every and done % tc.preview_every == 0:
+                preview(done)
+
+        if status == "done" or start > 0:
+            checkpoint(start)
+        if status == "done":
+            finish(cfg, pipe, tr, out_dir, start, meta, main)
+    finally:
+        trackers.close()
     accelerator.wait_for_everyone()  # the main process's files are there for everyone now
     last_ckpt = latest_checkpoint(out_dir)
     if status == "cancelled":

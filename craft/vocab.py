@@ -37,6 +37,8 @@ TIMESTEP_SAMPLING: tuple[str, ...] = ("logit_normal", "mode", "uniform")
 TRAIN_METHODS: tuple[str, ...] = ("craft", "sft", "dpo", "grpo")
 # dpo.pairs: how winner / loser pairs are drawn from each original prompt's group (craft.dpo)
 PAIR_RULES: tuple[str, ...] = ("best_worst", "above_margin")
+# train.report_to: the experiment trackers a training run logs to (craft.trackers)
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb")
 # eval.diversity_encoder (craft.diversity) and embed.encoder (craft.embeddings)
 DIVERSITY_ENCODERS: tuple[str, ...] = ("pixels", "dinov2", "clip", "none")
 EMBED_ENCODERS: tuple[str, ...] = ("pixels", "clip")
@@ -44,4 +46,4 @@ EMBED_ENCODERS: tuple[str, ...] = ("pixels", "clip")
 __all__ = ["ADVANTAGE_MODES", "DIVERSITY_ENCODERS", "EMBED_ENCODERS", "FLOW_WEIGHTINGS",
            "LEVELS", "LEVEL_ROLES", "MODEL_FAMILIES", "NORMALIZATIONS", "OVERRIDE_ACTIONS",
            "PAIR_RULES", "PROMPT_FORMATS", "ROLES", "TIMESTEP_SAMPLING", "TIMESTEP_WEIGHTINGS",
-           "TRAIN_METHODS", "UNET_WEIGHTINGS"]
+           "TRACKERS", "TRAIN_METHODS", "UNET_WEIGHTINGS"]

@@ -290,8 +290,19 @@ def test_dpo_and_grpo_on_two_processes_and_grpo_resumes_after_kill_9(tmp_path, t
 
     run = tmp_path / "run"
     shutil.copytree(one_process["run_dir"], run)
-    proc = _run(_train_cmd(run, tiny_model_dir, "dpo", "dpo", **{"dpo.pairs": "above_margin"}))
+    proc = _run(_train_cmd(run, tiny_model_dir, "dpo", "dpo", **{
+        "dpo.pairs": "above_margin", "train.report_to": "tensorboard,wandb"}),
+        env={**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-6000:]
+    # the trackers under two processes: the main process alone logs, every step once
+    from test_trackers import tensorboard_events
+
+    trackers = run / "train" / "dpo" / "trackers"
+    events = list((trackers / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # one writing process
+    loss = tensorboard_events(trackers / "tensorboard")["scalars"]["train/loss"]
+    assert [s for s, _ in loss] == list(range(1, 7))
+    assert len(list((trackers / "wandb" / "wandb").glob("offline-run-*"))) == 1
     with RunStore(run) as store:
         rec = store.train_run_by_name("dpo")
         sel = json.loads(store.selections_df().set_index("id").loc[

@@ -25,7 +25,7 @@ from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_butt
 RESUME_HINT = ("“Resume” (below) continues it from its last checkpoint; “Start training” "
                "starts a new run")
 RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss", "kept",
-               "selection", "processes", "checkpoint", "error"]
+               "selection", "processes", "checkpoint", "trackers", "error"]
 
 
 def selection_summary(settings: dict) -> str:
@@ -71,8 +71,22 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
                      "last loss": round(float(m["loss"].iloc[-1]), 5) if not m.empty else None,
                      "kept": kept, "selection": selection_summary(sel),
                      "processes": sel.get("processes"),
-                     "checkpoint": r.checkpoint_dir or "", "error": (r.error or "")[:200]})
+                     "checkpoint": r.checkpoint_dir or "", "trackers": tracker_hint(ctx, r.name),
+                     "error": (r.error or "")[:200]})
     return pd.DataFrame(rows, columns=RUN_COLUMNS).iloc[::-1]
+
+
+def tracker_hint(ctx: RunContext, name: str) -> str:
+    """Where a run's tracker files are and how to open them (train.report_to), or ""."""
+    from craft.trackers import FOLDER
+
+    folder = train_dir(ctx.run_dir, name) / FOLDER
+    parts = []
+    if (folder / "tensorboard").is_dir():
+        parts.append(f"tensorboard --logdir {folder / 'tensorboard'}")
+    if (folder / "wandb").is_dir():
+        parts.append(f"wandb sync {folder / 'wandb' / 'wandb'}/offline-run-*")
+    return "; ".join(parts)
 
 
 def will_train(ctx: RunContext, cfg=None) -> str:
