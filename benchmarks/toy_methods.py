@@ -179,17 +179,38 @@ def report(results: dict, args, t_start: float) -> list[str]:
         def t(s, key):
             return float(tm.get(f"{s}:{key}", 0.0))
 
+        # Seeds whose stage times were measured whole (a resumed seed records only what it
+        # redid): times are their means; the rewards use every seed.
+        timed = [s for s in seeds if t(s, "generate") > 1] or seeds
+
         def mean_t(key):
-            return float(np.mean([t(s, key) for s in seeds]))
+            return float(np.mean([t(s, key) for s in timed]))
+
+        t_craft = float(np.mean([res["seeds"][s]["craft_time"] for s in timed]))
+        walls: dict[int, list[float]] = {}
+        for s in timed:
+            for step, wall, _ in _grpo_points(res["seeds"][s]):
+                walls.setdefault(step, []).append(wall)
+        wall_at = {step: float(np.mean(v)) for step, v in walls.items()}
+        steps = sorted(wall_at)
+
+        def gain_at(step: int) -> list[float]:
+            return [res["seeds"][s]["models"][f"grpo@{step}"]["composite"]["diff"]
+                    for s in seeds if f"grpo@{step}" in res["seeds"][s]["models"]]
 
         base_div = np.mean([res["seeds"][s]["base"]["diversity"] for s in seeds])
+        untimed = [s for s in seeds if s not in timed]
         lines += [f"## {base_name} ({len(seeds)} seeds: {', '.join(seeds)})", "",
                   f"Base diversity across seeds: {base_div:.1f} (mean pairwise pixel RMS, "
-                  "0-255). Time columns: this machine, seconds, mean over seeds; generate and "
-                  "score are the shared pool's (CRAFT, SFT and DPO all train on it); GRPO's "
-                  "train time is the sum of its step times to that checkpoint (sampling, "
-                  "scoring and updates; model loading and checkpoint saving left out, which "
-                  "favours GRPO).", "",
+                  "0-255). Time columns: this machine, seconds, mean over seeds "
+                  f"{', '.join(timed)}"
+                  + (f" (seed {', '.join(untimed)} was resumed after an interruption, with "
+                     "other jobs on the machine: its stage times are not whole)" if untimed
+                     else "")
+                  + "; generate and score are the shared pool's (CRAFT, SFT and DPO all train "
+                  "on it); GRPO's time is the sum of its step times to that checkpoint "
+                  "(sampling, scoring and updates; model loading and checkpoint saving left "
+                  "out, which favours GRPO).", "",
                   "| model | trained on | " + " | ".join(f"{r} Δ" for r in rewards)
                   + " | composite win % | images generated + scored | generate s | score s "
                   "| train s | total s |",
@@ -216,52 +237,44 @@ def report(results: dict, args, t_start: float) -> list[str]:
             lines.append(f"| {name} | {what} | " + " | ".join(cells({s: name for s in seeds}))
                          + f" | {pool} | {gen:.0f} | {sco:.0f} | {tr:.0f} | "
                          f"{gen + sco + tr:.0f} |")
-        picks_at = {}
-        for label, choose in (("grpo@craft-time", lambda pts, tc: min(
-                pts, key=lambda p: abs(p[1] - tc))), ("grpo-long", lambda pts, tc: pts[-1])):
-            picks = {s: choose(_grpo_points(res["seeds"][s]), res["seeds"][s]["craft_time"])
-                     for s in seeds}
-            picks_at[label] = picks
-            step, wall = picks[seeds[0]][0], np.mean([p[1] for p in picks.values()])
+        at_craft = min(steps, key=lambda st: abs(wall_at[st] - t_craft))
+        best_step = max(steps, key=lambda st: np.mean(gain_at(st)))
+        for label, step in (("grpo@craft-time", at_craft),
+                            ("grpo, best checkpoint", best_step), ("grpo-long", steps[-1])):
             lines.append(f"| {label} | step {step}: {step // UPDATES} rounds sampled | "
-                         + " | ".join(cells({s: f"grpo@{p[0]}" for s, p in picks.items()}))
+                         + " | ".join(cells({s: f"grpo@{step}" for s in seeds}))
                          + f" | {step // UPDATES * PER_ROUND} | (in train) | (in train) | "
-                         f"{wall:.0f} | {wall:.0f} |")
+                         f"{wall_at[step]:.0f} | {wall_at[step]:.0f} |")
 
         lines += ["", "### GRPO's curve (composite Δ of each checkpoint against its wall time)",
                   "", "| step | rounds | images sampled | wall s | composite Δ | win % |",
                   "|---|---|---|---|---|---|"]
-        steps = sorted({p[0] for s in seeds for p in _grpo_points(res["seeds"][s])})
         for step in steps:
-            have = [s for s in seeds if f"grpo@{step}" in res["seeds"][s]["models"]]
-            wall = np.mean([dict(_grpo_points(res["seeds"][s])[i][:2] for i in range(len(
-                _grpo_points(res["seeds"][s]))))[step] for s in have])
-            m, h = ta.t_interval([res["seeds"][s]["models"][f"grpo@{step}"]["composite"]["diff"]
-                                  for s in have])
+            m, h = ta.t_interval(gain_at(step))
             w, _ = ta.t_interval([100 * res["seeds"][s]["models"][f"grpo@{step}"]["composite"][
-                "win_rate"] for s in have])
+                "win_rate"] for s in seeds if f"grpo@{step}" in res["seeds"][s]["models"]])
             lines.append(f"| {step} | {step // UPDATES} | {step // UPDATES * PER_ROUND} | "
-                         f"{wall:.0f} | {m:+.3f} [±{h:.3f}] | {w:.1f} |")
+                         f"{wall_at[step]:.0f} | {m:+.3f} [±{h:.3f}] | {w:.1f} |")
 
         lines += ["", "### The cost and data ratios (Table 7's question)", "",
-                  "| seed | CRAFT gain | CRAFT wall s (generate + score + train) | GRPO wall s to "
-                  "reach it | cost ratio | GRPO images to reach it | data ratio (÷ CRAFT's "
-                  f"{pool} pool images) |", "|---|---|---|---|---|---|---|"]
+                  f"CRAFT's whole pipeline (generate + score + train): {t_craft:.0f} s, "
+                  f"{pool} images generated and scored. GRPO's wall time is the timed seeds' "
+                  "mean at each checkpoint.", "",
+                  "| seed | CRAFT gain | GRPO checkpoint that reaches it | GRPO wall s | cost "
+                  "ratio (÷ CRAFT's time) | GRPO images | data ratio (÷ CRAFT's pool) |",
+                  "|---|---|---|---|---|---|---|"]
         for s in seeds:
             sr = res["seeds"][s]
             gain = sr["models"]["craft"]["composite"]["diff"]
             pts = _grpo_points(sr)
             reach = next((p for p in pts if p[2] >= gain), None)
-            if reach:
-                imgs = reach[0] // UPDATES * PER_ROUND
-                lines.append(f"| {s} | {gain:+.3f} | {sr['craft_time']:.0f} | {reach[1]:.0f} "
-                             f"(step {reach[0]}) | {reach[1] / sr['craft_time']:.2f} | {imgs} | "
-                             f"{imgs / pool:.2f} |")
-            else:
-                imgs = pts[-1][0] // UPDATES * PER_ROUND
-                lines.append(f"| {s} | {gain:+.3f} | {sr['craft_time']:.0f} | not reached in "
-                             f"{pts[-1][1]:.0f} | > {pts[-1][1] / sr['craft_time']:.2f} | > "
-                             f"{imgs} | > {imgs / pool:.2f} |")
+            step = reach[0] if reach else pts[-1][0]
+            imgs = step // UPDATES * PER_ROUND
+            more = "" if reach else "> "
+            lines.append(f"| {s} | {gain:+.3f} | "
+                         + (f"step {step}" if reach else f"none up to step {step}")
+                         + f" | {more}{wall_at[step]:.0f} | {more}{wall_at[step] / t_craft:.2f}"
+                         f" | {more}{imgs} | {more}{imgs / pool:.2f} |")
 
         profile = [r for r in rewards if r != "composite"]
         lines += ["", "### Does CRAFT move the rewards the way GRPO's first steps do?", "",
@@ -269,16 +282,17 @@ def report(results: dict, args, t_start: float) -> list[str]:
                   "group-RL objective) predicts that at the base CRAFT's update points where "
                   "GRPO's first on-policy steps point. Checked here on what can be measured: the "
                   "cosine between the per-reward gain profiles (each Δ in units of its SE, over "
-                  f"{', '.join(profile)}) of CRAFT and of GRPO's first checkpoint, against the "
-                  "same for SFT and DPO.", "",
+                  f"{', '.join(profile)}) of CRAFT and of GRPO's first checkpoint (10 steps: "
+                  "5 rounds) and its best one, against the same for SFT and DPO.", "",
                   "| seed | GRPO checkpoint | cos(CRAFT, GRPO) | cos(SFT, GRPO) | "
                   f"cos({best}, GRPO) |", "|---|---|---|---|---|"]
         for s in seeds:
             sr = res["seeds"][s]
-            k = f"grpo@{_grpo_points(sr)[0][0]}"
-            lines.append(f"| {s} | {k} | " + " | ".join(
-                f"{_cosine(sr['models'][m], sr['models'][k], profile):+.2f}"
-                for m in ("craft", "sft", best)) + " |")
+            for step in dict.fromkeys((steps[0], best_step)):
+                k = f"grpo@{step}"
+                lines.append(f"| {s} | {k} | " + " | ".join(
+                    f"{_cosine(sr['models'][m], sr['models'][k], profile):+.2f}"
+                    for m in ("craft", "sft", best)) + " |")
 
         if res.get("sweep"):
             lines += ["", f"### The DPO sweep (seed {seeds[0]}; composite Δ ± SE over the "
