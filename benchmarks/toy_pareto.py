@@ -57,6 +57,10 @@ FLOW_ARMS = [
         "100 steps and anchor 0.5"),
     Arm("steps100-anchor1", ["train.steps=100", "train.anchor_weight=1"],
         "100 steps and anchor 1"),
+    Arm("steps100-anchor0.75", ["train.steps=100", "train.anchor_weight=0.75"],
+        "100 steps and anchor 0.75"),
+    Arm("steps50-anchor0.5", ["train.steps=50", "train.anchor_weight=0.5"],
+        "50 steps and anchor 0.5"),
 ]
 
 
@@ -80,7 +84,7 @@ def main() -> None:
     t_start = time.time()
     run = ta.build_pool(Path(args.run_dir), cfg, timings)
     flow = "flow" in Path(args.config).stem
-    name = "toy_pareto_flow" if flow else "toy_pareto"
+    report = "toy_pareto_flow" if flow else "toy_pareto"
     arms = [a for a in (FLOW_ARMS if flow else ARMS) if args.arms is None or a.name in args.arms]
     facts, finals = {}, {}
     for arm in arms:
@@ -111,7 +115,7 @@ def main() -> None:
     front = pareto_front({k: (v["gain"], v["diversity"]) for k, v in rows.items()})
     eligible = {k: v for k, v in rows.items() if v["gain_share"] >= 0.8}
     pick = max(eligible, key=lambda k: (eligible[k]["diversity"], eligible[k]["gain"]))
-    ta.save_json(Path(args.out) / f"{name}.json", {
+    ta.save_json(Path(args.out) / f"{report}.json", {
         "config": Path(args.config).name, "overrides": base, "rows": rows,
         "base_diversity": [base_div["mean"], base_div["se"]], "front": sorted(front),
         "recommended": pick, "summary": ev.summary.to_dict(orient="records"),
@@ -172,10 +176,10 @@ def main() -> None:
         "",
         "Reproduce: `.venv/bin/python benchmarks/toy_pareto.py "
         + (f"--config configs/{Path(args.config).name} " if flow else "")
-        + f"--run-dir /tmp/bench/{name.replace('toy_', '').replace('_', '-')}`.",
+        + f"--run-dir /tmp/bench/{report.replace('toy_', '').replace('_', '-')}`.",
         "",
     ]
-    ta.write_report(args.out, f"{name}.md", lines)
+    ta.write_report(args.out, f"{report}.md", lines)
 
 
 if __name__ == "__main__":

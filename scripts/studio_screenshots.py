@@ -75,6 +75,13 @@ def main() -> None:
             page.wait_for_selector(f"#{kind}-job-bar .job-bar[data-status='done']", timeout=JOB_MS)
             time.sleep(2.5)
 
+        def start_and_wait(kind: str, button: str) -> None:
+            """Start a job and wait for *it* (the bar still shows the last job as done)."""
+            page.click(button)
+            page.wait_for_selector(f"#{kind}-job-bar .job-bar[data-status='running']",
+                                   timeout=JOB_MS)
+            done(kind)
+
         def shot(name: str) -> None:
             for width, suffix in ((1400, ""), (1024, "-1024")):
                 page.set_viewport_size({"width": width, "height": 1000})
@@ -119,17 +126,15 @@ def main() -> None:
         shot("Train")
         page.locator("#train-method").get_by_text("dpo", exact=True).click()
         page.wait_for_selector("#train-will:has-text('pairs')")
-        page.click("#train-start")
-        done("train")
+        start_and_wait("train", "#train-start")
         time.sleep(2)
         shot("Train-dpo")  # its pairs side by side
         page.locator("#train-method").get_by_text("grpo", exact=True).click()
         page.wait_for_selector("#train-grpo-group-size", state="visible")
         page.fill("#train-steps input", "40")
         page.locator("#train-steps input").blur()
-        time.sleep(2)
-        page.click("#train-start")
-        done("train")
+        page.wait_for_selector("#train-will:has-text('Start will sample')")
+        start_and_wait("train", "#train-start")
         time.sleep(2)
         shot("Train-grpo")  # the groups it sampled
         tab("Compare")
