@@ -123,6 +123,8 @@ def main() -> None:
                 models[f"grpo@{step}"] = path
             ev = ta.evaluate_arms(run, cfg, models, "methods", timings)
             rewards = ["composite", *cfg.rewards.eval_names, "diversity"]
+            # a rerun of a seed trains only its best DPO setting: keep the sweep's facts
+            facts = {**res["seeds"].get(str(s), {}).get("facts", {}), **facts}
             seed_res = {"pool": pool, "craft_time": craft_time, "curve": curve,
                         "warnings": ev.warnings, "facts": facts,
                         "base": {r: ta.row(ev, "base", r).get("mean") for r in rewards},
