@@ -274,6 +274,34 @@ def _find_evaluation(store, name: str, key: str) -> int | None:
     return None
 
 
+MODEL_STAMP = ".model.json"
+
+
+def _own_images(folder: Path, model: str) -> None:
+    """Images in RUN/eval/NAME/LABEL are reused only if the same model made them: a label whose
+    model changed (retrained under the same name, another path) has its images deleted first,
+    and the folder is stamped with the model and its fingerprint."""
+    from craft.fsutil import fingerprint, write_text_atomic
+
+    want = {"model": str(model), "fingerprint": fingerprint(model)}
+    stamp = folder / MODEL_STAMP
+    try:
+        have = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        have = None
+    if have == want:
+        return
+    if folder.is_dir():
+        stale = sorted(folder.glob("*.png"))
+        if stale:
+            log.info("evaluation images in %s were made by another model (%s); making them "
+                     "again", folder, (have or {}).get("model", "unknown"))
+        for p in stale:
+            p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stamp, json.dumps(want))
+
+
 def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
              out_dir: str | Path | None = None, pipes: Mapping[str, object] | None = None,
              progress: Callable[[int, int], None] | None = None,
@@ -316,6 +344,8 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     paths = {label: [out / label / f"{i:05d}.png" for i in range(len(plan))] for label in labels}
     todo = None
     if run.is_main:  # the images already there are reused (a rerun, or a cancelled run)
+        for label in labels:
+            _own_images(out / label, models[label])
         todo = {label: [i for i, p in enumerate(paths[label]) if not p.exists()]
                 for label in labels}
     todo = dist.broadcast(todo)

@@ -128,6 +128,15 @@ def test_evaluate_writes_images_scores_summary_grid_and_store_row(tmp_path, tiny
     assert {p: p.stat().st_mtime_ns for p in out.rglob("0*.png")} == mtimes
     pd.testing.assert_frame_equal(again.summary, result.summary)
 
+    # Another model under the same label (retrained, or another path) is not shown the old
+    # model's images: they are made again (here: the base under the label "tuned").
+    with RunStore(tmp_path / "run") as store:
+        other = evaluate(store, cfg, {"base": tiny_model_dir, "tuned": tiny_model_dir},
+                         name="ev", reuse=False)
+    assert all(p.stat().st_mtime_ns != mtimes[p] for p in (out / "tuned").glob("0*.png"))
+    o = other.summary.set_index(["model", "reward"])
+    assert abs(o.loc[("tuned", "composite"), "diff"]) < 1e-6  # the base against itself
+
 
 class _NoCalls:
     def __getattr__(self, name):
