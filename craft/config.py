@@ -581,8 +581,10 @@ class TrainConfig(_Section):
                 "Needs the tracker's package (pip install craft-studio[trackers]).")
 
     def _check(self) -> None:
-        names = [v.strip() for v in self.report_to.split(",") if v.strip()]
-        _require(all(n in (*TRACKERS, "none") for n in names), self._key("report_to"),
+        from craft.trackers import parse_report_to
+
+        _require(all(n in TRACKERS for n in parse_report_to(self.report_to)),
+                 self._key("report_to"),
                  self.report_to, f"names trackers other than none, {', '.join(TRACKERS)}",
                  "e.g. tensorboard, or tensorboard,wandb")
         self._positive("steps", "lr", "effective_batch", "micro_batch", "snr_gamma",

@@ -696,24 +696,23 @@ def record_evaluation(run: Run, cfg, paths: list[str], labels: list[str], evalua
     """Where an evaluation of trained models is kept besides the store: the model card of every
     evaluated model that has one, in each place that holds it (its training run's final
     folder, RUN/final when it holds the same run), and the training run's trackers."""
-    from craft.trackers import log_evaluation
-
     from craft.lora import TRAIN_RECORD
     from craft.model_card import write_card
+    from craft.trackers import log_evaluation
 
-    final = final_dir(run.run_dir)
+    final = final_dir(run.run_dir).resolve()
     published = tuned_label(final) if (final / TRAIN_RECORD).is_file() else None
     for path, label in zip(paths, labels):
         if not (Path(path) / TRAIN_RECORD).is_file():
             continue
         name = tuned_label(path)
         facts = card_facts(run.store, name)
-        same = {Path(path).resolve()}
-        own = final_dir(train_dir(run.run_dir, name))
-        if (own / TRAIN_RECORD).is_file() and Path(path).resolve() == final.resolve():
-            same.add(own.resolve())
-        if name == published and Path(path).resolve() == own.resolve():
-            same.add(final.resolve())
+        here, own = Path(path).resolve(), final_dir(train_dir(run.run_dir, name)).resolve()
+        same = {here}
+        if (own / TRAIN_RECORD).is_file() and here == final:
+            same.add(own)
+        if name == published and here == own:
+            same.add(final)
         for folder in sorted(same):
             write_card(folder, label, evaluation, facts)
         if (own / TRAIN_RECORD).is_file():
@@ -1030,7 +1029,8 @@ def _kept_count(store, run_id: int) -> int | None:
 
 
 __all__ = ["DEFAULT_RUN_NAME", "STAGES", "STAGE_UNITS", "StageStopped", "TrainPlan",
-           "candidate_frame", "card_facts", "check_run_name", "filter_settings", "kept_digest", "open_run",
+           "candidate_frame", "card_facts", "check_run_name", "filter_settings", "kept_digest",
+           "open_run",
            "prepare_prompts", "random_subset", "require", "run_all", "stage_evaluate",
            "stage_export", "stage_filter", "stage_generate", "stage_prompts", "stage_publish",
            "stage_rounds", "stage_score", "stage_train", "stage_tune", "train_dir",

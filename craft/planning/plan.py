@@ -171,13 +171,13 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         return None if units is None else hours(units * flops, gpus, gpu, utilization)
 
     stages = []
-    gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
-                              cfg.model.vae_slicing)
     online = t.method == "grpo"
     if online:  # GRPO samples its own images in training: no candidate pool
         notes.append("train.method=grpo: no candidate pool; the images are sampled in "
                      "training (the 'GRPO: sample a round' stage)")
     else:
+        gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
+                                  cfg.model.vae_slicing)
         stages.append(_stage("generation", _gib(gen.parts), gpu, n_images, "image", gen.flops,
                              timed(gen.flops, n_images), list(gen.notes)))
         stages.append(_scoring(cfg, gpu, n_images, timed))
@@ -214,7 +214,7 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     stages.append(_stage("training: one step", parts, gpu, samples, unit, step.flops,
                          timed(step.flops, samples), step_notes))
     if online:
-        stages.append(_grpo_sampling(cfg, spec, step, gpu, gpus, sharding, timed))
+        stages.append(_grpo_sampling(cfg, spec, step, gpu, gpus, sharding, timed, resident))
     stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding))
     stages.append(_evaluation(cfg, spec, gpu, n_eval, timed))
     method = f"LoRA rank {t.lora_rank}" if t.lora else "full fine-tuning"
@@ -331,7 +331,7 @@ def _grpo_resident(cfg, spec: ModelSpec) -> float:
 
 
 def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str,
-                   timed) -> StagePlan:
+                   timed, resident: float) -> StagePlan:
     """A GRPO round: the resident training state, the VAE and the rewards, and the sampler's
     activations (the denoiser under no_grad, guidance doubling the batch), then scoring."""
     from craft.grpo import sampling_guidance
@@ -348,7 +348,7 @@ def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: st
     sim = simulate_generation(spec, batch, g.num_inference_steps, guidance,
                               cfg.model.vae_slicing)
     parts = dict(after)
-    parts["weights"] = parts.get("weights", 0) + _grpo_resident(cfg, spec)
+    parts["weights"] = parts.get("weights", 0) + resident  # the VAE and the rewards
     parts["activations"] = sum(v for k, v in sim.parts.items() if k != "weights") / GIB
     images = t.steps // max(1, g.updates) * g.prompts_per_step * g.group_size
     notes = [f"{g.prompts_per_step} prompts x {g.group_size} images a round, "

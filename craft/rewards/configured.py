@@ -22,6 +22,12 @@ def _token(entry: dict, where: str) -> str | None:
     return token
 
 
+def _given(entry: dict, *also: str) -> dict:
+    """The entry's timeout_s / retries (and ``also``) as set; unset ones keep the reward
+    class's defaults."""
+    return {k: entry[k] for k in ("timeout_s", "retries", *also) if k in entry}
+
+
 def build_reward(cfg, name: str, *, device: str = "cpu", batch_size: int | None = None):
     """The reward ``name`` of ``cfg``, ready to score (a local one loads its weights here)."""
     r = cfg.rewards
@@ -32,9 +38,7 @@ def build_reward(cfg, name: str, *, device: str = "cpu", batch_size: int | None 
         e = r.remote[name]
         return RemoteReward(name, e["url"], reward=e.get("reward"),
                             token=_token(e, f"rewards.remote.{name}"),
-                            batch_size=int(e.get("batch_size", bs)),
-                            timeout_s=float(e.get("timeout_s", 120)),
-                            retries=int(e.get("retries", 2)))
+                            batch_size=int(e.get("batch_size", bs)), **_given(e))
     if name in r.vlm:
         from craft.rewards.vlm import DEFAULT_QUESTION, VLMJudgeReward
 
@@ -42,9 +46,7 @@ def build_reward(cfg, name: str, *, device: str = "cpu", batch_size: int | None 
         return VLMJudgeReward(name, e["url"], model=e.get("model"),
                               question=e.get("question") or DEFAULT_QUESTION,
                               token=_token(e, f"rewards.vlm.{name}"),
-                              batch_size=int(e.get("batch_size", 8)),
-                              timeout_s=float(e.get("timeout_s", 120)),
-                              retries=int(e.get("retries", 2)))
+                              **_given(e, "batch_size"))
     return load_reward(name, device=device, batch_size=bs, path=r.paths.get(name))
 
 
