@@ -36,14 +36,12 @@ import logging
 import os
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from craft import CraftError
+from craft.http_retry import HTTPFailure, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +379,10 @@ def chat_completions_url(url: str) -> str:
     return url + "/v1/chat/completions"
 
 
+def _failure_text(f: HTTPFailure) -> str:
+    return f"HTTP {f.code} {f.detail}".strip() if f.kind == "status" else f.detail
+
+
 class HTTPExpander(_LLMExpander):
     """Rewrites through an OpenAI-compatible ``/v1/chat/completions`` endpoint (stdlib only).
 
@@ -429,38 +431,30 @@ class HTTPExpander(_LLMExpander):
             return list(pool.map(lambda p: self._ask(p, num_variants, seed), prompts))
 
     def _ask(self, prompt: str, num_variants: int, seed: int) -> str:
-        data = json.dumps(self.request_body(prompt, num_variants, seed)).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as e:
-                detail = " ".join(e.read(300).decode("utf-8", "replace").split())
-                last = f"HTTP {e.code} {detail}".strip()
-                if e.code == 429 or e.code >= 500:
-                    log.warning("llm_http: %s from %s (attempt %d of %d)", last, self.url,
-                                attempt + 1, self.max_retries + 1)
-                    continue
-                fix = (f"set {API_KEY_ENV} to a valid API key" if e.code in (401, 403) else
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        attempts = self.max_retries + 1
+
+        def warn(attempt: int, failure: HTTPFailure) -> None:
+            log.warning("llm_http: %s: %s (attempt %d of %d)", self.url, _failure_text(failure),
+                        attempt, attempts)
+
+        try:
+            payload = request_bytes(
+                self.url, self.request_body(prompt, num_variants, seed), headers=headers,
+                timeout_s=self.timeout, retries=self.max_retries,
+                pause_s=lambda n: min(self.backoff * 2 ** (n - 1), 30.0),
+                transient=lambda code: code == 429 or code >= 500, on_retry=warn)
+        except HTTPFailure as f:
+            if f.kind == "status" and f.code != 429 and f.code < 500:
+                fix = (f"set {API_KEY_ENV} to a valid API key" if f.code in (401, 403) else
                        "check expander_url and expander_api_model")
-                raise ExpansionError(f"llm_http: POST {self.url} answered {last}; {fix}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = str(getattr(e, "reason", e))
-                log.warning("llm_http: %s: %s (attempt %d of %d)", self.url, last, attempt + 1,
-                            self.max_retries + 1)
-                continue
-            return self._content(payload)
-        raise ExpansionError(
-            f"llm_http: POST {self.url} failed after {self.max_retries + 1} attempts (last: "
-            f"{last}); check that the server is running and expander_url is right, or use "
-            f"expander 'template'")
+                raise ExpansionError(f"llm_http: POST {self.url} answered {_failure_text(f)}; "
+                                     f"{fix}") from None
+            raise ExpansionError(
+                f"llm_http: POST {self.url} failed after {f.attempts} attempts (last: "
+                f"{_failure_text(f)}); check that the server is running and expander_url is "
+                f"right, or use expander 'template'") from None
+        return self._content(payload)
 
     def _content(self, payload: bytes) -> str:
         try:

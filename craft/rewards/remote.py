@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
+from craft.http_retry import HTTPFailure, request_bytes
 from craft.rewards.base import Reward, RewardError
 from craft.rewards.wire import (MAX_BODY_BYTES, MAX_IMAGES, TOKEN_HEADER, png_b64,
                                 scores_from_json)
@@ -37,52 +34,26 @@ def http_json(url: str, body: dict | None = None, *, token: str | None = None,
     """GET (``body`` None) or POST JSON to ``url`` and return the JSON reply. Connection
     failures, timeouts and 5xx replies are retried ``retries`` times (1 s, 2 s, ... apart); a
     4xx reply is not (the request itself is wrong)."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers[TOKEN_HEADER] = f"Bearer {token}"
-    last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(float(attempt))
-        req = urllib.request.Request(url, data=data, headers=headers,
-                                     method="GET" if body is None else "POST")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _error_text(e)
-            if e.code == 401:
-                raise RemoteRewardError(f"{what} at {url} refused the token ({detail}); set the "
-                                        f"token it was started with{fix}") from None
-            if e.code < 500:
-                raise RemoteRewardError(f"{what} at {url} answered {e.code}: {detail}") from None
-            last = f"answered {e.code}: {detail}"
-            continue
-        except (socket.timeout, TimeoutError):
-            last = f"did not answer within {timeout_s:g} s (raise timeout_s, or lower batch_size)"
-            continue
-        except (urllib.error.URLError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                last = (f"did not answer within {timeout_s:g} s (raise timeout_s, or lower "
-                        "batch_size)")
-            else:
-                last = f"is not reachable ({reason})"
-            continue
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise RemoteRewardError(f"{what} at {url} sent a reply that is not JSON "
-                                    f"({raw[:80]!r}); is that URL a {what}?") from None
-    raise RemoteRewardError(f"{what} at {url} {last} after {retries + 1} attempt(s){fix}")
-
-
-def _error_text(e: urllib.error.HTTPError) -> str:
+    headers = {TOKEN_HEADER: f"Bearer {token}"} if token else {}
     try:
-        return str(json.loads(e.read()).get("error", e.reason))
-    except (ValueError, AttributeError, OSError):
-        return str(e.reason)
+        raw = request_bytes(url, body, headers=headers, timeout_s=timeout_s, retries=retries)
+    except HTTPFailure as f:
+        if f.code == 401:
+            raise RemoteRewardError(f"{what} at {url} refused the token ({f.detail}); set the "
+                                    f"token it was started with{fix}") from None
+        if f.kind == "status" and f.code < 500:
+            raise RemoteRewardError(f"{what} at {url} answered {f.code}: {f.detail}") from None
+        last = {"status": f"answered {f.code}: {f.detail}",
+                "timeout": f"did not answer within {timeout_s:g} s (raise timeout_s, or lower "
+                           "batch_size)",
+                "unreachable": f"is not reachable ({f.detail})"}[f.kind]
+        raise RemoteRewardError(f"{what} at {url} {last} after {f.attempts} attempt(s){fix}") \
+            from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise RemoteRewardError(f"{what} at {url} sent a reply that is not JSON "
+                                f"({raw[:80]!r}); is that URL a {what}?") from None
 
 
 class RemoteReward(Reward):
