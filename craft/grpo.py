@@ -415,9 +415,9 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
                     kl = (_sq_error(st.mean, ref.mean) / (2 * st.std.reshape(len(i), -1)[:, 0]
                                                          ** 2)).mean()
                     loss = loss + g.kl_weight * kl
-                    kls.append(float(kl))
+                    kls.append(float(kl.detach()))
                 _backward(tr, acc, loss, accum)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 ratios.append(float(ratio.detach().mean()))
                 clipped.append(float(((ratio.detach() - 1).abs() > g.clip_range).float().mean()))
         out = {"loss": float(np.mean(losses)), "ratio": float(np.mean(ratios)),

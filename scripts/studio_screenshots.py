@@ -31,6 +31,15 @@ SETTINGS = [
 JOB_MS = 1_800_000
 
 
+def scroll_through(page) -> None:
+    height = page.evaluate("document.body.scrollHeight")
+    for y in range(0, height + 1000, 800):
+        page.evaluate(f"window.scrollTo(0, {y})")
+        time.sleep(0.3)
+    page.evaluate("window.scrollTo(0, 0)")
+    time.sleep(1.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", default="/tmp/studio-shots")
@@ -68,7 +77,12 @@ def main() -> None:
         page.get_by_role("tab", name="Compare").wait_for()
 
         def tab(name: str) -> None:
-            page.get_by_role("tab", name=name, exact=True).click()
+            button = page.get_by_role("tab", name=name, exact=True)
+            page.evaluate("window.scrollTo(0, 0)")
+            try:
+                button.click(timeout=15_000)
+            except Exception:  # a page still reflowing below (plots, tables) never reads as
+                button.click(force=True)  # "stable" to playwright; the tab itself is there
             time.sleep(2.5)
 
         def done(kind: str) -> None:
@@ -85,7 +99,7 @@ def main() -> None:
         def shot(name: str) -> None:
             for width, suffix in ((1400, ""), (1024, "-1024")):
                 page.set_viewport_size({"width": width, "height": 1000})
-                time.sleep(1.0)
+                scroll_through(page)  # galleries load their images lazily, when seen
                 path = out / f"studio-{name.lower()}{suffix}.png"
                 page.screenshot(path=str(path), full_page=True)
                 print(f"wrote {path}", file=sys.stderr)

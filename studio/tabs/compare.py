@@ -190,7 +190,9 @@ def evaluation_views(ctx: RunContext, evaluation_id):
     for w in results.get("warnings") or []:
         head += f"<br><span class='drift-warning'>⚠ {_md(w)}</span>"
     raw = summary[~summary["reward"].isin(["composite", "diversity"])]  # own scales
-    return (head, items, win_table(summary, list(ctx.cfg.rewards.names)),
+    n_models = 1 + len(tuned_labels_of(scores)) if scores is not None else 2
+    sheets = gr.Gallery(value=items, columns=3 if n_models <= 2 else 2 if n_models <= 4 else 1)
+    return (head, sheets, win_table(summary, list(ctx.cfg.rewards.names)),
             mean_reward_bars(raw), deltas)
 
 
@@ -260,7 +262,8 @@ class CompareTab(Tab):
                                  interactive=False, elem_id="compare-wins")
         with gr.Row():
             self.bars = gr.Plot(label="Mean reward", elem_id="compare-bars", scale=2)
-            self.pairs = gr.Gallery(label="Same prompt, same seed: base (left) | tuned (right)",
+            self.pairs = gr.Gallery(label="Same prompt, same seed: the base, then each tuned "
+                                          "model (left to right)",
                                     columns=3, height=520, object_fit="contain",
                                     elem_classes=["pixelated"], elem_id="compare-pairs", scale=3)
         self.deltas = gr.Dataframe(label="Per-pair reward deltas (tuned − base)",
