@@ -6,8 +6,10 @@
 Cases, interleaved in every repeat (medians), one thread:
 
 - in-process: ``load_reward(NAME)(images, prompts)``;
-- served: the same loaded reward behind craft/reward_server.py on 127.0.0.1, scored through
-  :class:`craft.rewards.remote.RemoteReward` (PNG encode + JSON + HTTP + decode on each side).
+- served, PNG: the same loaded reward behind craft/reward_server.py on 127.0.0.1, scored
+  through :class:`craft.rewards.remote.RemoteReward` (PNG encode + JSON + HTTP + decode on
+  each side; the default encoding);
+- served, raw: the same with ``encoding="raw"`` (the pixels in base64, no compression).
 
 Rewards: ``toy_fidelity`` (pixel arithmetic: the server's overhead alone, its worst case) and
 ``hpsv21`` with the HPS parity test's tiny open_clip model at the real input geometry
@@ -62,31 +64,32 @@ def main(argv=None) -> None:
              "hpsv21": load_reward("hpsv21", path=ckpt, model_config=BENCH_CONFIG,
                                    batch_size=args.batch)}
     srv = RewardServer(local).start()
-    remote = {n: RemoteReward(n, srv.url, batch_size=args.batch) for n in local}
+    remote = {(n, enc): RemoteReward(n, srv.url, batch_size=args.batch, encoding=enc)
+              for n in local for enc in ("png", "raw")}
+    cases = ("in-process", "png", "raw")
     rows = []
     try:
         for size in args.sizes:
             images = rf.images(args.images, sizes=((size, size),), seed=size)
             prompts = [TOY_PROMPTS[i % len(TOY_PROMPTS)] for i in range(args.images)]
             for name in local:
-                times = {"in-process": [], "served": []}
+                times = {c: [] for c in cases}
                 same = True
                 for rep in range(args.repeats):
-                    order = ("in-process", "served") if rep % 2 == 0 else ("served",
-                                                                           "in-process")
+                    order = cases[rep % 3:] + cases[:rep % 3]  # each case first in turn
                     got = {}
                     for case in order:
-                        fn = local[name] if case == "in-process" else remote[name]
+                        fn = local[name] if case == "in-process" else remote[name, case]
                         t0 = time.perf_counter()
                         got[case] = fn(images, prompts)
                         times[case].append(time.perf_counter() - t0)
                     import numpy as np
 
-                    same &= bool(np.array_equal(got["in-process"], got["served"],
-                                                equal_nan=True))
+                    same &= all(np.array_equal(got["in-process"], got[c], equal_nan=True)
+                                for c in ("png", "raw"))
                 med = {k: statistics.median(v) for k, v in times.items()}
-                rows.append((name, size, args.images / med["in-process"],
-                             args.images / med["served"], med["served"] / med["in-process"],
+                rows.append((name, size, *(args.images / med[c] for c in cases),
+                             med["png"] / med["in-process"], med["raw"] / med["in-process"],
                              same))
                 print(rows[-1], flush=True)
     finally:
@@ -97,22 +100,25 @@ def main(argv=None) -> None:
              f"{' '.join(map(str, args.sizes))}` on {platform.processor() or platform.machine()}"
              f", one torch thread, server and client in one process over 127.0.0.1 (both sides "
              "share the 2 cores). Same loaded reward, same batch; cases interleaved, medians.",
-             "", "| reward | image px | in-process images/s | served images/s | served ÷ "
-             "in-process time | scores equal |", "|---|---|---|---|---|---|"]
-    for name, size, a, b, ratio, same in rows:
+             "", "| reward | image px | in-process images/s | served, PNG images/s | served, "
+             "raw images/s | PNG ÷ in-process time | raw ÷ in-process time | scores equal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, size, a, b, c, r_png, r_raw, same in rows:
         what = "toy_fidelity (pixels)" if name == "toy_fidelity" else \
             "hpsv21, tiny model at 224 px geometry"
-        lines.append(f"| {what} | {size} | {a:.0f} | {b:.0f} | {ratio:.2f}x | "
-                     f"{'bitwise' if same else 'NO'} |")
-    lines += ["", "The overhead is PNG on both sides (lossless, compress level 1), base64, JSON "
-              "and HTTP: per image, not per model. At 64 px it costs a third to a half of the "
-              "in-process rate; at 512 px PNG dominates on this CPU (~40 ms an image, encode "
-              "and decode), so a cheap reward served at 512 px runs 2-8x slower than in "
-              "process. What serving buys is room, not speed: the reward model's memory and "
-              "its dependencies leave the trainer's process, and on a GPU machine its scoring "
-              "runs on its own GPU beside the trainer; weigh the per-image PNG cost against "
-              "the reward's own forward (a real ViT-H-14 is far slower than this tiny one on "
-              "a CPU).", "", END]
+        lines.append(f"| {what} | {size} | {a:.0f} | {b:.0f} | {c:.0f} | {r_png:.2f}x | "
+                     f"{r_raw:.2f}x | {'bitwise (both)' if same else 'NO'} |")
+    lines += ["", "The overhead is the image encoding on both sides, base64, JSON and HTTP: per "
+              "image, not per model. PNG (lossless, compress level 1; the default, since it "
+              "is the smaller on a network) costs most of it at 512 px on this CPU (~50 ms an "
+              "image to encode, ~13 ms to decode); `encoding: raw` sends the pixels (~1.3x the "
+              "bytes of these PNGs: 1 MiB of base64 per 512 px image) at ~2 ms + ~6 ms, so on "
+              "the same machine or a fast link it takes most of the overhead away. What "
+              "serving buys is room, not speed: the reward model's memory and its "
+              "dependencies leave the trainer's process, and on a GPU machine its scoring runs "
+              "on its own GPU beside the trainer; weigh the per-image cost against the "
+              "reward's own forward (a real ViT-H-14 is far slower than this tiny one on a "
+              "CPU).", "", END]
     out = Path(args.out)
     text = out.read_text() if out.exists() else ""
     if START in text:

@@ -31,9 +31,10 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 import yaml
 
 from craft import CraftError
-from craft.vocab import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, LEVEL_ROLES, LEVELS,
-                         MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES, PROMPT_FORMATS, ROLES,
-                         TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRACKERS, TRAIN_METHODS)
+from craft.vocab import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, IMAGE_ENCODINGS,
+                         LEVEL_ROLES, LEVELS, MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES,
+                         PROMPT_FORMATS, ROLES, TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRACKERS,
+                         TRAIN_METHODS)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -362,7 +363,9 @@ class RewardsConfig(_Section):
         {}, "Rewards served by `craft serve-rewards` (another process, environment or machine): "
         "local name -> {url: http://HOST:PORT, reward: the served name (default: the local "
         "one), token_env: the environment variable holding the server's token, batch_size, "
-        "timeout_s, retries}. Scored like a local reward, under the local name.")
+        "timeout_s, retries, encoding: png (default, smaller) or raw (pixels: far cheaper to "
+        "encode, for the same machine or a fast link)}. Scored like a local reward, under the "
+        "local name.")
     vlm: dict[str, dict] = _opt(
         {}, "Vision-language judges on an OpenAI-compatible endpoint (vLLM, SGLang): name -> "
         "{url: http://HOST:PORT/v1, model, question: a yes/no question with {prompt}, "
@@ -372,7 +375,8 @@ class RewardsConfig(_Section):
     def _check(self) -> None:
         self._positive("batch_size")
         self._device("device")
-        allowed = {"remote": {"url", "reward", "token_env", "batch_size", "timeout_s", "retries"},
+        allowed = {"remote": {"url", "reward", "token_env", "batch_size", "timeout_s", "retries",
+                              "encoding"},
                    "vlm": {"url", "model", "question", "token_env", "batch_size", "timeout_s",
                            "retries"}}
         for kind, keys in allowed.items():
@@ -399,6 +403,10 @@ class RewardsConfig(_Section):
                 for k in ("reward", "token_env", "model", "question"):
                     _require(entry.get(k) is None or isinstance(entry[k], str), f"{key}.{k}",
                              entry.get(k), "must be a string", "quote it")
+                if kind == "remote":
+                    _require(entry.get("encoding", "png") in IMAGE_ENCODINGS, f"{key}.encoding",
+                             entry.get("encoding"), f"must be one of {list(IMAGE_ENCODINGS)}",
+                             "png on a network, raw on the same machine")
                 if kind == "vlm" and entry.get("question") is not None:
                     _require("{prompt}" in entry["question"], f"{key}.question",
                              entry["question"], "must contain {prompt}",

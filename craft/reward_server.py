@@ -20,8 +20,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Mapping
 
-from craft.rewards.wire import (MAX_BODY_BYTES, MAX_IMAGES, PROTOCOL, TOKEN_HEADER,
-                                image_from_b64, scores_to_json)
+from craft.rewards.wire import (ENCODINGS, MAX_BODY_BYTES, MAX_IMAGES, PROTOCOL, TOKEN_HEADER,
+                                decode_image, scores_to_json)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RewardServer:
     def info(self) -> dict:
         return {"protocol": PROTOCOL, "server": f"craft-studio {self.version}",
                 "max_images": self.max_images, "max_bytes": self.max_bytes,
+                "encodings": list(ENCODINGS),
                 "rewards": {n: {"class": type(r).__name__,
                                 "needs_prompt": bool(getattr(r, "needs_prompt", True)),
                                 "batch_size": getattr(r, "batch_size", None)}
@@ -126,7 +127,7 @@ def _handler(server: RewardServer):
                 name, prompts, images = req["reward"], req.get("prompts"), req["images"]
             except (ValueError, KeyError, TypeError) as e:
                 self._error(HTTPStatus.BAD_REQUEST, f"not a score request ({e}); send JSON "
-                            "{reward, prompts, images: [base64 PNG]}")
+                            "{reward, prompts, images: [base64 PNG or {raw, height, width}]}")
                 return
             if name not in server.rewards:
                 self._error(HTTPStatus.NOT_FOUND, f"reward {name!r} is not served here; "
@@ -137,9 +138,9 @@ def _handler(server: RewardServer):
                             f"{len(images)} images; at most {server.max_images} a request")
                 return
             try:
-                decoded = [image_from_b64(t) for t in images]
+                decoded = [decode_image(t) for t in images]
             except Exception as e:  # noqa: BLE001 - any undecodable image is the client's error
-                self._error(HTTPStatus.BAD_REQUEST, f"an image is not a base64 PNG: {e}")
+                self._error(HTTPStatus.BAD_REQUEST, f"an image could not be read: {e}")
                 return
             try:
                 with server.locks[name]:

@@ -39,11 +39,13 @@ TRAIN_METHODS: tuple[str, ...] = ("craft", "sft", "dpo", "grpo")
 PAIR_RULES: tuple[str, ...] = ("best_worst", "above_margin")
 # train.report_to: the experiment trackers a training run logs to (craft.trackers)
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb")
+# rewards.remote.NAME.encoding: how a served reward's images travel (craft/rewards/wire.py)
+IMAGE_ENCODINGS: tuple[str, ...] = ("png", "raw")
 # eval.diversity_encoder (craft.diversity) and embed.encoder (craft.embeddings)
 DIVERSITY_ENCODERS: tuple[str, ...] = ("pixels", "dinov2", "clip", "none")
 EMBED_ENCODERS: tuple[str, ...] = ("pixels", "clip")
 
 __all__ = ["ADVANTAGE_MODES", "DIVERSITY_ENCODERS", "EMBED_ENCODERS", "FLOW_WEIGHTINGS",
-           "LEVELS", "LEVEL_ROLES", "MODEL_FAMILIES", "NORMALIZATIONS", "OVERRIDE_ACTIONS",
+           "IMAGE_ENCODINGS", "LEVELS", "LEVEL_ROLES", "MODEL_FAMILIES", "NORMALIZATIONS", "OVERRIDE_ACTIONS",
            "PAIR_RULES", "PROMPT_FORMATS", "ROLES", "TIMESTEP_SAMPLING", "TIMESTEP_WEIGHTINGS",
            "TRACKERS", "TRAIN_METHODS", "UNET_WEIGHTINGS"]

@@ -45,12 +45,16 @@ def _prompts(n: int) -> list[str]:
 def test_a_served_reward_scores_bit_for_bit_as_in_process(server, local):
     ims, prompts = images(13), _prompts(13)
     for name in TOY:
-        remote = RemoteReward(name, server.url, batch_size=5)
-        got, want = remote(ims, prompts), local[name](ims, prompts)
-        assert np.array_equal(got, want, equal_nan=True), (name, got, want)
-        assert np.isnan(got[1])  # "not applicable" stays NaN, never a number
-    info = RemoteReward("toy_fidelity", server.url).info()
+        for encoding in ("png", "raw"):  # both lossless: the same pixels, the same scores
+            remote = RemoteReward(name, server.url, batch_size=5, encoding=encoding)
+            got, want = remote(ims, prompts), local[name](ims, prompts)
+            assert np.array_equal(got, want, equal_nan=True), (name, encoding, got, want)
+            assert np.isnan(got[1])  # "not applicable" stays NaN, never a number
+    info = RemoteReward("toy_fidelity", server.url, encoding="raw").info()
     assert set(info["rewards"]) == set(TOY) and info["protocol"] == 1
+    assert info["encodings"] == ["png", "raw"]
+    with pytest.raises(RemoteRewardError, match="encoding='jpeg'.*not one of"):
+        RemoteReward("toy_fidelity", server.url, encoding="jpeg")
     alias = RemoteReward("mine", server.url, reward="toy_aesthetic")
     assert np.array_equal(alias(ims, prompts), local["toy_aesthetic"](ims, prompts),
                           equal_nan=True)
@@ -223,7 +227,9 @@ def test_remote_and_vlm_entries_are_checked():
 
     for bad, match in (({"r": {"url": "ftp://x"}}, "must be an http"),
                        ({"r": {"url": "http://x:1", "colour": 1}}, "unknown keys"),
-                       ({"r": {"url": "http://x:1", "batch_size": 0}}, "whole number >= 1")):
+                       ({"r": {"url": "http://x:1", "batch_size": 0}}, "whole number >= 1"),
+                       ({"r": {"url": "http://x:1", "encoding": "jpeg"}},
+                        r"rewards\.remote\.r\.encoding.*one of \['png', 'raw'\]")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, [f"rewards.remote={json.dumps(bad)}"])
     with pytest.raises(ConfigError, match="must contain {prompt}"):
@@ -240,3 +246,18 @@ def test_a_batch_larger_than_a_request_is_split_under_the_size_limit(server, loc
     got = RemoteReward("toy_selection", server.url, batch_size=32)(ims, prompts)
     assert server.requests - before == 5
     assert np.array_equal(got, local["toy_selection"](ims, prompts), equal_nan=True)
+
+
+def test_the_server_says_what_is_wrong_with_a_raw_image(server):
+    from craft.rewards.remote import http_json
+
+    url = f"{server.url}/score"
+    for image, match in (({"raw": "AAAA", "height": 2, "width": 2}, "needs 12 bytes, got 3"),
+                         ({"raw": "AAAA", "height": 0, "width": 2}, "height and width"),
+                         ({"pixels": "AAAA"}, "base64 PNG string or"),
+                         (7, "not int")):
+        body = {"reward": "toy_fidelity", "prompts": ["a"], "images": [image]}
+        with pytest.raises(RemoteRewardError, match=f"answered 400: an image could not be "
+                                                    f"read: .*{match}"):
+            http_json(url, body, retries=0)
+

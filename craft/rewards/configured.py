@@ -38,7 +38,7 @@ def build_reward(cfg, name: str, *, device: str = "cpu", batch_size: int | None 
         e = r.remote[name]
         return RemoteReward(name, e["url"], reward=e.get("reward"),
                             token=_token(e, f"rewards.remote.{name}"),
-                            batch_size=int(e.get("batch_size", bs)), **_given(e))
+                            batch_size=int(e.get("batch_size", bs)), **_given(e, "encoding"))
     if name in r.vlm:
         from craft.rewards.vlm import DEFAULT_QUESTION, VLMJudgeReward
 
