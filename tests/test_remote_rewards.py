@@ -112,6 +112,13 @@ def test_a_bad_reply_a_timeout_and_no_server_each_say_what_and_where():
             assert url in str(e.value)
         finally:
             httpd.shutdown()
+    answers = iter([(429, b'{"error": "busy"}'), (200, b'{"scores": [0.5, null, 1]}')])
+    httpd, url = _fake(lambda r: next(answers))  # throttled once, then answered: retried
+    try:
+        got = RemoteReward("r", url, retries=1)(ims, prompts)
+        assert got[0] == 0.5 and np.isnan(got[1]) and got[2] == 1
+    finally:
+        httpd.shutdown()
     httpd, url = _fake(lambda r: (time.sleep(1.5), (200, b'{"scores": [0, 0, 0]}'))[1])
     try:
         with pytest.raises(RemoteRewardError, match="did not answer within 0.3 s"):

@@ -35,16 +35,18 @@ def http_json(url: str, body: dict | None = None, *, token: str | None = None,
               timeout_s: float = 60.0, retries: int = 2, what: str = "reward server",
               fix: str = "") -> dict:
     """GET (``body`` None) or POST JSON to ``url`` and return the JSON reply. Connection
-    failures, timeouts and 5xx replies are retried ``retries`` times (1 s, 2 s, ... apart); a
-    4xx reply is not (the request itself is wrong)."""
+    failures, timeouts, 429 (a busy VLM server throttling) and 5xx replies are retried
+    ``retries`` times (1 s, 2 s, ... apart); other 4xx replies are not (the request itself is
+    wrong)."""
     headers = {TOKEN_HEADER: f"Bearer {token}"} if token else {}
     try:
-        raw = request_bytes(url, body, headers=headers, timeout_s=timeout_s, retries=retries)
+        raw = request_bytes(url, body, headers=headers, timeout_s=timeout_s, retries=retries,
+                            transient=lambda code: code == 429 or code >= 500)
     except HTTPFailure as f:
         if f.code == 401:
             raise RemoteRewardError(f"{what} at {url} refused the token ({f.detail}); set the "
                                     f"token it was started with{fix}") from None
-        if f.kind == "status" and f.code < 500:
+        if f.kind == "status" and f.code < 500 and f.code != 429:
             raise RemoteRewardError(f"{what} at {url} answered {f.code}: {f.detail}") from None
         last = {"status": f"answered {f.code}: {f.detail}",
                 "timeout": f"did not answer within {timeout_s:g} s (raise timeout_s, or lower "
