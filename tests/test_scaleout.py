@@ -346,18 +346,22 @@ def test_a_served_reward_scores_each_process_share_on_two_processes(tmp_path, on
     srv = RewardServer({"toy_fidelity": reward}, token="t0k").start()
     try:
         remote = {"served_fidelity": {"url": srv.url, "reward": "toy_fidelity",
-                                      "token_env": "CRAFT_TEST_TOKEN"}}
+                                      "token_env": "CRAFT_TEST_TOKEN"},
+                  "served_raw": {"url": srv.url, "reward": "toy_fidelity",
+                                 "token_env": "CRAFT_TEST_TOKEN", "encoding": "raw"}}
         proc = _run([*_launcher(2), "score", "--run-dir", str(run), "--set",
                      f"rewards.remote={json.dumps(remote)}", "--set",
-                     "rewards.names=[toy_fidelity,toy_selection,toy_aesthetic,served_fidelity]"],
+                     "rewards.names=[toy_fidelity,toy_selection,toy_aesthetic,served_fidelity,"
+                     "served_raw]"],
                     env={**ENV, "CRAFT_TEST_TOKEN": "t0k"})
         assert proc.returncode == 0, proc.stderr[-6000:]
         assert srv.requests >= 2  # both processes' shares went through the server
     finally:
         srv.stop()
     with RunStore(run) as store:
-        s = store.scores_df(["toy_fidelity", "served_fidelity"])
+        s = store.scores_df(["toy_fidelity", "served_fidelity", "served_raw"])
         rows = store.scores_df(["served_fidelity"], wide=False)
     assert len(rows) == len(rows["candidate_id"].unique()) == len(s)  # each scored once
-    assert np.array_equal(s["served_fidelity"].to_numpy(), s["toy_fidelity"].to_numpy(),
-                          equal_nan=True)
+    for served in ("served_fidelity", "served_raw"):  # PNG and raw pixels
+        assert np.array_equal(s[served].to_numpy(), s["toy_fidelity"].to_numpy(),
+                              equal_nan=True)
