@@ -268,3 +268,19 @@ def test_the_server_says_what_is_wrong_with_a_raw_image(server):
                                                     f"read: .*{match}"):
             http_json(url, body, retries=0)
 
+
+
+def test_both_encodings_carry_the_same_rgb_pixels():
+    """What the server decodes is the same RGB image either way, for PIL images and for
+    arrays with or without colour channels (the PNG path's conversion, done for raw too)."""
+    from PIL import Image
+
+    from craft.rewards.wire import decode_image, encode_image
+
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+                  rng.integers(0, 256, (5, 7, 4), dtype=np.uint8),
+                  rng.integers(0, 256, (5, 7), dtype=np.uint8),
+                  Image.fromarray(rng.integers(0, 256, (6, 4, 3), dtype=np.uint8))):
+        png, raw = (np.asarray(decode_image(encode_image(image, e))) for e in ("png", "raw"))
+        assert png.shape[2] == 3 and np.array_equal(png, raw)

@@ -7,9 +7,10 @@ JSON over HTTP, never pickle: a request is ``{"reward": NAME, "prompts": [...], 
 ``{"raw": base64 of the uint8 RGB pixels row by row, "height": H, "width": W}`` (encoding
 "raw": ~20x cheaper to encode than PNG at 512 px on a CPU, ~1.3x the bytes; for a server on
 the same machine or a fast link; benchmarks/rewards.md). Both are lossless, so the server
-scores exactly the pixels the client has;
-a float64 goes through JSON's shortest round-trip repr unchanged, so a served reward's scores
-equal in-process scoring bit for bit.
+scores exactly the pixels the client has; a float64 goes through JSON's shortest round-trip
+repr unchanged, so a served reward's scores equal in-process scoring bit for bit (when a reward
+batch travels in one request: a batch split over requests is scored as smaller batches, equal
+up to float rounding).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from craft.vocab import IMAGE_ENCODINGS
 
 PROTOCOL = 1
 MAX_IMAGES = 256  # per request (the client splits larger batches)
-MAX_BODY_BYTES = 64 * 2 ** 20  # per request: 256 PNGs of 512 px fit easily
+MAX_BODY_BYTES = 64 * 2 ** 20  # per request: 256 PNGs of 512 px fit easily, ~60 raw ones
 TOKEN_HEADER = "Authorization"  # "Bearer TOKEN"
 ENCODINGS = IMAGE_ENCODINGS  # how the client sends images; the server reads both
 MAX_SIDE = 8192  # pixels, either side of a raw image
@@ -54,7 +55,12 @@ def encode_image(image, encoding: str = "png"):
         return png_b64(image)
     if encoding != "raw":
         raise ValueError(f"encoding={encoding!r} is not one of {ENCODINGS}")
-    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert")
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image, dtype=np.uint8)
+        image = array if array.ndim == 3 and array.shape[2] == 3 else Image.fromarray(array)
+    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB") if isinstance(image, Image.Image)
                                              else image, dtype=np.uint8))
     return {"raw": base64.b64encode(pixels.tobytes()).decode("ascii"),
             "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
