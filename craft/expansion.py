@@ -442,10 +442,9 @@ class HTTPExpander(_LLMExpander):
             payload = request_bytes(
                 self.url, self.request_body(prompt, num_variants, seed), headers=headers,
                 timeout_s=self.timeout, retries=self.max_retries,
-                pause_s=lambda n: min(self.backoff * 2 ** (n - 1), 30.0),
-                transient=lambda code: code == 429 or code >= 500, on_retry=warn)
+                pause_s=lambda n: min(self.backoff * 2 ** (n - 1), 30.0), on_retry=warn)
         except HTTPFailure as f:
-            if f.kind == "status" and f.code != 429 and f.code < 500:
+            if not f.retryable:
                 fix = (f"set {API_KEY_ENV} to a valid API key" if f.code in (401, 403) else
                        "check expander_url and expander_api_model")
                 raise ExpansionError(f"llm_http: POST {self.url} answered {_failure_text(f)}; "

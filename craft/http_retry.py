@@ -26,9 +26,16 @@ class HTTPFailure(Exception):
     how many tries were made (1 when the status was not worth retrying)."""
 
     def __init__(self, kind: str, detail: str, *, code: int | None = None,
-                 attempts: int = 1) -> None:
+                 attempts: int = 1, retryable: bool = True) -> None:
         super().__init__(f"{kind}: {code or ''} {detail}".strip())
         self.kind, self.detail, self.code, self.attempts = kind, detail, code, attempts
+        self.retryable = retryable  # False: the server refused the request itself (a 4xx)
+
+
+def transient_status(code: int) -> bool:
+    """Statuses worth another try: the server is busy (429, throttling) or failing (5xx);
+    any other error status is the request's own fault."""
+    return code == 429 or code >= 500
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:
@@ -53,13 +60,13 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 def request_bytes(url: str, body: dict | None = None, *, headers: dict[str, str] | None = None,
                   timeout_s: float, retries: int,
                   pause_s: Callable[[int], float] = float,
-                  transient: Callable[[int], bool] = lambda code: code >= 500,
                   on_retry: Callable[[int, HTTPFailure], None] | None = None) -> bytes:
     """GET (``body`` None) or POST ``body`` as JSON to ``url``; the reply's bytes.
 
-    Tried ``retries + 1`` times at most, ``pause_s(n)`` seconds before the n-th retry
-    (default n seconds); ``on_retry(n, failure)`` is told of each failure that will be retried.
-    Raises :class:`HTTPFailure` with the last failure.
+    Tried ``retries + 1`` times at most (a status :func:`transient_status` calls the request's
+    own fault ends at once), ``pause_s(n)`` seconds before the n-th retry (default n seconds);
+    ``on_retry(n, failure)`` is told of each failure that will be retried. Raises
+    :class:`HTTPFailure` with the last failure.
     """
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json",
@@ -76,8 +83,9 @@ def request_bytes(url: str, body: dict | None = None, *, headers: dict[str, str]
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return resp.read()
         except urllib.error.HTTPError as e:
-            failure = HTTPFailure("status", _error_detail(e), code=e.code, attempts=attempt + 1)
-            if not transient(e.code):
+            failure = HTTPFailure("status", _error_detail(e), code=e.code, attempts=attempt + 1,
+                                  retryable=transient_status(e.code))
+            if not failure.retryable:
                 raise failure from None
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -87,4 +95,4 @@ def request_bytes(url: str, body: dict | None = None, *, headers: dict[str, str]
     raise failure
 
 
-__all__ = ["HTTPFailure", "request_bytes"]
+__all__ = ["HTTPFailure", "request_bytes", "transient_status"]

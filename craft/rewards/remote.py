@@ -40,13 +40,12 @@ def http_json(url: str, body: dict | None = None, *, token: str | None = None,
     wrong)."""
     headers = {TOKEN_HEADER: f"Bearer {token}"} if token else {}
     try:
-        raw = request_bytes(url, body, headers=headers, timeout_s=timeout_s, retries=retries,
-                            transient=lambda code: code == 429 or code >= 500)
+        raw = request_bytes(url, body, headers=headers, timeout_s=timeout_s, retries=retries)
     except HTTPFailure as f:
         if f.code == 401:
             raise RemoteRewardError(f"{what} at {url} refused the token ({f.detail}); set the "
                                     f"token it was started with{fix}") from None
-        if f.kind == "status" and f.code < 500 and f.code != 429:
+        if not f.retryable:
             raise RemoteRewardError(f"{what} at {url} answered {f.code}: {f.detail}") from None
         last = {"status": f"answered {f.code}: {f.detail}",
                 "timeout": f"did not answer within {timeout_s:g} s (raise timeout_s, or lower "
