@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from craft.advantages import select_for_training
-from craft.filtering import FilterSettings, apply_filter
+from craft.stages.advantages import select_for_training
+from craft.stages.filtering import FilterSettings, apply_filter
 
 REWARDS = ("hps", "pick", "aes", "extra")
 

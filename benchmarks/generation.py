@@ -2,7 +2,7 @@
 
 On the same pipeline, the same P prompts x G seeds, steps and guidance, side by side:
 
-(a) ours      ``craft.generation.generate_images`` (batched across prompts, text encoded once,
+(a) ours      ``craft.stages.generation.generate_images`` (batched across prompts, text encoded once,
               one generator per image), PIL images out;
 (b) loop      one ``pipe(prompt, num_images_per_prompt=G, generator=[G generators])`` call per
               prompt, PIL images out: what one writes without a batched generator;
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from craft.generation import (SamplingParams, generate_images, generators_for,  # noqa: E402
+from craft.stages.generation import (SamplingParams, generate_images, generators_for,  # noqa: E402
                               images_to_array)
 
 SHIPPED = ROOT / "assets" / "toy-base"
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
 
-    from craft.models import load_pipeline
+    from craft.models.loading import load_pipeline
 
     tmp = None
     if args.from_config or (args.model is None and not (SHIPPED / "model_index.json").exists()):

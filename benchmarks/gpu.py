@@ -5,18 +5,18 @@ CRAFT's settings.
     .venv/bin/python benchmarks/gpu.py --cpu-smoke       # anywhere: tiny widths, 1-2 steps
 
 The models are the published architectures (UNet, VAE, both text encoders, scheduler; the
-configs are written out in ``craft/architectures.py``) built from config with random weights:
+configs are written out in ``craft/models/architectures.py``) built from config with random weights:
 speed and memory do not depend on the weights, and nothing is downloaded. Settings come from
 ``configs/sd15.yaml`` / ``configs/sdxl.yaml`` (the paper's) and ``configs/sd35.yaml`` /
 ``configs/flux.yaml`` (translated; FLUX trains LoRA adapters), measured through the project's
 own code paths, so the numbers are what a CRAFT run gets (the flow families in bfloat16, the
 UNets in float16):
 
-- **generation**: ``craft.generation.generate_images`` (batched, per-image seeds, prompts
+- **generation**: ``craft.stages.generation.generate_images`` (batched, per-image seeds, prompts
   encoded once), the config's sampler, steps and guidance, float16 on CUDA; images/s at 512
   and 1024 px for each architecture (batch = the config's batch at the native size, scaled by
   the pixel count), after one warm-up batch; peak GPU memory.
-- **fine-tuning**: ``craft.training.train`` (the real loop: accelerate, autocast = the config's
+- **fine-tuning**: ``craft.methods.training.train`` (the real loop: accelerate, autocast = the config's
   mixed precision, fused AdamW over every UNet parameter, gradient checkpointing when the config
   asks, effective batch 128 from micro-batches + accumulation) on training images at the native
   size; samples/s = effective batch / median optimizer-step time after the first (warm-up)
@@ -32,7 +32,7 @@ RSS: the two are not comparable there (tests/test_plan.py compares plan and meas
 CPU with one accounting).
 
 ``--cpu-smoke`` runs the same code on the CPU with the tiny-width versions of both
-architectures (craft.architectures.TINY), 64/128 px instead of 512/1024, 2 sampling steps,
+architectures (craft.models.architectures.TINY), 64/128 px instead of 512/1024, 2 sampling steps,
 micro-batch 2 / effective batch 4 and 2 optimizer steps, float32: it shows the script works
 end to end; its numbers say nothing about a GPU.
 """
@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 NATIVE = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
-# the architecture each benchmarked config builds (craft.architectures)
+# the architecture each benchmarked config builds (craft.models.architectures)
 ARCH = {"sd15": "sd15", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}
 FLOW = ("sd35", "flux")
 PROMPTS = ["a photo of an astronaut riding a horse on the moon",
@@ -125,8 +125,8 @@ def t5_tokenizer():
 
 
 def build(family: str, device: torch.device, dtype: torch.dtype, tiny: bool):
-    from craft.architectures import build_pipeline
-    from craft.models import apply_memory_options
+    from craft.models.architectures import build_pipeline
+    from craft.models.loading import apply_memory_options
 
     tok, tok2 = tokenizers()
     arch = ARCH[family]
@@ -141,7 +141,7 @@ def planned(cfg, model_dir: Path | None, size: int, batch: int, stages: tuple[st
     """What craft's plan (craft.planning) says the measured stages need on this GPU:
     simulated peak and with the margin, GiB. ``model_dir``: the pipeline's config files (the
     CPU smoke run's tiny models); None plans the published architecture."""
-    from craft.config import config_from_dict, config_to_dict
+    from craft.run.config import config_from_dict, config_to_dict
     from craft.planning import make_plan
     from craft.planning.hardware import local_gpu, resolve_gpu
 
@@ -158,7 +158,7 @@ def planned(cfg, model_dir: Path | None, size: int, batch: int, stages: tuple[st
 
 
 def bench_generation(pipe, cfg, device, size: int, batch: int, batches: int, steps: int) -> dict:
-    from craft.generation import SamplingParams, apply_scheduler, generate_images
+    from craft.stages.generation import SamplingParams, apply_scheduler, generate_images
 
     g = cfg.generation
     apply_scheduler(pipe, g.scheduler)
@@ -199,8 +199,8 @@ def training_frame(folder: Path, size: int, n: int):
 
 
 def bench_training(pipe, cfg, device, size: int, steps: int) -> dict:
-    from craft.config import config_from_dict, config_to_dict
-    from craft.training import TrainCallbacks, resolve_mixed_precision, train
+    from craft.run.config import config_from_dict, config_to_dict
+    from craft.methods.training import TrainCallbacks, resolve_mixed_precision, train
 
     data = config_to_dict(cfg)
     data["generation"].update(height=size, width=size)  # train() trains at this size
@@ -234,7 +234,7 @@ def bench_training(pipe, cfg, device, size: int, steps: int) -> dict:
 
 
 def run(args) -> dict:
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +257,7 @@ def run(args) -> dict:
         cfg = load_config(ROOT / "configs" / f"{family}.yaml", overrides)
         dtype = torch.float32 if smoke else torch.bfloat16 if family in FLOW else torch.float16
         pipe = build(family, device, dtype, tiny=smoke)
-        from craft.pipes import denoiser, denoiser_name
+        from craft.models.families import denoiser, denoiser_name
 
         out = {"generation": [], "training": None, "denoiser": denoiser_name(pipe),
                "lora": cfg.train.lora,

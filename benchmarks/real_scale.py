@@ -11,7 +11,7 @@ paper's Table 7.
    the table says). Full fine-tuning on 8 GPUs is sharded (train.sharding=fsdp); LoRA on 8 GPUs
    is data parallel.
 2. The plan against what the same training code holds on this CPU, one accounting
-   (craft.memtrack on the real tensors, craft.planning.measure): the toy bases, tiny models of
+   (craft.planning.memtrack on the real tensors, craft.planning.measure): the toy bases, tiny models of
    the real architectures in bfloat16, and FSDP over 2 CPU processes (gloo).
 3. The config's run on one H100 beside the paper's Table 7 (SD1.5 and SDXL).
 """
@@ -39,7 +39,7 @@ GIB = 2 ** 30
 
 
 def grid_rows(configs, memories, gpus_list) -> list[dict]:
-    from craft.config import load_config
+    from craft.run.config import load_config
     from craft.planning import make_plan, resolve_gpu
 
     rows = []
@@ -93,7 +93,7 @@ def grid_table(rows) -> str:
 
 
 def validation_rows(quick: bool) -> list[dict]:
-    from craft.config import load_config
+    from craft.run.config import load_config
     from craft.planning.measure import plan_and_measure
 
     steps = ["train.steps=3", "train.checkpoint_every=0", "train.preview_every=0",
@@ -273,9 +273,9 @@ the CLI prints it (exit 4):
 
 ## 2. The plan against measured training steps on this CPU
 
-The same accounting on both sides (craft.memtrack: live bytes of every tensor storage, rounded
+The same accounting on both sides (craft.planning.memtrack: live bytes of every tensor storage, rounded
 to 512 bytes as CUDA's allocator rounds): the plan simulates a steady-state step on fake
-tensors; the measurement runs `craft.training.train` for 3 steps on real tensors and takes the
+tensors; the measurement runs `craft.methods.training.train` for 3 steps on real tensors and takes the
 peak of steps 2-3 (what the plan calls one step). tests/test_plan.py asserts these within 15 %
 + 0.5 MiB. The plan comes out *below* the measurement in most rows (up to 8.5 %, 15 % for the
 2 MiB SD3 step, where the loop's small per-step tensors weigh like the model); the plan's
@@ -312,7 +312,7 @@ How to read it:
 - CPU autocast stands in for CUDA autocast (their lists of low-precision operators differ a
   little); float16 weights are simulated as bfloat16 (the same bytes).
 - FSDP's all-gather and reduce-scatter buffers are estimated from the largest block
-  (craft/sharding.py's units), not traced; the 2-process CPU row above checks the total.
+  (craft/models/sharding.py's units), not traced; the 2-process CPU row above checks the total.
 - 8-bit AdamW is counted at 2 bytes a parameter (bitsandbytes does not run here).
 - Time is FLOPs / (peak x utilization): the utilization is an assumption until a GPU measures
   it.

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from craft.config import load_config
+    from craft.run.config import load_config
     from craft.planning import make_plan, resolve_gpu
 
     gpu = resolve_gpu(None, args.gpu_memory)

@@ -136,7 +136,7 @@ def build_store(run: Path, n_prompts: int) -> int:
     for 4 rewards r1..r4 (studio.sample_data.populate_bulk)."""
     from PIL import Image
 
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.sample_data import populate_bulk
 
     buf = io.BytesIO()
@@ -174,9 +174,9 @@ def _previous_frame(store, model: str, rewards: list[str]):
 
 
 def store_scale(args) -> dict:
-    from craft.config import load_config
-    from craft.stages import candidate_frame
-    from craft.store import WRITERS_DIR, NewCandidate, RunStore, write_candidate_images
+    from craft.run.config import load_config
+    from craft.stages.engine import candidate_frame
+    from craft.run.store import WRITERS_DIR, NewCandidate, RunStore, write_candidate_images
 
     cfg = load_config(None, ["model.pretrained=m", "rewards.names=[r1, r2, r3]",
                              "rewards.eval_names=[r1, r2, r3, r4]",

@@ -6,7 +6,7 @@
 Cases, interleaved in every repeat (medians), one thread:
 
 - in-process: ``load_reward(NAME)(images, prompts)``;
-- served, PNG: the same loaded reward behind craft/reward_server.py on 127.0.0.1, scored
+- served, PNG: the same loaded reward behind craft/rewards/server.py on 127.0.0.1, scored
   through :class:`craft.rewards.remote.RemoteReward` (PNG encode + JSON + HTTP + decode on
   each side; the default encoding);
 - served, raw: the same with ``encoding="raw"`` (the pixels in base64, no compression).
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     import reward_fixtures as rf
     from rewards import BENCH_CONFIG
 
-    from craft.reward_server import RewardServer
+    from craft.rewards.server import RewardServer
     from craft.rewards import load_reward
     from craft.rewards.remote import RemoteReward
 

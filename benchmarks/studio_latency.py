@@ -1,6 +1,6 @@
 """Studio latency benchmark (results in benchmarks/studio.md).
 
-1. Re-filter alone: ``studio.curation.curate`` (= ``craft.filtering.apply_filter`` + group
+1. Re-filter alone: ``studio.tabs.curate_views.curate`` (= ``craft.stages.filtering.apply_filter`` + group
    advantages, what one slider move recomputes) on 100k candidates x 4 rewards, per
    normalisation; goal <= 50 ms.
 2. In the browser, on runs of 10k and of 100k scored toy candidates: headless Chromium clicks on
@@ -53,9 +53,9 @@ _ARM = """([selector]) => {
 
 
 def refilter_timings(n: int = 100_000, group: int = 20, repeats: int = 15) -> list[dict]:
-    from craft.config import load_config
-    from craft.filtering import apply_filter
-    from studio.curation import curate, make_settings
+    from craft.run.config import load_config
+    from craft.stages.filtering import apply_filter
+    from studio.tabs.curate_views import curate, make_settings
 
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"candidate_id": np.arange(n), "prompt_id": np.arange(n) // group,
@@ -86,7 +86,7 @@ def refilter_timings(n: int = 100_000, group: int = 20, repeats: int = 15) -> li
 
 def ensure_run(run_dir: Path, variants: int = 4, seeds: int = 17) -> int:
     """~10k rendered and scored candidates (120 prompts x 5 x 17)."""
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.sample_data import populate
 
     with RunStore(run_dir) as store:
@@ -103,7 +103,7 @@ def ensure_run(run_dir: Path, variants: int = 4, seeds: int = 17) -> int:
 def ensure_large_run(run_dir: Path, source: Path, n_prompts: int = 10_000) -> int:
     """~100k candidates: 10k prompts x 5 x 2, each showing one of ``source``'s rendered
     images, with random toy-reward scores (studio.sample_data.populate_bulk)."""
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.sample_data import populate_bulk
 
     with RunStore(run_dir) as store:

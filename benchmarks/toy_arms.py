@@ -2,7 +2,7 @@
 
 An arm is a name and a list of ``--set`` overrides of the benchmark's config (a filter level,
 a K, an advantage mode, a control and its strength). Every arm goes through the library's own
-stages (craft.stages: the same filter, the same training loop, the same evaluation as
+stages (craft.stages.engine: the same filter, the same training loop, the same evaluation as
 ``craft run``), into RUN/train/ARM of one run directory, so:
 
 - an interrupted benchmark resumes: a finished arm is not trained again, an unfinished one
@@ -58,14 +58,14 @@ def _add(timings: dict, key: str, seconds: float) -> None:
 
 
 def arm_config(config: str | None, base: list[str], arm: Arm):
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     return load_config(config, [*base, *arm.overrides])
 
 
 def build_pool(run_dir: Path, cfg, timings: dict):
     """The run with prompts, candidates and scores (resumed if partly there)."""
-    from craft.stages import open_run, stage_generate, stage_prompts, stage_score
+    from craft.stages.engine import open_run, stage_generate, stage_prompts, stage_score
 
     run = open_run(run_dir, cfg)
     run.save_config(cfg)
@@ -81,8 +81,8 @@ def build_pool(run_dir: Path, cfg, timings: dict):
 
 def train_arm(run, cfg, arm: Arm, timings: dict) -> dict:
     """Train one arm (or find it finished); returns its selection facts and final path."""
-    from craft.filtering import coverage
-    from craft.stages import stage_train, training_set
+    from craft.stages.filtering import coverage
+    from craft.stages.engine import stage_train, training_set
 
     kept = training_set(run.store, cfg, save_as=None)
     t0 = time.time()
@@ -97,7 +97,7 @@ def train_arm(run, cfg, arm: Arm, timings: dict) -> dict:
 
 
 def evaluate_arms(run, cfg, finals: dict[str, str], name: str, timings: dict):
-    from craft.evaluation import evaluate
+    from craft.stages.evaluation import evaluate
 
     t0 = time.time()
     models = {"base": cfg.model.pretrained, **finals}
@@ -147,9 +147,9 @@ def save_json(path: Path, data) -> None:
 def train_control(run, cfg, n: int, timings: dict, name: str = "control") -> str:
     """The control that tells alignment from drift: the same fine-tune on ``n`` random
     plain-prompt samples of the model's own, unfiltered, weight 1 (RUN/train/control)."""
-    from craft.run_layout import train_dir
-    from craft.stages import random_subset
-    from craft.training import train
+    from craft.run.layout import train_dir
+    from craft.stages.engine import random_subset
+    from craft.methods.training import train
 
     out = train_dir(run.run_dir, name)
     if (out / "final" / "model_index.json").exists():

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from craft.generation import SamplingParams, generate_images  # noqa: E402
+from craft.stages.generation import SamplingParams, generate_images  # noqa: E402
 from craft.toyworld.grammar import (PALETTE, Scene, all_plain_prompts, caption,  # noqa: E402
                                     parse_caption, rich_caption)
 from craft.toyworld.rewards import TOY_REWARDS, analyse, components  # noqa: E402
@@ -122,11 +122,11 @@ def main() -> None:
                     help="skip the position-phrase probes (3 of the 9 conditions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from craft.distributed import setup_process
+    from craft.run.distributed import setup_process
 
     setup_process()  # flush denormals (the rule lives there)
-    from craft.models import load_pipeline
-    from craft.pipes import family_of
+    from craft.models.loading import load_pipeline
+    from craft.models.families import family_of
 
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
     sampler = type(pipe.scheduler).__name__.replace("Scheduler", "")

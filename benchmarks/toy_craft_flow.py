@@ -3,7 +3,7 @@
 The pool, filter, training and evaluation of configs/toy-flow.yaml, through the library's own
 stages (benchmarks/toy_arms.py): the toy base of the SD3 architecture (assets/toy-flow) generates
 its candidates with its flow sampler, the composite filter keeps K = 100, the transformer is
-fine-tuned with the flow-matching CRAFT loss (craft/flow.py). Against the base and the control
+fine-tuned with the flow-matching CRAFT loss (craft/models/flow.py). Against the base and the control
 (the same fine-tune on as many *unfiltered random* plain-prompt samples of its own, weight 1),
 on the held-out prompts with shared seeds. Writes benchmarks/toy_craft_flow.md and
 benchmarks/toy_craft_flow_grid.png.

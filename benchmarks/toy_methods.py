@@ -2,7 +2,7 @@
 GRPO on the same pool, with what each costs.
 
 For each base (the UNet toy, configs/toy.yaml; the flow toy, configs/toy-flow.yaml) and seed
-(a new pool and training seed), through the library's own stages (craft.stages, as
+(a new pool and training seed), through the library's own stages (craft.stages.engine, as
 ``craft train --method M``):
 
 - craft: the default (the kept set, advantage weights); sft: the same kept set, weight 1;
@@ -94,7 +94,7 @@ def main() -> None:
             for arm in arms:
                 acfg = ta.arm_config(config, common, arm)
                 t0 = time.time()
-                from craft.stages import stage_train
+                from craft.stages.engine import stage_train
 
                 r = stage_train(run, acfg, arm.name, resume=None)
                 ta._add(timings, f"train {arm.name}", time.time() - t0)
@@ -110,7 +110,7 @@ def main() -> None:
             stage_train(run, gcfg, "grpo", resume=None)
             ta._add(timings, "train grpo", time.time() - t0)
             curve = grpo_curve(run, "grpo")
-            from craft.run_layout import checkpoint_dirs, checkpoint_step, train_dir
+            from craft.run.layout import checkpoint_dirs, checkpoint_step, train_dir
 
             ckpts = {checkpoint_step(c): str(c) for c in checkpoint_dirs(
                 train_dir(run.run_dir, "grpo"))}

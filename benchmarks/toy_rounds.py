@@ -21,8 +21,8 @@ from toy_arms import Arm
 
 def main() -> None:
     args = ta.parse_args(__doc__, "/tmp/bench/pareto")
-    from craft.filtering import coverage
-    from craft.stages import stage_rounds, training_set
+    from craft.stages.filtering import coverage
+    from craft.stages.engine import stage_rounds, training_set
 
     t_start = time.time()
     timings: dict = {}
@@ -40,7 +40,7 @@ def main() -> None:
     finals = {"craft": one["final"], "online.r1": r1, "online.r2": str(result.final_dir)}
     ev = ta.evaluate_arms(run, cfg, finals, "rounds", timings)
 
-    from craft.stages import round_config
+    from craft.stages.engine import round_config
 
     cfg2 = round_config(online, 2, r1)
     kept2 = training_set(run.store, cfg2, save_as=None)

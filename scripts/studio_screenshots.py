@@ -51,7 +51,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    from craft.distributed import setup_process
+    from craft.run.distributed import setup_process
 
     setup_process()  # flush denormals (the rule lives there)
     from playwright.sync_api import sync_playwright

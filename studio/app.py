@@ -1,7 +1,7 @@
 """CRAFT Studio: the Gradio app over the whole CRAFT loop.
 
 Layout and event wiring only; every computation is a call into ``craft`` (or the UI-free helpers
-in :mod:`studio.curation`). Long stages run as background jobs (:mod:`studio.jobs`). Each
+in :mod:`studio.tabs.curate_views`). Long stages run as background jobs (:mod:`studio.jobs`). Each
 browser looks at its own run (:mod:`studio.session`); what a user sets is saved in that run as
 it changes (:mod:`studio.context`).
 
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import gradio as gr
 
 from craft import CraftError
-from craft.config import config_to_yaml, load_config, save_config
+from craft.run.config import config_to_yaml, load_config, save_config
 from studio.context import RunContext, Studio
 from studio.defaults import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, DEFAULT_RUN_DIR
 from studio.session import current, for_session
@@ -348,13 +348,13 @@ def _listed(inputs) -> list:
 
 
 def check_markdown(cfg) -> str:
-    """:func:`craft.preflight.preflight` as a table: every piece the settings need, found or
+    """:func:`craft.stages.preflight.preflight` as a table: every piece the settings need, found or
     missing, with the fix for each missing one, and the memory plan's verdict for this
     machine's GPU (an 80 GB H100 where there is none): the studio's `craft config check`."""
     import html
 
     from craft.planning.hardware import local_gpu, resolve_gpu
-    from craft.preflight import preflight
+    from craft.stages.preflight import preflight
 
     checks = preflight(cfg, plan=(1, local_gpu() or resolve_gpu(None, None)))
     bad = sum(not c.ok for c in checks)

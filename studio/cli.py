@@ -54,7 +54,7 @@ def studio_command(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS and auth is None:
         logger.warning("binding %s without --auth: anyone who can reach this port can use the "
                        "studio", args.host)
-    from craft.distributed import setup_process
+    from craft.run.distributed import setup_process
     from studio.app import build_app, launch
 
     setup_process()

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from craft import CraftError
-from craft.config import (PROJECT_ROOT, CraftConfig, config_from_dict, load_config,
+from craft.run.config import (PROJECT_ROOT, CraftConfig, config_from_dict, load_config,
                           resolve_path)
-from craft.store import DB_NAME, RunStore
+from craft.run.store import DB_NAME, RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class RunContext:
 
     def save_settings(self) -> None:
         """The current settings become the run's config (see the module docstring)."""
-        from craft.run import Run
+        from craft.run.handle import Run
 
         Run.local(self.store).save_config(self.cfg)
 
@@ -205,7 +205,7 @@ class RunContext:
         """Training-split candidates of the base model joined with their scores (cached until
         the store's candidates or scores change; ``version``: a :meth:`data_version` the
         caller already has)."""
-        from craft.stages import candidate_frame
+        from craft.stages.engine import candidate_frame
 
         version = version or self.data_version()
         with self._lock:
@@ -244,7 +244,7 @@ class RunContext:
         """(ids, 2-D map coordinates in [0, 1], embeddings) of the candidates embedded in the
         current space, or None before the map was computed. The projection is stored in the run
         beside the embeddings (space ``pca2:<space>``) by the map job."""
-        from craft.embeddings import space_name
+        from craft.stages.embeddings import space_name
         from studio.pool_map import unit_square
 
         space = space_name(self.cfg)

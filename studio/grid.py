@@ -144,7 +144,7 @@ LIGHTBOX_CSS = """
 
 
 def item_value(items: Sequence[dict], selected: int | None = None, empty: str = "") -> dict:
-    """The grid's value from :func:`studio.curation.grid_items` rows: paths become the
+    """The grid's value from :func:`studio.tabs.curate_views.grid_items` rows: paths become the
     server's file URLs, every text is escaped (prompts are user text)."""
     esc = lambda t: html.escape(str(t), quote=True)  # noqa: E731
     return {"items": [{"id": int(it["id"]), "src": FILE_ROUTE + str(it["path"]),

@@ -68,7 +68,7 @@ def subprocess_job(command: list[str], run_dir: Path, cfg, processes: int,
                    kind: str) -> Callable[[Any], Any]:
     """The job function (``fn(jc)`` for :meth:`studio.jobs.JobManager.start`) that runs
     ``craft COMMAND --run-dir RUN ...`` in a subprocess and relays it to the job."""
-    from craft.config import save_config
+    from craft.run.config import save_config
 
     def job(jc):
         folder = Path(run_dir) / JOBS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{os.getpid()}"
@@ -97,7 +97,7 @@ def subprocess_job(command: list[str], run_dir: Path, cfg, processes: int,
         if jc.should_stop():
             jc.log(f"stopped (exit code {rc}); run it again to continue")
             return result
-        from craft.cli_common import EXIT_STOPPED
+        from craft.cli.common import EXIT_STOPPED
 
         if rc == EXIT_STOPPED:
             return result
@@ -159,11 +159,11 @@ def _last_error(log_path: Path) -> str:
 
 
 def job_hooks(jc):
-    """craft.stage_calls.Hooks that report into a studio job: progress per stage, the stage
+    """craft.stages.calls.Hooks that report into a studio job: progress per stage, the stage
     and round being run (``info``: what the tabs show), training steps, previews and
     checkpoints as log lines, cancel."""
-    from craft.stage_calls import Hooks
-    from craft.training import TrainCallbacks
+    from craft.stages.calls import Hooks
+    from craft.methods.training import TrainCallbacks
 
     def progress_for(stage):
         return lambda done, total: jc.progress(done, total, f"{stage} {done}/{total}")
@@ -185,7 +185,7 @@ def job_hooks(jc):
 
 
 def stage_job(call, run_dir: Path, cfg, processes: int) -> Callable[[Any], Any]:
-    """A job function for one stage call (craft.stage_calls.StageCall): run in a thread of the
+    """A job function for one stage call (craft.stages.calls.StageCall): run in a thread of the
     studio for one process, or as ``craft`` + ``call.argv()`` on ``processes`` processes
     (:func:`subprocess_job`): the same call either way, as the CLI runs it."""
     processes = int(processes or 1)
@@ -196,8 +196,8 @@ def stage_job(call, run_dir: Path, cfg, processes: int) -> Callable[[Any], Any]:
         return subprocess_job(call.argv(), run_dir, cfg, processes, call.command)
 
     def job(jc):
-        from craft.stage_calls import run_call
-        from craft.stages import open_run
+        from craft.stages.calls import run_call
+        from craft.stages.engine import open_run
 
         with open_run(run_dir, cfg) as run:
             out = run_call(call, run, cfg, job_hooks(jc))

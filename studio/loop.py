@@ -1,6 +1,6 @@
 """The first thing a new run offers: the whole loop in one click, and what each tab is for.
 
-"Run the whole loop" runs ``craft run`` (craft.stage_calls.StageCall("run"): the engine's
+"Run the whole loop" runs ``craft run`` (craft.stages.calls.StageCall("run"): the engine's
 ``run_all``) as one job of the run: prompts, candidates, scores, the kept set, fine-tuning,
 publishing and the base-vs-tuned evaluation, with per-stage progress, cancel (the stage in
 progress stops at its next batch or step) and resume (running it again continues: stored
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from craft.stage_calls import StageCall
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import JobPanel, Tab, cancel_message, error_md, job_buttons, ok_md, start_job
 

@@ -1,4 +1,4 @@
-"""The map of the pool: every candidate's image embedding (craft.embeddings) projected to 2-D
+"""The map of the pool: every candidate's image embedding (craft.stages.embeddings) projected to 2-D
 (its first two principal components: the axes say so), drawn on a canvas, coloured by any
 reward, the composite or kept / not kept (the legend gives each colour's values); hovering a
 point shows its image. Dragging a box

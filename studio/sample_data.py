@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from craft.store import NewCandidate, RunStore
+from craft.run.store import NewCandidate, RunStore
 
 MODEL = "toy-renderer"
 
@@ -98,7 +98,7 @@ def populate_bulk(store: RunStore, n_prompts: int, images: Sequence[bytes], vari
     import json
     import time
 
-    from craft.store import image_relpath
+    from craft.run.store import image_relpath
 
     rng = random.Random(seed)
     pids = store.add_prompts([f"a red circle on a blue background, number {i}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from craft.config import ConfigError, CraftConfig, config_from_dict, config_to_dict
+from craft.run.config import ConfigError, CraftConfig, config_from_dict, config_to_dict
 
 
 def _identity(v: Any) -> Any:

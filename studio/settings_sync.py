@@ -21,7 +21,7 @@ import html
 from typing import Any
 
 from craft import CraftError
-from craft.config import config_to_dict
+from craft.run.config import config_to_dict
 
 RELOAD_HINT = "press “Reload settings” to see the run's current values"
 

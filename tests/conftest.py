@@ -125,8 +125,8 @@ def tiny_flow_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
-    """The tiny pipeline, loaded once through craft.models (CPU, float32). Do not mutate."""
-    from craft.models import load_pipeline
+    """The tiny pipeline, loaded once through craft.models.loading (CPU, float32). Do not mutate."""
+    from craft.models.loading import load_pipeline
 
     return load_pipeline(tiny_model_dir, family="sd15", dtype="float32", device="cpu")
 
@@ -134,7 +134,7 @@ def tiny_pipe(tiny_model_dir):
 @pytest.fixture
 def tiny_pipe_copy(tiny_model_dir):
     """A fresh tiny pipeline for a test that modifies it."""
-    from craft.models import load_pipeline
+    from craft.models.loading import load_pipeline
 
     return load_pipeline(tiny_model_dir, family="sd15", dtype="float32", device="cpu")
 
@@ -159,7 +159,7 @@ def tiny_overrides(model_dir: str, **extra) -> list[str]:
 
 def tiny_config(model_dir: str, **extra):
     """A resolved CraftConfig (configs/toy.yaml + :func:`tiny_overrides`)."""
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     return load_config(None, tiny_overrides(model_dir, **extra))
 

@@ -4,7 +4,7 @@
   open_clip's ``bpe_simple_vocab_16e6.txt.gz`` by ``reward_fixtures.clip_tokenizer``), 77
   positions; SDXL's second one pads with "!" as the published tokenizer_2 does.
 - ``build(family, folder)``: the real component structure at tiny widths
-  (``craft.architectures``), random weights, seeded.
+  (``craft.models.architectures``), random weights, seeded.
 - ``save_sd15_layout``: ``save_pretrained`` plus what the published SD1.5 folder also lists
   (safety checker, feature extractor), without the safety checker's weights (loading must not
   need them), and the tokenizer as vocab.json + merges.txt.
@@ -31,7 +31,7 @@ PROMPTS = ["a photo of an astronaut riding a horse", "an oil painting of a light
 
 
 def _params():
-    from craft.generation import SamplingParams
+    from craft.stages.generation import SamplingParams
 
     return SamplingParams(num_inference_steps=3, guidance_scale=5.0)
 
@@ -57,8 +57,8 @@ def states_equal(a, b) -> bool:
 
 
 def images(pipe, prompts, seeds, batch_size, params=None):
-    """craft.generation.generate_images as one uint8 array."""
-    from craft.generation import generate_images, images_to_array
+    """craft.stages.generation.generate_images as one uint8 array."""
+    from craft.stages.generation import generate_images, images_to_array
 
     return images_to_array([im for _, b in generate_images(pipe, prompts, seeds,
                                                            params or _params(), batch_size)
@@ -99,7 +99,7 @@ def tokenizers(folder: Path):
 
 
 def build(family: str, folder: Path, seed: int = 0):
-    from craft.architectures import build_pipeline
+    from craft.models.architectures import build_pipeline
 
     tok, tok2 = tokenizers(folder)
     return build_pipeline(family, tok, tokenizer_2=tok2, tiny=True, seed=seed)
@@ -311,8 +311,8 @@ def tiny_bf16_run_config(family: str, folder: Path, lora: bool, *extra: str):
     ``folder``/model, and a craft config that trains it as the real configs do (bfloat16
     weights and autocast, EMA; ``extra`` are more ``--set`` overrides)."""
     from conftest import tiny_overrides
-    from craft.architectures import build_pipeline
-    from craft.config import load_config
+    from craft.models.architectures import build_pipeline
+    from craft.run.config import load_config
     from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
 
     tok, tok2 = tokenizers(folder)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from craft.advantages import (AdvantageError, group_advantages, select_for_training,
+from craft.stages.advantages import (AdvantageError, group_advantages, select_for_training,
                               training_weights)
-from craft.filtering import FilterSettings
+from craft.stages.filtering import FilterSettings
 
 NAN = float("nan")
 
@@ -61,7 +61,7 @@ def test_training_weights_table(mode, tau, advantages, expected):
 
 
 def test_clamp_with_no_positive_advantage_falls_back_to_uniform_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="craft.advantages"):
+    with caplog.at_level(logging.WARNING, logger="craft.stages.advantages"):
         w = training_weights([-1.0, 0.0, -2.0])
     np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
     assert "uniform" in caplog.text

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from craft import MissingWeightsError, diversity
-from craft.advantages import select_for_training, training_weights
-from craft.config import load_config
-from craft.evaluation import drift_warnings
-from craft.filtering import FilterError, FilterSettings, apply_filter, coverage
+from craft import MissingWeightsError
+
+from craft.stages import diversity
+from craft.stages.advantages import select_for_training, training_weights
+from craft.run.config import load_config
+from craft.stages.evaluation import drift_warnings
+from craft.stages.filtering import FilterError, FilterSettings, apply_filter, coverage
 from test_training import images  # noqa: F401  (a fixture: six small training images)
 
 # ------------------------------------------------------------------------ diversity
@@ -203,7 +205,7 @@ def _setup(tiny_model_dir, tiny_pipe, images, **train):
     from diffusers import DDPMScheduler
 
     from conftest import tiny_config
-    from craft.training import encode_dataset, timestep_weights
+    from craft.methods.training import encode_dataset, timestep_weights
 
     over = {"train.micro_batch": 4, "train.effective_batch": 4, "train.cond_dropout": 0.5}
     over.update({f"train.{k}": v for k, v in train.items()})
@@ -220,7 +222,7 @@ def _setup(tiny_model_dir, tiny_pipe, images, **train):
 def test_anchor_weight_zero_is_the_plain_loss_exactly(tiny_model_dir, tiny_pipe, images):
     import copy
 
-    from craft.training import micro_batch_loss
+    from craft.methods.training import micro_batch_loss
 
     cfg, acc, sched, w_t, data = _setup(tiny_model_dir, tiny_pipe, images, anchor_weight=0.0)
     tuned = copy.deepcopy(tiny_pipe.unet)
@@ -248,7 +250,7 @@ def test_anchor_keeps_the_tuned_model_nearer_the_base(tmp_path, tiny_model_dir, 
     from diffusers import UNet2DConditionModel
 
     from conftest import tiny_config
-    from craft.training import train
+    from craft.methods.training import train
 
     base = {k: v.detach().clone() for k, v in tiny_pipe.unet.state_dict().items()}
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from craft import CraftError
-from craft.cli import COMMANDS, main
-from craft.config import config_from_dict, load_config
+from craft.cli.main import COMMANDS, main
+from craft.run.config import config_from_dict, load_config
 
 
 def test_config_show_prints_resolved_yaml(capsys):
@@ -93,8 +93,8 @@ def test_commands_come_from_entry_points(monkeypatch, capsys):
 
 def test_the_library_imports_no_front_end_and_no_toy_world():
     """craft's core modules import neither the studio nor the toy world (they plug in)."""
-    code = ("import sys, craft.cli, craft.stages, craft.prompts, craft.expansion, "
-            "craft.rewards, craft.config, craft.filtering, craft.store; "
+    code = ("import sys, craft.cli.main, craft.stages.engine, craft.stages.prompts, craft.stages.expansion, "
+            "craft.rewards, craft.run.config, craft.stages.filtering, craft.run.store; "
             "bad = [m for m in sys.modules if m.startswith(('studio', 'craft.toyworld', "
             "'gradio'))]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from craft.cli import main
-from craft.evaluation import stored_evaluation
-from craft.model_card import read_card
-from craft.store import RunStore
+from craft.cli.main import main
+from craft.stages.evaluation import stored_evaluation
+from craft.stages.model_card import read_card
+from craft.run.store import RunStore
 
 
 def _sets(model_dir, **extra) -> list[str]:
@@ -25,7 +25,7 @@ def _sets(model_dir, **extra) -> list[str]:
 def _load_and_generate(final: Path):
     from diffusers import StableDiffusionPipeline
 
-    from craft.generation import SamplingParams, generate_images
+    from craft.stages.generation import SamplingParams, generate_images
 
     pipe = StableDiffusionPipeline.from_pretrained(final)
     [(_, images)] = list(generate_images(pipe, ["a red circle on a blue background"], [3],
@@ -147,7 +147,7 @@ def test_filter_with_a_per_prompt_cap_changes_the_runs_own_config(tmp_path, tiny
     assert main(["filter", "--run-dir", run, "--per-prompt-cap", "1"]) == 0
     out = capsys.readouterr().out
     assert "at most 1 per prompt" in out and "at most 1 from one" in out
-    from craft.run import run_config
+    from craft.run.handle import run_config
 
     cfg, _ = run_config(run)
     assert cfg.filter.per_prompt_cap == 1
@@ -195,8 +195,8 @@ def test_a_run_built_from_two_prompt_sources_keeps_both_in_its_config(tmp_path, 
                                                                       capsys):
     """12 toy prompts, then 3 from a CSV: the run's config names one file holding all 15, so
     `craft run` on the run plans the same prompts (it used to name only the CSV)."""
-    from craft.prompts import load_prompts
-    from craft.run import run_config
+    from craft.stages.prompts import load_prompts
+    from craft.run.handle import run_config
 
     run = tmp_path / "run"
     csv = tmp_path / "more.csv"
@@ -226,11 +226,11 @@ def test_run_layout_orders_by_number_and_lists_tuned_models_newest_first(tmp_pat
     and stray names are not training outputs; Compare's list is the engine's, newest first."""
     import os
 
-    from craft.checkpoints import STATE_FILE
-    from craft.lora import LORA_WEIGHTS
-    from craft.run_layout import (checkpoint_dirs, checkpoint_step, preview_dir, preview_dirs,
+    from craft.run.checkpoints import STATE_FILE
+    from craft.models.lora import LORA_WEIGHTS
+    from craft.run.layout import (checkpoint_dirs, checkpoint_step, preview_dir, preview_dirs,
                                   train_dir, training_dirs)
-    from craft.stages import tuned_models
+    from craft.stages.engine import tuned_models
 
     out = train_dir(tmp_path, "craft-1")
     for step in (10, 9, 100):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from craft.config import (
+from craft.run.config import (
     DEFAULT_CONFIG_PATH, PROJECT_ROOT, SECTIONS, ConfigError, CraftConfig, FilterConfig,
     TrainConfig, config_from_dict, config_to_dict, config_to_yaml, field_choices, field_help,
     load_config, resolve_path, save_config,
@@ -258,10 +258,17 @@ def test_round_trip_keeps_unicode_line_breaks_and_non_ascii(prompt):
 
 
 def test_choice_lists_are_defined_once_and_agree():
-    """The config's choices are the tuples the modules act on (craft.vocab), not copies."""
-    from craft import advantages, diversity, embeddings, flow, models, prompts, training, vocab
-    from craft.config import field_choices
-    from craft.pipes import FAMILY_PIPELINES
+    """The config's choices are the tuples the modules act on (craft.run.choices), not copies."""
+    from craft.stages import advantages
+    from craft.stages import diversity
+    from craft.stages import embeddings
+    from craft.models import flow
+    from craft.models import loading as models
+    from craft.stages import prompts
+    from craft.methods import training
+    from craft.run import choices as vocab
+    from craft.run.config import field_choices
+    from craft.models.families import FAMILY_PIPELINES
 
     assert field_choices("advantage", "mode") == advantages.MODES
     assert field_choices("eval", "diversity_encoder") == diversity.ENCODERS

@@ -1,4 +1,4 @@
-"""Image embeddings of the pool (craft/embeddings.py): the pixel and CLIP encoders, the stored
+"""Image embeddings of the pool (craft/stages/embeddings.py): the pixel and CLIP encoders, the stored
 vectors, the 2-D map, neighbours and near-duplicate groups."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from PIL import Image
 import reward_fixtures as rf
 from conftest import tiny_config
 from craft import MissingWeightsError
-from craft.embeddings import (embed_candidates, make_embedder, near_duplicates, neighbours,
+from craft.stages.embeddings import (embed_candidates, make_embedder, near_duplicates, neighbours,
                               pca_2d, project_pool, space_name)
-from craft.store import NewCandidate, RunStore
+from craft.run.store import NewCandidate, RunStore
 
 
 def _pool(store, n: int = 12):

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from craft import CraftError
-from craft.evaluation import evaluate, format_table, summarize
-from craft.store import RunStore
+from craft.stages.evaluation import evaluate, format_table, summarize
+from craft.run.store import RunStore
 
 
 def test_summarize_paired_difference_se_and_win_rate_with_ties():
@@ -48,7 +48,7 @@ def test_summarize_identical_models_tie_everywhere():
 @pytest.fixture
 def tuned_dir(tmp_path, tiny_model_dir):
     """A copy of the tiny pipeline with a perturbed UNet, saved in diffusers format."""
-    from craft.models import load_pipeline
+    from craft.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_model_dir, family="sd15", dtype="float32", device="cpu")
     gen = torch.Generator().manual_seed(1)
@@ -62,7 +62,7 @@ def tuned_dir(tmp_path, tiny_model_dir):
 
 def test_evaluate_writes_images_scores_summary_grid_and_store_row(tmp_path, tiny_model_dir,
                                                                   tuned_dir, tiny_pipe):
-    from craft.stages import prepare_prompts
+    from craft.stages.engine import prepare_prompts
 
     cfg = tiny_config(tiny_model_dir)  # 2 eval prompts x 2 seeds, 3 steps
     models = {"base": tiny_model_dir, "same": tiny_model_dir, "tuned": tuned_dir}
@@ -154,8 +154,8 @@ def test_evaluate_needs_two_models_and_eval_prompts(tmp_path, tiny_model_dir):
 
 def test_evaluate_fails_before_any_work_when_a_model_is_missing(tmp_path, tiny_model_dir,
                                                                 tiny_pipe):
-    from craft.models import MissingWeightsError
-    from craft.stages import prepare_prompts
+    from craft.models.loading import MissingWeightsError
+    from craft.stages.engine import prepare_prompts
 
     cfg = tiny_config(tiny_model_dir)
     with RunStore(tmp_path / "run") as store:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from craft.expansion import (FALLBACK, ExpansionError, HTTPExpander, LocalLLMExpander,
+from craft.stages.expansion import (FALLBACK, ExpansionError, HTTPExpander, LocalLLMExpander,
                              TemplateExpander, chat_completions_url, expand_prompts,
                              expander_from_config, fill_with_templates, make_expander,
                              parse_variant_lines, register_expander, template_variants)
@@ -206,7 +206,7 @@ def test_llm_local_missing_model_teaches(tmp_path):
 
 
 def test_expander_from_config(tiny_lm):
-    from craft.config import PromptsConfig
+    from craft.run.config import PromptsConfig
 
     assert isinstance(expander_from_config(PromptsConfig()), TemplateExpander)
     local = expander_from_config(PromptsConfig(expander="llm_local", expander_model=str(tiny_lm),

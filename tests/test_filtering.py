@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from craft.filtering import (FilterError, FilterSettings, apply_filter, level_counts, normalize,
+from craft.stages.filtering import (FilterError, FilterSettings, apply_filter, level_counts, normalize,
                              required_rewards)
 
 NAN, INF = float("nan"), float("inf")
@@ -352,7 +352,7 @@ def test_settings_from_a_validated_config_equal_checked_settings():
     checked) field by field, and hashes alike (the studio caches by settings)."""
     import dataclasses
 
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     cfg = load_config(None, ["filter.level=ha", "filter.margin=0.1", "filter.top_k=7"])
     trusted = FilterSettings.from_config(cfg)
@@ -393,7 +393,7 @@ def test_per_prompt_cap_keeps_each_prompts_best_and_reports_coverage():
 
 
 def test_per_prompt_cap_from_the_config():
-    from craft.config import ConfigError, load_config
+    from craft.run.config import ConfigError, load_config
 
     cfg = load_config(None, ["filter.per_prompt_cap=3"])
     assert FilterSettings.from_config(cfg).per_prompt_cap == 3

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_overrides
-from craft.generation import (SamplingParams, candidate_seed, generate_candidates,
+from craft.stages.generation import (SamplingParams, candidate_seed, generate_candidates,
                               generate_images, images_to_array, plan_candidates)
-from craft.store import RunStore
+from craft.run.store import RunStore
 
 MAX_PIXEL_DIFF = 2  # out of 255
 
@@ -64,7 +64,7 @@ def test_same_images_as_the_pipelines_own_call(family, tiny_pipe, tiny_sdxl_pipe
     embedding included; and SDXL images are batch-invariant too."""
     import torch
 
-    from craft.generation import generators_for
+    from craft.stages.generation import generators_for
 
     pipe = tiny_pipe if family == "sd15" else tiny_sdxl_pipe
     params = SamplingParams(num_inference_steps=3, guidance_scale=3.0)
@@ -107,7 +107,7 @@ def test_generate_images_progress_and_stop(tiny_pipe):
 @pytest.fixture
 def prompted_run(tmp_path, tiny_model_dir):
     """A run store with 4 training prompts x (1 + 2 variants), ready for generation."""
-    from craft.stages import prepare_prompts
+    from craft.stages.engine import prepare_prompts
 
     cfg = tiny_config(tiny_model_dir)
     store = RunStore(tmp_path / "run")
@@ -223,7 +223,7 @@ def _keys_and_images(run: Path) -> dict[tuple[str, int, int], np.ndarray]:
 
 
 def test_kill_9_during_generate_then_rerun_matches_uninterrupted(tmp_path, tiny_model_dir):
-    from craft.cli import main
+    from craft.cli.main import main
 
     # 6 prompts x (1 + 2 variants) x 2 seeds = 36 candidates in batches of 3 (12 batches), with
     # enough denoising steps that a batch takes a while: the kill lands between two batches or
@@ -283,7 +283,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "toy-base"
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(),
                     reason="assets/toy-base is not built here (craft toy train-base)")
 def test_shipped_toy_base_generates_batch_invariantly():
-    from craft.models import load_pipeline
+    from craft.models.loading import load_pipeline
 
     pipe = load_pipeline(SHIPPED, family="toy", dtype="float32", device="cpu")
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy latents, not copied

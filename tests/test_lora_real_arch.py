@@ -1,5 +1,5 @@
 """LoRA training that fits at the real sizes, checked on tiny models of the real SDXL, SD3.5 and
-FLUX.1 architectures (craft/architectures.py) in bfloat16, as the configs run them:
+FLUX.1 architectures (craft/models/architectures.py) in bfloat16, as the configs run them:
 
 - no float32 copy of the frozen weights: while training runs, the only new float32 parameters
   are the adapters (a full float32 copy of FLUX.1-dev's transformer would be 48 GB);
@@ -30,7 +30,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Tiny SDXL, SD3.5 and FLUX.1-dev pipelines saved in bfloat16, and six training images."""
-    from craft.architectures import build_pipeline
+    from craft.models.architectures import build_pipeline
     from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
 
     root = tmp_path_factory.mktemp("lora-arch")
@@ -72,11 +72,11 @@ def _float32_parameters() -> dict[int, int]:
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_lora_holds_no_float32_copy_and_its_adapters_load_like_the_merged_model(saved, family,
                                                                                   tmp_path):
-    from craft.generation import SamplingParams
-    from craft.lora import LORA_WEIGHTS
-    from craft.models import load_pipeline
-    from craft.pipes import denoiser
-    from craft.training import TrainCallbacks, train
+    from craft.stages.generation import SamplingParams
+    from craft.models.lora import LORA_WEIGHTS
+    from craft.models.loading import load_pipeline
+    from craft.models.families import denoiser
+    from craft.methods.training import TrainCallbacks, train
 
     cfg = _cfg(saved[family])
     pipe = load_pipeline(saved[family], device="cpu", dtype="bfloat16")

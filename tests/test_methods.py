@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import tiny_config
 from craft import CraftError
 from test_training import images  # noqa: F401 (a fixture: six 16x16 training images)
-from craft.dpo import build_pairs, dpo_loss, pair_images, pair_index
+from craft.methods.dpo import build_pairs, dpo_loss, pair_images, pair_index
 
 
 # ------------------------------------------------------------------------ the DPO loss
@@ -43,7 +43,7 @@ def _dpo_setup(tiny_model_dir, tiny_pipe, paths, pairs):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from craft.training import _forget_other_precision, encode_dataset, timestep_weights
+    from craft.methods.training import _forget_other_precision, encode_dataset, timestep_weights
 
     cfg = tiny_config(tiny_model_dir, **{"train.method": "dpo", "train.micro_batch": 3,
                                          "train.effective_batch": 3, "dpo.beta": 500.0})
@@ -72,7 +72,7 @@ def test_dpo_gradient_is_zero_at_the_reference_with_equal_pair_errors(tiny_model
     of two different images does."""
     import copy
 
-    from craft.training import dpo_micro_batch_loss
+    from craft.methods.training import dpo_micro_batch_loss
 
     tiny_pipe = tiny_pipe_copy  # a fresh pipeline: nothing another test did to it counts
     tiny_pipe.unet.eval()
@@ -96,8 +96,8 @@ def test_dpo_pairs_share_noise_and_timestep_and_the_flow_form_uses_velocity(worl
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from craft.flow import velocity_target
-    from craft.training import _generator, noised_batch
+    from craft.models.flow import velocity_target
+    from craft.methods.training import _generator, noised_batch
 
     pipe, data, cfg = world_flow_pipe
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -115,8 +115,8 @@ def test_dpo_pairs_share_noise_and_timestep_and_the_flow_form_uses_velocity(worl
 
 @pytest.fixture(scope="module")
 def world_flow_pipe(tiny_flow_model_dir, two_images):
-    from craft.models import load_pipeline
-    from craft.training import encode_dataset
+    from craft.models.loading import load_pipeline
+    from craft.methods.training import encode_dataset
 
     pipe = load_pipeline(tiny_flow_model_dir, family="sd3", dtype="float32", device="cpu")
     cfg = tiny_config(tiny_flow_model_dir, **{"model.family": "sd3",
@@ -169,7 +169,7 @@ def test_pair_rules():
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, tiny_model_dir):
     """A tiny run with candidates and scores (the engine's own stages)."""
-    from craft.stages import open_run, stage_generate, stage_prompts, stage_score
+    from craft.stages.engine import open_run, stage_generate, stage_prompts, stage_score
 
     run_dir = tmp_path_factory.mktemp("methods") / "run"
     cfg = tiny_config(tiny_model_dir)
@@ -185,7 +185,7 @@ def test_a_method_trains_records_what_it_trained_on_and_resumes(scored_run, tiny
                                                                 method):
     import json
 
-    from craft.stages import open_run, stage_train
+    from craft.stages.engine import open_run, stage_train
 
     over = {"train.method": method, "train.steps": 4, "train.checkpoint_every": 2,
             "dpo.pairs": "above_margin"}
@@ -230,7 +230,7 @@ def test_a_method_trains_records_what_it_trained_on_and_resumes(scored_run, tiny
 def test_ddim_step_log_prob_is_the_gaussian_density():
     from diffusers import DDIMScheduler
 
-    from craft.grpo import ddim_step
+    from craft.methods.grpo import ddim_step
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           clip_sample=False, set_alpha_to_one=False)
@@ -252,7 +252,7 @@ def test_ddim_step_log_prob_is_the_gaussian_density():
 
 
 def test_flow_sde_step_log_prob_is_the_gaussian_density():
-    from craft.grpo import flow_sde_step
+    from craft.methods.grpo import flow_sde_step
 
     g = torch.Generator().manual_seed(1)
     x, v, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
@@ -279,12 +279,12 @@ def test_grpo_ratio_is_one_on_the_samples_own_weights(flow, tiny_model_dir, tiny
                                                       tiny_flow_model_dir):
     """Log-probs recomputed for a trajectory's steps in another batch composition equal the
     sampler's: the first update's ratio is 1."""
-    from craft.grpo import Policy, clipped_loss, sample_round
-    from craft.pipes import latent_shape
-    from craft.training import empty_conditioning, encode_text, training_size
+    from craft.methods.grpo import Policy, clipped_loss, sample_round
+    from craft.models.families import latent_shape
+    from craft.methods.training import empty_conditioning, encode_text, training_size
 
     if flow:
-        from craft.models import load_pipeline
+        from craft.models.loading import load_pipeline
 
         pipe = load_pipeline(tiny_flow_model_dir, family="sd3", dtype="float32", device="cpu")
         cfg = tiny_config(tiny_flow_model_dir, **{"model.family": "sd3",
@@ -330,9 +330,9 @@ def constant_reward():
 def _grpo_run(tmp_path, weights: str) -> list[dict]:
     """A tiny GRPO run on the shipped toy base (2 prompts, both sampled every round, groups of
     8, 4 sampler steps, 3 rounds of 2 updates); its per-step metrics."""
-    from craft.config import load_config
-    from craft.grpo import train_grpo
-    from craft.training import TrainCallbacks
+    from craft.run.config import load_config
+    from craft.methods.grpo import train_grpo
+    from craft.methods.training import TrainCallbacks
 
     cfg = load_config(None, [
         "train.method=grpo", "model.device=cpu",
@@ -375,7 +375,7 @@ def test_export_pairs_is_a_pick_a_pic_parquet(scored_run, tiny_model_dir, tmp_pa
     import sys
 
     from conftest import tiny_overrides
-    from craft.store import RunStore
+    from craft.run.store import RunStore
 
     sets = [x for o in tiny_overrides(tiny_model_dir, **{"dpo.pairs": "above_margin"})
             for x in ("--set", o)]
@@ -405,8 +405,8 @@ def test_dpo_and_grpo_train_a_flow_model(tmp_path, tiny_flow_model_dir, images):
     GRPO with the SDE sampler; both finish with a loadable StableDiffusion3Pipeline."""
     from diffusers import DiffusionPipeline
 
-    from craft.grpo import train_grpo
-    from craft.training import TrainCallbacks, train
+    from craft.methods.grpo import train_grpo
+    from craft.methods.training import TrainCallbacks, train
 
     flow = {"model.family": "sd3", "generation.scheduler": "default", "train.steps": 2,
             "train.checkpoint_every": 2, "grpo.prompts_per_step": 1, "grpo.group_size": 2,

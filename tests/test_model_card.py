@@ -1,4 +1,4 @@
-"""Model cards (craft/model_card.py): the Hub's metadata from the training record, the training
+"""Model cards (craft/stages/model_card.py): the Hub's metadata from the training record, the training
 facts per method, and a card that waits for its evaluation. The card of a real `craft run`,
 parsed back against the evaluation record, is checked in tests/test_cli_stages.py."""
 
@@ -8,8 +8,8 @@ import json
 
 import pandas as pd
 
-from craft.evaluation import EvalResult
-from craft.model_card import card_text, metadata, read_card, write_card
+from craft.stages.evaluation import EvalResult
+from craft.stages.model_card import card_text, metadata, read_card, write_card
 
 
 def _record(base="stabilityai/stable-diffusion-xl-base-1.0", family="sdxl", **extra) -> dict:

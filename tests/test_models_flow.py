@@ -1,5 +1,5 @@
 """SD3 / SD3.5 and FLUX.1 through the same loading, generation and training code as the UNets, on
-tiny models of the real architectures (craft.architectures: same block structure, tiny widths),
+tiny models of the real architectures (craft.models.architectures: same block structure, tiny widths),
 random weights, saved and reloaded in diffusers format. Nothing is downloaded: the CLIP tokenizer
 is the real BPE vocabulary built offline (tests/reward_fixtures.py), the T5 tokenizer is built
 offline from a (piece, score) list (craft.toyworld.model.write_t5_tokenizer)."""
@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from craft import CraftError
-from craft.models import _family_from_keys, detect_family, load_pipeline
+from craft.models.loading import _family_from_keys, detect_family, load_pipeline
 from sd_fixtures import (PROMPTS, batched_equals_alone, images, offline,  # noqa: F401
                          states_equal, tokenizers)
 
@@ -28,7 +28,7 @@ SIZE = 64  # pixels: tiny VAEs downsample 8x, so an 8x8 latent
 def world(tmp_path_factory):
     """Tiny SD3 (three text encoders), SD3 without T5, FLUX.1-dev and FLUX.1-schnell pipelines,
     each saved with save_pretrained and kept in memory for comparison."""
-    from craft.architectures import build_pipeline
+    from craft.models.architectures import build_pipeline
     from craft.toyworld.model import load_t5_tokenizer, write_t5_tokenizer
 
     root = tmp_path_factory.mktemp("flow-models")
@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 
 
 def _params(steps=3, guidance=4.0):
-    from craft.generation import SamplingParams
+    from craft.stages.generation import SamplingParams
 
     return SamplingParams(num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
                           width=SIZE)
@@ -154,8 +154,8 @@ def test_generation_is_seeded_per_candidate_alone_or_batched(world, name):
 def test_generation_uses_the_models_t5_length_and_flow_scheduler(world):
     """The T5 length is the saved tokenizer's model_max_length (16 here) when it is below
     diffusers' default; a noise-prediction sampler is refused for a flow model."""
-    from craft.generation import apply_scheduler
-    from craft.pipes import t5_tokens
+    from craft.stages.generation import apply_scheduler
+    from craft.models.families import t5_tokens
 
     pipe = _load(world.sd3_dir)
     assert t5_tokens(pipe) == 16 and t5_tokens(_load(world.flux_dir)) == 16
@@ -199,9 +199,9 @@ def test_flow_training_changes_every_trainable_parameter_and_saves(world, frames
     parameter; LoRA changes exactly the attention projections it targets. final/ is a complete
     pipeline of the family (LoRA: the adapters, loaded into the base by evaluation);
     checkpoint-N holds a loadable transformer (LoRA: the adapters)."""
-    from craft.evaluation import load_for_eval
-    from craft.lora import LORA_WEIGHTS
-    from craft.training import LORA_TARGETS, train
+    from craft.stages.evaluation import load_for_eval
+    from craft.models.lora import LORA_WEIGHTS
+    from craft.methods.training import LORA_TARGETS, train
 
     ref = getattr(world, name)
     extra = {"train.lora": True, "train.lora_rank": 4,
@@ -246,7 +246,7 @@ def test_flow_loss_is_the_advantage_weighted_velocity_error(world, frames):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from craft.training import encode_dataset, micro_batch_loss
+    from craft.methods.training import encode_dataset, micro_batch_loss
 
     pipe = _load(world.sd3_dir)
     cfg = _cfg(world.sd3_dir, **{"train.cond_dropout": 0.0,
@@ -281,7 +281,7 @@ def test_flow_loss_is_the_advantage_weighted_velocity_error(world, frames):
 
 
 def test_noise_prediction_weightings_are_refused_for_flow_models(world, frames, tmp_path):
-    from craft.training import train
+    from craft.methods.training import train
 
     cfg = _cfg(world.sd3_dir, **{"train.timestep_weighting": "min_snr"})
     with pytest.raises(CraftError, match="flow matching: use one of"):
@@ -291,16 +291,16 @@ def test_noise_prediction_weightings_are_refused_for_flow_models(world, frames, 
 def test_model_max_sequence_length_sets_the_t5_length_everywhere(world, frames):
     """model.max_sequence_length (FLUX.1-schnell: 256) reaches every pipeline loaded from the
     config, so generation and training encode prompts to the same length."""
-    from craft.models import load_from_config
-    from craft.pipes import t5_tokens
-    from craft.training import encode_text
+    from craft.models.loading import load_from_config
+    from craft.models.families import t5_tokens
+    from craft.methods.training import encode_text
 
     cfg = _cfg(world.flux_dir, **{"model.max_sequence_length": 8})
     pipe = load_from_config(cfg.model)
     assert t5_tokens(pipe) == 8
     assert encode_text(pipe, PROMPTS, torch.device("cpu"))["hidden"].shape[1] == 8
     assert t5_tokens(load_from_config(_cfg(world.flux_dir).model)) == 16  # the tokenizer's
-    from craft.config import ConfigError
+    from craft.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.max_sequence_length"):
         _cfg(world.flux_dir, **{"model.max_sequence_length": 0})

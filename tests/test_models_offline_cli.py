@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from craft.config import PROJECT_ROOT, load_config
+from craft.run.config import PROJECT_ROOT, load_config
 
 # Any attempt to open a network connection in the child fails loudly.
 NO_NETWORK = ("import socket\n"
@@ -48,7 +48,7 @@ def assert_no_work(run_dir: Path) -> None:
     """Nothing was generated: no image written, no prompt expanded."""
     assert not list(run_dir.rglob("*.png"))
     if (run_dir / "store.sqlite").exists():
-        from craft.store import RunStore
+        from craft.run.store import RunStore
 
         with RunStore(run_dir) as store:
             assert store.variants_df("train").empty
@@ -62,7 +62,7 @@ def tiny_sdxl_dir(tmp_path_factory, tiny_sdxl_pipe) -> str:
 
 
 def test_real_configs_validate_with_the_papers_settings(capsys):
-    from craft.cli import main
+    from craft.cli.main import main
 
     for name, steps, micro in (("sd15", 120, 16), ("sdxl", 200, 4)):
         path = PROJECT_ROOT / "configs" / f"{name}.yaml"

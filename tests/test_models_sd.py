@@ -1,10 +1,10 @@
 """The real-model loading paths on tiny models of the real SD1.5 / SDXL architectures.
 
-Every model here has the published component structure (craft.architectures, tiny widths), the
+Every model here has the published component structure (craft.models.architectures, tiny widths), the
 real CLIP BPE vocabulary, random weights, and is written in a real on-disk layout: a diffusers
 folder as the published SD1.5 repo has it, an SDXL folder, a Hugging Face cache snapshot. All of
-it is loaded through craft.models with the network switched off, then generates and trains
-through craft.generation / craft.training. Single-file checkpoints: test_models_single_file.py.
+it is loaded through craft.models.loading with the network switched off, then generates and trains
+through craft.stages.generation / craft.methods.training. Single-file checkpoints: test_models_single_file.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from conftest import tiny_config
 from sd_fixtures import (PROMPTS, batched_equals_alone, images, offline,  # noqa: F401
                          states_equal)
 from craft import CraftError
-from craft.generation import images_to_array
-from craft.models import (MissingWeightsError, detect_family, load_from_config, load_pipeline,
+from craft.stages.generation import images_to_array
+from craft.models.loading import (MissingWeightsError, detect_family, load_from_config, load_pipeline,
                           resolve_device, resolve_dtype)
 
 
@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(world) -> SimpleNamespace:
-    """Each folder loaded once through craft.models (CPU, dtype auto). Do not mutate."""
+    """Each folder loaded once through craft.models.loading (CPU, dtype auto). Do not mutate."""
     return SimpleNamespace(sd15=load_pipeline(world.sd15_dir), sdxl=load_pipeline(world.sdxl_dir))
 
 
@@ -96,7 +96,7 @@ def test_sd15_trains_two_steps_and_final_loads(world, loaded, frames, tmp_path, 
     """Full fine-tuning changes every UNet parameter; LoRA (here with gradient checkpointing,
     which must really be used and must not cut the adapters' gradients) changes exactly the
     attention projections it targets. final/ is a complete SD1.5 pipeline."""
-    from craft.training import train
+    from craft.methods.training import train
 
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
@@ -148,7 +148,7 @@ def test_sdxl_folder_loads_and_generates_batched_with_per_candidate_seeds(world,
 def test_sdxl_training_conditioning_is_what_the_pipeline_feeds_its_unet(world):
     """encode_text gives the UNet exactly the hidden states, pooled embeddings and time ids the
     pipeline's own call uses, also at a non-square, non-native size."""
-    from craft.training import encode_text
+    from craft.methods.training import encode_text
 
     pipe = world.sdxl
     seen = {}
@@ -174,7 +174,7 @@ def test_sdxl_training_conditioning_is_what_the_pipeline_feeds_its_unet(world):
 
 
 def test_sdxl_trains_two_steps_and_final_loads_as_sdxl(world, loaded, frames, tmp_path):
-    from craft.training import train
+    from craft.methods.training import train
 
     pipe = loaded.sdxl
     result = train(_cfg(world.sdxl_dir), frames["sdxl"], tmp_path / "out", pipe=pipe)
@@ -236,7 +236,7 @@ def test_dtype_and_device_rules():
 def test_memory_options_from_config_are_applied(world):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from craft.models import apply_memory_options
+    from craft.models.loading import apply_memory_options
 
     cfg = _cfg(world.sd15_dir, **{"model.attention": "sdpa", "model.vae_tiling": True,
                                   "model.vae_slicing": True})
@@ -252,7 +252,7 @@ def test_memory_options_from_config_are_applied(world):
 def test_8bit_adam_needs_bitsandbytes_and_cuda(world, monkeypatch, tmp_path):
     import importlib.util
 
-    from craft.training import check_train_options, train
+    from craft.methods.training import check_train_options, train
 
     cfg = _cfg(world.sd15_dir, **{"model.device": "auto", "train.use_8bit_adam": True})
     frame = pd.DataFrame({"image_path": ["x.png"], "prompt": ["a"], "weight": [1.0]})
@@ -274,13 +274,13 @@ def test_8bit_adam_needs_bitsandbytes_and_cuda(world, monkeypatch, tmp_path):
     ("sdxl", {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
               "text_encoder_2": 694_659_840})])
 def test_written_out_configs_are_the_published_architectures(family, counts):
-    """craft.architectures (used by benchmarks/gpu.py and, at tiny widths, by these tests) has
+    """craft.models.architectures (used by benchmarks/gpu.py and, at tiny widths, by these tests) has
     exactly the parameter counts of the published SD1.5 / SDXL components (built on the meta
     device: no memory, no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from craft.architectures import component_configs
+    from craft.models.architectures import component_configs
 
     cfgs = component_configs(family)
     with torch.device("meta"):
@@ -300,7 +300,7 @@ def test_written_out_flow_configs_are_the_published_architectures():
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from craft.architectures import component_configs
+    from craft.models.architectures import component_configs
 
     sd3, flux = component_configs("sd3"), component_configs("flux")
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Single-file checkpoints (original LDM / SGM layout) loaded offline through craft.models.
+"""Single-file checkpoints (original LDM / SGM layout) loaded offline through craft.models.loading.
 
 Tiny models of the real SD1.5 and SDXL architectures (random weights, real CLIP vocabulary) are
 written as one .safetensors under the original key names, as ``v1-5-pruned-emaonly.safetensors``
@@ -20,7 +20,7 @@ from PIL import Image
 import sd_fixtures as sf
 from conftest import tiny_config
 from sd_fixtures import PROMPTS, images, offline, states_equal  # noqa: F401 (offline: fixture)
-from craft.models import (MissingWeightsError, check_model, default_single_file_config,
+from craft.models.loading import (MissingWeightsError, check_model, default_single_file_config,
                           detect_family, load_pipeline)
 
 COMPONENTS = {"sd15": ("unet", "vae", "text_encoder"),
@@ -111,9 +111,9 @@ def test_compare_tab_evaluates_a_checkpoint_inside_a_single_file_base(files, tmp
     """Evaluation (the studio's Compare tab, `craft evaluate --tuned`) runs an intermediate
     ``checkpoint-N`` (a UNet only) inside the base pipeline; a single-file base must load there as it does for training (its
     single_file_config), and the checkpoint's UNet must be the one generating."""
-    from craft.store import RunStore
-    from craft.stages import prepare_prompts
-    from craft.stages import stage_evaluate
+    from craft.run.store import RunStore
+    from craft.stages.engine import prepare_prompts
+    from craft.stages.engine import stage_evaluate
 
     f = files["sd15"]
     ckpt = tmp_path / "train" / "checkpoint-2"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_overrides
-from craft.cli import main
-from craft.config import PROJECT_ROOT, load_config
+from craft.cli.main import main
+from craft.run.config import PROJECT_ROOT, load_config
 
 GIB = 2 ** 30
 # Plan vs measured peak of a training step: 15 % and 0.5 MiB. The absolute part is for the tiny
@@ -61,7 +61,7 @@ def test_the_baselines_are_planned_as_they_run():
     """DPO: a pair's two images through the tuned model and the frozen reference (full
     fine-tuning keeps the base); GRPO: no candidate pool, a sampling stage that holds the
     training state, the VAE and the rewards, and (image, step) rows doubled by guidance."""
-    from craft.grpo import steps_trained
+    from craft.methods.grpo import steps_trained
     from craft.planning import make_plan
 
     toy = PROJECT_ROOT / "configs" / "toy.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import reward_fixtures as rf
-from craft.cli import main
-from craft.config import PROJECT_ROOT
+from craft.cli.main import main
+from craft.run.config import PROJECT_ROOT
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from craft import CraftError
-from craft.prompts import (PromptError, PromptSet, Skipped, clean_prompts, load_prompts,
+from craft.stages.prompts import (PromptError, PromptSet, Skipped, clean_prompts, load_prompts,
                            normalize_prompt)
 
 

@@ -1,4 +1,4 @@
-"""Rewards served over HTTP (craft/reward_server.py, craft/rewards/remote.py) and the VLM judge
+"""Rewards served over HTTP (craft/rewards/server.py, craft/rewards/remote.py) and the VLM judge
 (craft/rewards/vlm.py), over loopback: a served reward scores bit for bit as in-process; a
 server that stops mid-run leaves the stored scores and the same command finishes once it is
 back; a wrong token, a bad reply and a timeout each say what is wrong and where; the judge
@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from craft.config import load_config
-from craft.reward_server import RewardServer
+from craft.run.config import load_config
+from craft.rewards.server import RewardServer
 from craft.rewards import load_reward
 from craft.rewards.remote import RemoteReward, RemoteRewardError
 from reward_fixtures import images
@@ -137,8 +137,8 @@ def test_scoring_through_a_server_that_stops_keeps_what_it_stored_and_resumes(tm
     other names): the server stops after two batches, the stage fails naming the URL with the
     scores of those batches stored; the same call after a restart on the same port scores the
     rest, equal to in-process scoring."""
-    from craft.scoring import score_candidates
-    from craft.store import RunStore
+    from craft.stages.scoring import score_candidates
+    from craft.run.store import RunStore
     from studio.sample_data import populate
 
     calls = {"n": 0}
@@ -230,7 +230,7 @@ def test_a_vlm_judge_reads_p_yes_from_an_openai_compatible_server():
 
 
 def test_remote_and_vlm_entries_are_checked():
-    from craft.config import ConfigError
+    from craft.run.config import ConfigError
 
     for bad, match in (({"r": {"url": "ftp://x"}}, "must be an http"),
                        ({"r": {"url": "http://x:1", "colour": 1}}, "unknown keys"),

@@ -75,7 +75,7 @@ def test_mps_explains_why_it_is_not_provided():
 
 
 def test_config_defaults_name_registered_rewards():
-    from craft.config import RewardsConfig
+    from craft.run.config import RewardsConfig
 
     cfg = RewardsConfig()
     assert set(cfg.names) | set(cfg.eval_names) <= set(available_rewards())
@@ -145,14 +145,14 @@ def test_register_a_custom_reward():
 def test_resolve_dtype(value, expected):
     import torch
 
-    from craft.devices import resolve_dtype
+    from craft.run.devices import resolve_dtype
 
     assert resolve_dtype(value) == getattr(torch, expected)
 
 
 def test_resolve_dtype_rejects_unknown():
     from craft import CraftError
-    from craft.devices import resolve_dtype
+    from craft.run.devices import resolve_dtype
 
     with pytest.raises(CraftError, match="float32, float16, bfloat16"):
         resolve_dtype("int8", key="reward dtype")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from craft.store import RunStore
+from craft.run.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -337,7 +337,7 @@ def test_a_served_reward_scores_each_process_share_on_two_processes(tmp_path, on
     every candidate is scored once, and the values equal the in-process reward's."""
     import shutil
 
-    from craft.reward_server import RewardServer
+    from craft.rewards.server import RewardServer
     from craft.rewards import load_reward
 
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Sharded full fine-tuning (FSDP2, craft/sharding.py) under the shipped 2-process command on
+"""Sharded full fine-tuning (FSDP2, craft/models/sharding.py) under the shipped 2-process command on
 CPU (gloo): the same losses and weights as DDP on the same data, sharded checkpoints, a rank
 killed with SIGKILL mid-training and the same command resuming to the uninterrupted result, and
 a final pipeline that loads.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from craft.store import RunStore
+from craft.run.store import RunStore
 from test_scaleout import ENV, _kill_when, _launcher, _run
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from craft.store import SCHEMA_VERSION, WRITERS_DIR, NewCandidate, RunStore, StoreError
+from craft.run.store import SCHEMA_VERSION, WRITERS_DIR, NewCandidate, RunStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,8 +305,8 @@ def test_closed_store_says_so(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from PIL import Image
-    import craft.fsutil, craft.store
-    from craft.store import RunStore
+    import craft.run.fsutil, craft.run.store
+    from craft.run.store import RunStore
 
     run_dir, n_prompts, seeds, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     written = 0
@@ -323,9 +323,9 @@ WRITER = textwrap.dedent("""
         return wrapper
 
     if pause == "before_rename":
-        craft.fsutil.os.replace = pausing(craft.fsutil.os.replace)
+        craft.run.fsutil.os.replace = pausing(craft.run.fsutil.os.replace)
     elif pause == "before_commit":
-        craft.store.fsync_dir = pausing(craft.store.fsync_dir)
+        craft.run.store.fsync_dir = pausing(craft.run.store.fsync_dir)
 
     with RunStore(run_dir) as store:
         pids = store.add_prompts([f"prompt {i}" for i in range(n_prompts)])
@@ -416,7 +416,7 @@ def test_counts_and_data_version(store):
     store.add_scores([(ids[0], "h", 2.0)])  # a rescore changes the version, not the count
     assert store.data_version() != v2 and store.counts()["scored"] == 1
     # images an online method sampled are counted apart from the pool
-    from craft.store import SAMPLED_PREFIX, NewCandidate
+    from craft.run.store import SAMPLED_PREFIX, NewCandidate
     from PIL import Image
 
     cid = store.add_candidates([NewCandidate(1, 1, 7, f"{SAMPLED_PREFIX}g", {},

@@ -155,7 +155,7 @@ def test_eta_from_the_rate(jobs):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.sample_data import populate
 
     run = tmp_path_factory.mktemp("run")
@@ -181,7 +181,7 @@ def test_sample_data_is_rendered_and_scored(app):
 
 
 def test_settings_round_trip_through_the_controls(app):
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     cfg = load_config(overrides=["train.lr=3e-5", "filter.level=ha", "prompts.max_prompts=7",
                                  "filter.weights.toy_aesthetic=0.5", "eval.num_prompts=null"])
@@ -197,7 +197,7 @@ def test_settings_reject_invalid_values(app):
 
 
 def _curation(app, **changes):
-    from studio.curation import curate, make_settings
+    from studio.tabs.curate_views import curate, make_settings
 
     cfg = app.ctx.cfg
     args = dict(weights=dict(cfg.filter.weights), normalization="zscore", level="hpa",
@@ -207,7 +207,7 @@ def _curation(app, **changes):
 
 
 def test_curation_counts_levels_and_weights(app):
-    from studio.curation import effective_count, kept_line
+    from studio.tabs.curate_views import effective_count, kept_line
 
     hpa, ha, h = (_curation(app, level=lv) for lv in ("hpa", "ha", "h"))
     assert hpa.result.counts.kept <= ha.result.counts.kept <= h.result.counts.kept
@@ -220,7 +220,7 @@ def test_curation_counts_levels_and_weights(app):
 
 
 def test_click_toggles_include_exclude_and_back(app):
-    from studio.curation import toggle_action
+    from studio.tabs.curate_views import toggle_action
 
     store = app.ctx.store
     c = _curation(app)
@@ -240,8 +240,8 @@ def test_click_toggles_include_exclude_and_back(app):
 
 
 def test_export_is_an_hf_imagefolder(app, tmp_path):
-    from craft.export import export_imagefolder
-    from studio.curation import kept_rows
+    from craft.stages.export import export_imagefolder
+    from studio.tabs.curate_views import kept_rows
 
     c = _curation(app)
     rewards = list(app.ctx.cfg.rewards.names)
@@ -254,7 +254,7 @@ def test_export_is_an_hf_imagefolder(app, tmp_path):
 
 
 def test_groups_table_and_group_view(app):
-    from studio.curation import groups_table
+    from studio.tabs.curate_views import groups_table
     from studio.tabs.groups import group_view
 
     c = _curation(app)
@@ -273,8 +273,8 @@ def test_refilter_is_fast_on_a_large_pool():
     """The benchmark's 100k x 4 case, loosely bounded (a loaded CI machine is slower)."""
     import pandas as pd
 
-    from craft.config import load_config
-    from studio.curation import curate, make_settings
+    from craft.run.config import load_config
+    from studio.tabs.curate_views import curate, make_settings
 
     rng = np.random.default_rng(0)
     n, group = 100_000, 20
@@ -296,7 +296,7 @@ def test_refilter_is_fast_on_a_large_pool():
 
 
 def test_studio_command_is_registered():
-    from craft.cli import build_parser
+    from craft.cli.main import build_parser
 
     args = build_parser().parse_args(["studio", "--run-dir", "r", "--port", "7999"])
     assert (args.run_dir, args.port, args.host, args.auth) == ("r", 7999, "127.0.0.1", None)
@@ -342,7 +342,7 @@ def test_studio_and_cli_keep_the_same_set(app):
     same kept candidates."""
     import dataclasses
 
-    from craft.stages import training_set
+    from craft.stages.engine import training_set
     from studio.sample_data import MODEL
 
     cfg = app.ctx.cfg
@@ -401,8 +401,8 @@ def test_settings_check_lists_what_the_settings_need(app, tmp_path):
 def test_views_pages_badges_why_and_what_a_move_changed(app):
     """The Curate tab's logic, without a browser: views page through the whole pool; each
     image's badges and explanation follow from the filter; a move's entered / left."""
-    from craft.stages import filter_settings
-    from studio.curation import (badges, curate, explain, grid_items, moved, page_of,
+    from craft.stages.engine import filter_settings
+    from studio.tabs.curate_views import (badges, curate, explain, grid_items, moved, page_of,
                                  showing_line, view_ids)
 
     ctx = app.ctx
@@ -435,7 +435,7 @@ def test_views_pages_badges_why_and_what_a_move_changed(app):
 
 def test_a_custom_level_without_rewards_is_said_in_the_runs_terms(app):
     from craft import CraftError
-    from studio.curation import make_settings
+    from studio.tabs.curate_views import make_settings
 
     weights = {r: 1.0 for r in app.ctx.cfg.rewards.names}
     with pytest.raises(CraftError, match="tick one or more of toy_fidelity"):
@@ -482,7 +482,7 @@ def test_an_upload_of_another_type_is_refused_and_nothing_is_stored(app, tmp_pat
 def test_the_suggested_run_name_follows_the_method(app):
     """Train suggests METHOD-N (a list of runs then says which method made each); a name the
     user typed is never replaced by a method change."""
-    from craft.run_layout import train_dir
+    from craft.run.layout import train_dir
     from studio.tabs.train import is_suggested_name, next_name
 
     ctx = app.ctx

@@ -53,7 +53,7 @@ def _free_port() -> int:
 def toy_model(tmp_path_factory) -> str:
     """The shipped toy base model, or (before it is trained) a random-weight model of exactly
     its architecture, built from config: the studio's wiring does not depend on image quality."""
-    from craft.config import PROJECT_ROOT
+    from craft.run.config import PROJECT_ROOT
 
     shipped = PROJECT_ROOT / "assets" / "toy-base"
     if (shipped / "model_index.json").exists():
@@ -491,7 +491,7 @@ def test_dpo_and_grpo_from_train_then_three_methods_in_compare(page, studio):
 
 
 def test_settings_round_trip(page, studio, tmp_path):
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     tab(page, "Train")
     fill(page, "train-steps", "400")  # set here: the test does not depend on earlier ones
@@ -550,7 +550,7 @@ def test_server_serves_only_the_run_and_assets(studio):
 def test_auth_guards_pages_and_files(tmp_path):
     import http.cookiejar
 
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.app import build_app, launch
     from studio.sample_data import populate
 

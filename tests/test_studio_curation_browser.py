@@ -36,7 +36,7 @@ def studio(tmp_path_factory):
     import torch
 
     torch.set_num_threads(1)
-    from craft.store import RunStore
+    from craft.run.store import RunStore
     from studio.app import build_app, launch
     from studio.sample_data import populate
 
@@ -117,8 +117,8 @@ def all_pages(page) -> list[int]:
 
 def curation(studio):
     """What the Curate tab computes for the run's saved settings (the truth to compare to)."""
-    from craft.stages import filter_settings
-    from studio.curation import curate
+    from craft.stages.engine import filter_settings
+    from studio.tabs.curate_views import curate
 
     ctx = studio[0].ctx
     return curate(ctx.frame(), filter_settings(ctx.cfg), ctx.store.overrides())
@@ -265,9 +265,9 @@ def test_the_maps_box_selects_images(page, studio):
 def test_near_duplicates_dropped_from_the_kept_set(page, studio):
     """After the map (its embeddings) exists: a near-duplicate threshold drops images from the
     kept set, says how many, marks them, and the library's filter agrees."""
-    from craft.embeddings import space_name
-    from craft.filtering import apply_filter
-    from craft.stages import filter_settings
+    from craft.stages.embeddings import space_name
+    from craft.stages.filtering import apply_filter
+    from craft.stages.engine import filter_settings
 
     ctx = studio[0].ctx
     k = int(page.inner_text("#kept-number"))
@@ -290,7 +290,7 @@ def test_near_duplicates_dropped_from_the_kept_set(page, studio):
 
 
 def test_reload_keeps_curate_train_and_compare_state(browser, studio):
-    from craft.run import run_config
+    from craft.run.handle import run_config
 
     context, page = open_page(browser, studio[1])
     page.get_by_role("tab", name="Curate", exact=True).click()

@@ -163,8 +163,8 @@ def test_a_stale_page_does_not_overwrite_a_setting_and_says_so(studio, browser):
 
 
 def test_prompt_sources_survive_reloads_and_rejections(studio, browser, tmp_path):
-    from craft.prompts import load_prompts
-    from craft.run import run_config
+    from craft.stages.prompts import load_prompts
+    from craft.run.handle import run_config
 
     app, url, root = studio
     c, page = person(browser, url)

@@ -1,4 +1,4 @@
-"""Experiment trackers (train.report_to, craft/trackers.py): the files TensorBoard and wandb
+"""Experiment trackers (train.report_to, craft/methods/trackers.py): the files TensorBoard and wandb
 (offline, no network) write for a training run are read back: the steps' scalars, the
 previews as images, the config, and the evaluation; a cancelled and resumed run continues the
 same tracker run. (The 2-process command with trackers: tests/test_scaleout.py.)"""
@@ -33,8 +33,8 @@ def tensorboard_events(folder) -> dict:
 
 def test_a_run_and_its_evaluation_in_tensorboard_and_wandb(tmp_path, tiny_model_dir,
                                                             monkeypatch):
-    from craft.config import load_config
-    from craft.stages import open_run, stage_evaluate, stage_generate, stage_prompts, \
+    from craft.run.config import load_config
+    from craft.stages.engine import open_run, stage_evaluate, stage_generate, stage_prompts, \
         stage_score, stage_tune
 
     monkeypatch.setenv("WANDB_MODE", "offline")

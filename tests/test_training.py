@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from craft import CraftError
-from craft.training import TrainCallbacks, latest_checkpoint, timestep_weights, train
+from craft.methods.training import TrainCallbacks, latest_checkpoint, timestep_weights, train
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",
            "a yellow triangle on a black background", "a white square on a purple background"]
@@ -81,8 +81,8 @@ def test_lora_trains_adapters_on_the_pipeline_and_saves_loadable_adapter_files(
         tmp_path, tiny_model_dir, tiny_pipe, images):
     from diffusers import StableDiffusionPipeline
 
-    from craft.generation import SamplingParams, generate_images
-    from craft.lora import LORA_WEIGHTS
+    from craft.stages.generation import SamplingParams, generate_images
+    from craft.models.lora import LORA_WEIGHTS
 
     rank = 2
     before = base_state(tiny_pipe)
@@ -136,8 +136,8 @@ def test_lora_trains_adapters_on_the_pipeline_and_saves_loadable_adapter_files(
 
 def test_lora_final_without_merge_is_adapters_that_evaluation_loads(tmp_path, tiny_model_dir,
                                                                     tiny_pipe, images):
-    from craft.evaluation import load_for_eval
-    from craft.lora import LORA_WEIGHTS, is_lora_folder
+    from craft.stages.evaluation import load_for_eval
+    from craft.models.lora import LORA_WEIGHTS, is_lora_folder
 
     cfg = cfg_for(tiny_model_dir, lora=True, lora_rank=2, lora_alpha=2.0, lr=1e-2)
     result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_pipe)
@@ -211,7 +211,7 @@ def test_sdxl_full_finetune_and_its_dropout_conditioning(tmp_path, tiny_model_di
     SDXL pipeline; prompt dropout uses SDXL's zero unconditional embedding."""
     from diffusers import StableDiffusionXLPipeline
 
-    from craft.training import empty_conditioning, encode_text
+    from craft.methods.training import empty_conditioning, encode_text
 
     empty = empty_conditioning(tiny_sdxl_pipe, "cpu")
     assert set(empty) == {"hidden", "text_embeds", "time_ids"}
@@ -227,7 +227,7 @@ def test_sdxl_full_finetune_and_its_dropout_conditioning(tmp_path, tiny_model_di
 
 
 def test_sd15_dropout_conditioning_is_the_empty_prompt(tiny_pipe):
-    from craft.training import empty_conditioning, encode_text
+    from craft.methods.training import empty_conditioning, encode_text
 
     empty = empty_conditioning(tiny_pipe, "cpu")
     assert torch.equal(empty["hidden"], encode_text(tiny_pipe, [""], "cpu")["hidden"])
@@ -241,7 +241,7 @@ def test_cancel_leaves_a_loadable_checkpoint_and_resume_finishes_identically(
         tmp_path, tiny_model_dir, tiny_pipe, images):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from craft.generation import SamplingParams, generate_images
+    from craft.stages.generation import SamplingParams, generate_images
 
     # EMA on and two micro-batches per step, so resume must restore weights, EMA and AdamW.
     cfg = cfg_for(tiny_model_dir, steps=4, ema_decay=0.9, effective_batch=4, micro_batch=2)
@@ -320,7 +320,7 @@ def _scheduler(**changes):
 
 
 def test_the_target_follows_the_models_prediction_type():
-    from craft.training import training_target
+    from craft.methods.training import training_target
 
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
@@ -355,7 +355,7 @@ def test_weights_carry_the_epsilon_objective_to_other_targets(mode):
 def test_a_v_prediction_model_trains(tmp_path, tiny_model_dir, images):
     from diffusers import DDIMScheduler
 
-    from craft.models import load_pipeline
+    from craft.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_model_dir, family="sd15", dtype="float32", device="cpu")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,

@@ -1,5 +1,5 @@
-"""The plan checked against a real run on this machine: the same tracker (craft.memtrack) on the
-real tensors of ``craft.training.train``, so a difference is a difference between what the plan
+"""The plan checked against a real run on this machine: the same tracker (craft.planning.memtrack) on the
+real tensors of ``craft.methods.training.train``, so a difference is a difference between what the plan
 simulates and what the training loop holds, not between two ways of counting.
 
 What is counted, as the plan counts it for a GPU: everything training creates (the trainable
@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from craft.memtrack import MemoryTracker
+from craft.planning.memtrack import MemoryTracker
 
 GIB = 2 ** 30
 
@@ -31,8 +31,8 @@ def measure_training_step(cfg, frame, out_dir, pipe) -> Measured:
     """Train ``cfg`` on ``frame`` (``cfg.train.steps`` >= 2) with the tracker on; the peak of
     the steps after the first (the first allocates AdamW's moments). Methods craft, sft and
     dpo (GRPO samples its own data: its plan is not measured here)."""
-    from craft.pipes import denoiser
-    from craft.training import TrainCallbacks, train
+    from craft.models.families import denoiser
+    from craft.methods.training import TrainCallbacks, train
 
     if cfg.train.steps < 2:
         raise ValueError("measure at least 2 steps: the first one allocates AdamW's state")
@@ -86,7 +86,7 @@ def plan_and_measure(cfg, work_dir, gpus: int = 1) -> dict:
     ``cfg`` trained on random images at its generation size in ``work_dir``."""
     from pathlib import Path
 
-    from craft.models import load_from_config
+    from craft.models.loading import load_from_config
     from craft.planning import make_plan, resolve_gpu
     from craft.planning.simulate import TrainSetup
     from craft.planning.specs import model_spec
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     import os
     import tempfile
 
-    from craft.config import load_config
+    from craft.run.config import load_config
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("config")

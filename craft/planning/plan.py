@@ -7,7 +7,7 @@ with how the run spreads over N GPUs: generation, scoring and evaluation are dat
 GPU holds a whole model), training is data parallel too (DDP: a whole replica per GPU; its
 gradient buckets are the gradients, ``gradient_as_bucket_view``), or sharded with
 ``train.sharding: fsdp`` (each GPU holds 1/N of the float32 master weights, gradients, AdamW
-moments and EMA, plus the full weights of the blocks being computed; craft/sharding.py).
+moments and EMA, plus the full weights of the blocks being computed; craft/models/sharding.py).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class RunPlan:
 def prompt_counts(cfg) -> tuple[int | None, int | None, list[str]]:
     """(training prompts, evaluation prompts, notes): counted from the prompt files when they
     are here, else the configured caps."""
-    from craft.prompts import load_prompts
+    from craft.stages.prompts import load_prompts
 
     p, notes = cfg.prompts, []
     try:
@@ -314,7 +314,7 @@ def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) 
 
 def _grpo_rows(cfg, spec: ModelSpec) -> int:
     """(image, sampler step) rows GRPO trains on over the run, doubled by guidance."""
-    from craft.grpo import sampling_guidance, steps_trained
+    from craft.methods.grpo import sampling_guidance, steps_trained
 
     g = cfg.grpo
     per_step = g.prompts_per_step * g.group_size * steps_trained(g)
@@ -334,7 +334,7 @@ def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: st
                    timed, resident: float) -> StagePlan:
     """A GRPO round: the resident training state, the VAE and the rewards, and the sampler's
     activations (the denoiser under no_grad, guidance doubling the batch), then scoring."""
-    from craft.grpo import sampling_guidance
+    from craft.methods.grpo import sampling_guidance
 
     g, t = cfg.grpo, cfg.train
     after = _gib(step.extra["after_step"])
@@ -396,7 +396,7 @@ def with_overrides(cfg, overrides: list[str]):
     """``cfg`` with ``section.key=value`` overrides applied (values parsed as YAML)."""
     import yaml
 
-    from craft.config import config_from_dict, config_to_dict
+    from craft.run.config import config_from_dict, config_to_dict
 
     data = config_to_dict(cfg)
     for o in overrides:

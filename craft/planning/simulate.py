@@ -4,14 +4,14 @@ FLOPs per image or per training sample.
 The simulations mirror what the stages hold on the device (read with the stage code beside
 them):
 
-- **generation** (craft.generation): the whole pipeline on the GPU in the model dtype; prompts
+- **generation** (craft.stages.generation): the whole pipeline on the GPU in the model dtype; prompts
   encoded once per batch (with the empty prompt for CFG); ``num_inference_steps`` denoiser calls
   on the latents (twice the batch under classifier-free guidance; FLUX.1-dev feeds the guidance
   as an input instead); the VAE decodes the batch (one image at a time with
   ``model.vae_slicing``; in float32 for a float16 VAE that asks for ``force_upcast``, SDXL's).
-- **scoring** (craft.scoring): every reward model loaded at once in float32, one batch of
+- **scoring** (craft.stages.scoring): every reward model loaded at once in float32, one batch of
   ``rewards.batch_size`` images through each; the diffusion pipeline is off the GPU.
-- **training** (craft.training): first the data (VAE and text encoders on the device, the kept
+- **training** (craft.methods.training): first the data (VAE and text encoders on the device, the kept
   images encoded a micro-batch at a time), then the encoders leave the device and the steps run:
   LoRA adapters in float32 on the pipeline's own denoiser (weights in the model dtype), or a
   float32 master copy for full fine-tuning (the model-dtype base leaves the device unless the
@@ -20,7 +20,7 @@ them):
   backward under the config's autocast, then the optimizer step.
 - **checkpoint + previews**: what stays after a step, plus the largest weight cast for saving,
   plus the encoders back on the device for the fixed-seed previews.
-- **evaluation** (craft.evaluation): one pipeline at a time at ``eval.batch_size``, then each
+- **evaluation** (craft.stages.evaluation): one pipeline at a time at ``eval.batch_size``, then each
   evaluation reward alone.
 """
 
@@ -32,7 +32,7 @@ import functools
 
 import torch
 
-from craft.memtrack import MemoryTracker, fake_mode, materialize, module_bytes
+from craft.planning.memtrack import MemoryTracker, fake_mode, materialize, module_bytes
 from craft.planning.specs import ModelSpec, reward_arch
 
 GIB = 2 ** 30
@@ -129,7 +129,7 @@ def _text_lengths(spec: ModelSpec) -> dict[str, int]:
 
 
 def _conditioning(spec: ModelSpec, b: int, dtype) -> dict:
-    """Fake conditioning of the denoiser's call (craft.training.DenoiserCall's keys)."""
+    """Fake conditioning of the denoiser's call (craft.methods.training.DenoiserCall's keys)."""
     den = spec.components[spec.denoiser].config
     if spec.family == "sd3":
         n = spec.clip_tokens + (spec.t5_tokens or spec.clip_tokens)
@@ -148,7 +148,7 @@ def _conditioning(spec: ModelSpec, b: int, dtype) -> dict:
 
 
 def _call(spec: ModelSpec, guidance: float = 3.5):
-    from craft.training import DenoiserCall
+    from craft.methods.training import DenoiserCall
 
     return DenoiserCall(spec.family, spec.height, spec.width, spec.vae_scale_factor,
                         guidance if spec.flux_guidance else None)
@@ -282,7 +282,7 @@ class TrainSetup:
             if pool is not None:
                 n_data = min(n_data, pool)
         elif m == "grpo":
-            from craft.grpo import sampling_guidance, steps_trained
+            from craft.methods.grpo import sampling_guidance, steps_trained
 
             g = cfg.grpo
             cfg_on = sampling_guidance(family or cfg.model.family, cfg) > 1.0
@@ -297,7 +297,7 @@ class TrainSetup:
 
 
 def _trainable(spec: ModelSpec, s: TrainSetup) -> torch.nn.Module:
-    from craft.training import LORA_TARGETS
+    from craft.methods.training import LORA_TARGETS
 
     if not s.lora:
         return _cast(spec.components[spec.denoiser].build(), torch.float32).train()
@@ -352,14 +352,14 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
         r.mem.reset_peak()
         resident = dict(r.mem.by_category)
         mp = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(s.mixed_precision)
-        # as craft.training's autocast: no cache of cast weights
+        # as craft.methods.training's autocast: no cache of cast weights
         autocast = (torch.autocast("cpu", dtype=mp, cache_enabled=False) if mp
                     else contextlib.nullcontext())
         in_dtype = _dt(spec) if s.lora else torch.float32
         b = s.micro_batch
         call = _call(spec, s.guidance)
         with r.flops(fw):
-            # as craft.training.micro_batch_loss: x0, noise, the noisy input and the target in
+            # as craft.methods.training.micro_batch_loss: x0, noise, the noisy input and the target in
             # float32, the gathered conditioning, then both cast to what the denoiser takes
             x0, noise = _latents(spec, b), _latents(spec, b)
             xt, target = x0 * 0.5 + noise * 0.5, noise - x0
@@ -388,7 +388,7 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
         opt.zero_grad(set_to_none=True)
         after = dict(r.mem.by_category)
         largest = max((p.numel() for p in model.parameters()), default=0)
-        from craft.sharding import largest_unit_numel
+        from craft.models.sharding import largest_unit_numel
 
         unit = largest_unit_numel(model)
         trainable_numel = sum(p.numel() for p in params)
@@ -421,7 +421,7 @@ def simulate_training(spec: ModelSpec, setup: TrainSetup) -> dict[str, Sim]:
     checkpointing, precision, anchor, whether gradients are held across micro-batches); the EMA
     (a float32 copy of the trainable weights) and 8-bit AdamW (moments at 2 bytes a parameter
     instead of 8: bitsandbytes is not simulated) are then added to every snapshot exactly."""
-    from craft.training import TEXT_CHUNK
+    from craft.methods.training import TEXT_CHUNK
 
     data = _data_encoding(spec, 1 if setup.vae_slicing else setup.micro_batch,
                           min(TEXT_CHUNK, setup.n_kept))

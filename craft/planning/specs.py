@@ -2,7 +2,7 @@
 
 The model comes from its own ``config.json`` files when the folder (or hub snapshot) is on this
 machine, weights or not (the toy bases, a copied diffusers folder, a configs-only download);
-otherwise from the family's published architecture written out in craft/architectures.py
+otherwise from the family's published architecture written out in craft/models/architectures.py
 (SD1.5, SDXL, SD3.5-Medium, FLUX.1-dev / schnell), so a plan can be made before the weights
 are fetched. Modules are built on the meta device: no memory, no initialisation.
 
@@ -27,7 +27,7 @@ from craft import CraftError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
-# Hub ids whose architecture craft/architectures.py writes out (family key there)
+# Hub ids whose architecture craft/models/architectures.py writes out (family key there)
 KNOWN_REPOS = {
     "runwayml/stable-diffusion-v1-5": "sd15",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
@@ -40,7 +40,7 @@ KNOWN_REPOS = {
 FAMILY_REFERENCE = {"sd15": "SD1.5", "sdxl": "SDXL base 1.0", "sd3": "SD3.5-Medium",
                     "flux": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "toy": "SD1.5"}
 
-# Which classes the published architectures use per component (craft/architectures.py)
+# Which classes the published architectures use per component (craft/models/architectures.py)
 _CLASSES = {
     "sd15": {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
              "text_encoder": "CLIPTextModel"},
@@ -111,20 +111,20 @@ def model_spec(cfg, *, height: int | None = None, width: int | None = None) -> M
 
 @functools.lru_cache(maxsize=16)
 def _model_spec(m, location: Path | None, height: int | None, width: int | None) -> ModelSpec:
-    from craft.devices import resolve_dtype
+    from craft.run.devices import resolve_dtype
 
     if location is not None:
         family, comps, source = _from_folder(location, m.family)
     else:
         family = _known_family(m)
-        from craft.architectures import component_configs
+        from craft.models.architectures import component_configs
 
         configs = component_configs(family)
         comps = {name: Component(name, "diffusers" if cls in _DIFFUSERS else "transformers",
                                  cls, configs[name])
                  for name, cls in _CLASSES[family].items()}
         source = (f"the published {FAMILY_REFERENCE[family]} architecture "
-                  f"(craft/architectures.py; {m.pretrained} is not on this machine)")
+                  f"(craft/models/architectures.py; {m.pretrained} is not on this machine)")
     dtype = resolve_dtype(m.dtype, torch.device("cuda"))
     vae_cfg = comps["vae"].config
     vsf = 2 ** (len(vae_cfg.get("block_out_channels", (1, 1, 1, 1))) - 1)
@@ -134,7 +134,7 @@ def _model_spec(m, location: Path | None, height: int | None, width: int | None)
     native = sample * vsf
     t5 = None
     if fam in ("sd3", "flux") and any(c.cls == "T5EncoderModel" for c in comps.values()):
-        from craft.pipes import T5_DEFAULT_TOKENS
+        from craft.models.families import T5_DEFAULT_TOKENS
 
         t5 = m.max_sequence_length or min(T5_DEFAULT_TOKENS[fam],
                                           _t5_limit(location, fam) or 10**6)
@@ -148,7 +148,7 @@ def _model_spec(m, location: Path | None, height: int | None, width: int | None)
 
 def _local_configs(m) -> Path | None:
     """A local diffusers folder holding the model's configs, or None."""
-    from craft.models import locate
+    from craft.models.loading import locate
 
     try:
         location = locate(m.pretrained, m.revision)
@@ -180,7 +180,7 @@ def _known_family(m) -> str:
 
 
 def _from_folder(folder: Path, family: str) -> tuple[str, dict[str, Component], str]:
-    from craft.models import detect_family
+    from craft.models.loading import detect_family
 
     fam = detect_family(folder, family)
     fam = "sd15" if fam == "toy" else fam

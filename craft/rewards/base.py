@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from craft import CraftError, MissingWeightsError
-from craft.devices import resolve_device, resolve_dtype
+from craft.run.devices import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -386,9 +386,9 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RewardError(f"load_reward({name!r}): batch_size must be a positive integer, got "
                           f"{batch_size!r}; use e.g. 32")
-    from craft.devices import LOAD_LOCK
+    from craft.run.devices import LOAD_LOCK
 
-    with LOAD_LOCK:  # one model build at a time in a process (craft.devices)
+    with LOAD_LOCK:  # one model build at a time in a process (craft.run.devices)
         reward = spec.factory(device=str(resolve_device(device, key="rewards.device")),
                               dtype=dtype, batch_size=batch_size,
                               path=None if path is None else str(path), **kw)

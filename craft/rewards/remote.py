@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from craft.http_retry import HTTPFailure, request_bytes
+from craft.rewards.http import HTTPFailure, request_bytes
 from craft.rewards.base import Reward, RewardError
 from craft.rewards.wire import (ENCODINGS, MAX_BODY_BYTES, MAX_IMAGES, TOKEN_HEADER,
                                 encode_image, encoded_size, scores_from_json)

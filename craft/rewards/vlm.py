@@ -39,7 +39,7 @@ class VLMJudgeReward(Reward):
                  top_logprobs: int = 20) -> None:
         self.name = name
         super().__init__(batch_size=batch_size)
-        from craft.expansion import chat_completions_url
+        from craft.stages.expansion import chat_completions_url
 
         self.url = chat_completions_url(url)
         self.model, self.question, self.token = model, question, token

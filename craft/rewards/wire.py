@@ -1,4 +1,4 @@
-"""The reward server's wire format, in one place for the server (craft/reward_server.py) and
+"""The reward server's wire format, in one place for the server (craft/rewards/server.py) and
 its client (craft/rewards/remote.py).
 
 JSON over HTTP, never pickle: a request is ``{"reward": NAME, "prompts": [...], "images":
@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from craft.vocab import IMAGE_ENCODINGS
+from craft.run.choices import IMAGE_ENCODINGS
 
 PROTOCOL = 1
 MAX_IMAGES = 256  # per request (the client splits larger batches)

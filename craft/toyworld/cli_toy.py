@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from craft import CraftError
-from craft.config import PROJECT_ROOT
+from craft.run.config import PROJECT_ROOT
 
 DEFAULT_MODEL = PROJECT_ROOT / "assets" / "toy-base"
 DEFAULT_MODELS = {"sd15": DEFAULT_MODEL, "sd3": PROJECT_ROOT / "assets" / "toy-flow"}
@@ -61,12 +61,12 @@ def _train_base(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from craft.generation import SamplingParams, generate_images
-    from craft.models import load_pipeline
+    from craft.stages.generation import SamplingParams, generate_images
+    from craft.models.loading import load_pipeline
     from .grammar import rich_caption, toy_prompt_split
     from .rewards import TOY_REWARDS
 
-    from craft.distributed import setup_process
+    from craft.run.distributed import setup_process
 
 
     setup_process()  # flush denormals (the rule lives there)

@@ -74,8 +74,8 @@ def _split(which: int):
 
 
 def register() -> None:
-    from craft.expansion import register_template_rewriter
-    from craft.prompts import register_prompt_source
+    from craft.stages.expansion import register_template_rewriter
+    from craft.stages.prompts import register_prompt_source
     from craft.rewards.base import register_reward
 
     for name in TOY_REWARD_NAMES:

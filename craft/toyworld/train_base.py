@@ -78,7 +78,7 @@ FAMILIES = ("sd15", "sd3")
 
 
 def resolve_vae(path: str) -> Path:
-    from craft.config import resolve_path
+    from craft.run.config import resolve_path
 
     found = resolve_path(path)
     if found is None or not (found / "config.json").is_file():
@@ -214,7 +214,7 @@ class _UNetObjective:
 
 class _FlowObjective:
     """SD3-style: an MMDiT transformer on the flow-matching velocity, timesteps drawn by
-    craft.flow (the rule CRAFT fine-tuning uses too), two CLIP text encoders."""
+    craft.models.flow (the rule CRAFT fine-tuning uses too), two CLIP text encoders."""
 
     def __init__(self, cfg: BaseTrainConfig, tokenizer, vae, latents, work_dir: Path):
         from . import flow_model
@@ -239,7 +239,7 @@ class _FlowObjective:
         self.pipe = self.pipeline(vae, self.modules, self.noise_sched)
 
     def loss(self, m: dict, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
-        from craft.flow import noisy, sample_sigmas, velocity_target
+        from craft.models.flow import noisy, sample_sigmas, velocity_target
 
         noise = torch.randn(x0.shape, generator=gen)
         sigmas, timesteps = sample_sigmas(self.noise_sched, len(x0), "logit_normal",
@@ -308,7 +308,7 @@ def train_denoiser(cfg: BaseTrainConfig, scenes, latents: tuple[torch.Tensor, to
         done = step + 1 == cfg.unet_steps
         stop = should_stop is not None and should_stop()
         if (step + 1) % cfg.checkpoint_every == 0 or done or stop:
-            from craft.fsutil import atomic_file
+            from craft.run.fsutil import atomic_file
 
             with atomic_file(ckpt_path) as f:
                 torch.save({**{k: v.state_dict() for k, v in live.items()},
@@ -329,7 +329,7 @@ def train_base(out_dir: str | Path, work_dir: str | Path, cfg: BaseTrainConfig =
     Returns ``out_dir``, or None when ``should_stop`` ended it early (rerun to resume).
     """
     torch.set_num_threads(cfg.threads)
-    from craft.distributed import setup_process
+    from craft.run.distributed import setup_process
 
     setup_process()  # flush denormals (the rule lives there)
     out_dir, work_dir = Path(out_dir), Path(work_dir)

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from craft.fsutil import save_image_atomic
+from craft.run.fsutil import save_image_atomic
 from studio.context import RunContext
 from studio.plots import empty_figure, mean_reward_bars
 from studio.settings import Settings, UiState, none_as_zero, optional_int
-from craft.stage_calls import StageCall
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, safe, short_name, start_job)
@@ -37,7 +37,7 @@ def _label_font():
 
 def checkpoint_choices(ctx: RunContext) -> list[tuple[str, str]]:
     """Tuned models of this run, newest first (what Compare offers first)."""
-    from craft.stages import tuned_models
+    from craft.stages.engine import tuned_models
 
     return [(label, str(path)) for label, path in tuned_models(ctx.run_dir)]
 
@@ -282,7 +282,7 @@ class CompareTab(Tab):
         buttons = [self.start, self.cancel]
 
         def on_start(base, tuned, processes):
-            from craft.config import resolve_path
+            from craft.run.config import resolve_path
 
             ctx = self.ctx
             tuned = [tuned] if isinstance(tuned, str) else list(tuned or [])

@@ -15,9 +15,9 @@ import gradio as gr
 from craft import CraftError
 import numpy as np
 
-from craft.config import field_choices, field_help
+from craft.run.config import field_choices, field_help
 from studio.context import RunContext
-from studio.curation import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line, curate,
+from studio.tabs.curate_views import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line, curate,
                              explain, grid_items, k_note, kept_line, kept_rows, levels_line,
                              make_settings, moved, page_of, showing_line, view_ids)
 from studio.grid import ThumbGrid, event_delta, event_id, item_value
@@ -303,7 +303,7 @@ class CurateTab(Tab):
 
     def duplicates(self, c: Curation) -> tuple[str, list[int]]:
         """Near-duplicate groups among the kept images: a line, and their ids group by group."""
-        from craft.embeddings import near_duplicates
+        from craft.stages.embeddings import near_duplicates
 
         pm = self.ctx.pool_map()
         if pm is None:
@@ -472,8 +472,8 @@ class CurateTab(Tab):
 
     def _wire_export(self, app) -> None:
         def on_export(*values):
-            from craft.run import Run
-            from craft.stages import stage_export
+            from craft.run.handle import Run
+            from craft.stages.engine import stage_export
 
             ctx = self.ctx
             c = self.run(values)
@@ -497,15 +497,15 @@ class CurateTab(Tab):
         map_out = [self.pool_map, self.dups]
 
         def on_map_start(*values):
-            from craft.embeddings import check_encoder
+            from craft.stages.embeddings import check_encoder
 
             ctx = self.ctx
             cfg = ctx.cfg
             check_encoder(cfg)
 
             def job(jc):
-                from craft.embeddings import embed_candidates, project_pool
-                from craft.store import RunStore
+                from craft.stages.embeddings import embed_candidates, project_pool
+                from craft.run.store import RunStore
 
                 with RunStore(ctx.run_dir) as store:
                     n = embed_candidates(store, cfg, jc.progress, jc.should_stop)
@@ -557,7 +557,7 @@ class CurateTab(Tab):
         app.then(dep, show_selection, view_in, view_out, **quiet)
 
         def on_similar(selected, *values):
-            from craft.embeddings import neighbours
+            from craft.stages.embeddings import neighbours
 
             pm = self.ctx.pool_map()
             if selected is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from craft.config import field_choices, field_help
+from craft.run.config import field_choices, field_help
 from studio.context import RunContext
 from studio.settings import Settings, UiState, none_as_zero, optional_int
-from craft.stage_calls import StageCall
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, start_job)

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.context import RunContext
-from studio.curation import grid_items, groups_table, level_pass_table
+from studio.tabs.curate_views import grid_items, groups_table, level_pass_table
 from studio.grid import ThumbGrid, item_value
 from studio.plots import empty_figure, group_bars
 from studio.ui import MAX_TABLE_ROWS, Tab, short_name
@@ -33,7 +33,7 @@ def group_view(curation, prompt_id: int, rewards: list[str], adv_mode: str = "cl
                tau: float = 1.0):
     """One group: header, grid, bars and a table whose last columns show how each image's
     advantage A becomes its training weight (0 when it is not kept)."""
-    from studio.curation import kept_rows
+    from studio.tabs.curate_views import kept_rows
 
     weights = kept_rows(curation, adv_mode, tau).set_index("candidate_id")["weight"]
     f = curation.frame

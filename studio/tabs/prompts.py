@@ -14,10 +14,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from craft.config import field_choices, field_help
+from craft.run.config import field_choices, field_help
 from studio.context import RunContext
 from studio.settings import Settings, none_as_zero, optional_int
-from craft.stage_calls import StageCall
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (MAX_TABLE_ROWS, JobPanel, Tab, finished_message, ok_md, safe,
                        start_job, user_error)
@@ -31,7 +31,7 @@ SOURCES = {"toy": "Toy prompts (built-in)", "sample": "Sample prompts (built-in,
 
 def source_kind(source: str) -> str:
     """Which of :data:`SOURCES` ``prompts.source`` is (what the Prompts tab shows checked)."""
-    from craft.stages import RUN_PROMPTS_FILE
+    from craft.stages.engine import RUN_PROMPTS_FILE
 
     if source in ("toy", "sample"):
         return source
@@ -84,8 +84,8 @@ def store_paste(ctx: RunContext, text: str) -> str:
 def preview(source: str, fmt: str, column: str, max_prompts, num_variants, expander: str,
             seed) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     """Load (without storing) and show the prompts and the variants of the first few."""
-    from craft.expansion import expand_prompts
-    from craft.prompts import load_prompts
+    from craft.stages.expansion import expand_prompts
+    from craft.stages.prompts import load_prompts
 
     ps = load_prompts(source, fmt or "auto", column or None, optional_int(max_prompts),
                       seed=int(seed or 0))

@@ -10,7 +10,7 @@ import pandas as pd
 from studio.context import RunContext
 from studio.plots import correlation_heatmap, reward_histograms
 from studio.settings import Settings, UiState
-from craft.stage_calls import StageCall
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, start_job)

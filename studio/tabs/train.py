@@ -10,13 +10,13 @@ import json
 import gradio as gr
 import pandas as pd
 
-from craft.config import config_from_dict, config_to_dict, field_choices, field_help
+from craft.run.config import config_from_dict, config_to_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
-from craft.run_layout import preview_dirs, train_dir
-from craft.stages import check_run_name, round_name, round_number
-from craft.stage_calls import StageCall
+from craft.run.layout import preview_dirs, train_dir
+from craft.stages.engine import check_run_name, round_name, round_number
+from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
                        processes_control, short_name, start_job)
@@ -78,7 +78,7 @@ def runs_table(ctx: RunContext) -> pd.DataFrame:
 
 def tracker_hint(ctx: RunContext, name: str) -> str:
     """Where a run's tracker files are and how to open them (train.report_to), or ""."""
-    from craft.trackers import FOLDER
+    from craft.methods.trackers import FOLDER
 
     folder = train_dir(ctx.run_dir, name) / FOLDER
     parts = []
@@ -94,9 +94,9 @@ def will_train(ctx: RunContext, cfg=None) -> str:
     (craft, sft), the pairs of the pool (dpo), or the groups it will sample (grpo). ``cfg``:
     the page's settings as they are being typed (default: the run's)."""
     from craft import CraftError
-    from craft.filtering import coverage
-    from craft.stages import dpo_pairs, training_set
-    from craft.training import weighted_epochs
+    from craft.stages.filtering import coverage
+    from craft.stages.engine import dpo_pairs, training_set
+    from craft.methods.training import weighted_epochs
 
     cfg = cfg or ctx.cfg
     f, t, a = cfg.filter, cfg.train, cfg.advantage
@@ -159,7 +159,7 @@ def next_name(ctx: RunContext, taken: tuple[str, ...] = (), method: str | None =
 def is_suggested_name(name: str) -> bool:
     """A name the page suggested (METHOD-N), which a method change may replace; a name the
     user typed is never replaced."""
-    from craft.vocab import TRAIN_METHODS
+    from craft.run.choices import TRAIN_METHODS
 
     head, _, k = (name or "").rpartition("-")
     return head in TRAIN_METHODS and k.isdigit()
@@ -198,7 +198,7 @@ TRAINED_ON_SHOWN = 24  # images in the "what it trains on" gallery
 def trained_on(ctx: RunContext, name: str) -> list[tuple[str, str]]:
     """(image, caption) of what run ``name`` trains on: DPO's recorded pairs side by side, or
     the images GRPO sampled (newest round first) with their composite rewards."""
-    from craft.stages import grpo_model_key
+    from craft.stages.engine import grpo_model_key
 
     runs = ctx.store.train_runs_df()
     rows = runs[runs["name"] == name] if not runs.empty else runs
@@ -234,7 +234,7 @@ class TrainTab(Tab):
     def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         t = ctx.cfg.train
         a = ctx.cfg.advantage
-        from craft.pipes import FLOW_FAMILIES
+        from craft.models.families import FLOW_FAMILIES
 
         flow = ctx.cfg.model.family in FLOW_FAMILIES
         what = ("the flow transformer (flow-matching loss on the velocity ε − x₀)" if flow
@@ -378,7 +378,7 @@ class TrainTab(Tab):
     # ------------------------------------------------------------------ jobs
 
     def _start(self, cfg, name: str, resume: bool, processes: int) -> str:
-        """Train (and publish) as ``craft train`` does: the same call (craft.stage_calls), in
+        """Train (and publish) as ``craft train`` does: the same call (craft.stages.calls), in
         this studio or on several processes."""
         ctx = self.ctx
         rounds = cfg.train.rounds
@@ -402,7 +402,7 @@ class TrainTab(Tab):
         def on_method_settings(method, *values):
             """The method's own settings shown, and what Start would train on with the values
             on the page (saved or not yet)."""
-            from craft.config import ConfigError
+            from craft.run.config import ConfigError
 
             cfg = self.ctx.cfg
             try:

@@ -1,0 +1,250 @@
+"""Batched, seeded candidate generation.
+
+Three properties make the candidate pool trustworthy and cheap:
+- *Batched across prompts*: one pipeline call renders ``batch_size`` images from many prompts,
+  instead of one call per prompt; on small models the per-call overhead dominates otherwise.
+- *Text encoded once*: each distinct prompt goes through the text encoder(s) once, and the
+  embeddings are gathered per batch.
+- *Seeded per candidate*: every image has its own ``torch.Generator`` seeded from its own seed,
+  so any single candidate can be regenerated exactly, alone or in any batch.
+
+``generate_images`` is the pure part (pipeline in, images out). ``generate_candidates`` adds the
+run: it skips (prompt, variant, seed) keys already stored, writes each batch as it is done, and
+shards work across ``accelerate`` processes, so a killed run resumes with no duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (done, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """The generation settings that, with the seed and prompt, determine an image."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    height: int | None = None  # None = the model's native resolution
+    width: int | None = None
+    negative_prompt: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PromptEncoder:
+    """Encodes each distinct prompt once and hands out stacked embeddings for a batch.
+
+    The embeddings are whatever the pipeline's own ``encode_prompt`` returns
+    (craft.models.families.encode_prompts), so every family's encoders (one or two CLIPs, T5, pooled
+    embeddings) are handled by the pipeline, not re-implemented.
+    """
+
+    def __init__(self, pipe, params: SamplingParams):
+        from craft.models.families import family_of
+
+        self.pipe = pipe
+        self.params = params
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        # FLUX is guidance-distilled: its guidance scale is an input, never a second pass
+        self.cfg = params.guidance_scale > 1.0 and family_of(pipe) != "flux"
+
+    def _encode(self, prompts: list[str]) -> None:
+        from craft.models.families import encode_prompts
+
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if not todo:
+            return
+        # An empty negative prompt is passed as None, as the pipeline's own call does: SDXL then
+        # uses zeros for the unconditional branch (force_zeros_for_empty_prompt), SD1.5 and SD3
+        # the encoding of "" either way.
+        neg = [self.params.negative_prompt] * len(todo) if self.params.negative_prompt else None
+        with torch.no_grad():
+            out = encode_prompts(self.pipe, todo, cfg=self.cfg, negative=neg)
+        for i, p in enumerate(todo):
+            self.cache[p] = {k: t[i:i + 1] for k, t in out.items()}
+
+    def kwargs(self, prompts: list[str]) -> dict:
+        self._encode(prompts)
+        return {k: torch.cat([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
+
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
+              "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+
+
+def apply_scheduler(pipe, name: str):
+    """Switch ``pipe`` to the sampler ``name`` (config ``generation.scheduler``), keeping the
+    model's noise schedule; ``default`` keeps the scheduler saved with the model."""
+    if name == "default":
+        return pipe
+    from craft.models.families import family_of, is_flow
+
+    if is_flow(pipe):
+        from craft import CraftError
+
+        raise CraftError(f"generation.scheduler={name!r} is a sampler for noise-prediction "
+                         f"models; this is a flow-matching {family_of(pipe)} model, which samples "
+                         "with its own FlowMatchEulerDiscreteScheduler and shift: set "
+                         "generation.scheduler: default")
+    if name not in SCHEDULERS:
+        raise ValueError(f"generation.scheduler={name!r} is not one of "
+                         f"{['default', *SCHEDULERS]}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if type(pipe.scheduler) is not cls:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def generators_for(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
+    """One generator per image: the seed alone fixes the image's initial noise."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
+                    params: SamplingParams = SamplingParams(), batch_size: int = 64,
+                    progress: ProgressFn | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    ) -> Iterator[tuple[slice, list[Image.Image]]]:
+    """Yield ``(slice, images)`` for consecutive batches of ``prompts[i]`` with ``seeds[i]``.
+
+    The initial noise is drawn on the CPU from each image's own generator, so the same seed
+    gives the same image on any device and in any batch (up to float rounding).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per "
+                         "prompt (repeat a prompt to give it several seeds)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from craft.models.families import denoiser, latent_shape, native_size, pack_latents
+
+    pipe.set_progress_bar_config(disable=True)
+    encoder = PromptEncoder(pipe, params)
+    native_h, native_w = native_size(pipe)
+    height, width = params.height or native_h, params.width or native_w
+    shape = latent_shape(pipe, height, width)
+    dtype = denoiser(pipe).dtype
+    total = len(prompts)
+    for start in range(0, total, batch_size):
+        if should_stop is not None and should_stop():
+            return
+        sl = slice(start, min(start + batch_size, total))
+        batch_prompts = list(prompts[sl])
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators_for(seeds[sl])])
+        with torch.no_grad():
+            out = pipe(**encoder.kwargs(batch_prompts),
+                       latents=pack_latents(pipe, latents).to(pipe.device, dtype),
+                       num_inference_steps=params.num_inference_steps,
+                       guidance_scale=params.guidance_scale, height=height, width=width,
+                       output_type="pil")
+        yield sl, out.images
+        if progress:
+            progress(sl.stop, total)
+
+
+def images_to_array(images: Sequence[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------ store-backed stage
+
+
+def candidate_seed(base_seed: int, prompt: str, s: int) -> int:
+    """Seed of the s-th image of every prompt in ``prompt``'s group.
+
+    The original prompt and all its variants share these seeds (so a variant is compared with
+    the original on the same starting noise), while different prompts get different seeds. It
+    depends on the prompt text, not on store ids, so it is the same in every run directory.
+    """
+    import zlib
+
+    return (base_seed * 1_000_003 + zlib.crc32(prompt.encode()) * 131 + s) % (2**31 - 1)
+
+
+def plan_candidates(store, cfg, split: str = "train") -> list[tuple[int, int, int, str]]:
+    """Every ``(prompt_id, variant_id, seed, text)`` the config asks for, in a stable order."""
+    variants = store.variants_df(split)
+    S = cfg.generation.seeds_per_prompt
+    return [(int(r.prompt_id), int(r.id), candidate_seed(cfg.generation.seed, r.prompt, s), r.text)
+            for r in variants.itertuples() for s in range(S)]
+
+
+def generate_candidates(run, cfg, pipe=None, split: str = "train",
+                        progress: ProgressFn | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> int:
+    """Generate every planned candidate that is not yet in the run; returns how many were
+    written (the same number on every process).
+
+    ``run`` is a :class:`craft.run.handle.Run` (or, in a single process, a RunStore). Resumable: the
+    main process plans the missing keys and hands them out; process ``r`` of ``n`` takes every
+    n-th one. The processes move in rounds of one batch each: every process writes its batch's
+    images, then sends the rows to the main process, which commits them, so a killed launch
+    loses at most the round in flight and a rerun skips every stored key. No process returns
+    before every candidate of this call exists (the next stage may read them all).
+    """
+    from craft.run.handle import as_run
+    from craft.run.store import NewCandidate, write_candidate_images, writing_images
+
+    run = as_run(run)
+    dist, model = run.dist, cfg.model.pretrained
+    todo = None
+    if run.is_main:
+        done = run.store.existing_candidate_keys(model)
+        todo = [c for c in plan_candidates(run.store, cfg, split) if c[:3] not in done]
+        if not todo:
+            log.info("generation: nothing to do (%d candidates already stored)", len(done))
+    todo = dist.broadcast(todo)
+    if not todo:
+        return 0
+    g = cfg.generation
+    if pipe is None:
+        from craft.models.loading import load_from_config
+
+        pipe = load_from_config(cfg.model, device=str(dist.model_device(cfg.model.device)))
+    apply_scheduler(pipe, g.scheduler)
+    params = SamplingParams(num_inference_steps=g.num_inference_steps,
+                            guidance_scale=g.guidance_scale, height=g.height, width=g.width)
+    written = 0
+
+    def work(chunk):
+        images = [im for _, b in generate_images(pipe, [t for *_, t in chunk],
+                                                 [c[2] for c in chunk], params, g.batch_size)
+                  for im in b]
+        return write_candidate_images(run.run_dir, [
+            NewCandidate(pid, vid, seed, model, params.as_dict(), im)
+            for (pid, vid, seed, _), im in zip(chunk, images)])
+
+    def commit(rows):
+        nonlocal written
+        written += len(run.store.record_candidates(rows))
+        if progress:
+            progress(written, len(todo))
+
+    dist.barrier()  # every process has its model: the rounds start together
+    if run.is_main and progress:
+        progress(0, len(todo))
+    with writing_images(run.run_dir):
+        dist.in_rounds(todo, g.batch_size, work, commit, should_stop)
+        dist.barrier()  # every process's last rows are committed: its marker can go
+    written = dist.broadcast(written)
+    log.info("generation: wrote %d candidates", written)
+    return written
