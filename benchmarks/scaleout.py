@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # studio_sample_data
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
@@ -133,11 +134,11 @@ def throughput(args) -> list[dict]:
 
 def build_store(run: Path, n_prompts: int) -> int:
     """A store of n_prompts x (1 + 4) x 2 candidates with tiny real PNG files and random scores
-    for 4 rewards r1..r4 (studio.sample_data.populate_bulk)."""
+    for 4 rewards r1..r4 (tests/studio_sample_data.py populate_bulk)."""
     from PIL import Image
 
     from craft.run.store import RunStore
-    from studio.sample_data import populate_bulk
+    from studio_sample_data import populate_bulk
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PNG")
@@ -175,7 +176,7 @@ def _previous_frame(store, model: str, rewards: list[str]):
 
 def store_scale(args) -> dict:
     from craft.run.config import load_config
-    from craft.stages.engine import candidate_frame
+    from craft.stages.selection import candidate_frame
     from craft.run.store import WRITERS_DIR, NewCandidate, RunStore, write_candidate_images
 
     cfg = load_config(None, ["model.pretrained=m", "rewards.names=[r1, r2, r3]",

@@ -8,7 +8,7 @@
    the slider's pointerup (Gradio's ``release``) to the updated kept count / kept line, and to the
    refreshed first page of the image grid; goals <= 300 ms for the count and <= 1 s for the
    first grid page. The 10k run's images are rendered and scored for real
-   (studio.sample_data); the 100k run repeats 2,000 of those rendered images under fresh
+   (tests/studio_sample_data.py); the 100k run repeats 2,000 of those rendered images under fresh
    candidate rows with random scores (what the filter and the grid read, at the size that
    matters), so it builds in a minute instead of an hour.
 
@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # studio_sample_data: the scored toy runs
 
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -87,7 +90,7 @@ def refilter_timings(n: int = 100_000, group: int = 20, repeats: int = 15) -> li
 def ensure_run(run_dir: Path, variants: int = 4, seeds: int = 17) -> int:
     """~10k rendered and scored candidates (120 prompts x 5 x 17)."""
     from craft.run.store import RunStore
-    from studio.sample_data import populate
+    from studio_sample_data import populate
 
     with RunStore(run_dir) as store:
         n = len(store.candidates_df())
@@ -102,9 +105,9 @@ def ensure_run(run_dir: Path, variants: int = 4, seeds: int = 17) -> int:
 
 def ensure_large_run(run_dir: Path, source: Path, n_prompts: int = 10_000) -> int:
     """~100k candidates: 10k prompts x 5 x 2, each showing one of ``source``'s rendered
-    images, with random toy-reward scores (studio.sample_data.populate_bulk)."""
+    images, with random toy-reward scores (tests/studio_sample_data.py populate_bulk)."""
     from craft.run.store import RunStore
-    from studio.sample_data import populate_bulk
+    from studio_sample_data import populate_bulk
 
     with RunStore(run_dir) as store:
         n = len(store.candidates_df())

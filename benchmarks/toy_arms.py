@@ -82,9 +82,10 @@ def build_pool(run_dir: Path, cfg, timings: dict):
 def train_arm(run, cfg, arm: Arm, timings: dict) -> dict:
     """Train one arm (or find it finished); returns its selection facts and final path."""
     from craft.stages.filtering import coverage
-    from craft.stages.engine import stage_train, training_set
+    from craft.stages.engine import stage_train
+    from craft.stages.selection import select
 
-    kept = training_set(run.store, cfg, save_as=None)
+    kept = select(run.store, cfg).rows
     t0 = time.time()
     result = stage_train(run, cfg, arm.name, resume=None)
     _add(timings, f"train {arm.name}", time.time() - t0)
@@ -144,11 +145,24 @@ def save_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, default=float) + "\n")
 
 
+def random_subset(store, cfg, n: int, seed: int = 0):
+    """The control that tells alignment from drift: ``n`` of the model's own *plain-prompt*
+    samples drawn at random, unfiltered, each with weight 1 (a DataFrame of candidates)."""
+    from craft import CraftError
+    from craft.stages.selection import candidate_frame
+
+    df = candidate_frame(store, cfg)
+    plain = df[df["variant_idx"] == 0]
+    if len(plain) < n:
+        raise CraftError(f"the control needs {n} plain-prompt candidates but the run has "
+                         f"{len(plain)}; generate more seeds (generation.seeds_per_prompt)")
+    return plain.sample(n=n, random_state=seed).assign(weight=1.0)
+
+
 def train_control(run, cfg, n: int, timings: dict, name: str = "control") -> str:
     """The control that tells alignment from drift: the same fine-tune on ``n`` random
     plain-prompt samples of the model's own, unfiltered, weight 1 (RUN/train/control)."""
     from craft.run.layout import train_dir
-    from craft.stages.engine import random_subset
     from craft.methods.training import train
 
     out = train_dir(run.run_dir, name)

@@ -22,7 +22,8 @@ from toy_arms import Arm
 def main() -> None:
     args = ta.parse_args(__doc__, "/tmp/bench/pareto")
     from craft.stages.filtering import coverage
-    from craft.stages.engine import stage_rounds, training_set
+    from craft.stages.engine import stage_rounds
+    from craft.stages.selection import select
 
     t_start = time.time()
     timings: dict = {}
@@ -43,7 +44,7 @@ def main() -> None:
     from craft.stages.engine import round_config
 
     cfg2 = round_config(online, 2, r1)
-    kept2 = training_set(run.store, cfg2, save_as=None)
+    kept2 = select(run.store, cfg2).rows
     pool2 = len(run.store.candidates_df(model=r1, split="train"))
     heldout = [r for r in cfg.rewards.eval_names if r not in cfg.rewards.names]
     rows = {}

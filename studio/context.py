@@ -202,26 +202,17 @@ class RunContext:
     # ------------------------------------------------------------------ data
 
     def frame(self, version: tuple | None = None) -> pd.DataFrame:
-        """Training-split candidates of the base model joined with their scores (cached until
-        the store's candidates or scores change; ``version``: a :meth:`data_version` the
-        caller already has)."""
-        from craft.stages.engine import candidate_frame
+        """Training-split candidates of the run's model (``model.pretrained``; never another
+        model's: what the engine selects from, craft.stages.selection.candidate_frame) joined
+        with their scores (cached until the store's candidates or scores change; ``version``:
+        a :meth:`data_version` the caller already has)."""
+        from craft.stages.selection import candidate_frame
 
         version = version or self.data_version()
         with self._lock:
             if self._frame_cache is not None and self._frame_cache[0] == version:
                 return self._frame_cache[1]
         df = candidate_frame(self.store, self.cfg)
-        if df.empty:  # maybe generated under another spelling of the model path
-            cands = self.store.candidates_df(split="train")
-            if not cands.empty:
-                model = cands["model"].value_counts().index[0]
-                logger.info("no candidates of model %r; showing those of %r",
-                            self.cfg.model.pretrained, model)
-                from dataclasses import replace
-
-                alt = replace(self.cfg, model=replace(self.cfg.model, pretrained=model))
-                df = candidate_frame(self.store, alt)
         if not df.empty:
             # Seeds are large derived numbers; within a group they are shared by the original
             # and every variant, so their rank (0..S-1) is the readable name.
@@ -235,6 +226,39 @@ class RunContext:
         with self._lock:
             self._frame_cache = None
             self._map_cache = None
+            self._emb_cache = None
+
+    # ------------------------------------------------------------------ the pool's embeddings
+
+    _emb_cache: tuple | None = None
+
+    def pool_embeddings(self, version: tuple | None = None) -> tuple:
+        """(ids, vectors) of the pool in ``embed.encoder``'s space: what the engine's
+        near-duplicate rule reads (craft.stages.selection.pool_embeddings), cached until the
+        candidates change. Candidates not embedded yet are embedded here when the encoder is
+        the cheap pixel one; CLIP's are left to the map job, and until it ran this says so."""
+        from craft.stages.embeddings import embed_candidates, space_name
+
+        version = version or self.data_version()
+        key = (space_name(self.cfg), version)
+        with self._lock:
+            if self._emb_cache is not None and self._emb_cache[0] == key:
+                return self._emb_cache[1]
+        ids, vectors = self.store.embeddings(key[0])
+        pool = self.frame(version)["candidate_id"].to_numpy()
+        missing = int((~np.isin(pool, ids)).sum())
+        if missing:
+            if self.cfg.embed.encoder != "pixels":
+                raise CraftError(
+                    f"dropping near-duplicates needs the pool's embeddings ({key[0]}): "
+                    f"{missing} of {len(pool)} candidates are not embedded yet; open “Map of "
+                    "the pool” below and press “Compute the map” (it embeds them), or set the "
+                    "near-duplicate box to 0")
+            embed_candidates(self.store, self.cfg)
+            ids, vectors = self.store.embeddings(key[0])
+        with self._lock:
+            self._emb_cache = (key, (ids, vectors))
+        return ids, vectors
 
     # ------------------------------------------------------------------ the map of the pool
 

@@ -43,7 +43,6 @@ from craft import CraftError, StageStopped
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 LOG_LINES = 200
 
@@ -59,7 +58,7 @@ class JobSnapshot:
     id: int
     kind: str
     title: str
-    status: str
+    status: str  # queued, running, done, failed or cancelled
     done: int
     total: int
     started: float

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from craft.stages.calls import StageCall
+from craft.stages.calls import STAGES as LOOP_STAGES, StageCall
 from studio.launcher import stage_job
 from studio.ui import JobPanel, Tab, cancel_message, error_md, job_buttons, ok_md, start_job
 
@@ -27,7 +27,8 @@ mean) and the loss weight it gets. **Train**: fine-tuning on the kept set, each 
 weighted by its advantage. **Compare**: base vs tuned on held-out prompts with the same seeds.
 """
 
-STAGES = ("prompts", "generate", "score", "train", "publish", "evaluate")
+# the stages the loop's progress line names (filtering is instant: it shows as part of train)
+STAGES = tuple(s for s in LOOP_STAGES if s != "filter")
 
 
 class LoopPanel(Tab):

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from craft import CraftError
+from craft.stages.filtering import short_reward_name
 from studio.jobs import JOBS, JobSnapshot, format_seconds
 
 logger = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ def start_job(kind: str, title: str, fn: Callable[..., Any], info: dict | None =
     return run_jobs().start(kind, title, fn, info, owner=current_user())
 
 
-def short_name(reward: str) -> str:
-    """``toy_fidelity`` -> ``fid``; real names keep their first 5 letters (``hpsv2``)."""
-    base = reward[4:] if reward.startswith("toy_") else reward
-    return base[:3] if reward.startswith("toy_") else base[:6]
+short_name = short_reward_name  # (craft.stages.filtering: the engine's summaries use it too)
 
 
 def error_md(e: BaseException | str) -> str:

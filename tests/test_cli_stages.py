@@ -226,7 +226,7 @@ def test_run_layout_orders_by_number_and_lists_tuned_models_newest_first(tmp_pat
     and stray names are not training outputs; Compare's list is the engine's, newest first."""
     import os
 
-    from craft.run.checkpoints import STATE_FILE
+    from craft.models.checkpoints import STATE_FILE
     from craft.models.lora import LORA_WEIGHTS
     from craft.run.layout import (checkpoint_dirs, checkpoint_step, preview_dir, preview_dirs,
                                   train_dir, training_dirs)
@@ -249,3 +249,89 @@ def test_run_layout_orders_by_number_and_lists_tuned_models_newest_first(tmp_pat
     assert [s for s, _ in preview_dirs(out)] == [3, 20]
     assert [label for label, _ in tuned_models(tmp_path)] == [
         "craft-1 · checkpoint-100", "craft-1 · checkpoint-10", "craft-1 · checkpoint-9"]
+
+
+_SMALL = ["--set", "prompts.max_prompts=4", "--set", "prompts.max_eval_prompts=2",
+          "--set", "prompts.num_variants=1"]
+
+
+def _bad_sources(tmp_path) -> list[tuple[Path, str]]:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02PK\x00" * 50)
+    table = tmp_path / "table.csv"
+    table.write_text("title,year\nfoo,1999\nbar,2001\n")
+    return [(empty, "has no usable prompts"), (binary, "looks binary"),
+            (table, "has no prompt column")]
+
+
+def test_a_refused_prompt_source_leaves_the_runs_config_byte_for_byte(tmp_path, capsys):
+    """`craft prompts` with a source it refuses exits 2 naming the problem, and RUN/config.yaml
+    is what it was (the source used to be written into it as prompts.source first)."""
+    run = tmp_path / "run"
+    assert main(["prompts", "--run-dir", str(run), *_SMALL]) == 0
+    config = run / "config.yaml"
+    before = config.read_bytes()
+    with RunStore(run) as store:
+        stored_before = store.get_config()
+        prompts_before = len(store.prompts_df())
+    capsys.readouterr()
+    for bad, problem in _bad_sources(tmp_path):
+        for extra in ([], ["--set", "prompts.num_variants=2"]):
+            assert main(["prompts", "--run-dir", str(run), "--set",
+                         f"prompts.source={bad}", *extra]) == 2
+            line = _one_line_error(capsys)
+            assert problem in line and bad.name in line, line
+            assert config.read_bytes() == before, (bad, extra)
+    assert main(["run", "--run-dir", str(run), "--set",
+                 f"prompts.source={tmp_path / 'table.csv'}"]) == 2
+    assert "has no prompt column" in _one_line_error(capsys)
+    assert config.read_bytes() == before
+    with RunStore(run) as store:
+        assert store.get_config() == stored_before
+        assert len(store.prompts_df()) == prompts_before
+    # a new run refused on its first command gets no config at all
+    fresh = tmp_path / "fresh"
+    assert main(["prompts", "--run-dir", str(fresh), *_SMALL, "--set",
+                 f"prompts.source={tmp_path / 'empty.txt'}"]) == 2
+    assert "has no usable prompts" in _one_line_error(capsys)
+    assert not (fresh / "config.yaml").exists()
+
+
+def test_a_source_added_later_is_read_in_its_own_format(tmp_path, capsys):
+    """A run whose sources are recorded in RUN/prompts/train.jsonl (and whose config says
+    format: jsonl, as older runs do): a .txt added with --set prompts.source is read as text,
+    not as JSON; a format given with it is still obeyed."""
+    from craft.run.handle import run_config
+
+    run = tmp_path / "run"
+    csv = tmp_path / "more.csv"
+    csv.write_text("prompt\na blue square on a red background\n"
+                   "a white triangle on a black background\n")
+    txt = tmp_path / "more.txt"
+    txt.write_text("a green circle on a white background\n# a comment\n"
+                   "a red square on a yellow background\n")
+    assert main(["prompts", "--run-dir", str(run), *_SMALL]) == 0
+    assert main(["prompts", "--run-dir", str(run), "--set", f"prompts.source={csv}"]) == 0
+    cfg, _ = run_config(run)
+    assert cfg.prompts.source == str(run / "prompts" / "train.jsonl")
+    assert (cfg.prompts.format, cfg.prompts.column) == ("auto", None)
+    # an older run recorded its sources with the format of the recording file
+    assert main(["prompts", "--run-dir", str(run), "--set", "prompts.format=jsonl",
+                 "--set", "prompts.column=prompt"]) == 0
+    assert run_config(run)[0].prompts.format == "jsonl"
+    capsys.readouterr()
+    assert main(["prompts", "--run-dir", str(run), "--set", f"prompts.source={txt}"]) == 0
+    with RunStore(run) as store:
+        df = store.prompts_df()
+        train = list(df.loc[df["split"] == "train", "text"])
+    assert len(train) == 4 + 2 + 2
+    assert train[-2:] == ["a green circle on a white background",
+                          "a red square on a yellow background"]
+    cfg, _ = run_config(run)
+    assert cfg.prompts.source == str(run / "prompts" / "train.jsonl")
+    # a format passed with the new source is the one used: the .txt read as jsonl is refused
+    assert main(["prompts", "--run-dir", str(run), "--set", f"prompts.source={txt}",
+                 "--set", "prompts.format=jsonl"]) == 2
+    assert "invalid json" in _one_line_error(capsys)

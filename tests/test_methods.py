@@ -72,7 +72,7 @@ def test_dpo_gradient_is_zero_at_the_reference_with_equal_pair_errors(tiny_model
     of two different images does."""
     import copy
 
-    from craft.methods.training import dpo_micro_batch_loss
+    from craft.methods.dpo import dpo_micro_batch_loss
 
     tiny_pipe = tiny_pipe_copy  # a fresh pipeline: nothing another test did to it counts
     tiny_pipe.unet.eval()
@@ -97,7 +97,7 @@ def test_dpo_pairs_share_noise_and_timestep_and_the_flow_form_uses_velocity(worl
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from craft.models.flow import velocity_target
-    from craft.methods.training import _generator, noised_batch
+    from craft.methods.steps import micro_batch_generator as _generator, noised_batch
 
     pipe, data, cfg = world_flow_pipe
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -279,7 +279,7 @@ def test_grpo_ratio_is_one_on_the_samples_own_weights(flow, tiny_model_dir, tiny
                                                       tiny_flow_model_dir):
     """Log-probs recomputed for a trajectory's steps in another batch composition equal the
     sampler's: the first update's ratio is 1."""
-    from craft.methods.grpo import Policy, clipped_loss, sample_round
+    from craft.methods.grpo import Policy, clipped_loss, sample_trajectories
     from craft.models.families import latent_shape
     from craft.methods.training import empty_conditioning, encode_text, training_size
 
@@ -299,7 +299,7 @@ def test_grpo_ratio_is_one_on_the_samples_own_weights(flow, tiny_model_dir, tiny
     policy = Policy.for_pipe(pipe, cfg, size)
     model = pipe.transformer if flow else pipe.unet
     rows = np.array([0, 0, 1, 1])
-    lat, lps, images = sample_round(policy, model, pipe, cond, empty, rows, [5, 6, 7, 8],
+    lat, lps, images = sample_trajectories(policy, model, pipe, cond, empty, rows, [5, 6, 7, 8],
                                     latent_shape(pipe, *size), torch.float32, "cpu", batch=4)
     assert lat.shape[:2] == (4, 5) and lps.shape == (4, 4) and len(images) == 4
     i, k = torch.tensor([3, 0, 2]), torch.tensor([1, 3, 0])  # any (sample, step) pairs

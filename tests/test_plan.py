@@ -61,7 +61,7 @@ def test_the_baselines_are_planned_as_they_run():
     """DPO: a pair's two images through the tuned model and the frozen reference (full
     fine-tuning keeps the base); GRPO: no candidate pool, a sampling stage that holds the
     training state, the VAE and the rewards, and (image, step) rows doubled by guidance."""
-    from craft.methods.grpo import steps_trained
+    from craft.methods.grpo import samples_per_update, steps_trained
     from craft.planning import make_plan
 
     toy = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -81,7 +81,10 @@ def test_the_baselines_are_planned_as_they_run():
     assert names.index("training: one step") < names.index("GRPO: sample a round")
     g = cfg.grpo
     step = grpo.stage("training: one step")
-    assert step.units == 4 * g.prompts_per_step * g.group_size * steps_trained(g) * 2
+    # each update trains its minibatch of the round (grpo.reuse = split), guidance doubling it
+    per_update = samples_per_update(g, g.prompts_per_step * g.group_size)
+    assert per_update == g.prompts_per_step * g.group_size // g.updates
+    assert step.units == 4 * per_update * steps_trained(g) * 2
     sample = grpo.stage("GRPO: sample a round")
     assert sample.units == 4 // g.updates * g.prompts_per_step * g.group_size
     assert {"trainable", "optimizer", "activations"} <= set(sample.parts)

@@ -139,7 +139,7 @@ def test_scoring_through_a_server_that_stops_keeps_what_it_stored_and_resumes(tm
     rest, equal to in-process scoring."""
     from craft.stages.scoring import score_candidates
     from craft.run.store import RunStore
-    from studio.sample_data import populate
+    from studio_sample_data import populate
 
     calls = {"n": 0}
     stop_after = 2
@@ -284,3 +284,60 @@ def test_both_encodings_carry_the_same_rgb_pixels():
                   Image.fromarray(rng.integers(0, 256, (6, 4, 3), dtype=np.uint8))):
         png, raw = (np.asarray(decode_image(encode_image(image, e))) for e in ("png", "raw"))
         assert png.shape[2] == 3 and np.array_equal(png, raw)
+
+
+def test_a_request_whose_body_never_comes_is_closed_and_the_server_goes_on(local):
+    """Content-Length: 1000 and no body used to hold a server thread for ever: with a read
+    timeout the server answers 408 (the client may still be there), closes the connection,
+    and scores the next request as usual."""
+    import socket
+
+    srv = RewardServer(local, read_timeout=0.5).start()
+    try:
+        host, port = srv.httpd.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 1000\r\n\r\n")
+            started, got = time.monotonic(), b""
+            for _ in range(100):  # bounded: the server closes within its timeout
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            waited = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 408"), got
+        assert b"announced 1000 bytes" in got and b"0.5 s" in got
+        assert 0.3 < waited < 5
+        ims, prompts = images(2), _prompts(2)
+        ok = RemoteReward("toy_fidelity", srv.url, retries=0)(ims, prompts)
+        assert np.array_equal(ok, local["toy_fidelity"](ims, prompts), equal_nan=True)
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="read_timeout"):
+        RewardServer(local, read_timeout=0)
+
+
+def test_a_request_field_of_the_wrong_type_is_a_400_naming_it(server):
+    from craft.rewards.remote import http_json
+    from craft.rewards.wire import encode_image
+
+    url = f"{server.url}/score"
+    ims = [encode_image(im, "png") for im in images(2)]
+    for body, match in (
+            ({"reward": "toy_fidelity", "prompts": ["a", 7], "images": ims},
+             r"prompts\[1\] must be a string \(the prompt of images\[1\]\), not int"),
+            ({"reward": "toy_fidelity", "prompts": "a", "images": ims},
+             "field 'prompts' must be a list of strings .*not str"),
+            ({"reward": "toy_fidelity", "prompts": ["a"], "images": ims},
+             "field 'prompts' has 1 entries for 2 images"),
+            ({"reward": 3, "prompts": ["a", "b"], "images": ims},
+             "field 'reward' must be a string .*not int"),
+            ({"reward": "toy_fidelity", "prompts": ["a", "b"], "images": {"0": ims[0]}},
+             "field 'images' must be a list .*not dict"),
+            ({"prompts": ["a", "b"], "images": ims}, "field 'reward' is missing"),
+            ([1, 2], "the request is a JSON list, not an object")):
+        with pytest.raises(RemoteRewardError, match=f"answered 400: not a score request "
+                                                    f"\\(.*{match}"):
+            http_json(url, body, retries=0)
+    good = {"reward": "toy_fidelity", "prompts": [PROMPTS[0], PROMPTS[2]], "images": ims}
+    assert len(http_json(url, good, retries=0)["scores"]) == 2

@@ -156,7 +156,7 @@ def test_eta_from_the_rate(jobs):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     from craft.run.store import RunStore
-    from studio.sample_data import populate
+    from studio_sample_data import populate
 
     run = tmp_path_factory.mktemp("run")
     with RunStore(run) as store:
@@ -197,13 +197,14 @@ def test_settings_reject_invalid_values(app):
 
 
 def _curation(app, **changes):
-    from studio.tabs.curate_views import curate, make_settings
+    """What Curate shows for these control values (the engine's selection: select_curation)."""
+    from studio.tabs.curate_views import make_settings, select_curation
 
     cfg = app.ctx.cfg
     args = dict(weights=dict(cfg.filter.weights), normalization="zscore", level="hpa",
                 require=[], margin=0.0, top_k=100, include_reference=True)
     args.update(changes)
-    return curate(app.ctx.frame(), make_settings(cfg, **args), app.ctx.store.overrides())
+    return select_curation(app.ctx.store, cfg, make_settings(cfg, **args), app.ctx.frame())
 
 
 def test_curation_counts_levels_and_weights(app):
@@ -342,8 +343,8 @@ def test_studio_and_cli_keep_the_same_set(app):
     same kept candidates."""
     import dataclasses
 
-    from craft.stages.engine import training_set
-    from studio.sample_data import MODEL
+    from craft.stages.selection import select
+    from studio_sample_data import MODEL
 
     cfg = app.ctx.cfg
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=MODEL))
@@ -353,7 +354,7 @@ def test_studio_and_cli_keep_the_same_set(app):
     store.set_override(excluded, "exclude")
     try:
         studio_kept = set(_curation(app).kept_ids.tolist())
-        cli_kept = set(training_set(store, cfg, save_as=None)["candidate_id"].tolist())
+        cli_kept = set(select(store, cfg).rows["candidate_id"].tolist())
     finally:
         store.set_override(excluded, None)
     assert studio_kept == cli_kept and excluded not in cli_kept
@@ -401,7 +402,7 @@ def test_settings_check_lists_what_the_settings_need(app, tmp_path):
 def test_views_pages_badges_why_and_what_a_move_changed(app):
     """The Curate tab's logic, without a browser: views page through the whole pool; each
     image's badges and explanation follow from the filter; a move's entered / left."""
-    from craft.stages.engine import filter_settings
+    from craft.stages.selection import filter_settings
     from studio.tabs.curate_views import (badges, curate, explain, grid_items, moved, page_of,
                                  showing_line, view_ids)
 
@@ -494,3 +495,92 @@ def test_the_suggested_run_name_follows_the_method(app):
     assert is_suggested_name("craft-3") and is_suggested_name("grpo-12")
     assert not is_suggested_name("my-run") and not is_suggested_name("dpo-x")
     assert not is_suggested_name("") and not is_suggested_name(None)
+
+
+def _event_handler(app, name: str):
+    """The studio's handler ``name`` as the page calls it (no request, this run's session)."""
+    fns = app.demo.fns
+    for f in (fns.values() if isinstance(fns, dict) else fns):
+        if getattr(f, "name", None) == name:
+            return lambda *args: f.fn(None, str(app.ctx.run_dir), *args)
+    raise AssertionError(f"no handler {name}")
+
+
+def test_an_upload_the_check_refuses_changes_no_config_and_leaves_nothing_to_add(app,
+                                                                               tmp_path):
+    """An upload no prompt can be read from (empty, binary, no prompt column) is refused with
+    the problem before it becomes prompts.source: RUN/config.yaml stays byte for byte, nothing
+    is stored, and the source box stays empty (Add refuses). A file accepted is read in its
+    own format, not the run's previous source's (format: jsonl of recorded sources)."""
+    import dataclasses
+
+    from studio.tabs.prompts import store_paste
+
+    ctx = app.ctx
+    ctx.flush()
+    config, uploads = ctx.run_dir / "config.yaml", ctx.run_dir / "uploads"
+    listed = lambda: sorted(uploads.glob("*")) if uploads.exists() else []  # noqa: E731
+    original = ctx.cfg
+    ctx.set_config(dataclasses.replace(original, prompts=dataclasses.replace(
+        original.prompts, format="jsonl", column="prompt")))
+    ctx.save_settings()
+    before, files = config.read_bytes(), listed()
+    on_upload = _event_handler(app, "on_upload")
+    try:
+        for name, data, problem in (("empty.txt", b"# a comment\n\n", "has no usable prompts"),
+                                    ("blob.txt", b"\x00\x01PK\x00" * 40, "looks binary"),
+                                    ("table.csv", b"title,year\nfoo,1999\n",
+                                     "has no prompt column")):
+            f = tmp_path / name
+            f.write_bytes(data)
+            source, message, *_ = on_upload(str(f), "", {})
+            assert source == "" and problem in message and name in message, message
+            ctx.flush()
+            assert config.read_bytes() == before and listed() == files
+        with pytest.raises(ValueError, match="the pasted text.*has no usable prompts"):
+            store_paste(ctx, "# only a comment\n")
+        assert listed() == files
+        txt = tmp_path / "more.txt"
+        txt.write_text("a green circle on a white background\n")
+        source, message, fmt, _ = on_upload(str(txt), "prompt", {})
+        assert message == "" and source.startswith(str(uploads)) and fmt == "auto"
+        assert (ctx.cfg.prompts.source, ctx.cfg.prompts.format) == (source, "auto")
+    finally:
+        ctx.set_config(original)
+        ctx.save_settings()
+
+
+def test_a_source_added_in_the_studio_is_read_in_its_own_format(tmp_path):
+    """The call the studio's Add makes (the prompts stage with the settings an upload sets) on
+    a run whose config names its recorded sources as jsonl: a .txt is read as text."""
+    import dataclasses
+
+    from craft.run.config import load_config
+    from craft.run.handle import Run
+    from craft.run.store import RunStore
+    from craft.stages.engine import stage_prompts
+    from studio.tabs.prompts import new_source_settings
+
+    def with_prompts(cfg, **changes):
+        return dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, **changes))
+
+    csv, txt = tmp_path / "more.csv", tmp_path / "more.txt"
+    csv.write_text("prompt\na blue square on a red background\n")
+    txt.write_text("a green circle on a white background\n# a comment\n"
+                   "a red square on a yellow background\n")
+    cfg = load_config(None, ["prompts.max_prompts=4", "prompts.max_eval_prompts=2",
+                             "prompts.num_variants=1"])
+    with RunStore(tmp_path / "run") as store:
+        run = Run.local(store)
+        stage_prompts(run, cfg)
+        recorded = stage_prompts(run, with_prompts(cfg, source=str(csv)))["sources_file"]
+        older = with_prompts(cfg, source=recorded, format="jsonl", column="prompt",
+                             max_prompts=None)  # what older runs recorded
+        added = with_prompts(older, **{k.split(".")[1]: v
+                                       for k, v in new_source_settings(str(txt)).items()})
+        info = stage_prompts(run, added)
+        df = store.prompts_df()
+        train = list(df.loc[df["split"] == "train", "text"])
+    assert info["train_prompts"] == 2 and len(train) == 4 + 1 + 2
+    assert train[-2:] == ["a green circle on a white background",
+                          "a red square on a yellow background"]

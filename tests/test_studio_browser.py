@@ -552,7 +552,7 @@ def test_auth_guards_pages_and_files(tmp_path):
 
     from craft.run.store import RunStore
     from studio.app import build_app, launch
-    from studio.sample_data import populate
+    from studio_sample_data import populate
 
     with RunStore(tmp_path / "run") as store:
         populate(store, n_prompts=1, num_variants=0, seeds=1, eval_prompts=0)

@@ -1,7 +1,7 @@
 """Curation in a real browser (headless Chromium, as tests/test_studio_browser.py): every kept
 image reachable page by page, badges and the "why" text, keys, undo, the per-prompt cap, the map's
 selection, Enter applying a typed value, state that survives a reload, and two browsers on two
-runs. The runs are filled with rendered and scored toy candidates (studio.sample_data), so no
+runs. The runs are filled with rendered and scored toy candidates (tests/studio_sample_data.py), so no
 diffusion model is needed and the module stays quick.
 """
 
@@ -38,7 +38,7 @@ def studio(tmp_path_factory):
     torch.set_num_threads(1)
     from craft.run.store import RunStore
     from studio.app import build_app, launch
-    from studio.sample_data import populate
+    from studio_sample_data import populate
 
     root = tmp_path_factory.mktemp("runs")
     for name, n in (("a", N_PROMPTS), ("b", 6)):
@@ -116,12 +116,12 @@ def all_pages(page) -> list[int]:
 
 
 def curation(studio):
-    """What the Curate tab computes for the run's saved settings (the truth to compare to)."""
-    from craft.stages.engine import filter_settings
-    from studio.tabs.curate_views import curate
+    """What `craft train` selects with the run's saved settings (the truth to compare to: the
+    engine's craft.stages.selection.select, read from the store)."""
+    from craft.stages.selection import select
 
     ctx = studio[0].ctx
-    return curate(ctx.frame(), filter_settings(ctx.cfg), ctx.store.overrides())
+    return select(ctx.store, ctx.cfg).result
 
 
 @pytest.mark.parametrize("k", [100, 300])
@@ -133,7 +133,7 @@ def test_every_kept_image_is_reachable_page_by_page(page, studio, k):
                            f".includes('of {k}')")
     shown = all_pages(page)
     assert len(shown) == k == len(set(shown))
-    assert set(shown) == set(curation(studio).kept_ids.tolist())
+    assert set(shown) == set(curation(studio).kept["candidate_id"].tolist())
     assert page.locator("#curate-grid .tg-item").count() == (k - 1) % 60 + 1  # the last page
 
 
@@ -267,7 +267,7 @@ def test_near_duplicates_dropped_from_the_kept_set(page, studio):
     kept set, says how many, marks them, and the library's filter agrees."""
     from craft.stages.embeddings import space_name
     from craft.stages.filtering import apply_filter
-    from craft.stages.engine import filter_settings
+    from craft.stages.selection import filter_settings
 
     ctx = studio[0].ctx
     k = int(page.inner_text("#kept-number"))

@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # an unexpected error (a bug): its traceback is shown
+# exit status: 0 done; 1 an unexpected error (a bug): its traceback is shown
 EXIT_USER_ERROR = 2  # something the user can fix: one line says what and how
 EXIT_STOPPED = 3  # stopped on request (--stop-file, the studio's Cancel); rerun to continue
 
@@ -65,7 +64,7 @@ class Reporter:
             return None
         from tqdm import tqdm
 
-        from craft.stages.engine import STAGE_UNITS
+        from craft.stages.calls import STAGE_UNITS
 
         unit = STAGE_UNITS.get(name, "it")
         state: dict = {}
@@ -115,6 +114,6 @@ def write_result(path: str | None, result: dict) -> None:
         write_text_atomic(path, json.dumps(result, default=str))
 
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "EXIT_USER_ERROR", "Reporter",
+__all__ = ["EXIT_STOPPED", "EXIT_USER_ERROR", "Reporter",
            "add_config_arguments", "add_job_arguments", "config_from_args", "stop_check",
            "write_result"]

@@ -31,11 +31,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CraftError(f"--host {args.host} serves other machines: give a token (--token-env "
                          f"VAR with the token in $VAR, default ${TOKEN_ENV}) so only runs that "
                          "know it can score")
+    if args.read_timeout < 0:
+        raise CraftError(f"--read-timeout {args.read_timeout:g}: seconds >= 0 (0: never)")
     paths = dict(p.split("=", 1) for p in args.path)
     rewards = {n: load_reward(n, device=args.device, batch_size=args.batch_size,
                               path=paths.get(n)) for n in names}
     server = RewardServer(rewards, host=args.host, port=args.port, token=token,
-                          max_images=args.max_images)
+                          max_images=args.max_images, read_timeout=args.read_timeout or None)
     sys.stdout.write(f"serving {', '.join(names)} at {server.url} "
                      f"({'token required' if token else 'no token'}); Ctrl-C stops\n"
                      f"in a run's config: rewards.remote: {{{names[0]}: {{url: {server.url}"
@@ -51,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_rewards(subparsers: argparse._SubParsersAction) -> None:
+    from craft.rewards.server import READ_TIMEOUT_S
     from craft.rewards.wire import MAX_IMAGES
 
     p = subparsers.add_parser("serve-rewards", help="serve rewards over HTTP for runs elsewhere "
@@ -68,6 +71,9 @@ def add_serve_rewards(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--max-images", type=int, default=MAX_IMAGES,
                    help=f"images per request at most (default {MAX_IMAGES})")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="SECONDS",
+                   help=f"close a connection that sends nothing for this long, e.g. a request "
+                        f"whose body never comes (default {READ_TIMEOUT_S:g}; 0: never)")
     p.add_argument("--path", action="append", default=[], metavar="NAME=PATH",
                    help="a reward's local checkpoint (as rewards.paths)")
     p.set_defaults(handler=_serve)

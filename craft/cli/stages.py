@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def _open(args):
     """The run (this process's view of it) and the config for this command."""
     from craft.run.handle import run_config
-    from craft.stages.engine import open_run
+    from craft.stages.engine import load_prompt_sources, open_run
 
     overrides = list(args.overrides)
     if getattr(args, "per_prompt_cap", None) is not None:
@@ -31,12 +31,46 @@ def _open(args):
     if getattr(args, "method", None):
         overrides.append(f"train.method={args.method}")
     cfg, given = run_config(args.run_dir, args.config, overrides)
+    own = _own_source_format(args, overrides, cfg)
+    if own != overrides:
+        cfg, given = run_config(args.run_dir, args.config, own)
     if getattr(args, "plan_check", False):
         check_fits(cfg, args)
     run = open_run(args.run_dir, cfg)
     if given:
+        if args.command in PROMPT_COMMANDS:
+            # a prompt source this command refuses (empty, binary, no prompt column...) leaves
+            # the run's config byte for byte as it was: the sources load before it is saved
+            try:
+                run.dist.on_main(lambda: load_prompt_sources(cfg) and None)
+            except BaseException:
+                run.close()
+                raise
         run.save_config(cfg)
     return run, cfg
+
+
+PROMPT_COMMANDS = ("prompts", "expand", "run")  # the commands that load prompts.source
+
+
+def _own_source_format(args, overrides: list[str], cfg) -> list[str]:
+    """``--set prompts.source=NEW`` on a run's stored config: NEW is read in its own format
+    (``prompts.format=auto``, ``prompts.column=null``, unless given too), not in the format of
+    the run's previous source (a run that recorded several sources in RUN/prompts/train.jsonl
+    said ``format: jsonl``, and a .txt added later was read as JSON)."""
+    from pathlib import Path
+
+    from craft.run.handle import RUN_CONFIG_FILE, run_config
+
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if (args.config is not None or "prompts.source" not in keys
+            or not (Path(args.run_dir).expanduser() / RUN_CONFIG_FILE).is_file()):
+        return overrides
+    before, _ = run_config(args.run_dir)
+    if before.prompts.source == cfg.prompts.source:
+        return overrides
+    return overrides + [f"{k}={v}" for k, v in (("prompts.format", "auto"),
+                                                 ("prompts.column", "null")) if k not in keys]
 
 
 def check_fits(cfg, args) -> None:
@@ -132,30 +166,43 @@ def cmd_score(args) -> int:
 
 
 def cmd_filter(args) -> int:
+    """What ``train.method`` would train on (craft.stages.selection.select, as ``craft train``
+    and the studio's Curate select), shown and saved as the selection 'craft'."""
     from craft.stages.engine import stage_filter
+    from craft.stages.filtering import coverage
 
     run, cfg = _open(args)
     with run:
-        kept = stage_filter(run, cfg)
+        sel = stage_filter(run, cfg)
+        kept, f = sel.rows, cfg.filter
+        if "candidate_id" not in kept:  # an online method: it samples its own images
+            _say(run, f"train.method {sel.method} samples its own images from the "
+                      f"{len(kept)} training prompts; the filter does not apply")
+            return _finish(args, run, {"method": sel.method, "prompts": len(kept)})
         if run.is_main:
             import pandas as pd
 
-            cols = ["candidate_id", "prompt", "variant", *cfg.rewards.names, "composite",
-                    "advantage", "weight"]
+            cols = [c for c in ["candidate_id", "prompt", "variant", *cfg.rewards.names,
+                                "composite", "advantage", "weight"] if c in kept]
             with pd.option_context("display.max_colwidth", 60, "display.width", 200):
                 print(kept[cols].head(args.show).to_string(index=False))
-        from craft.stages.filtering import coverage
-
         cov = coverage(kept)
-        f = cfg.filter
+        if sel.pairs is not None:
+            _say(run, f"{sel.method}: {len(sel.pairs)} winner/loser pairs of {cov['kept']} "
+                      f"images from {cov['prompts']} prompts (dpo.pairs {cfg.dpo.pairs}, "
+                      f"composite gap > {cfg.dpo.margin:g}); saved as selection 'craft'")
+            return _finish(args, run, {"method": sel.method, "pairs": len(sel.pairs),
+                                       "images": cov["kept"], "prompts": cov["prompts"]})
         cap = f", at most {f.per_prompt_cap} per prompt" if f.per_prompt_cap else ""
         dedup = f", near-duplicates (cos >= {f.dedup_threshold}) dropped" \
             if f.dedup_threshold is not None else ""
+        weights = " (SFT: weight 1 each)" if sel.record.get("weighting") == "uniform" else ""
         _say(run, f"kept {cov['kept']} candidates (level {f.level}, top_k {f.top_k}{cap}{dedup}) "
                   f"from {cov['prompts']} prompts, at most {cov['largest']} from one "
-                  f"({100 * cov['largest_share']:.0f} % of the set); saved as selection 'craft'")
-        return _finish(args, run, {"kept": cov["kept"], "prompts": cov["prompts"],
-                                   "largest": cov["largest"],
+                  f"({100 * cov['largest_share']:.0f} % of the set){weights}; saved as "
+                  f"selection 'craft'")
+        return _finish(args, run, {"method": sel.method, "kept": cov["kept"],
+                                   "prompts": cov["prompts"], "largest": cov["largest"],
                                    "largest_share": cov["largest_share"]})
 
 

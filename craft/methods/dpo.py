@@ -19,6 +19,7 @@ Pure functions and one micro-batch loss; the loop is craft.methods.training's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from craft import CraftError
+from craft.methods.base import Method, PlanShape, Selection
+from craft.methods.steps import (base_prediction, micro_batch_generator, noised_batch, predict,
+                                 sq_error)
 
 PAIR_COLUMNS = ["prompt_id", "win_id", "lose_id", "win_composite", "lose_composite", "gap"]
 
@@ -115,4 +119,108 @@ def pair_index(images: pd.DataFrame, pair_ids) -> np.ndarray:
                          f"training images; the recorded pairs and images disagree") from None
 
 
-__all__ = ["PAIR_COLUMNS", "build_pairs", "dpo_loss", "pair_images", "pair_index"]
+def dpo_micro_batch_loss(model, noise_sched, w_t, data, tc, beta: float, step: int,
+                         micro: int, process: int, accelerator, ref_model
+                         ) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of Diffusion-DPO (craft.methods.dpo): ``train.micro_batch`` pairs, winners and
+    losers in one forward pass with shared noise, timestep and dropout; the reference is the
+    frozen base (LoRA: the same module with its adapters off). Unweighted over t, as the DPO
+    derivation absorbs the ELBO weight into beta."""
+    device = accelerator.device
+    gen = micro_batch_generator(tc, step, micro, process)
+    k = torch.randint(0, len(data.pairs), (tc.micro_batch,), generator=gen)
+    idx = torch.cat([data.pairs[k, 0], data.pairs[k, 1]]).to(device)
+    nb = noised_batch(noise_sched, w_t, data, tc, idx, gen, device, share=2)
+    err = sq_error(predict(model, data, nb, accelerator), nb.target)
+    ref = sq_error(base_prediction(ref_model, data, nb.xt, nb.t, nb.cond, accelerator),
+                    nb.target)
+    n = len(k)
+    return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta)
+
+
+class DiffusionDPO(Method):
+    """Diffusion-DPO on winner / loser pairs of each prompt's whole group (the kept-set filter
+    does not apply; manual excludes do)."""
+
+    name = "dpo"
+    title = "Diffusion-DPO on pairs of the pool"
+    data = "pairs"
+    filtered_pool = False
+    settings_section = "dpo"
+    data_stage = "training: encode the pairs' images"
+
+    def select(self, pool, settings, cfg) -> Selection:
+        from craft.stages.advantages import filter_with_advantages
+        from craft.stages.selection import selection_record
+
+        result, frame = filter_with_advantages(pool.scored, settings, cfg.advantage.eps,
+                                               pool.overrides)
+        result = dataclasses.replace(result, frame=frame)  # with the advantages
+        d = cfg.dpo
+        pairs = build_pairs(frame, d.pairs, d.margin, d.max_pairs)
+        images, _ = pair_images(pairs, frame)
+        ids = pairs[["win_id", "lose_id"]].to_numpy().astype(int).tolist()
+        return Selection(self.name, images, selection_record(
+            settings, cfg, method=self.name, dpo=dataclasses.asdict(d), n_pairs=len(ids),
+            pairs=ids), pairs=pairs, result=result)
+
+    def train(self, cfg, selection, out_dir, *, resume=False, pipe=None, meta=None,
+              callbacks=None, hooks=None):
+        from craft.methods.training import train
+
+        return train(cfg, selection.rows, out_dir, resume=resume, pipe=pipe, meta=meta,
+                     callbacks=callbacks, pairs=pair_index(selection.rows, selection.pair_ids))
+
+    def micro_loss(self, cfg, data):
+        if data.pairs is None or len(data.pairs) == 0:
+            raise CraftError("train.method=dpo needs winner / loser pairs (craft.methods.dpo."
+                             "build_pairs); none were given")
+        tc, beta = cfg.train, cfg.dpo.beta
+
+        def loss(tr, ses, step, micro):
+            acc = ses.accelerator
+            return dpo_micro_batch_loss(tr.model, ses.noise_sched, ses.w_t, data, tc, beta, step,
+                                        micro, acc.process_index, acc, tr.base)
+
+        return loss
+
+    def needs_base(self, cfg) -> bool:
+        return True  # the reference of the loss
+
+    def plan_shape(self, cfg, processes, pool, family) -> PlanShape:
+        t, d = cfg.train, cfg.dpo
+        n_data = 2 * (d.max_pairs or cfg.filter.top_k)
+        return PlanShape(2 * t.micro_batch,
+                         max(1, t.effective_batch // (t.micro_batch * processes)), True,
+                         min(n_data, pool) if pool is not None else n_data)
+
+    def plan_samples(self, cfg, family=None):
+        t = cfg.train
+        return 2 * t.steps * t.effective_batch, "pair image", [
+            f"Diffusion-DPO: {t.micro_batch} pairs a micro-batch = {2 * t.micro_batch} images "
+            "through the tuned model and the frozen reference"]
+
+    def describe(self, record: dict) -> str:
+        d = record.get("dpo", {})
+        return (f"DPO: {record.get('n_pairs')} pairs ({d.get('pairs')}, β {d.get('beta'):g}, "
+                f"margin {d.get('margin'):g})")
+
+    def will_train_on(self, selection, cfg) -> str:
+        t, pairs = cfg.train, selection.pairs
+        return (f"**Start will train on {len(pairs)} pairs** of {len(selection.rows)} images "
+                f"from {pairs['prompt_id'].nunique()} prompts ({cfg.dpo.pairs}, composite gap "
+                f"> {cfg.dpo.margin:g}, β {cfg.dpo.beta:g}); {t.steps} steps × "
+                f"{t.effective_batch} pairs")
+
+    def card_lines(self, config: dict, record: dict, extra: dict) -> list[str]:
+        d = config.get("dpo", {})
+        n_pairs = extra.get("n_pairs", record.get("n_pairs"))
+        return [f"- **Trained on:** {n_pairs} winner/loser pairs ({record.get('n_train')} "
+                f"images) from the model's own candidates, rule `{d.get('pairs')}`, beta "
+                f"{d.get('beta')}"]
+
+
+DPO = DiffusionDPO()
+
+
+__all__ = ["DPO", "DiffusionDPO", "PAIR_COLUMNS", "build_pairs", "dpo_loss", "pair_images", "pair_index"]

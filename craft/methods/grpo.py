@@ -46,6 +46,8 @@ import pandas as pd
 import torch
 
 from craft import CraftError
+from craft.methods.base import Method, PlanShape, Selection
+from craft.methods.steps import accumulating, as_base, backward
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Step:
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    kl_std: torch.Tensor  # what the KL to the base divides by (see kl_to_base)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,7 @@ def ddim_step(alphas_cumprod: torch.Tensor, final_alpha: float, eps: torch.Tenso
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
     if prev is None:
         prev = mean + std * noise
-    return Step(prev, gaussian_log_prob(prev, mean, std), mean, std)
+    return Step(prev, gaussian_log_prob(prev, mean, std), mean, std, std)
 
 
 def flow_sde_step(sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_max: float,
@@ -118,7 +121,18 @@ def flow_sde_step(sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_max: floa
     std = std_t * (-dt).sqrt()
     if prev is None:
         prev = mean + std * noise
-    return Step(prev, gaussian_log_prob(prev, mean, std), mean, std)
+    return Step(prev, gaussian_log_prob(prev, mean, std), mean, std, std_t)
+
+
+def kl_to_base(step: Step, ref: Step) -> torch.Tensor:
+    """grpo.kl_weight's term, Flow-GRPO's beta term: per item, the mean over the latent of
+    ||mu_theta - mu_base||^2 / (2 s^2). For the flow SDE, s is the noise scale s_t =
+    a * sqrt(sigma / (1 - sigma)) without sqrt(|dt|), as flow_grpo writes it (|dt| times the
+    Gaussian KL of the two steps); for DDIM, s is the step's std, so it is the exact Gaussian
+    KL of the two steps per element."""
+    n = step.mean.shape[0]
+    return (((step.mean - ref.mean) ** 2).reshape(n, -1).mean(dim=1)
+            / (2 * step.kl_std.reshape(n, -1)[:, 0] ** 2))
 
 
 # ------------------------------------------------------------------------ the policy
@@ -171,8 +185,10 @@ class Policy:
         sched.set_timesteps(steps, device="cpu")
         ts = sched.timesteps.long()
         prev = ts - sched.config.num_train_timesteps // steps
-        final = float(sched.alphas_cumprod[0]) if not sched.config.get("set_alpha_to_one") \
-            else 1.0
+        # the last step's previous alpha is alphas_cumprod[0] whatever set_alpha_to_one says:
+        # ddpo-pytorch clamps the previous timestep at 0; alpha 1 there would give the step std 0
+        # and a NaN log-probability
+        final = float(sched.alphas_cumprod[0])
         return cls(call, False, ts, None, prev, sched.alphas_cumprod.float(), final, guidance,
                    g.eta, g.noise_level,
                    sched.config.get("prediction_type", "epsilon") == "v_prediction")
@@ -242,7 +258,7 @@ def sample_seed(r: int, slot: int, g: int, per_round: int, group: int) -> int:
 
 
 @torch.no_grad()
-def sample_round(policy: Policy, model, pipe, cond: dict, empty: dict, rows: np.ndarray,
+def sample_trajectories(policy: Policy, model, pipe, cond: dict, empty: dict, rows: np.ndarray,
                  seeds: list[int], shape: tuple, dtype: torch.dtype, device,
                  batch: int) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Trajectories (x_T .. x_0) and their log-probs from ``model``, ``batch`` at a time; the
@@ -320,31 +336,155 @@ class GRPOCallbacks:
     on_round: Callable | None = None
 
 
-def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=None,
-               resume: bool = False, pipe=None, meta: dict | None = None,
-               grpo_callbacks: GRPOCallbacks | None = None):
-    """Online GRPO on ``prompts`` (columns prompt_id, prompt: the original training prompts);
-    ``train.steps`` optimizer steps, ``grpo.updates`` per round. Returns the
-    :class:`craft.methods.training.TrainResult` of craft.methods.training's loop."""
-    from craft.models.families import latent_shape
-    from craft.rewards.configured import build_reward
-    from craft.methods.training import (TrainCallbacks, _accumulating, _backward, _sq_error,
-                                build_trainable, empty_conditioning, encode_texts,
-                                offload_encoders, open_session, release, run_loop, run_meta,
-                                training_size)
+@dataclasses.dataclass
+class GRPORun:
+    """What every round of a GRPO run shares: the session, the trainable model and its
+    sampler, the encoded prompts, the rewards, and this process's share of a round."""
 
-    tc, g = cfg.train, cfg.grpo
-    if prompts.empty:
-        raise CraftError("GRPO needs training prompts; run `craft prompts` first")
-    out_dir = Path(out_dir)
-    ses = open_session(cfg, out_dir, pipe)
-    pipe, acc = ses.pipe, ses.accelerator
+    cfg: object
+    ses: object  # craft.methods.training.Session
+    tr: object  # craft.methods.training.Trainable
+    policy: Policy
+    texts: list[str]
+    cond: dict
+    empty: dict
+    rewards: dict  # name -> reward callable (images, prompts) -> scores
+    shape: tuple
+    n_local: int  # samples per round on this process (whole groups)
+    t_train: int  # sampler steps trained per sample
+    accum: int  # micro-batches per update
+    on_round: Callable | None = None
+
+    @property
+    def acc(self):
+        return self.ses.accelerator
+
+
+def sample_round(run: GRPORun, r: int) -> Round:
+    """Round ``r`` on this process: its prompts' groups sampled from the live weights, scored,
+    and each sample's advantage within its group (clipped to +-adv_clip)."""
+    cfg, g, acc, tr = run.cfg, run.cfg.grpo, run.acc, run.tr
     world, rank = acc.num_processes, acc.process_index
+    rows = round_prompts(len(run.texts), g.prompts_per_step, cfg.train.seed, r, rank, world)
+    slots = np.arange(g.prompts_per_step)[rank::world]
+    rows_g = np.repeat(rows, g.group_size)
+    seeds = [sample_seed(r, int(sl), m, g.prompts_per_step, g.group_size)
+             for sl in slots for m in range(g.group_size)]
+    tr.raw.eval()
+    lat, lps, images = sample_trajectories(run.policy, tr.raw, run.ses.pipe, run.cond, run.empty,
+                                           rows_g, seeds, run.shape, tr.input_dtype, acc.device,
+                                           max(1, cfg.generation.batch_size))
+    tr.raw.train()
+    prompt_text = [run.texts[i] for i in rows_g]
+    scores = {n: np.asarray(rw(images, prompt_text), float) for n, rw in run.rewards.items()}
+    comp, adv = composite_advantages(scores, rows_g, cfg)
+    adv_t = torch.as_tensor(np.clip(adv, -g.adv_clip, g.adv_clip), dtype=torch.float32)
+    if run.on_round is not None:
+        run.on_round(r, rows_g, seeds, images, scores)
+    return Round(r, rows_g, seeds, lat, lps, images, scores, comp, adv_t)
+
+
+def update_items(run: GRPORun, step: int) -> torch.Tensor:
+    """The (sample, sampler step) items of optimizer step ``step``, as the references choose
+    them: with grpo.reuse = split the round's samples shuffled into grpo.updates disjoint
+    minibatches (each used once), else all of them; of each sample the first ``t_train``
+    sampler steps (grpo.step_selection = first) or a random ``t_train`` of them (random). A
+    function of (seed, step, process), so a resumed run trains on what the uninterrupted one
+    did."""
+    g, seed, rank = run.cfg.grpo, run.cfg.train.seed, run.acc.process_index
+    r, u = divmod(step, g.updates)
+    samples = torch.arange(run.n_local)
+    if g.reuse == "split":
+        gen = torch.Generator().manual_seed(((seed * 1_000_003 + r) * 89) + rank)
+        samples = torch.randperm(run.n_local, generator=gen).tensor_split(g.updates)[u].sort()[0]
+    if g.step_selection == "first":
+        ks = torch.arange(run.t_train).repeat(len(samples), 1)
+    else:
+        gen = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97) + rank)
+        ks = torch.stack([torch.randperm(run.policy.num_steps, generator=gen)[:run.t_train]
+                          for _ in range(len(samples))])
+    return torch.stack([samples.repeat_interleave(run.t_train), ks.reshape(-1)], 1)
+
+
+def samples_per_update(g, n_samples: int) -> int:
+    """Samples one update trains on (the largest minibatch when a round is split)."""
+    return -(-n_samples // g.updates) if g.reuse == "split" else n_samples
+
+
+def item_loss(run: GRPORun, rd: Round, part: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The clipped-ratio objective (+ the KL to the base) over one micro-batch of items."""
+    g, acc, tr, policy = run.cfg.grpo, run.acc, run.tr, run.policy
+    i, k = part[:, 0], part[:, 1]
+    x = rd.latents[i, k].to(acc.device)
+    x_next = rd.latents[i, k + 1].to(acc.device)
+    c = {kk: v[torch.as_tensor(rd.prompt_rows[i.numpy()])].to(acc.device)
+         for kk, v in run.cond.items()}
+    e = {kk: v.to(acc.device) for kk, v in run.empty.items()}
+    with acc.autocast():
+        pred = policy.predict(tr.model, x, k, c, e, tr.input_dtype)
+    st = policy.step(pred, k, x, prev=x_next)
+    loss_i, ratio = clipped_loss(st.log_prob, rd.log_probs[i, k].to(acc.device),
+                                 rd.advantages[i].to(acc.device), g.clip_range)
+    loss = loss_i.mean()
+    r = ratio.detach()
+    facts = {"ratio": float(r.mean()),
+             "clip_fraction": float(((r - 1).abs() > g.clip_range).float().mean())}
+    if g.kl_weight > 0 and tr.base is not None:
+        with torch.no_grad():
+            ref = policy.step(_base_guided(policy, tr.base, x, k, c, e, acc), k, x, prev=x_next)
+        kl = kl_to_base(st, ref).mean()
+        loss = loss + g.kl_weight * kl
+        facts["kl"] = float(kl.detach())
+    return loss, facts
+
+
+def update(run: GRPORun, rd: Round, step: int) -> dict:
+    """One optimizer step's gradients on round ``rd`` (the loop steps the optimizer): its
+    items in ``accum`` micro-batches; returns the step's metrics."""
+    acc, tr = run.acc, run.tr
+    parts = torch.tensor_split(update_items(run, step), run.accum)
+    losses, facts = [], []
+    for micro, part in enumerate(parts):
+        with accumulating(tr, acc, micro, run.accum):
+            loss, f = item_loss(run, rd, part)
+            backward(tr, acc, loss, run.accum)
+            losses.append(float(loss.detach()))
+            facts.append(f)
+    out = {"loss": float(np.mean(losses)), "round": float(rd.index),
+           **{k: float(np.mean([f[k] for f in facts])) for k in facts[0]}}
+    for n, v in rd.rewards.items():
+        out[f"reward_{n}"] = _mean_over_processes(acc, float(np.nanmean(v)))
+    out["composite_std"] = float(np.std(rd.composite))
+    return out
+
+
+def _check_schedule(cfg, world: int) -> None:
+    tc, g = cfg.train, cfg.grpo
     if g.prompts_per_step % world:
         raise CraftError(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of the "
                          f"{world} processes: each process samples whole groups")
+    local = g.prompts_per_step // world * g.group_size
+    if g.reuse == "split" and local < g.updates:
+        raise CraftError(f"grpo.reuse=split: each process samples {local} images a round, fewer "
+                         f"than grpo.updates={g.updates} minibatches; sample more "
+                         f"(grpo.prompts_per_step, grpo.group_size) or lower grpo.updates")
+    if tc.steps % g.updates or (tc.checkpoint_every and tc.checkpoint_every % g.updates):
+        raise CraftError(f"train.steps ({tc.steps}) and train.checkpoint_every "
+                         f"({tc.checkpoint_every}) must be multiples of grpo.updates "
+                         f"({g.updates}): a checkpoint falls between rounds, so a resumed run "
+                         f"samples its next round from the weights that sampled it before")
+
+
+def open_grpo_run(cfg, texts: list[str], ses, on_round=None) -> GRPORun:
+    """Everything a GRPO run samples and trains with, on this process."""
+    from craft.models.families import latent_shape
+    from craft.rewards.configured import build_reward
+    from craft.methods.training import (build_trainable, empty_conditioning, encode_texts,
+                                        offload_encoders, training_size)
+
+    g, pipe, acc = cfg.grpo, ses.pipe, ses.accelerator
+    _check_schedule(cfg, acc.num_processes)
     size = training_size(cfg, pipe)
-    texts = list(prompts["prompt"])
     cond = {k: v.cpu() for k, v in encode_texts(pipe, texts, acc.device, size).items()}
     empty = {k: v.float().cpu() for k, v in empty_conditioning(pipe, acc.device, size).items()}
     rewards = {n: build_reward(cfg, n, device=str(acc.device) if cfg.rewards.device == "auto"
@@ -353,102 +493,54 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     offload_encoders(pipe, restore, keep=("vae",))
     tr = build_trainable(cfg, pipe, acc)
     tr.restore[:0] = restore
-    policy = Policy.for_pipe(pipe, cfg, size)
-    shape = latent_shape(pipe, *size)
-    dtype = tr.input_dtype
-    n_local = g.prompts_per_step // world * g.group_size
+    n_local = g.prompts_per_step // acc.num_processes * g.group_size
     t_train = steps_trained(g)
-    n_items = n_local * t_train
-    accum = math.ceil(n_items / tc.micro_batch)
+    accum = math.ceil(samples_per_update(g, n_local) * t_train / cfg.train.micro_batch)
     acc.gradient_accumulation_steps = accum
-    meta = run_meta(cfg, n_prompts=len(texts), **(meta or {}))
-    state: dict = {"round": None}
-    gcb = grpo_callbacks or GRPOCallbacks()
+    return GRPORun(cfg, ses, tr, Policy.for_pipe(pipe, cfg, size), texts, cond, empty, rewards,
+                   latent_shape(pipe, *size), n_local, t_train, accum, on_round)
 
-    def new_round(r: int) -> Round:
-        rows = round_prompts(len(texts), g.prompts_per_step, tc.seed, r, rank, world)
-        slots = np.arange(g.prompts_per_step)[rank::world]
-        rows_g = np.repeat(rows, g.group_size)
-        seeds = [sample_seed(r, int(sl), m, g.prompts_per_step, g.group_size)
-                 for sl in slots for m in range(g.group_size)]
-        tr.raw.eval()
-        lat, lps, images = sample_round(policy, tr.raw, pipe, cond, empty, rows_g, seeds,
-                                        shape, dtype, acc.device, max(1, cfg.generation.batch_size))
-        tr.raw.train()
-        prompt_text = [texts[i] for i in rows_g]
-        scores = {n: np.asarray(rw(images, prompt_text), float) for n, rw in rewards.items()}
-        comp, adv = composite_advantages(scores, rows_g, cfg)
-        adv_t = torch.as_tensor(np.clip(adv, -g.adv_clip, g.adv_clip), dtype=torch.float32)
-        if gcb.on_round is not None:
-            gcb.on_round(r, rows_g, seeds, images, scores)
-        return Round(r, rows_g, seeds, lat, lps, images, scores, comp, adv_t)
+
+def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=None,
+               resume: bool = False, pipe=None, meta: dict | None = None,
+               grpo_callbacks: GRPOCallbacks | None = None):
+    """Online GRPO on ``prompts`` (columns prompt_id, prompt: the original training prompts):
+    ``train.steps`` optimizer steps, ``grpo.updates`` per round, each round a sampling block
+    (:func:`sample_round`) followed by its updates (:func:`update`). Returns the
+    :class:`craft.methods.training.TrainResult` of craft.methods.training's loop."""
+    from craft.methods.training import (TrainCallbacks, open_session, release, run_loop,
+                                        run_meta)
+
+    tc, g = cfg.train, cfg.grpo
+    if prompts.empty:
+        raise CraftError("GRPO needs training prompts; add prompts first (`craft prompts`, or "
+                         "Prompts in the studio)")
+    out_dir = Path(out_dir)
+    ses = open_session(cfg, out_dir, pipe)
+    run = open_grpo_run(cfg, list(prompts["prompt"]), ses,
+                        (grpo_callbacks or GRPOCallbacks()).on_round)
+    meta = run_meta(cfg, n_prompts=len(run.texts), **(meta or {}))
+    state: dict = {"round": None}
 
     def step_fn(step: int) -> dict:
-        r, u = divmod(step, g.updates)
+        r = step // g.updates
         if state["round"] is None or state["round"].index != r:
-            state["round"] = new_round(r)
-        rd: Round = state["round"]
-        gen = torch.Generator().manual_seed(((tc.seed * 1_000_003 + step) * 97) + rank)
-        ks = torch.stack([torch.randperm(policy.num_steps, generator=gen)[:t_train]
-                          for _ in range(n_local)])  # (n, t_train): the steps trained on
-        items = torch.stack([torch.arange(n_local).repeat_interleave(t_train), ks.reshape(-1)], 1)
-        parts = torch.tensor_split(items, accum)
-        losses, ratios, kls, clipped = [], [], [], []
-        for micro, part in enumerate(parts):
-            with _accumulating(tr, acc, micro, accum):
-                i, k = part[:, 0], part[:, 1]
-                x = rd.latents[i, k].to(acc.device)
-                x_next = rd.latents[i, k + 1].to(acc.device)
-                c = {kk: v[torch.as_tensor(rd.prompt_rows[i.numpy()])].to(acc.device)
-                     for kk, v in cond.items()}
-                e = {kk: v.to(acc.device) for kk, v in empty.items()}
-                with acc.autocast():
-                    pred = policy.predict(tr.model, x, k, c, e, dtype)
-                st = policy.step(pred, k, x, prev=x_next)
-                loss_i, ratio = clipped_loss(st.log_prob, rd.log_probs[i, k].to(acc.device),
-                                             rd.advantages[i].to(acc.device), g.clip_range)
-                loss = loss_i.mean()
-                if g.kl_weight > 0 and tr.base is not None:
-                    with torch.no_grad():
-                        ref = policy.step(_base_guided(policy, tr.base, x, k, c, e, acc), k, x,
-                                          prev=x_next)
-                    kl = (_sq_error(st.mean, ref.mean) / (2 * st.std.reshape(len(i), -1)[:, 0]
-                                                         ** 2)).mean()
-                    loss = loss + g.kl_weight * kl
-                    kls.append(float(kl.detach()))
-                _backward(tr, acc, loss, accum)
-                losses.append(float(loss.detach()))
-                ratios.append(float(ratio.detach().mean()))
-                clipped.append(float(((ratio.detach() - 1).abs() > g.clip_range).float().mean()))
-        out = {"loss": float(np.mean(losses)), "ratio": float(np.mean(ratios)),
-               "clip_fraction": float(np.mean(clipped)), "round": float(r)}
-        if kls:
-            out["kl"] = float(np.mean(kls))
-        for n, v in rd.rewards.items():
-            out[f"reward_{n}"] = _mean_over_processes(acc, float(np.nanmean(v)))
-        out["composite_std"] = float(np.std(rd.composite))
-        return out
+            state["round"] = sample_round(run, r)
+        return update(run, state["round"], step)
 
-    if tc.steps % g.updates or (tc.checkpoint_every and tc.checkpoint_every % g.updates):
-        raise CraftError(f"train.steps ({tc.steps}) and train.checkpoint_every "
-                         f"({tc.checkpoint_every}) must be multiples of grpo.updates "
-                         f"({g.updates}): a checkpoint falls between rounds, so a resumed run "
-                         f"samples its next round from the weights that sampled it before")
     try:
         log.info("GRPO: %d rounds of %d prompts x %d images, %d sampler steps, %d updates each "
                  "(%d micro-batches of up to %d (image, step) pairs per process)",
-                 tc.steps // g.updates, g.prompts_per_step, g.group_size, policy.num_steps,
-                 g.updates, accum, tc.micro_batch)
-        return run_loop(cfg, pipe, tr, step_fn, out_dir, callbacks or TrainCallbacks(), resume,
-                        meta, acc, boundary=g.updates)
+                 tc.steps // g.updates, g.prompts_per_step, g.group_size, run.policy.num_steps,
+                 g.updates, run.accum, tc.micro_batch)
+        return run_loop(cfg, ses.pipe, run.tr, step_fn, out_dir, callbacks or TrainCallbacks(),
+                        resume, meta, ses.accelerator, boundary=g.updates)
     finally:
-        release(tr, pipe, acc)
+        release(run.tr, ses.pipe, ses.accelerator)
 
 
 def _base_guided(policy: Policy, base, x, k, c, e, acc):
     """The frozen base's guided prediction (LoRA: the same module, adapters off)."""
-    from craft.methods.training import as_base
-
     with acc.autocast(), as_base(base) as dtype:
         return policy.predict(base, x, k, c, e, dtype)
 
@@ -460,6 +552,83 @@ def _mean_over_processes(acc, value: float) -> float:
     return float(acc.reduce(t, reduction="mean"))
 
 
-__all__ = ["GRPOCallbacks", "Policy", "Step", "clipped_loss", "composite_advantages",
-           "ddim_step", "flow_sde_step", "gaussian_log_prob", "round_prompts", "sample_round",
-           "sampling_guidance", "steps_trained", "train_grpo"]
+def num_rounds(cfg) -> int:
+    """Rounds in a GRPO run: ``train.steps`` optimizer steps, ``grpo.updates`` per round."""
+    return cfg.train.steps // max(1, cfg.grpo.updates)
+
+
+def sampled_images(cfg) -> int:
+    """Images a GRPO run samples and scores (all processes together)."""
+    return num_rounds(cfg) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
+
+
+class OnlineGRPO(Method):
+    """Online GRPO: samples groups from the model being trained, scores them with the same
+    rewards, and descends the clipped-ratio objective (module docstring)."""
+
+    name = "grpo"
+    title = "online GRPO (sampled groups, clipped ratio objective)"
+    data = "prompts"
+    filtered_pool = False
+    settings_section = "grpo"
+    data_stage = None
+
+    def select(self, pool, settings, cfg) -> Selection:
+        prompts = pool.prompts
+        return Selection(self.name, prompts, {
+            "method": self.name, "grpo": dataclasses.asdict(cfg.grpo),
+            "rewards": list(cfg.rewards.names), "weights": dict(cfg.filter.weights),
+            "prompt_ids": prompts["prompt_id"].astype(int).tolist()})
+
+    def train(self, cfg, selection, out_dir, *, resume=False, pipe=None, meta=None,
+              callbacks=None, hooks=None):
+        return train_grpo(cfg, selection.rows, out_dir, resume=resume, pipe=pipe, meta=meta,
+                          callbacks=callbacks,
+                          grpo_callbacks=GRPOCallbacks(on_round=(hooks or {}).get("on_round")))
+
+    def needs_base(self, cfg) -> bool:
+        return cfg.grpo.kl_weight > 0
+
+    def plan_shape(self, cfg, processes, pool, family) -> PlanShape:
+        t, g = cfg.train, cfg.grpo
+        cfg_on = sampling_guidance(family or cfg.model.family, cfg) > 1.0
+        items = max(1, g.prompts_per_step // processes) * g.group_size
+        per_update = samples_per_update(g, items) * steps_trained(g)
+        return PlanShape(t.micro_batch * (2 if cfg_on else 1),
+                         max(1, -(-per_update // t.micro_batch)),
+                         g.kl_weight > 0, items * (g.num_inference_steps + 1))
+
+    def plan_samples(self, cfg, family=None):
+        g = cfg.grpo
+        per_step = samples_per_update(g, g.prompts_per_step * g.group_size) * steps_trained(g)
+        guided = sampling_guidance(family or cfg.model.family, cfg) > 1
+        return cfg.train.steps * per_step * (2 if guided else 1), "(image, step) row", []
+
+    def describe(self, record: dict) -> str:
+        g = record.get("grpo", {})
+        return (f"GRPO online: {g.get('prompts_per_step')} prompts × {g.get('group_size')} per "
+                f"round of {len(record.get('prompt_ids', []))} prompts")
+
+    def will_train_on(self, selection, cfg) -> str:
+        g = cfg.grpo
+        rounds = num_rounds(cfg)
+        return (f"**Start will sample {g.prompts_per_step} prompts × {g.group_size} images per "
+                f"round**, {rounds} rounds of {g.num_inference_steps} sampler steps (= "
+                f"{sampled_images(cfg)} images generated and scored with "
+                f"{', '.join(cfg.rewards.names)}), {g.updates} updates each; no pool needed")
+
+    def card_lines(self, config: dict, record: dict, extra: dict) -> list[str]:
+        g = config.get("grpo", {})
+        return [f"- **Trained on:** its own samples, {g.get('prompts_per_step')} prompts x "
+                f"{g.get('group_size')} images a round, {g.get('num_inference_steps')} sampler "
+                f"steps, clip range {g.get('clip_range')}, KL weight {g.get('kl_weight')}"]
+
+
+GRPO = OnlineGRPO()
+
+
+__all__ = ["GRPO", "GRPOCallbacks", "GRPORun", "OnlineGRPO", "Policy", "Round", "Step",
+           "clipped_loss", "composite_advantages", "ddim_step", "flow_sde_step",
+           "gaussian_log_prob", "item_loss", "kl_to_base", "num_rounds", "open_grpo_run", "round_prompts",
+           "sample_round", "samples_per_update", "sample_trajectories", "sampled_images", "sampling_guidance",
+           "steps_trained", "train_grpo", "update"]

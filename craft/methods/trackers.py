@@ -23,17 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from craft import CraftError
-from craft.run.choices import TRACKERS
+from craft.run.choices import TRACKERS, parse_report_to
 
 log = logging.getLogger(__name__)
 
 FOLDER = "trackers"
-
-
-def parse_report_to(value: str) -> list[str]:
-    """``train.report_to`` as a list of tracker names ("none" or "" -> none). The config's
-    check (craft/run/config.py TrainConfig) refuses names that are not in TRACKERS."""
-    return [v.strip() for v in str(value or "").split(",") if v.strip() and v.strip() != "none"]
 
 
 def _flat(cfg_dict: dict, prefix: str = "") -> dict:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -60,16 +61,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from craft import CraftError
-# checkpoint_* / latest_checkpoint and LORA_TARGETS live in craft.run.checkpoints and craft.models.lora;
+# checkpoint_* / latest_checkpoint and LORA_TARGETS live in craft.models.checkpoints and craft.models.lora;
 # imported here for the callers that know them as craft.methods.training's
-from craft.run.checkpoints import (checkpoint_denoiser, checkpoint_folder,  # noqa: F401
+from craft.models.checkpoints import (checkpoint_denoiser, checkpoint_folder,  # noqa: F401
                                checkpoint_meta, latest_checkpoint)
-from craft.models.flow import is_flow_scheduler, noisy, sample_sigmas, velocity_target
-from craft.models.flow import loss_weight as flow_loss_weight
 from craft.models.lora import LORA_TARGETS  # noqa: F401
 from craft.models.families import native_size
 from craft.run.layout import final_dir, preview_dir
 from craft.run.choices import UNET_WEIGHTINGS as _UNET_W
+# the step helpers, known to older callers as craft.methods.training's
+from craft.methods.steps import (FLOW_WEIGHTING_OF, PREDICTION_TYPES, accumulating,  # noqa: F401
+                                 backward, clip_gradients, make_ema, micro_batch_generator,
+                                 noised_batch, optimizer_step, timestep_weights,
+                                 training_target, weighted_loss)
+from craft.methods.steps import weighted_loss as micro_batch_loss  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -95,64 +100,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------ timestep weighting
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def _prediction_type(scheduler) -> str:
-    kind = getattr(scheduler.config, "prediction_type", "epsilon")
-    if kind not in PREDICTION_TYPES:
-        raise CraftError(f"the model's scheduler has prediction_type={kind!r}; training supports "
-                         f"{', '.join(PREDICTION_TYPES)}; fix scheduler/scheduler_config.json")
-    return kind
-
-
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor,
-                    t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to output: the noise (epsilon models: SD1.5, SDXL), the
-    velocity alpha*eps - sigma*x0 (v-prediction: SD2.x-v, zero-terminal-SNR models) or x0."""
-    kind = _prediction_type(scheduler)
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    return x0
-
-
-def timestep_weights(scheduler, mode: str, snr_gamma: float = 5.0) -> torch.Tensor:
-    """w(t) for every training timestep, normalised to mean 1 so learning rates carry over.
-
-    - uniform: the plain MSE on the model's own target (noise, velocity or x0).
-    - elbo: the paper's eq. 9 weight on the epsilon error, (1 - abar_t) / (2 sigma_t^2 abar_t)
-      with sigma_t^2 = beta_t.
-    - min_snr: min(SNR_t, gamma) / SNR_t on the epsilon error (Hang et al. 2023).
-
-    elbo and min_snr are defined on the epsilon error; for a v- or x0-prediction model they are
-    carried over exactly, since ||eps_hat - eps||^2 = abar_t ||v_hat - v||^2 =
-    SNR_t ||x0_hat - x0||^2. The products are written out so that a zero-terminal-SNR schedule
-    (abar = 0 at the last step) stays finite.
-    """
-    from diffusers.training_utils import compute_snr
-
-    kind = _prediction_type(scheduler)
-    abar = scheduler.alphas_cumprod.double()
-    beta = scheduler.betas.double()
-    snr = compute_snr(scheduler, torch.arange(len(abar))).double()
-    if mode == "uniform":
-        w = torch.ones_like(abar)
-    elif mode == "elbo":
-        w = {"epsilon": (1 - abar) / (2 * beta * abar.clamp_min(1e-12)),
-             "v_prediction": (1 - abar) / (2 * beta),
-             "sample": 1 / (2 * beta)}[kind]
-    elif mode == "min_snr":
-        clipped = torch.clamp(snr, max=snr_gamma)
-        w = {"epsilon": clipped / snr.clamp_min(1e-12),
-             "v_prediction": clipped / (snr + 1),
-             "sample": clipped}[kind]
-    else:
-        raise CraftError(f"train.timestep_weighting={mode!r} is not one of uniform, elbo, min_snr")
-    return (w / w.mean()).float()
 
 
 # ------------------------------------------------------------------------ conditioning
@@ -196,10 +143,6 @@ def empty_conditioning(pipe, device, size: tuple[int, int] | None = None) -> dic
         empty["hidden"] = torch.zeros_like(empty["hidden"])
         empty["text_embeds"] = torch.zeros_like(empty["text_embeds"])
     return empty
-
-
-def _gather(cond: dict, idx: torch.Tensor) -> dict:
-    return {k: v[idx] for k, v in cond.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +285,6 @@ def check_train_options(cfg) -> None:
 
 
 # train.timestep_weighting on a flow model -> diffusers' weighting scheme (craft.models.flow)
-FLOW_WEIGHTING_OF = {"uniform": "none", "sigma_sqrt": "sigma_sqrt", "cosmap": "cosmap"}
 UNET_WEIGHTINGS = _UNET_W  # (craft.run.choices)
 
 
@@ -424,7 +366,7 @@ def use_sharding(cfg, accelerator) -> bool:
     """FSDP when the config (or the user's accelerate config) asks, training is full
     fine-tuning and there are processes to shard over. LoRA's frozen weights stay whole on
     every process (its point is that they fit); it runs data parallel."""
-    from craft.planning.plan import effective_sharding
+    from craft.models.sharding import effective_sharding
 
     if effective_sharding(cfg) != "fsdp" or accelerator.num_processes == 1:
         return False
@@ -483,9 +425,10 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
     else:
         raw = float32_copy(base)
         raw.requires_grad_(True)
-        # the frozen base stays on the device when a loss compares with it (anchor, DPO)
-        needs_base = (tc.anchor_weight > 0 or tc.method == "dpo"
-                      or (tc.method == "grpo" and cfg.grpo.kl_weight > 0))
+        # the frozen base stays on the device when a loss compares with it (anchor, DPO, KL)
+        from craft.methods.registry import get_method
+
+        needs_base = get_method(tc.method).needs_base(cfg)
         anchor, input_dtype = (base if needs_base else None), torch.float32
         if anchor is None:
             _offload(base, restore)
@@ -508,12 +451,7 @@ def build_trainable(cfg, pipe, accelerator) -> Trainable:
     model = raw
     if not sharded:
         model, opt = accelerator.prepare(raw, opt)
-    ema = None
-    if tc.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        # foreach kernels have no DTensor sharding rules (copy_, lerp_): per tensor when sharded
-        ema = EMAModel(params, decay=tc.ema_decay, foreach=not sharded)
+    ema = make_ema(params, tc.ema_decay, sharded)
     return Trainable(model, raw, params, opt, ema, tc.lora, sharded, anchor, input_dtype,
                      model_dtype, restore)
 
@@ -603,145 +541,12 @@ def _is_denoiser(pipe, module) -> bool:
     return module is denoiser(pipe)
 
 
-def _generator(tc, step: int, micro: int, process: int) -> torch.Generator:
-    """The draws of one micro-batch: a function of (seed, step, micro-batch, process), so a
-    resumed run draws exactly what the uninterrupted run drew."""
-    return torch.Generator().manual_seed(
-        ((tc.seed * 1_000_003 + step) * 1009 + micro) * 97 + process)
-
-
-@dataclasses.dataclass
-class Noised:
-    """One micro-batch on its way into the denoiser: the noisy latents, their timesteps, the
-    target the model should predict, the per-sample w(t) and the (dropped-out) conditioning."""
-
-    xt: torch.Tensor
-    t: torch.Tensor
-    target: torch.Tensor
-    w: torch.Tensor
-    cond: dict
-
-
-def noised_batch(noise_sched, w_t, data: TrainData, tc, idx: torch.Tensor, gen, device,
-                 share: int = 1) -> Noised:
-    """Draw x0 from each image's latent posterior, noise it at a random timestep, and drop the
-    prompt with probability ``train.cond_dropout``. ``share`` = 2: ``idx`` is two halves (DPO's
-    winners then losers) that get the same noise, timestep and dropout, so their errors compare
-    the images and nothing else. The order of the draws is fixed (resume depends on it)."""
-    x0 = data.lat_mean[idx] + data.lat_std[idx] * torch.randn(
-        data.lat_mean[idx].shape, generator=gen).to(device)
-    x0 = (x0 - data.shift) * data.scaling
-    n = len(idx) // share
-    noise = torch.randn((n, *x0.shape[1:]), generator=gen).to(device).repeat(
-        share, *[1] * (x0.dim() - 1))
-    if is_flow_scheduler(noise_sched):
-        sigmas, t = sample_sigmas(noise_sched, n, tc.timestep_sampling,
-                                  logit_mean=tc.logit_mean, logit_std=tc.logit_std,
-                                  mode_scale=tc.mode_scale, generator=gen)
-        sigmas, t = sigmas.to(device).repeat(share), t.to(device).repeat(share)
-        xt = noisy(x0, noise, sigmas)
-        target = velocity_target(x0, noise)
-        w = flow_loss_weight(sigmas, FLOW_WEIGHTING_OF[tc.timestep_weighting])
-    else:
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (n,),
-                          generator=gen).to(device).repeat(share)
-        xt = noise_sched.add_noise(x0, noise, t)
-        target = training_target(noise_sched, x0, noise, t)
-        w = w_t[t]
-    c = _gather(data.cond, idx)
-    drop = (torch.rand(n, generator=gen) < tc.cond_dropout).to(device).repeat(share)
-    if drop.any():
-        for k in c:
-            c[k] = torch.where(drop.view(-1, *[1] * (c[k].dim() - 1)),
-                               data.empty[k].expand_as(c[k]), c[k])
-    return Noised(xt, t, target, w, c)
-
-
-def _predict(model, data: TrainData, nb: Noised, accelerator) -> torch.Tensor:
-    with accelerator.autocast():
-        return data.call(model, nb.xt.to(data.input_dtype), nb.t,
-                         {k: v.to(data.input_dtype) for k, v in nb.cond.items()})
-
-
-def _sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error, in float32."""
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, pred.dim())))
-
-
-def micro_batch_loss(unet, noise_sched, w_t: torch.Tensor, data: TrainData, tc, step: int,
-                     micro: int, process: int, accelerator, base_unet=None) -> torch.Tensor:
-    """One micro-batch of L = mean_i weight_i * w(t_i) * ||pred - target||^2
-    (+ anchor_weight * mean_i ||pred - pred_base||^2 when ``train.anchor_weight`` > 0).
-
-    The anchor term compares the tuned prediction with the frozen base model's (``base_unet``;
-    for LoRA the same module with its adapters disabled) on the same noisy input, timestep and
-    conditioning. For two samplers whose reverse steps are Gaussians of equal variance, the KL
-    divergence of one from the other is a weighted sum of exactly these squared differences, so
-    this is the KL-style regulariser of DiffusionNFT / AWM: it lets the advantage-weighted term
-    pull toward the kept images while charging for every move away from what the base model
-    would predict. It is not weighted by the sample's advantage (the base is where every sample
-    should stay near). At weight 0 it is not computed: the loss is the plain CRAFT loss, bit for
-    bit.
-    """
-    device = accelerator.device
-    gen = _generator(tc, step, micro, process)
-    idx = torch.randint(0, len(data), (tc.micro_batch,), generator=gen).to(device)
-    nb = noised_batch(noise_sched, w_t, data, tc, idx, gen, device)
-    pred = _predict(unet, data, nb, accelerator)
-    loss = (data.weights[idx] * nb.w * _sq_error(pred, nb.target)).mean()
-    if tc.anchor_weight > 0 and base_unet is not None:
-        ref = _base_prediction(base_unet, data, nb.xt, nb.t, nb.cond, accelerator)
-        loss = loss + tc.anchor_weight * _sq_error(pred, ref).mean()
-    return loss
-
-
-def dpo_micro_batch_loss(model, noise_sched, w_t, data: TrainData, tc, beta: float, step: int,
-                         micro: int, process: int, accelerator, ref_model
-                         ) -> tuple[torch.Tensor, dict]:
-    """One micro-batch of Diffusion-DPO (craft.methods.dpo): ``train.micro_batch`` pairs, winners and
-    losers in one forward pass with shared noise, timestep and dropout; the reference is the
-    frozen base (LoRA: the same module with its adapters off). Unweighted over t, as the DPO
-    derivation absorbs the ELBO weight into beta."""
-    from craft.methods.dpo import dpo_loss
-
-    device = accelerator.device
-    gen = _generator(tc, step, micro, process)
-    k = torch.randint(0, len(data.pairs), (tc.micro_batch,), generator=gen)
-    idx = torch.cat([data.pairs[k, 0], data.pairs[k, 1]]).to(device)
-    nb = noised_batch(noise_sched, w_t, data, tc, idx, gen, device, share=2)
-    err = _sq_error(_predict(model, data, nb, accelerator), nb.target)
-    ref = _sq_error(_base_prediction(ref_model, data, nb.xt, nb.t, nb.cond, accelerator),
-                    nb.target)
-    n = len(k)
-    return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta)
-
-
-@contextlib.contextmanager
-def as_base(base):
-    """``base`` as the frozen base model: a LoRA run's denoiser with its adapters off for the
-    duration (a full run's base has none). Yields the dtype to feed it."""
-    adapters = bool(getattr(base, "_hf_peft_config_loaded", False))
-    if adapters:
-        base.disable_adapters()
-    try:
-        yield next(base.parameters()).dtype
-    finally:
-        if adapters:
-            base.enable_adapters()
-
-
-def _base_prediction(base, data: TrainData, xt, t, c, accelerator):
-    with torch.no_grad(), accelerator.autocast(), as_base(base) as dtype:
-        return data.call(base, xt.to(dtype), t, {k: v.to(dtype) for k, v in c.items()})
-
-
 @contextlib.contextmanager
 def tuned_pipeline(pipe, tr: Trainable):
     """``pipe`` generating with the weights being trained (EMA if kept): LoRA's adapters are
     already in the pipeline's denoiser; a full run's float32 copy is swapped in, under autocast
     to the pipeline's dtype when they differ (no model-dtype copy is made)."""
-    from craft.run.checkpoints import ema_weights
+    from craft.models.checkpoints import ema_weights
     from craft.models.families import denoiser, set_denoiser
 
     original = denoiser(pipe)
@@ -784,7 +589,7 @@ def finish(cfg, pipe, tr: Trainable, out_dir: Path, steps: int, meta: dict,
     """out_dir/final: a LoRA run's adapters (+ the merged pipeline with ``train.save_merged``),
     a full run's complete pipeline; with a craft_train.json saying what made it. Every process
     calls it (a sharded model is gathered by all); the main process writes."""
-    from craft.run.checkpoints import ema_weights, full_state, write_pipeline
+    from craft.models.checkpoints import ema_weights, full_state, write_pipeline
     from craft.run.config import config_to_dict
     from craft.run.fsutil import atomic_dir
     from craft.models.lora import TRAIN_RECORD, merged_state, save_lora
@@ -810,36 +615,6 @@ def finish(cfg, pipe, tr: Trainable, out_dir: Path, steps: int, meta: dict,
 
 
 # ------------------------------------------------------------------------ the loop
-
-
-@contextlib.contextmanager
-def _accumulating(tr: Trainable, accelerator, micro: int, accum: int):
-    """Gradient accumulation: accelerate's for one process or DDP; for FSDP, gradients are
-    reduce-scattered only after the last micro-batch."""
-    if not tr.sharded:
-        with accelerator.accumulate(tr.model):
-            yield
-        return
-    tr.raw.set_requires_gradient_sync(micro == accum - 1)
-    yield
-
-
-def _backward(tr: Trainable, accelerator, loss, accum: int) -> None:
-    if tr.sharded:
-        (loss / accum).backward()
-    else:
-        accelerator.backward(loss)  # divides by the accumulation steps
-
-
-def _clip(tr: Trainable, accelerator, max_norm: float) -> float:
-    if tr.sharded:
-        norm = torch.nn.utils.clip_grad_norm_(tr.params, max_norm if max_norm > 0 else
-                                              float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(tr.params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in tr.params
-                                         if p.grad is not None])))
 
 
 @dataclasses.dataclass
@@ -894,26 +669,26 @@ def run_meta(cfg, **extra) -> dict:
 def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
           callbacks: TrainCallbacks | None = None, resume: bool = False, pipe=None,
           meta: dict | None = None, pairs=None) -> TrainResult:
-    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant]).
+    """Fine-tune ``cfg.model`` on ``train_df`` (columns image_path, prompt, weight[, variant])
+    with ``train.method``'s micro-batch loss (craft/methods/: its ``micro_loss``).
 
     ``pipe`` may be passed to reuse an already loaded base pipeline: it is given back as it
     came (LoRA adapters removed, offloaded parts back on the device). ``meta`` is saved with
     every checkpoint (craft.stages.engine puts the run name and the kept-set digest there). Under
     several processes the main one saves (all of them, for a sharded model); every process
-    returns. ``train.method`` = dpo: ``pairs`` holds the (n_pairs, 2) rows of ``train_df`` that
-    are each pair's winner and loser (craft.methods.dpo.pair_images). (grpo: craft.methods.grpo.train_grpo.)
+    returns. A pair method: ``pairs`` holds the (n_pairs, 2) rows of ``train_df`` that are each
+    pair's winner and loser (craft.methods.dpo.pair_images).
     """
-    tc = cfg.train
+    from craft.methods.registry import get_method
+
     _check_training_frame(train_df)
     out_dir = Path(out_dir)
     ses = open_session(cfg, out_dir, pipe)
     pipe, accelerator = ses.pipe, ses.accelerator
     data = encode_dataset(cfg, pipe, train_df, accelerator.device)
-    if tc.method == "dpo":
-        if pairs is None or len(pairs) == 0:
-            raise CraftError("train.method=dpo needs winner / loser pairs (craft.methods.dpo."
-                             "build_pairs); none were given")
-        data.pairs = torch.as_tensor(np.asarray(pairs), dtype=torch.long)
+    if pairs is not None:
+        data.pairs = torch.as_tensor(np.asarray(pairs), dtype=torch.long).reshape(-1, 2)
+    micro_loss = get_method(cfg.train.method).micro_loss(cfg, data)
     restore: list = []
     offload_encoders(pipe, restore)
     tr = build_trainable(cfg, pipe, accelerator)
@@ -925,21 +700,13 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     def step_fn(step: int) -> dict:
         losses, extras = [], []
         for micro in range(accum):
-            with _accumulating(tr, accelerator, micro, accum):
-                if data.pairs is not None:
-                    loss, extra = dpo_micro_batch_loss(
-                        tr.model, ses.noise_sched, ses.w_t, data, tc, cfg.dpo.beta, step, micro,
-                        accelerator.process_index, accelerator, tr.base)
-                    extras.append(extra)
-                else:
-                    loss = micro_batch_loss(tr.model, ses.noise_sched, ses.w_t, data, tc, step,
-                                            micro, accelerator.process_index, accelerator,
-                                            tr.base)
-                _backward(tr, accelerator, loss, accum)
+            with accumulating(tr, accelerator, micro, accum):
+                loss, extra = micro_loss(tr, ses, step, micro)
+                backward(tr, accelerator, loss, accum)
                 losses.append(loss.item())
+                extras.append(extra)
         return {"loss": float(np.mean(losses)),
-                **{k: float(np.mean([e[k] for e in extras])) for k in (extras[0] if extras
-                                                                         else {})}}
+                **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]}}
 
     try:
         return run_loop(cfg, pipe, tr, step_fn, out_dir, callbacks or TrainCallbacks(), resume,
@@ -989,6 +756,25 @@ def _forget_other_precision(mixed: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def learning_rate(tc, step: int) -> float:
+    """``train.lr`` after a linear warm-up over ``train.lr_warmup_steps`` (lr * (step + 1) /
+    warmup: no wasted step at lr 0)."""
+    if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
+        return tc.lr * (step + 1) / tc.lr_warmup_steps
+    return tc.lr
+
+
+def _resume_step(out_dir: Path, tr: Trainable, meta: dict) -> int:
+    """The step the last checkpoint of ``out_dir`` reached, its state loaded (0 without one)."""
+    from craft.models.checkpoints import load_checkpoint
+
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        log.info("no checkpoint in %s; starting from step 0", out_dir)
+        return 0
+    return load_checkpoint(ck, tr.raw, tr.ema, tr.opt, meta)
+
+
 def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: Path,
              cb: TrainCallbacks, resume: bool, meta: dict, accelerator,
              boundary: int = 1) -> TrainResult:
@@ -997,22 +783,12 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
     (``loss`` and the method's own); clipping, the optimizer and the EMA step are here. A
     cancel is honoured at steps that are multiples of ``boundary`` (GRPO: between rounds, so
     the checkpoint it leaves resumes exactly)."""
-    from craft.run.checkpoints import load_checkpoint, save_checkpoint
+    from craft.models.checkpoints import save_checkpoint
 
     tc = cfg.train
     main = accelerator.is_main_process
-    start = 0
-    if resume:
-        ck = latest_checkpoint(out_dir)
-        if ck is None:
-            log.info("no checkpoint in %s; starting from step 0", out_dir)
-        else:
-            start = load_checkpoint(ck, tr.raw, tr.ema, tr.opt, meta)
-
-    def lr_at(step: int) -> float:
-        if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
-            return tc.lr * (step + 1) / tc.lr_warmup_steps
-        return tc.lr
+    start = _resume_step(out_dir, tr, meta) if resume else 0
+    lr_at = functools.partial(learning_rate, tc)
 
     def checkpoint(step: int) -> None:
         path = save_checkpoint(out_dir, step, pipe=pipe, model=tr.raw, ema=tr.ema, opt=tr.opt,
@@ -1046,11 +822,8 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
             for g in tr.opt.param_groups:
                 g["lr"] = lr_at(step)
             metrics = step_fn(step)
-            grad_norm = _clip(tr, accelerator, tc.max_grad_norm)
-            tr.opt.step()
-            tr.opt.zero_grad(set_to_none=True)
-            if tr.ema is not None:
-                tr.ema.step(tr.params)
+            grad_norm = clip_gradients(tr, accelerator, tc.max_grad_norm)
+            optimizer_step(tr)
             start = done = step + 1
             logged = {**metrics, "grad_norm": grad_norm, "lr": lr_at(step),
                       "step_time": time.perf_counter() - t0}

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from craft import CraftError
+from craft.run.layout import LORA_WEIGHTS  # diffusers' default weight_name
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
 TRAIN_RECORD = "craft_train.json"
 
 # LoRA targets: the attention projections, as diffusers' LoRA scripts choose them (for the MMDiT
@@ -133,7 +133,7 @@ def lora_base(path: str | Path) -> dict | None:
 def apply_lora(pipe, folder: str | Path, fuse: bool = True):
     """Load the adapters in ``folder`` into ``pipe`` (``load_lora_weights``); with ``fuse``
     merge them into the weights and drop the adapter layers, so the pipeline is a plain one."""
-    from craft.models.loading import LOAD_LOCK
+    from craft.run.devices import LOAD_LOCK
 
     try:
         with LOAD_LOCK:

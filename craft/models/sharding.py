@@ -14,6 +14,8 @@ the forward and gathered again for the backward).
 
 from __future__ import annotations
 
+import os
+
 import logging
 
 import torch
@@ -67,6 +69,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+
+def effective_sharding(cfg) -> str:
+    """``train.sharding``, or fsdp when the user's accelerate config turns FSDP on."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return cfg.train.sharding
 
 
 __all__ = ["UNIT_CLASSES", "fully_shard_model", "is_sharded", "largest_unit_numel",

@@ -36,15 +36,18 @@ def measure_training_step(cfg, frame, out_dir, pipe) -> Measured:
 
     if cfg.train.steps < 2:
         raise ValueError("measure at least 2 steps: the first one allocates AdamW's state")
-    if cfg.train.method == "grpo":
-        raise ValueError("train.method=grpo samples its own data: its step is not measured "
-                         "here (measure craft, sft or dpo)")
+    from craft.methods.registry import get_method
+
+    method = get_method(cfg.train.method)
+    if method.online:
+        raise ValueError(f"train.method={method.name} samples its own data: its step is not "
+                         "measured here (measure an offline method: craft, sft or dpo)")
     tracker = MemoryTracker()
-    dpo = cfg.train.method == "dpo"
-    if cfg.train.lora or cfg.train.anchor_weight > 0 or dpo:  # the frozen base stays
+    if cfg.train.lora or method.needs_base(cfg):  # the frozen base stays
         tracker.track_module(denoiser(pipe), trainable="weights")
-    # DPO: consecutive images as (winner, loser) pairs; memory does not depend on which
-    pairs = np.arange(len(frame) // 2 * 2).reshape(-1, 2) if dpo else None
+    # pairs: consecutive images as (winner, loser); memory does not depend on which
+    pairs = (np.arange(len(frame) // 2 * 2).reshape(-1, 2) if method.data == "pairs"
+             else None)
     seen: dict = {}
 
     def on_step(step, total, metrics):

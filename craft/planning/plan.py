@@ -17,6 +17,8 @@ import logging
 import os
 
 from craft import CraftError
+from craft.methods.registry import get_method
+from craft.models.sharding import effective_sharding
 from craft.planning.hardware import (DEFAULT_UTILIZATION, MARGIN_TEXT, Gpu, hours, resolve_gpu,
                                      with_margin)
 from craft.planning.simulate import (GIB, Sim, TrainSetup, simulate_generation, simulate_reward,
@@ -171,10 +173,11 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         return None if units is None else hours(units * flops, gpus, gpu, utilization)
 
     stages = []
-    online = t.method == "grpo"
-    if online:  # GRPO samples its own images in training: no candidate pool
-        notes.append("train.method=grpo: no candidate pool; the images are sampled in "
-                     "training (the 'GRPO: sample a round' stage)")
+    method = get_method(t.method)
+    online = method.online
+    if online:  # an online method samples its own images in training: no candidate pool
+        notes.append(f"train.method={method.name}: no candidate pool; the images are sampled "
+                     "in training (the 'GRPO: sample a round' stage)")
     else:
         gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
                                   cfg.model.vae_slicing)
@@ -183,10 +186,8 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         stages.append(_scoring(cfg, gpu, n_images, timed))
     setup = TrainSetup.from_config(cfg, gpus, pool=n_images, family=spec.family)
     train = simulate_training(spec, setup)
-    if not online:
-        stages.append(_stage("training: encode the kept set" if t.method in ("craft", "sft")
-                             else "training: encode the pairs' images",
-                             _gib(train["data"].parts), gpu))
+    if method.data_stage:
+        stages.append(_stage(method.data_stage, _gib(train["data"].parts), gpu))
     step = train["step"]
     parts = _gib(step.parts)
     ddp = gpus > 1 and sharding == "none"
@@ -194,16 +195,10 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         parts["gradients"] = step.extra["trainable_numel"] * 4 / GIB
     if sharding == "fsdp" and gpus > 1 and not t.lora:
         parts = _sharded(parts, gpus, step.extra)
-    samples, unit = t.steps * t.effective_batch, "sample"
-    step_notes = list(step.notes)
-    if t.method == "dpo":  # a sample is a pair: two images through the model and the reference
-        samples, unit = 2 * t.steps * t.effective_batch, "pair image"
-        step_notes.append(f"Diffusion-DPO: {t.micro_batch} pairs a micro-batch = "
-                          f"{2 * t.micro_batch} images through the tuned model and the frozen "
-                          "reference")
+    samples, unit, method_notes = method.plan_samples(cfg, spec.family)
+    step_notes = list(step.notes) + method_notes
     if online:
-        rows, resident = _grpo_rows(cfg, spec), _grpo_resident(cfg, spec)
-        samples, unit = rows, "(image, step) row"
+        resident = _grpo_resident(cfg, spec)
         parts["weights"] = parts.get("weights", 0) + resident
         step_notes.append(f"GRPO: the rewards and the VAE stay on the device all run "
                           f"({resident:.1f} GiB, in weights)")
@@ -224,13 +219,6 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     if suggest and not plan.fits:
         suggest_fixes(cfg, plan, spec)
     return plan
-
-
-def effective_sharding(cfg) -> str:
-    """``train.sharding``, or fsdp when the user's accelerate config turns FSDP on."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "fsdp"
-    return cfg.train.sharding
 
 
 def _stage(name, parts, gpu, units=None, unit="image", flops=0.0, hours_=None, notes=None):
@@ -312,15 +300,6 @@ def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) 
     return _stage("checkpoint + previews", parts, gpu, notes=notes)
 
 
-def _grpo_rows(cfg, spec: ModelSpec) -> int:
-    """(image, sampler step) rows GRPO trains on over the run, doubled by guidance."""
-    from craft.methods.grpo import sampling_guidance, steps_trained
-
-    g = cfg.grpo
-    per_step = g.prompts_per_step * g.group_size * steps_trained(g)
-    return cfg.train.steps * per_step * (2 if sampling_guidance(spec.family, cfg) > 1 else 1)
-
-
 def _grpo_resident(cfg, spec: ModelSpec) -> float:
     """GiB GRPO keeps on the device beside the trained model: the VAE (to decode each round)
     and every training reward (to score it)."""
@@ -334,7 +313,7 @@ def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: st
                    timed, resident: float) -> StagePlan:
     """A GRPO round: the resident training state, the VAE and the rewards, and the sampler's
     activations (the denoiser under no_grad, guidance doubling the batch), then scoring."""
-    from craft.methods.grpo import sampling_guidance
+    from craft.methods.grpo import sampled_images, sampling_guidance
 
     g, t = cfg.grpo, cfg.train
     after = _gib(step.extra["after_step"])
@@ -350,7 +329,7 @@ def _grpo_sampling(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: st
     parts = dict(after)
     parts["weights"] = parts.get("weights", 0) + resident  # the VAE and the rewards
     parts["activations"] = sum(v for k, v in sim.parts.items() if k != "weights") / GIB
-    images = t.steps // max(1, g.updates) * g.prompts_per_step * g.group_size
+    images = sampled_images(cfg)
     notes = [f"{g.prompts_per_step} prompts x {g.group_size} images a round, "
              f"{g.num_inference_steps} sampler steps, {batch} images a batch per GPU; the "
              "log-probabilities and latents of every step kept (in data)"]

@@ -270,27 +270,13 @@ class TrainSetup:
         - grpo: ``micro_batch`` (image, sampler step) items, doubled by classifier-free
           guidance, the frozen base only with a KL term; its data are each process's round of
           latent trajectories."""
-        t, m = cfg.train, cfg.train.method
-        mp = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
-        micro, accumulation = t.micro_batch, max(1, t.effective_batch // (t.micro_batch
-                                                                          * processes))
-        anchor, n_data = t.anchor_weight > 0, cfg.filter.top_k
-        if m == "dpo":
-            d = cfg.dpo
-            micro, anchor = 2 * t.micro_batch, True
-            n_data = 2 * (d.max_pairs or cfg.filter.top_k)
-            if pool is not None:
-                n_data = min(n_data, pool)
-        elif m == "grpo":
-            from craft.methods.grpo import sampling_guidance, steps_trained
+        from craft.methods.registry import get_method
 
-            g = cfg.grpo
-            cfg_on = sampling_guidance(family or cfg.model.family, cfg) > 1.0
-            micro = t.micro_batch * (2 if cfg_on else 1)
-            anchor = g.kl_weight > 0
-            items = max(1, g.prompts_per_step // processes) * g.group_size
-            accumulation = max(1, -(-items * steps_trained(g) // t.micro_batch))
-            n_data = items * (g.num_inference_steps + 1)
+        t = cfg.train
+        mp = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
+        shape = get_method(t.method).plan_shape(cfg, processes, pool, family)
+        micro, accumulation, anchor, n_data = (shape.micro, shape.accumulation, shape.anchor,
+                                               shape.n_data)
         return cls(micro, accumulation, t.lora, t.lora_rank, t.lora_alpha,
                    cfg.model.gradient_checkpointing, mp, t.ema_decay > 0, t.use_8bit_adam,
                    anchor, n_data, t.guidance_scale, cfg.model.vae_slicing)
@@ -352,36 +338,9 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
         r.mem.reset_peak()
         resident = dict(r.mem.by_category)
         mp = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(s.mixed_precision)
-        # as craft.methods.training's autocast: no cache of cast weights
-        autocast = (torch.autocast("cpu", dtype=mp, cache_enabled=False) if mp
-                    else contextlib.nullcontext())
-        in_dtype = _dt(spec) if s.lora else torch.float32
-        b = s.micro_batch
-        call = _call(spec, s.guidance)
-        with r.flops(fw):
-            # as craft.methods.training.micro_batch_loss: x0, noise, the noisy input and the target in
-            # float32, the gathered conditioning, then both cast to what the denoiser takes
-            x0, noise = _latents(spec, b), _latents(spec, b)
-            xt, target = x0 * 0.5 + noise * 0.5, noise - x0
-            gathered = _conditioning(spec, b, torch.float32)
-            x = xt.to(in_dtype)
-            cond = {k: v.to(in_dtype) for k, v in gathered.items()}
-            t = _timesteps(spec, b)
-            with autocast:
-                pred = call(model, x, t, cond)
-                loss = (pred.float() - target).pow(2).mean()
-                if s.anchor:
-                    ref_model = base if base is not None else model
-                    with torch.no_grad():
-                        if s.lora:
-                            model.disable_adapters()
-                        ref = call(ref_model, x, t, cond)
-                        if s.lora:
-                            model.enable_adapters()
-                    loss = loss + (pred.float() - ref.float()).pow(2).mean()
-            with r.mem.phase("temporary"):
-                loss.backward()
-        del pred, loss, x, cond, x0, noise, xt, target, gathered
+        # its tensors are freed on return but for the timesteps and the anchor's reference
+        # output, held (as they were) to the end of this step
+        held = _micro_batch_backward(r, spec, s, model, base, mp, fw)  # noqa: F841
         with r.mem.phase("temporary"):
             opt.step()
         step_peak = dict(r.mem.peak_by_category)
@@ -393,10 +352,51 @@ def _step_cached(spec: ModelSpec, s: TrainSetup) -> Sim:
         unit = largest_unit_numel(model)
         trainable_numel = sum(p.numel() for p in params)
         del data
-    return Sim(step_peak, fw[0] / b, "sample", (), {
+    return Sim(step_peak, fw[0] / s.micro_batch, "sample", (), {
         "resident": resident, "after_step": after, "largest_param": largest,
         "unit_numel": unit, "trainable_numel": trainable_numel, "base_bytes": base_bytes,
         "compute_bytes": 2 if mp else 4})
+
+
+def _micro_batch_backward(r: _Run, spec: ModelSpec, s: TrainSetup, model, base, mp,
+                          fw: list) -> tuple:
+    """One micro-batch's forward (with the anchor's reference pass) and backward, as
+    craft.methods.training.micro_batch_loss and its autocast (``mp``) make them; the forward's
+    FLOPs are appended to ``fw``. Returns (timesteps, the anchor's reference output or None):
+    the caller holds them to the end of the step; every other tensor it made but the gradients
+    is gone when it returns, before the optimizer step."""
+    # as craft.methods.training's autocast: no cache of cast weights
+    autocast = (torch.autocast("cpu", dtype=mp, cache_enabled=False) if mp
+                else contextlib.nullcontext())
+    in_dtype = _dt(spec) if s.lora else torch.float32
+    b = s.micro_batch
+    call = _call(spec, s.guidance)
+    with r.flops(fw):
+        # as craft.methods.training.micro_batch_loss: x0, noise, the noisy input and the target in
+        # float32, the gathered conditioning, then both cast to what the denoiser takes
+        x0, noise = _latents(spec, b), _latents(spec, b)
+        xt, target = x0 * 0.5 + noise * 0.5, noise - x0
+        gathered = _conditioning(spec, b, torch.float32)
+        x = xt.to(in_dtype)
+        cond = {k: v.to(in_dtype) for k, v in gathered.items()}
+        t = _timesteps(spec, b)
+        ref = None
+        with autocast:
+            pred = call(model, x, t, cond)
+            loss = (pred.float() - target).pow(2).mean()
+            if s.anchor:
+                ref_model = base if base is not None else model
+                with torch.no_grad():
+                    if s.lora:
+                        model.disable_adapters()
+                    ref = call(ref_model, x, t, cond)
+                    if s.lora:
+                        model.enable_adapters()
+                loss = loss + (pred.float() - ref.float()).pow(2).mean()
+        with r.mem.phase("temporary"):
+            loss.backward()
+    del pred, loss, x, cond, x0, noise, xt, target, gathered
+    return t, ref
 
 
 @functools.lru_cache(maxsize=16)

@@ -24,7 +24,6 @@ files exactly as the loader will, but reads no weights.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -44,7 +43,7 @@ __all__ = [
     "NOT_PROVIDED", "unique_prompts",
     # offline weight lookup and safe loading, shared by the reward modules
     "hf_cache_dir", "find_hf_file", "find_hf_snapshot", "missing_files", "missing_weights",
-    "download_hint", "import_available", "load_tensor_state_dict", "load_matching",
+    "download_hint", "load_tensor_state_dict", "load_matching",
     "from_pretrained_strict",
 ]
 
@@ -289,10 +288,6 @@ def missing_weights(reward: str, what: str, looked: Iterable[str], how: str) -> 
     return MissingWeightsError(
         f"{reward}: {what} not found (looked in: {places}). Provide it with {how}, "
         f"or point to a local copy with --set rewards.paths.{reward}=/local/path")
-
-
-def import_available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 import yaml
 
 from craft import CraftError
-from craft.run.choices import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS, IMAGE_ENCODINGS,
-                         LEVEL_ROLES, LEVELS, MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES,
-                         PROMPT_FORMATS, ROLES, TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRACKERS,
-                         TRAIN_METHODS)
+from craft.run.choices import (ADVANTAGE_MODES, DIVERSITY_ENCODERS, EMBED_ENCODERS,
+                               GRPO_REUSE, GRPO_STEP_SELECTION, IMAGE_ENCODINGS, LEVEL_ROLES,
+                               LEVELS, MODEL_FAMILIES, NORMALIZATIONS, PAIR_RULES, PROMPT_FORMATS,
+                               ROLES, TIMESTEP_SAMPLING, TIMESTEP_WEIGHTINGS, TRACKERS,
+                               TRAIN_METHODS, parse_report_to)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "toy.yaml"
@@ -484,7 +485,10 @@ class FilterConfig(_Section):
                  "must weight at least one reward", "e.g. {toy_fidelity: 1.0}")
         for reward, w in self.weights.items():
             _require(math.isfinite(w) and w >= 0, self._key("weights"), self.weights,
-                     f"weight of {reward!r} must be finite and >= 0", "use a weight >= 0")
+                     f"weight of {reward!r} must be finite and >= 0"
+                     + (" (it is negative: weights are relative importances, and a negative "
+                        "one would reward getting worse on that reward)" if w < 0 else ""),
+                     "use a weight >= 0 (0 leaves the reward out of the composite)")
         _require(sum(self.weights.values()) > 0, self._key("weights"), self.weights,
                  "weights must not all be zero", "give at least one reward a positive weight")
 
@@ -589,8 +593,6 @@ class TrainConfig(_Section):
                 "Needs the tracker's package (pip install craft-studio[trackers]).")
 
     def _check(self) -> None:
-        from craft.methods.trackers import parse_report_to
-
         _require(all(n in TRACKERS for n in parse_report_to(self.report_to)),
                  self._key("report_to"),
                  self.report_to, f"names trackers other than none, {', '.join(TRACKERS)}",
@@ -676,15 +678,27 @@ class GRPOConfig(_Section):
         0.7, "Flow models: the SDE sampler's noise level a (sigma_t = a * sqrt(t / (1 - t))), "
              "as Flow-GRPO.")
     clip_range: float = _opt(
-        0.2, "PPO clip of the ratio pi_theta / pi_old around 1; matters from the second update "
-             "on a round's samples (ddpo-pytorch: 1e-4 at SD scale).")
+        1e-4, "PPO clip of the ratio pi_theta / pi_old around 1; matters from the second update "
+              "on a round's samples. ddpo-pytorch and flow_grpo use 1e-4 (flow_grpo's video "
+              "configs 1e-3); 0.2 (LLM PPO) clips nothing after a diffusion update.")
     kl_weight: float = _opt(
-        0.0, "Weight of the KL to the frozen base, per step ||mu_theta - mu_base||^2 / (2 "
-             "sigma_t^2) (Flow-GRPO's beta); 0 = off.")
-    updates: int = _opt(2, "Optimizer steps on each round's samples (the ratio departs from 1 "
-                           "after the first).")
+        0.0, "Flow-GRPO's beta: weight of the KL to the frozen base, per step the mean over the "
+             "latent of ||mu_theta - mu_base||^2 / (2 s^2), s the flow SDE's noise scale "
+             "a * sqrt(sigma / (1 - sigma)) without sqrt(|dt|) as flow_grpo writes it, or DDIM's "
+             "step std (the exact Gaussian KL). flow_grpo uses 0.01-0.04; 0 = off.")
+    updates: int = _opt(2, "Optimizer steps per round (the ratio departs from 1 after the "
+                           "first). With grpo.reuse = split each is one minibatch of the round.")
+    reuse: Literal[GRPO_REUSE] = _opt(
+        "split", "How a round's trajectories feed its updates: split = shuffled into "
+                 "grpo.updates disjoint minibatches, each trajectory used once per round "
+                 "(ddpo-pytorch, flow_grpo); whole = every update on the whole round.")
     timestep_fraction: float = _opt(
-        1.0, "Fraction of each trajectory's steps trained on per update (random, per sample).")
+        0.9, "Fraction of each trajectory's sampler steps trained on per update "
+             "(round(steps x fraction), at least 1).")
+    step_selection: Literal[GRPO_STEP_SELECTION] = _opt(
+        "first", "Which steps are trained: first = the first ones in sampling order, leaving "
+                 "out the last low-noise steps (flow_grpo trains 9 of 10, DanceGRPO drops the "
+                 "last ones); random = a random subset per sample and update (ddpo-pytorch).")
     adv_clip: float = _opt(5.0, "Clip advantages to [-adv_clip, adv_clip].")
     store_every: int = _opt(
         1, "Store the sampled images (as candidates of the training run) every N rounds; 0 = "

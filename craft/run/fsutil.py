@@ -58,12 +58,6 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
-def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
-    with atomic_file(target, "wb") as f:
-        f.write(data)
-    return Path(target)
-
-
 def save_image_atomic(image, target: str | os.PathLike, fsync: bool = True, **save_kw) -> Path:
     """``image.save`` (a PIL image) through :func:`atomic_file`; the format follows the suffix
     unless ``format=`` is given."""
@@ -132,4 +126,4 @@ def fingerprint(path: str | os.PathLike) -> str:
 
 
 __all__ = ["TMP_PREFIX", "fingerprint", "atomic_dir", "atomic_file", "copy_dir_atomic", "fsync_dir",
-           "replace_dir", "save_image_atomic", "write_bytes_atomic", "write_text_atomic"]
+           "replace_dir", "save_image_atomic", "write_text_atomic"]

@@ -16,6 +16,8 @@ from pathlib import Path
 TRAIN_DIR = "train"
 FINAL_DIR = "final"
 PREVIEWS_DIR = "previews"
+# the LoRA adapters of a checkpoint or final/ (diffusers' default weight_name; craft.models.lora)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 _CHECKPOINT = "checkpoint-"
 _STEP = "step-"
 

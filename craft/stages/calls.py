@@ -20,7 +20,16 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("prompts", "generate", "score", "train", "evaluate", "run")
+# The stages of the whole loop (``craft run``: the engine's ``run_all``), in order, each with
+# what its progress counts (front ends label their bars with it); None: a quick stage that runs
+# inside ``train`` (filter: the kept set; publish: RUN/final), with no command or bar of its own.
+# The one list of the stages: the commands, the units and the studio's loop line follow it.
+STAGES: dict[str, str | None] = {"prompts": "prompt", "generate": "img", "score": "score",
+                                 "filter": None, "train": "step", "publish": None,
+                                 "evaluate": "img"}
+STAGE_UNITS: dict[str, str] = {s: unit for s, unit in STAGES.items() if unit}
+# What a StageCall runs: each stage with a command of its own, and "run" (every stage).
+COMMANDS: tuple[str, ...] = (*STAGE_UNITS, "run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,4 +145,4 @@ def train_result(result, final) -> dict:
             "published": None if final is None else str(Path(final))}
 
 
-__all__ = ["COMMANDS", "Hooks", "StageCall", "run_call", "train_result"]
+__all__ = ["COMMANDS", "STAGES", "STAGE_UNITS", "Hooks", "StageCall", "run_call", "train_result"]

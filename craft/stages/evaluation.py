@@ -191,7 +191,7 @@ def load_for_eval(cfg, path: str, device: str | None = None):
     checkpoint (``checkpoint-N`` holds the denoiser, a UNet or a transformer, or the adapters),
     which is evaluated inside the base pipeline exactly as training saw it (revision, variant,
     single-file config, memory options)."""
-    from craft.run.checkpoints import checkpoint_denoiser, is_checkpoint
+    from craft.models.checkpoints import checkpoint_denoiser, is_checkpoint
     from craft.models.lora import LORA_WEIGHTS, apply_lora, is_lora_folder
     from craft.models.loading import load_from_config
     from craft.models.families import denoiser, set_denoiser
@@ -218,7 +218,7 @@ def _check_loadable(cfg, label: str, path: str) -> None:
     from craft import MissingWeightsError
     from craft.models.loading import check_model
 
-    from craft.run.checkpoints import checkpoint_denoiser
+    from craft.models.checkpoints import checkpoint_denoiser
 
     p = Path(path)
     if p.is_dir() and not (p / "model_index.json").exists() and checkpoint_denoiser(p):
@@ -318,9 +318,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     instead of being repeated (a rerun of ``craft run`` adds no second record). ``coverage``
     (the tuned model's kept set: prompts, largest share) is stored with the record.
     """
-    from craft.run.fsutil import save_image_atomic
-    from craft.stages.generation import SamplingParams, apply_scheduler, generate_images
-    from craft.rewards.configured import build_reward
+    from craft.stages.generation import SamplingParams
     from craft.run.handle import as_run
 
     run = as_run(run)
@@ -342,13 +340,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
                             guidance_scale=e.guidance_scale)
     labels = list(models)
     paths = {label: [out / label / f"{i:05d}.png" for i in range(len(plan))] for label in labels}
-    todo = None
-    if run.is_main:  # the images already there are reused (a rerun, or a cancelled run)
-        for label in labels:
-            _own_images(out / label, models[label])
-        todo = {label: [i for i, p in enumerate(paths[label]) if not p.exists()]
-                for label in labels}
-    todo = dist.broadcast(todo)
+    todo = _images_todo(run, models, out, paths)
     # Fail before any work when a model that still has images to make is not on disk.
     from craft.stages.diversity import check_encoder
 
@@ -356,10 +348,48 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
     for label in labels:
         if todo[label] and (pipes or {}).get(label) is None:
             _check_loadable(cfg, label, str(models[label]))
+    moved = _make_images(run, cfg, models, plan, paths, todo, params, pipes, progress,
+                         should_stop)
+    dist.barrier()  # every image exists before anyone scores
+    mine, rewards, values = _score_images(run, cfg, plan, paths)
+    for p, dev in moved:  # the caller's pipelines back where they were
+        p.to(dev)
+    gathered = dist.gather((mine, values))
+    result = None
+    if run.is_main:
+        result = _summarize_and_store(run.store, cfg, name, models, labels, plan, paths, out,
+                                      rewards, gathered, key, coverage)
+    return dist.broadcast(result)
+
+
+def _images_todo(run, models: Mapping[str, str], out: Path,
+                 paths: dict[str, list[Path]]) -> dict[str, list[int]]:
+    """Which images each model still has to make (label -> plan indices), on every process:
+    the images already there are reused (a rerun, or a cancelled run)."""
+    todo = None
+    if run.is_main:
+        for label in models:
+            _own_images(out / label, models[label])
+        todo = {label: [i for i, p in enumerate(paths[label]) if not p.exists()]
+                for label in models}
+    return run.dist.broadcast(todo)
+
+
+def _make_images(run, cfg, models: Mapping[str, str], plan, paths: dict[str, list[Path]],
+                 todo: dict[str, list[int]], params, pipes: Mapping[str, object] | None,
+                 progress: Callable[[int, int], None] | None,
+                 should_stop: Callable[[], bool] | None) -> list:
+    """Each model's missing images (``todo``), model after model, the processes sharing them in
+    rounds; returns the pipelines passed in that were moved off the GPU after their images, as
+    (pipeline, device) to move back."""
+    from craft.run.fsutil import save_image_atomic
+    from craft.stages.generation import apply_scheduler, generate_images
+
+    dist, e = run.dist, cfg.eval
     device = str(dist.model_device(cfg.model.device))
-    total, done = len(plan) * len(labels), 0
+    total, done = len(plan) * len(models), 0
     moved: list = []  # pipelines passed in, moved off the GPU after their images
-    for label in labels:
+    for label in models:
         missing = todo[label]
         done += len(plan) - len(missing)
         if not missing:
@@ -388,9 +418,16 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
                                "kept and running it again continues from them")
         _off_gpu(pipe, given=(pipes or {}).get(label) is pipe, moved=moved)
         del pipe
-    dist.barrier()  # every image exists before anyone scores
+    return moved
 
-    rows = [(label, i) for label in labels for i in range(len(plan))]
+
+def _score_images(run, cfg, plan, paths: dict[str, list[Path]]) -> tuple[list, list, dict]:
+    """This process's share of the images scored by every evaluation reward, one reward model
+    on the device at a time: (its (label, index) rows, the reward names, name -> values)."""
+    from craft.rewards.configured import build_reward
+
+    dist = run.dist
+    rows = [(label, i) for label in paths for i in range(len(plan))]
     mine = rows[dist.rank::dist.world]
     rewards = list(cfg.rewards.eval_names)
     images = [Image.open(paths[label][i]).convert("RGB") for label, i in mine]
@@ -401,14 +438,7 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
         fn = build_reward(cfg, r, device=rdevice)
         values[r] = [float(v) for v in fn(images, prompts)] if images else []
         del fn  # one reward model on the device at a time
-    for p, dev in moved:  # the caller's pipelines back where they were
-        p.to(dev)
-    gathered = dist.gather((mine, values))
-    result = None
-    if run.is_main:
-        result = _summarize_and_store(run.store, cfg, name, models, labels, plan, paths, out,
-                                      rewards, gathered, key, coverage)
-    return dist.broadcast(result)
+    return mine, rewards, values
 
 
 def _summarize_and_store(store, cfg, name, models, labels, plan, paths, out, rewards,

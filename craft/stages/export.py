@@ -32,9 +32,9 @@ def _num(v: Any) -> float | None:
 def export_imagefolder(kept: pd.DataFrame, run_dir: str | Path, rewards: Sequence[str],
                        settings: Mapping[str, Any], name: str | None = None
                        ) -> tuple[Path, Path]:
-    """Write ``kept`` (rows of :func:`craft.stages.engine.training_set`: image_path, prompt, variant,
-    ids, rewards, composite, advantage, weight[, override]) under RUN/exports/NAME; returns
-    (folder, zip)."""
+    """Write ``kept`` (the rows of a kept-set selection, craft.stages.selection.select: image_path,
+    prompt, variant, ids, rewards, composite, advantage, weight[, override]) under
+    RUN/exports/NAME; returns (folder, zip)."""
     from craft.run.fsutil import atomic_dir
 
     if kept.empty:

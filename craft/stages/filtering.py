@@ -32,9 +32,7 @@ Decisions the paper leaves open, taken here:
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, NoReturn
 
 import numpy as np
@@ -42,6 +40,7 @@ import pandas as pd
 
 from craft import CraftError
 from craft.run.choices import LEVEL_ROLES, LEVELS, NORMALIZATIONS, OVERRIDE_ACTIONS, ROLES
+from craft.run.config import ConfigError, FilterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,46 +66,61 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _config_field(name: str, help: str | None = None) -> Any:
+    """A FilterSettings field with craft.run.config.FilterConfig's default and help text: the
+    config holds the one set of defaults (and, through :meth:`FilterSettings._check_config`,
+    the one set of checks) for every field the two share."""
+    f = _CONFIG_FIELDS[name]
+    return field(default=f.default, metadata={"help": help or f.metadata["help"]})
+
+
+_CONFIG_FIELDS = {f.name: f for f in fields(FilterConfig)}
+# What FilterSettings allows beyond the config, said after the config's own message.
+_SETTINGS_NOTES = {"filter.top_k": " (here: an integer >= 1, or None to keep every passing "
+                                   "candidate)"}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (studio controls, frames) as Python values, for the config's type checks."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 @dataclass(frozen=True)
 class FilterSettings:
     """Everything that decides the selection; a value, so equal settings give equal results.
 
-    ``weights`` and ``roles`` are plain dicts (copied on construction) so that settings go through
-    ``dataclasses.asdict``, JSON and YAML unchanged; treat them as read-only and build new
-    settings with ``dataclasses.replace`` (which validates again). Hashable, so the studio can
-    cache selections by settings.
+    The fields the config's ``filter`` section has take its defaults and pass its checks
+    (craft.run.config.FilterConfig: one set of rules, with errors that name the config key);
+    ``rewards`` and ``roles`` come from elsewhere in a config (:meth:`from_config`) and are
+    checked here. ``weights`` and ``roles`` are plain dicts (copied on construction) so that
+    settings go through ``dataclasses.asdict``, JSON and YAML unchanged; treat them as read-only
+    and build new settings with ``dataclasses.replace`` (which validates again). Hashable, so
+    the studio can cache selections by settings.
     """
 
     rewards: tuple[str, ...] = field(default=(), metadata={
         "help": "Rewards in the composite R; empty = the keys of weights."})
     weights: dict[str, float] = field(default_factory=dict, metadata={
         "help": "Reward -> relative importance in R (>= 0; normalised to sum 1); empty = equal."})
-    normalization: str = field(default="zscore", metadata={
-        "help": "zscore | rank | minmax: how each reward is put on a common scale, computed over "
-                "the whole (scorable) candidate pool."})
-    level: str = field(default="hpa", metadata={
-        "help": "h | ha | hpa: beat the group reference on the rewards of those roles; custom: "
-                "on `require`; none: every scorable candidate passes."})
+    normalization: str = _config_field("normalization")
+    level: str = _config_field("level")
     roles: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Role letter (h, p, a) -> reward name, e.g. {'h': 'hpsv2'}."})
-    require: tuple[str, ...] = field(default=(), metadata={
-        "help": "Rewards to beat the reference on when level = custom."})
-    margin: float = field(default=0.0, metadata={
-        "help": "Beat the reference by more than this, in normalised units."})
-    top_k: int | None = field(default=100, metadata={
-        "help": "Keep at most K passing candidates, best composite first; None = all."})
-    include_reference: bool = field(default=True, metadata={
-        "help": "Whether images generated from the original prompt may be selected."})
-    per_prompt_cap: int | None = field(default=None, metadata={
-        "help": "Keep at most this many candidates of one original prompt (its best by R); "
-                "None = no cap. Spreads the kept set over more prompts."})
-    dedup_threshold: float | None = field(default=None, metadata={
-        "help": "Drop a passing candidate whose embedding has cosine similarity >= this with an "
-                "already kept, better one (the next passing candidate takes its place); None = "
-                "off. Needs embeddings (apply_filter's ``embeddings``)."})
-    replace_excluded: bool = field(default=False, metadata={
-        "help": "An image excluded by hand gives its place in the top K to the next passing "
-                "candidate (K stays K); False: it is just left out (the kept set shrinks)."})
+    require: tuple[str, ...] = _config_field("require")
+    margin: float = _config_field("margin")
+    top_k: int | None = _config_field("top_k", help=(
+        "Keep at most K passing candidates, best composite first; None = all."))
+    include_reference: bool = _config_field("include_reference")
+    per_prompt_cap: int | None = _config_field("per_prompt_cap")
+    dedup_threshold: float | None = _config_field("dedup_threshold", help=(
+        "Drop a passing candidate whose embedding has cosine similarity >= this with an "
+        "already kept, better one (the next passing candidate takes its place); None = off. "
+        "Needs embeddings (apply_filter's ``embeddings``)."))
+    replace_excluded: bool = _config_field("replace_excluded")
 
     def __post_init__(self) -> None:
         if isinstance(self.rewards, str) or isinstance(self.require, str):
@@ -117,13 +131,6 @@ class FilterSettings:
             which = "weights" if not isinstance(self.weights, Mapping) else "roles"
             _fail(which, getattr(self, which), "must be a mapping", "pass a dict")
         _set(self, "rewards", tuple(self.rewards) or tuple(self.weights))
-        _set(self, "require", tuple(self.require))
-        if self.normalization not in NORMALIZATIONS:
-            _fail("normalization", self.normalization, f"must be one of {list(NORMALIZATIONS)}",
-                  "zscore is a sound default")
-        if self.level not in LEVELS:
-            _fail("level", self.level, f"must be one of {list(LEVELS)}",
-                  "hpa is the paper's strictest and best level")
         if not self.rewards:
             _fail("rewards", self.rewards, "the composite needs at least one reward",
                   "name rewards, e.g. rewards=('hpsv2', 'pickscore', 'aes'), or give weights")
@@ -135,40 +142,15 @@ class FilterSettings:
         if bad_roles:
             _fail("roles", dict(self.roles), f"roles {bad_roles} are not among {list(ROLES)}",
                   "map h (HPS-like), p (PickScore-like) and a (aesthetic) to reward names")
+        self._check_config()
         missing = [r for r in LEVEL_ROLES.get(self.level, ()) if r not in self.roles]
         if missing:
             _fail("level", self.level, f"compares roles {list(LEVEL_ROLES[self.level])} but "
                   f"roles has no {missing} (roles = {dict(self.roles)})",
                   f"add {missing} to roles, or use level='custom' with require=(...)")
-        if self.level == "custom" and not self.require:
-            _fail("require", self.require, "must name at least one reward when level='custom'",
-                  "e.g. require=('hpsv2', 'aes'), or pick level h/ha/hpa")
-        if not (isinstance(self.margin, numbers.Real) and not isinstance(self.margin, bool)
-                and math.isfinite(self.margin)):
-            _fail("margin", self.margin, "must be a finite number", "use e.g. 0.0 or 0.1")
-        _set(self, "margin", float(self.margin))
-        if self.top_k is not None and (isinstance(self.top_k, bool)
-                                       or not isinstance(self.top_k, (int, np.integer))
-                                       or self.top_k < 1):
-            _fail("top_k", self.top_k, "must be an integer >= 1, or None to keep every passing "
-                  "candidate", "the paper keeps ~100 for I_hpa")
-        if not isinstance(self.include_reference, (bool, np.bool_)):
-            _fail("include_reference", self.include_reference, "must be True or False",
-                  "pass a bool")
-        if self.per_prompt_cap is not None and (isinstance(self.per_prompt_cap, bool)
-                                                or not isinstance(self.per_prompt_cap,
-                                                                  (int, np.integer))
-                                                or self.per_prompt_cap < 1):
-            _fail("per_prompt_cap", self.per_prompt_cap, "must be an integer >= 1, or None for "
-                  "no cap", "e.g. 3 keeps at most three images of any one prompt")
-        if self.dedup_threshold is not None:
-            if isinstance(self.dedup_threshold, bool) or not isinstance(
-                    self.dedup_threshold, numbers.Real) or not -1.0 <= self.dedup_threshold <= 1.0:
-                _fail("dedup_threshold", self.dedup_threshold, "must be a cosine similarity in "
-                      "[-1, 1], or None to keep near-duplicates", "e.g. 0.98")
-            _set(self, "dedup_threshold", float(self.dedup_threshold))
 
     def _check_weights(self) -> None:
+        """Which rewards are weighted (the values are the config's to check)."""
         weights = {str(k): v for k, v in self.weights.items()} or {r: 1.0 for r in self.rewards}
         stray = [r for r in weights if r not in self.rewards]
         if stray:
@@ -179,18 +161,23 @@ class FilterSettings:
             _fail("weights", weights, f"has no weight for rewards {unweighted}",
                   "give each composite reward a weight (0 keeps it out of R but still requires "
                   "it to be scored) or drop it from rewards")
-        for name, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-                _fail("weights", weights, f"weight of {name!r} must be a finite number",
-                      "use a number >= 0")
-            if w < 0:
-                _fail("weights", weights, f"weight of {name!r} is negative; weights are relative "
-                      "importances and a negative one would reward getting worse on that reward",
-                      "use a weight >= 0 (0 ignores the reward in the composite)")
-        if sum(weights.values()) <= 0:
-            _fail("weights", weights, "must not all be zero",
-                  "give at least one reward a positive weight")
-        _set(self, "weights", {k: float(v) for k, v in weights.items()})
+        _set(self, "weights", weights)
+
+    def _check_config(self) -> None:
+        """Every field the config's ``filter`` section shares, checked (and normalised: a
+        list becomes a tuple, an int weight a float) by FilterConfig itself."""
+        values = {name: _plain(getattr(self, name)) for name in _CONFIG_FIELDS}
+        if values["top_k"] is None:  # every passing candidate: a value only settings take
+            del values["top_k"]
+        try:
+            checked = FilterConfig(**values)
+        except ConfigError as e:
+            err = FilterError(f"{e}{_SETTINGS_NOTES.get(e.keys[0], '') if e.keys else ''}")
+            err.keys = e.keys
+            raise err from None
+        for name in values:
+            _set(self, name, getattr(checked, name))
+        _set(self, "weights", dict(self.weights))
 
     def __hash__(self) -> int:
         return hash((self.rewards, tuple(sorted(self.weights.items())), self.normalization,
@@ -212,22 +199,22 @@ class FilterSettings:
 
     @classmethod
     def from_config(cls, config: Any, **changes: Any) -> "FilterSettings":
-        """Settings from a ``CraftConfig`` (its ``filter`` and ``rewards`` sections), so the CLI
-        and the studio select exactly alike; ``changes`` override single fields (studio sliders)."""
+        """Settings from a ``CraftConfig`` (its ``filter`` section and ``rewards.roles``), so the
+        CLI, the engine and the studio select exactly alike; ``changes`` override single fields
+        (the studio's controls). Checked like any settings (the same rules as the config's)."""
         f, r = config.filter, config.rewards
-        values = dict(rewards=tuple(f.weights), weights=dict(f.weights),
-                      normalization=f.normalization, level=f.level, roles=dict(r.roles),
-                      require=tuple(f.require), margin=f.margin, top_k=f.top_k,
-                      include_reference=f.include_reference, per_prompt_cap=f.per_prompt_cap,
-                      dedup_threshold=f.dedup_threshold, replace_excluded=f.replace_excluded)
-        if changes:  # values from elsewhere (studio controls): check them here
-            return cls(**{**values, **changes})
-        # The config's own checks (craft.run.config: FilterConfig, RewardsConfig, CraftConfig) have
-        # passed, with errors in the config's terms; checking again would only repeat them.
-        settings = object.__new__(cls)
-        for name, value in values.items():
-            _set(settings, name, value)
-        return settings
+        values = {name: getattr(f, name) for name in _CONFIG_FIELDS}
+        values.update(rewards=tuple(f.weights), weights=dict(f.weights), roles=dict(r.roles))
+        if "weights" in changes and "rewards" not in changes:
+            changes = {**changes, "rewards": tuple(changes["weights"])}
+        return cls(**{**values, **changes})
+
+
+def short_reward_name(reward: str) -> str:
+    """A reward's name in a narrow column: ``toy_fidelity`` -> ``fid``; real names keep their
+    first 6 letters (``hpsv2``)."""
+    base = reward[4:] if reward.startswith("toy_") else reward
+    return base[:3] if reward.startswith("toy_") else base[:6]
 
 
 def required_rewards(settings: FilterSettings) -> list[str]:
@@ -416,35 +403,69 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
     """
     _check_frame(df, settings)
     names = list(settings.used_rewards)
-    n = len(df)
     raw = df[names].to_numpy(dtype=np.float64, copy=True)
     scorable = np.isfinite(raw).all(axis=1)
     raw[~scorable] = np.nan  # unscorable rows stay out of every statistic
     norm = _normalize_matrix(raw, settings.normalization)
+    g = _groups(df, norm, scorable, settings.margin)
+    col = {name: j for j, name in enumerate(names)}
+    eligible = scorable & (~g.is_ref | bool(settings.include_reference))
+    passes, level_pass = _passing(settings, scorable, g, col, eligible)
+    w = settings.normalized_weights
+    composite = norm[:, [col[r] for r in settings.rewards]] @ np.array(
+        [w[r] for r in settings.rewards])
+    cand_ids = df["candidate_id"].to_numpy()
+    sel = _select(df, settings, passes & eligible, composite, cand_ids, g.codes, scorable,
+                  overrides, embeddings)
+    frame = _annotated(df, names, norm, g, scorable, passes, composite, sel)
+    kept_pos = np.flatnonzero(sel.kept)
+    kept_pos = kept_pos[np.lexsort((cand_ids[kept_pos], -composite[kept_pos]))]
+    counts = _counts(settings, g, scorable, cand_ids, kept_pos, level_pass, sel)
+    cutoff = float(composite[kept_pos].min()) if kept_pos.size else None
+    return FilterResult(frame=frame, kept=frame.iloc[kept_pos], counts=counts, cutoff=cutoff,
+                        settings=settings)
 
+
+@dataclass(frozen=True)
+class _Groups:
+    """The groups (original prompts) of a pool and each candidate against its group's reference."""
+
+    codes: np.ndarray  # group code per candidate
+    uniques: np.ndarray  # prompt_id per group code
+    is_ref: np.ndarray  # generated from the original prompt (variant 0)
+    group_has_ref: np.ndarray  # per group: a scorable reference image exists
+    has_ref: np.ndarray  # per candidate: its group has a reference
+    ref: np.ndarray  # per candidate and reward: the group's reference (mean normalised score)
+    beats: np.ndarray  # per candidate and reward: normalised score > reference + margin
+
+
+def _groups(df: pd.DataFrame, norm: np.ndarray, scorable: np.ndarray, margin: float) -> _Groups:
     codes, uniques = pd.factorize(df["prompt_id"], sort=False)
     n_groups = len(uniques)
     is_ref = df["variant_idx"].to_numpy() == 0
     ref_rows = is_ref & scorable
     ref_count = np.bincount(codes[ref_rows], minlength=n_groups).astype(np.float64)
     group_has_ref = ref_count > 0
-    has_ref = group_has_ref[codes]
     ref = np.empty_like(norm)
     with np.errstate(invalid="ignore", divide="ignore"):
-        for j in range(len(names)):  # one pass per reward column
+        for j in range(norm.shape[1]):  # one pass per reward column
             sums = np.bincount(codes[ref_rows], weights=norm[ref_rows, j], minlength=n_groups)
             ref[:, j] = np.where(group_has_ref, sums / ref_count, np.nan)[codes]
-        beats = norm > ref + settings.margin  # NaN on either side compares False
+        beats = norm > ref + margin  # NaN on either side compares False
+    return _Groups(codes, np.asarray(uniques), is_ref, group_has_ref, group_has_ref[codes], ref,
+                   beats)
 
-    col = {name: j for j, name in enumerate(names)}
-    eligible = scorable & (~is_ref | bool(settings.include_reference))
+
+def _passing(settings: FilterSettings, scorable: np.ndarray, g: _Groups, col: dict,
+             eligible: np.ndarray) -> tuple[np.ndarray, dict[str, int | None]]:
+    """Who passes ``settings.level``, and how many eligible candidates pass each level."""
 
     def passing(required: list[str], compare: bool) -> np.ndarray:
         ok = scorable.copy()
         if compare:
-            ok &= has_ref
+            ok &= g.has_ref
             for r in required:
-                ok &= beats[:, col[r]]
+                ok &= g.beats[:, col[r]]
         return ok
 
     passes = passing(required_rewards(settings), settings.level != "none")
@@ -457,13 +478,30 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
             level_pass[level] = None
     if settings.level == "custom":
         level_pass["custom"] = int((passes & eligible).sum())
+    return passes, level_pass
 
-    w = settings.normalized_weights
-    composite = norm[:, [col[r] for r in settings.rewards]] @ np.array(
-        [w[r] for r in settings.rewards])
 
-    cand_ids = df["candidate_id"].to_numpy()
-    pool = np.flatnonzero(passes & eligible)
+@dataclass(frozen=True)
+class _Selected:
+    """What top-K, the per-prompt cap, near-duplicates and the overrides decided."""
+
+    kept: np.ndarray
+    rank: np.ndarray  # 1-based rank among the ranked candidates, 0 = not ranked
+    capped: np.ndarray
+    duplicate: np.ndarray
+    include: np.ndarray
+    exclude: np.ndarray
+    applied: dict
+    ignored: dict
+
+
+def _select(df: pd.DataFrame, settings: FilterSettings, candidates: np.ndarray,
+            composite: np.ndarray, cand_ids: np.ndarray, codes: np.ndarray,
+            scorable: np.ndarray, overrides, embeddings) -> _Selected:
+    """Rank the passing, eligible ``candidates`` by composite (ties by id), apply the cap,
+    near-duplicates and top-K, then the manual overrides."""
+    n = len(df)
+    pool = np.flatnonzero(candidates)
     ranked = pool[np.lexsort((cand_ids[pool], -composite[pool]))]
     capped = np.zeros(n, dtype=bool)
     if settings.per_prompt_cap is not None and ranked.size:
@@ -481,44 +519,48 @@ def apply_filter(df: pd.DataFrame, settings: FilterSettings,
     kept = np.zeros(n, dtype=bool)
     kept[ranked[:settings.top_k]] = True
     kept = (kept | include) & ~exclude
-    override_codes = np.where(include, 0, np.where(exclude, 1, -1))
+    return _Selected(kept, rank_values, capped, duplicate, include, exclude, applied, ignored)
 
+
+def _annotated(df: pd.DataFrame, names: list[str], norm: np.ndarray, g: _Groups,
+               scorable: np.ndarray, passes: np.ndarray, composite: np.ndarray,
+               sel: _Selected) -> pd.DataFrame:
+    """``df`` with the filter's columns (replacing those of an earlier run of the filter)."""
     added: dict[str, Any] = {}
     for j, name in enumerate(names):
         added[f"norm_{name}"] = norm[:, j]
     for j, name in enumerate(names):
-        added[f"ref_{name}"] = ref[:, j]
+        added[f"ref_{name}"] = g.ref[:, j]
     for j, name in enumerate(names):
-        added[f"beats_{name}"] = beats[:, j]
+        added[f"beats_{name}"] = g.beats[:, j]
+    override_codes = np.where(sel.include, 0, np.where(sel.exclude, 1, -1))
     added.update(
-        scorable=scorable, has_reference=has_ref, passes=passes, composite=composite,
-        rank=pd.arrays.IntegerArray(rank_values, rank_values == 0), capped=capped,
-        near_duplicate=duplicate, kept=kept,
+        scorable=scorable, has_reference=g.has_ref, passes=passes, composite=composite,
+        rank=pd.arrays.IntegerArray(sel.rank, sel.rank == 0), capped=sel.capped,
+        near_duplicate=sel.duplicate, kept=sel.kept,
         override=pd.Categorical.from_codes(override_codes, categories=list(OVERRIDE_ACTIONS)))
     base = df.drop(columns=[c for c in df.columns if c in added or c in DERIVED_COLUMNS])
-    frame = pd.concat([base, pd.DataFrame(added, index=df.index)], axis=1)
+    return pd.concat([base, pd.DataFrame(added, index=df.index)], axis=1)
 
-    kept_pos = np.flatnonzero(kept)
-    kept_pos = kept_pos[np.lexsort((cand_ids[kept_pos], -composite[kept_pos]))]
-    kept_frame = frame.iloc[kept_pos]
-    groups_without_ref = tuple(uniques[~group_has_ref].tolist())
+
+def _counts(settings: FilterSettings, g: _Groups, scorable: np.ndarray, cand_ids: np.ndarray,
+            kept_pos: np.ndarray, level_pass: dict, sel: _Selected) -> FilterCounts:
+    n, n_groups = len(scorable), len(g.uniques)
+    groups_without_ref = tuple(g.uniques[~g.group_has_ref].tolist())
     if groups_without_ref and settings.level != "none":
         logger.info("%d group(s) have no scorable reference image; their candidates cannot "
                     "pass level %s", len(groups_without_ref), settings.level)
-    per_group = np.bincount(codes[kept_pos], minlength=n_groups)
+    per_group = np.bincount(g.codes[kept_pos], minlength=n_groups)
     largest = int(per_group.argmax()) if kept_pos.size else -1
-    counts = FilterCounts(
+    return FilterCounts(
         total=n, scorable=int(scorable.sum()), unscorable=int(n - scorable.sum()),
         unscorable_ids=tuple(cand_ids[~scorable].tolist()), groups=n_groups,
         groups_without_reference=groups_without_ref, passing=level_pass,
-        kept=int(kept_pos.size), overrides_applied=applied, overrides_ignored=ignored,
+        kept=int(kept_pos.size), overrides_applied=sel.applied, overrides_ignored=sel.ignored,
         kept_prompts=int((per_group > 0).sum()),
         largest_kept=int(per_group[largest]) if largest >= 0 else 0,
-        largest_prompt=uniques[largest] if largest >= 0 else None,
-        capped=int(capped.sum()), duplicates=int(duplicate.sum()))
-    cutoff = float(composite[kept_pos].min()) if kept_pos.size else None
-    return FilterResult(frame=frame, kept=kept_frame, counts=counts, cutoff=cutoff,
-                        settings=settings)
+        largest_prompt=g.uniques[largest] if largest >= 0 else None,
+        capped=int(sel.capped.sum()), duplicates=int(sel.duplicate.sum()))
 
 
 def coverage(kept: pd.DataFrame) -> dict:

@@ -35,11 +35,6 @@ LICENSES = {
 }
 FAMILY_TAGS = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"],
                "sd3": ["sd3", "stable-diffusion-3"], "flux": ["flux"], "toy": ["craft-toy-world"]}
-METHOD_WORDS = {"craft": "CRAFT (advantage-weighted fine-tuning on the kept set)",
-                "sft": "SFT (the kept set, weight 1)", "dpo": "Diffusion-DPO on pairs of the pool",
-                "grpo": "online GRPO (sampled groups, clipped ratio objective)"}
-
-
 def _hub_id(base: str) -> str | None:
     """``base`` when it reads as a hub repository id (org/name), else None (a local folder)."""
     parts = str(base).split("/")
@@ -91,29 +86,13 @@ def evaluation_rows(evaluation, label: str) -> list[dict]:
 def _training_lines(record: dict, extra: dict | None) -> list[str]:
     cfg = record.get("config", {})
     t, f, r = cfg.get("train", {}), cfg.get("filter", {}), cfg.get("rewards", {})
-    method = record.get("method", "craft")
-    extra = extra or {}
-    lines = [f"- **Method:** {METHOD_WORDS.get(method, method)}"
+    from craft.methods.registry import get_method
+
+    method = get_method(record.get("method", "craft"))
+    lines = [f"- **Method:** {method.title}"
              + (f", LoRA rank {record.get('lora_rank')}" if record.get("lora") else
                 ", full fine-tuning")]
-    if method == "dpo" and extra.get("n_pairs") is not None:
-        d = cfg.get("dpo", {})
-        lines.append(f"- **Trained on:** {extra['n_pairs']} winner/loser pairs "
-                     f"({record.get('n_train')} images) from the model's own candidates, "
-                     f"rule `{d.get('pairs')}`, beta {d.get('beta')}")
-    elif method == "grpo":
-        g = cfg.get("grpo", {})
-        lines.append(f"- **Trained on:** its own samples, {g.get('prompts_per_step')} prompts x "
-                     f"{g.get('group_size')} images a round, {g.get('num_inference_steps')} "
-                     f"sampler steps, clip range {g.get('clip_range')}, KL weight "
-                     f"{g.get('kl_weight')}")
-    else:
-        cov = extra.get("coverage") or {}
-        lines.append(f"- **Trained on:** {record.get('n_train')} kept images of the model's own "
-                     f"candidates (Composite Reward Filtering, level `{f.get('level')}`, "
-                     f"top_k {f.get('top_k')})"
-                     + (f" from {cov['prompts']} prompts, at most {cov['largest']} from one"
-                        if cov.get("prompts") else ""))
+    lines += method.card_lines(cfg, record, extra or {})
     weights = f.get("weights") or {}
     lines.append("- **Rewards:** " + ", ".join(
         f"{n} (weight {weights[n]:g})" if n in weights else n for n in r.get("names", [])))

@@ -17,9 +17,10 @@ import numpy as np
 
 from craft.run.config import field_choices, field_help
 from studio.context import RunContext
-from studio.tabs.curate_views import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line, curate,
-                             explain, grid_items, k_note, kept_line, kept_rows, levels_line,
-                             make_settings, moved, page_of, showing_line, view_ids)
+from studio.tabs.curate_views import (PAGE_SIZE, VIEWS, Curation, CurationCache, coverage_line,
+                                     explain, grid_items, k_note, kept_line, levels_line,
+                                     make_settings, moved, page_of,
+                                     select_curation, showing_line, view_ids)
 from studio.grid import ThumbGrid, event_delta, event_id, item_value
 from studio.pool_map import KEPT, PoolMap, in_box, map_value
 from studio.plots import composite_histogram, empty_figure
@@ -97,7 +98,7 @@ class CurateTab(Tab):
                     to_ui=none_as_zero, from_ui=optional_int, **curated)
                 self.dedup = settings.bind("filter.dedup_threshold", gr.Number(
                     f.dedup_threshold or 0, minimum=0, maximum=1, step=0.01,
-                    label="drop near-duplicates at cosine ≥ (0 = keep them; needs the map)",
+                    label="drop near-duplicates at cosine ≥ (0 = keep them; embeds the pool)",
                     info=field_help("filter", "dedup_threshold"), elem_id="curate-dedup"),
                     to_ui=lambda v: v or 0, from_ui=lambda v: float(v) if v else None,
                     **curated)
@@ -190,28 +191,37 @@ class CurateTab(Tab):
                              margin, top_k, include_ref, cap, dedup, replace)
 
     def run(self, values) -> Curation:
+        """The engine's selection for the page's settings (select_curation: the one
+        craft.stages.selection.select that ``craft train`` records), cached by everything it
+        depends on, so a repeated or concurrent ask for the same settings is computed once."""
         ctx = self.ctx
+        cfg = ctx.cfg
         settings = self.settings_from(values)
         version = ctx.data_version()
         df = ctx.frame(version)
         if df.empty:
-            raise ValueError("no candidates yet: add prompts, generate and score first")
-        missing = [r for r in settings.used_rewards if r not in df or df[r].isna().all()]
-        if missing:
-            raise ValueError(f"rewards {missing} have no scores yet; run the Score step")
+            self._no_candidates()
+        embeddings = ctx.pool_embeddings(version) if settings.dedup_threshold is not None \
+            else None
         overrides = ctx.store.overrides()
-        embeddings = None
-        if settings.dedup_threshold is not None:
-            found = ctx.pool_map()
-            if found is None:
-                raise ValueError("dropping near-duplicates needs the pool's embeddings: open "
-                                 "“Map of the pool” below and press “Compute the map”, or set "
-                                 "the near-duplicate box to 0")
-            embeddings = (found[0], found[2])
-        key = (version, settings, tuple(sorted(overrides.items())),
-               None if embeddings is None else len(embeddings[0]))
-        return self.cache.get(key, lambda: curate(df, settings, overrides,
-                                                  ctx.cfg.advantage.eps, embeddings))
+        key = (version, settings, tuple(sorted(overrides.items())), cfg.train.method,
+               repr(cfg.advantage), repr(cfg.dpo), None if embeddings is None else
+               len(embeddings[0]))
+        return self.cache.get(key, lambda: select_curation(ctx.store, cfg, settings, df,
+                                                           embeddings))
+
+    def _no_candidates(self) -> None:
+        """Say why nothing can be curated: no candidates of the run's model (another model's
+        are never shown in its place: `craft train` would not select them)."""
+        model = self.ctx.cfg.model.pretrained
+        others = self.ctx.store.candidates_df(split="train")["model"].value_counts()
+        if others.empty:
+            raise CraftError(f"no candidates of model {model!r} in this run yet: add prompts, "
+                             "generate and score first")
+        names = ", ".join(f"{m!r} ({n})" for m, n in others.head(3).items())
+        raise CraftError(f"no candidates of model {model!r} (model.pretrained) in this run; "
+                         f"its candidates are of {names}. Generate with this model, or set "
+                         "model.pretrained to the model whose candidates you want to curate")
 
     def changes(self, seen: dict, values) -> dict:
         """The controls this page has moved since it last loaded or saved them (``seen``):
@@ -477,10 +487,13 @@ class CurateTab(Tab):
 
             ctx = self.ctx
             c = self.run(values)
-            a = ctx.cfg.advantage
-            kept = kept_rows(c, a.mode, a.tau)
-            folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings, kept=kept)
-            return (ok_md(f"exported {len(kept)} images to {folder} (load with "
+            # the kept set shown, as `craft export` selects it (DPO's pairs are no kept set:
+            # then the export selects craft's, the kept set this page shows)
+            sel = c.selection if c.selection.pairs is None else None
+            folder, archive = stage_export(Run.local(ctx.store), ctx.cfg, c.settings,
+                                           selection=sel)
+            n = c.result.counts.kept
+            return (ok_md(f"exported {n} images to {folder} (load with "
                           f"datasets.load_dataset('imagefolder', data_dir=...); the same as "
                           f"`craft export`)"), gr.update(value=str(archive), visible=True))
 

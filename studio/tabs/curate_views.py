@@ -6,6 +6,7 @@ a move changed (entered / left); how much of the pool the kept set covers."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -26,51 +27,100 @@ EXTERNAL_VIEWS = ("changed by the last move", "map selection", "similar to the s
 PAGE_SIZE = 60
 
 
+# Where the Curate controls say what to change when a setting is refused (the rule itself is
+# the config's: craft.run.config.FilterConfig, through craft.stages.filtering.FilterSettings).
+PAGE_HINTS = {
+    "filter.require": "on this page: tick one or more of {rewards} under the custom level",
+    "filter.weights": "on this page: give at least one of {rewards} a weight above 0",
+}
+
+
 def make_settings(cfg, weights: Mapping[str, float], normalization: str, level: str,
                   require: Sequence[str], margin: float, top_k: int | float | None,
                   include_reference: bool, per_prompt_cap: int | float | None = None,
                   dedup_threshold: float | None = None,
                   replace_excluded: bool = False) -> FilterSettings:
-    """Filter settings from the Curate controls (every reward of ``weights`` is in the
-    composite; a weight of 0 leaves it out of R but it must still be scored). Problems are
-    said in the controls' terms and with this run's rewards."""
+    """Filter settings from the Curate controls, through the one validation the engine uses
+    (craft.stages.selection.filter_settings), so the page selects with what ``craft train``
+    reads once the controls are saved. A reward the config does not weigh and the page leaves
+    at 0 stays out of the composite, as in the config (weights keep the config's order, so the
+    composite is summed alike). Problems are said with this page's controls too."""
     from craft.stages.filtering import FilterError
+    from craft.stages.selection import filter_settings
 
-    if level == "custom" and not require:
-        raise FilterError(f"the custom level needs at least one reward to beat the reference "
-                          f"on: tick one or more of {', '.join(weights)} under it")
-    if not any(float(v or 0) > 0 for v in weights.values()):
-        raise FilterError("every weight is 0, so there is no composite to rank by: give at "
-                          f"least one of {', '.join(weights)} a weight above 0")
-    top = int(top_k) if top_k else None
-    cap = int(per_prompt_cap) if per_prompt_cap else None
-    return FilterSettings(rewards=tuple(weights), weights={k: float(v) for k, v in weights.items()},
-                          normalization=normalization, level=level, roles=dict(cfg.rewards.roles),
-                          require=tuple(require or ()), margin=float(margin or 0.0), top_k=top,
-                          include_reference=bool(include_reference), per_prompt_cap=cap,
-                          dedup_threshold=float(dedup_threshold) if dedup_threshold else None,
-                          replace_excluded=bool(replace_excluded))
+    page = {str(r): float(v or 0.0) for r, v in weights.items()}
+    if any(w > 0 for w in page.values()):  # else all stay: the config's rule says what is wrong
+        order = [*(r for r in cfg.filter.weights if r in page), *page]
+        page = {r: page[r] for r in dict.fromkeys(order)
+                if page[r] > 0 or r in cfg.filter.weights}
+    try:
+        return filter_settings(
+            cfg, weights=page, normalization=normalization, level=level,
+            require=tuple(require or ()), margin=float(margin or 0.0),
+            top_k=int(top_k) if top_k else None, include_reference=bool(include_reference),
+            per_prompt_cap=int(per_prompt_cap) if per_prompt_cap else None,
+            dedup_threshold=float(dedup_threshold) if dedup_threshold else None,
+            replace_excluded=bool(replace_excluded))
+    except FilterError as e:
+        hint = PAGE_HINTS.get((getattr(e, "keys", None) or ("",))[0])
+        if hint is None:
+            raise
+        raise FilterError(f"{e} ({hint.format(rewards=', '.join(weights))})") from None
 
 
 @dataclasses.dataclass
 class Curation:
-    """One filter run: the annotated frame (with ``advantage``) and the counts."""
+    """One selection as the studio shows it: the filter's annotated frame (with
+    ``advantage``), its counts, and ``selection``, what craft.stages.selection.select gave for
+    the run's method (its rows carry the training weights; DPO's its pairs). ``note`` says why
+    the kept set shown is craft's rather than the method's own selection."""
 
     result: FilterResult
     frame: pd.DataFrame
     settings: FilterSettings
     seconds: float
+    selection: Any = None  # craft.methods.base.Selection (None: a bare :func:`curate`)
+    note: str | None = None
 
     @property
     def kept_ids(self) -> np.ndarray:
         return self.result.kept["candidate_id"].to_numpy()
 
 
+def select_curation(store, cfg, settings: FilterSettings, frame: pd.DataFrame,
+                    embeddings=None) -> Curation:
+    """What Curate, Groups, Export and Train's "will train on" show: the engine's selection
+    (craft.stages.selection.select, what ``craft train`` records) for ``train.method``, on
+    ``frame`` (the run's own candidates, cached by the page) with ``embeddings`` (the pool's,
+    cached) when the settings drop near-duplicates. An online method selects no images: the
+    kept set shown is craft's. A method that cannot select from this pool (e.g. no DPO pairs)
+    has the reason in ``note`` (Start would fail with it) and craft's kept set shown."""
+    from craft import CraftError
+    from craft.methods.registry import get_method
+    from craft.stages.selection import check_scored, select
+
+    t0 = time.perf_counter()
+    check_scored(frame, cfg)
+    method, note = cfg.train.method, None
+    if get_method(method).data == "prompts":
+        method, note = "craft", (f"train.method {cfg.train.method} samples its own images, so "
+                                 f"it uses no kept set; shown: craft's")
+    try:
+        sel = select(store, cfg, settings, method=method, frame=frame, embeddings=embeddings)
+    except CraftError as e:
+        if get_method(method).data == "kept":
+            raise
+        note = f"train.method {method} cannot train on this pool now: {e}"
+        sel = select(store, cfg, settings, method="craft", frame=frame, embeddings=embeddings)
+    result = sel.result
+    return Curation(result, result.frame, settings, time.perf_counter() - t0, sel, note)
+
+
 def curate(df: pd.DataFrame, settings: FilterSettings,
            overrides: Mapping[int, str] | None = None, eps: float = 1e-6,
            embeddings=None) -> Curation:
-    """The engine's selection rule (craft.stages.advantages.filter_with_advantages): what one slider
-    move recomputes."""
+    """The filter on a bare frame (craft.stages.advantages.filter_with_advantages), for
+    benchmarks; the studio's tabs select with :func:`select_curation`, the engine's path."""
     t0 = time.perf_counter()
     result, frame = filter_with_advantages(df, settings, eps, overrides, embeddings)
     return Curation(result, frame, settings, time.perf_counter() - t0)
@@ -126,7 +176,12 @@ def levels_line(c: Curation) -> str:
 def effective_count(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> int:
     """Kept candidates whose loss weight is > 0. The kept *count* is min(K, passing) whatever the
     weights; the weights decide the composite, hence the advantages, hence how many kept images
-    the loss actually sees (under ``clamp``, those above their group's mean R)."""
+    the loss actually sees (under ``clamp``, those above their group's mean R). The weights are
+    the selection's (sft: 1 each); ``adv_mode`` / ``tau`` only for a kept set no method weighs
+    (a bare :func:`curate`, or DPO's filter)."""
+    rows = _kept_selection_rows(c)
+    if rows is not None:
+        return int((rows["weight"].to_numpy(float) > 0).sum())
     adv = c.frame["advantage"].to_numpy()[c.frame["kept"].to_numpy()]
     adv = adv[np.isfinite(adv)]
     if adv.size == 0:
@@ -167,6 +222,15 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
                  f"{len(counts.overrides_applied) - inc} excluded ("
                  + ("replaced by the next candidates" if c.settings.replace_excluded
                     else "not replaced") + ")")
+    sel = c.selection
+    if sel is not None and sel.pairs is not None:
+        images = len(sel.rows)
+        text += (f"<br><span id='pairs-line'>train.method {sel.method} trains on "
+                 f"<b id='pairs-number'>{len(sel.pairs)}</b> winner/loser pairs of {images} "
+                 "images from whole groups, not on the kept set (images excluded by hand are "
+                 "never paired)</span>")
+    if c.note:
+        text += f"<br><span id='method-note'>{html.escape(c.note)}</span>"
     if changed is not None:
         entered = sum(v == "entered" for v in changed.values())
         left = len(changed) - entered
@@ -439,16 +503,37 @@ def groups_table(c: Curation) -> pd.DataFrame:
     return agg.reset_index().sort_values("kept", ascending=False, kind="stable")
 
 
+def _kept_selection_rows(c: Curation) -> pd.DataFrame | None:
+    """The selection's rows when it is a kept set (craft, sft), else None."""
+    sel = c.selection
+    if sel is None or sel.pairs is not None or "candidate_id" not in sel.rows:
+        return None
+    return sel.rows
+
+
 def kept_rows(c: Curation, adv_mode: str = "clamp", tau: float = 1.0) -> pd.DataFrame:
-    """The kept candidates of a filter run with their training weights, best first: what
-    training and export receive (the engine's rule: craft.stages.advantages.kept_with_weights)."""
+    """The kept candidates with their training weights, best first: what training and export
+    receive (the selection's rows: sft weighs each 1). A kept set no method weighs (a bare
+    :func:`curate`, DPO's filter) is weighted by ``adv_mode`` as craft would
+    (craft.stages.advantages.kept_with_weights)."""
     from craft.stages.advantages import kept_with_weights
 
-    return kept_with_weights(c.frame, adv_mode, tau)
+    rows = _kept_selection_rows(c)
+    return rows if rows is not None else kept_with_weights(c.frame, adv_mode, tau)
+
+
+def training_weights_by_id(c: Curation, adv_mode: str = "clamp", tau: float = 1.0
+                           ) -> pd.Series:
+    """candidate_id -> the weight training gives the image (absent: it is not trained on):
+    the selection's rows (a kept set's weights; DPO: 1 for every image in a pair)."""
+    sel = c.selection
+    rows = sel.rows if sel is not None and "candidate_id" in sel.rows else kept_rows(
+        c, adv_mode, tau)
+    return rows.set_index("candidate_id")["weight"]
 
 
 __all__ = ["Curation", "CurationCache", "PAGE_SIZE", "VIEWS", "badges", "caption", "coverage_line",
            "curate", "effective_count", "explain", "failed_rewards", "grid_items",
            "groups_table", "k_note", "kept_line", "kept_rows", "level_pass_table", "levels_line",
-           "make_settings", "moved", "page_of", "short_reward", "showing_line", "toggle_action",
-           "view_ids"]
+           "make_settings", "moved", "page_of", "select_curation", "short_reward",
+           "showing_line", "toggle_action", "training_weights_by_id", "view_ids"]

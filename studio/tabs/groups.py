@@ -32,10 +32,15 @@ def prompt_choices(ctx: RunContext, first_ids=None) -> list[tuple[str, int]]:
 def group_view(curation, prompt_id: int, rewards: list[str], adv_mode: str = "clamp",
                tau: float = 1.0):
     """One group: header, grid, bars and a table whose last columns show how each image's
-    advantage A becomes its training weight (0 when it is not kept)."""
-    from studio.tabs.curate_views import kept_rows
+    advantage A becomes its training weight (0 when it is not trained on). The weights are the
+    selection's (craft.stages.selection.select: what ``craft train`` uses; sft: 1 each, DPO: 1
+    per image in a pair); ``adv_mode`` / ``tau`` only weigh a bare curation's kept set."""
+    from studio.tabs.curate_views import training_weights_by_id
 
-    weights = kept_rows(curation, adv_mode, tau).set_index("candidate_id")["weight"]
+    weights = training_weights_by_id(curation, adv_mode, tau)
+    sel = curation.selection
+    if sel is not None:
+        adv_mode = "pairs" if sel.pairs is not None else sel.record.get("weighting", adv_mode)
     f = curation.frame
     g = f[f["prompt_id"] == prompt_id].sort_values(["variant_idx", "seed"], kind="stable")
     seeds = g["seed_idx"] if "seed_idx" in g else g["seed"]
@@ -74,13 +79,17 @@ def group_view(curation, prompt_id: int, rewards: list[str], adv_mode: str = "cl
             f"{ref['composite'].mean():+.3f} · kept {int(g['kept'].sum())}")
     why = group_why(curation, g)
     head += ("<br>A = (R − the group's mean R) / (the group's std of R + ε), over the whole "
-             f"group; a kept image's training weight comes from its A ({WEIGHT_RULES[adv_mode]}"
-             ", normalised to mean 1 over the kept set); an image that is not kept weighs 0.")
+             "group; " + (WEIGHT_RULES["pairs"] if adv_mode == "pairs" else
+                          f"a kept image's training weight comes from its A "
+                          f"({WEIGHT_RULES[adv_mode]}, normalised to mean 1 over the kept set); "
+                          "an image that is not kept weighs 0."))
     return head + (f"<br>{why}" if why else ""), gallery, fig, table
 
 
 WEIGHT_RULES = {"clamp": "max(A, 0)", "raw": "A itself, possibly negative",
-                "softmax": "softmax(A / τ)", "uniform": "1 whatever A: plain SFT"}
+                "softmax": "softmax(A / τ)", "uniform": "1 whatever A: plain SFT",
+                "pairs": "DPO trains on winner/loser pairs of the whole group, not on the kept "
+                         "set: each image in a pair has training weight 1, any other 0."}
 
 
 def group_why(curation, g: pd.DataFrame) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from craft import CraftError
 from craft.run.config import field_choices, field_help
 from studio.context import RunContext
 from studio.settings import Settings, none_as_zero, optional_int
@@ -54,14 +55,37 @@ def _safe_name(name: str) -> str:
     return stem[:80]
 
 
-def store_upload(ctx: RunContext, tmp_path: str) -> str:
+def check_source(path: str | Path, column: str | None = None, name: str | None = None) -> None:
+    """Refuse (ValueError naming the problem) a file no prompt can be read from: empty, binary,
+    no prompt column... read in its own format ("auto": its extension), as Add will read it.
+    Called before the file becomes the run's prompts.source, so a refused file changes
+    nothing (not RUN/config.yaml) and leaves nothing for Add to start a job on."""
+    from craft.stages.prompts import load_prompts
+
+    try:
+        load_prompts(str(path), "auto", column or None)
+    except ValueError as e:  # PromptError: say it with the name the user knows
+        raise ValueError(str(e).replace(str(path), name or Path(path).name)) from None
+
+
+def new_source_settings(source: str, own_format: bool = True) -> dict[str, Any]:
+    """The settings a newly chosen prompt source sets (studio.settings_sync.commit changes): a
+    file the user brings (``own_format``) is read in its own format ("auto": its extension),
+    never in the run's previous source's (a run that recorded several sources in
+    RUN/prompts/train.jsonl said format: jsonl, and a .txt added then was read as JSON)."""
+    return {"prompts.source": source, **({"prompts.format": "auto"} if own_format else {})}
+
+
+def store_upload(ctx: RunContext, tmp_path: str, column: str | None = None) -> str:
     """Copy an uploaded prompt file into RUN/uploads/ (so the config can point at it and the run
-    is self-contained); returns the new path. The file is only ever parsed as text/table data."""
+    is self-contained); returns the new path. The file is only ever parsed as text/table data,
+    and one no prompt can be read from is refused (:func:`check_source`) and not stored."""
     src = Path(tmp_path)
     suffix = src.suffix.lower()
     if suffix not in UPLOAD_TYPES:
         raise ValueError(f"{src.name}: unsupported file type {suffix or '(none)'}; upload one of "
                          f"{', '.join(UPLOAD_TYPES)}")
+    check_source(src, column)
     dest_dir = ctx.run_dir / "uploads"
     dest_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1(src.read_bytes()).hexdigest()[:8]
@@ -77,7 +101,14 @@ def store_paste(ctx: RunContext, text: str) -> str:
     dest_dir.mkdir(parents=True, exist_ok=True)
     data = text.encode("utf-8")
     dest = dest_dir / f"pasted-{hashlib.sha1(data).hexdigest()[:8]}.txt"
+    new = not dest.exists()
     dest.write_bytes(data)
+    try:
+        check_source(dest, name="the pasted text")
+    except ValueError:
+        if new:
+            dest.unlink(missing_ok=True)
+        raise
     return str(dest)
 
 
@@ -207,12 +238,18 @@ class PromptsTab(Tab):
                           self.num_variants, self.expander, self.seed]
         preview_outputs = [self.message, self.preview_table, self.preview_variants]
 
-        def chosen(source: str, seen):
+        def chosen(source: str, seen, own_format: bool = False):
             """A source the user chose (a built-in set, an upload, a paste) is the run's
-            prompts.source at once (studio.settings_sync), so a reload shows it checked."""
-            from studio.settings_sync import try_commit
+            prompts.source at once (studio.settings_sync), so a reload shows it checked. A
+            file the user brings (``own_format``) is read in its own format: prompts.format
+            "auto", not the run's previous source's (e.g. the jsonl of its recorded sources)."""
+            from studio.settings_sync import commit
 
-            seen, _ = try_commit(self.ctx, app.settings, "prompts.source", source, seen or {})
+            try:
+                seen, _ = commit(self.ctx, app.settings, new_source_settings(source, own_format),
+                                 seen or {})
+            except CraftError:  # a value the config refuses: nothing saved (as try_commit)
+                pass
             return seen
 
         def on_kind(kind, seen):
@@ -232,27 +269,30 @@ class PromptsTab(Tab):
                         [self.upload, self.paste, self.use_paste, self.source, app.seen]),
                  preview_if_any, preview_inputs, preview_outputs)
 
-        def on_upload(path, seen):
+        def on_upload(path, column, seen):
             if not path:
-                return "", "", gr.skip()
-            try:
-                source = store_upload(self.ctx, path)
-            except ValueError as e:  # a rejected file: nothing stays pending for Add
-                return "", user_error(e), gr.skip()
-            return source, "", chosen(source, seen)
+                return "", "", gr.skip(), gr.skip()
+            try:  # the type, then the content (empty, binary, no prompt column...)
+                source = store_upload(self.ctx, path, column)
+            except ValueError as e:  # a refused file: the run's config is left as it was, and
+                # nothing stays pending for Add (it says to choose a prompt set)
+                return "", user_error(e), gr.skip(), gr.skip()
+            seen = chosen(source, seen, own_format=True)
+            return source, "", self.ctx.cfg.prompts.format, seen
 
-        app.on(app.on(self.upload.upload, on_upload, [self.upload, app.seen],
-                      [self.source, self.message, app.seen]).success,
+        app.on(app.on(self.upload.upload, on_upload, [self.upload, self.column, app.seen],
+                      [self.source, self.message, self.fmt, app.seen]).success,
                preview_if_any, preview_inputs, preview_outputs)
         app.on(self.upload.clear, lambda: ("", ""), None, [self.source, self.message])
 
         def on_paste(text, seen):
             source = store_paste(self.ctx, text)
-            return source, chosen(source, seen)
+            seen = chosen(source, seen, own_format=True)
+            return source, self.ctx.cfg.prompts.format, seen
 
         app.on(app.on(self.use_paste.click, on_paste, [self.paste, app.seen],
-                      [self.source, app.seen]).success, safe(preview, 3), preview_inputs,
-               preview_outputs)
+                      [self.source, self.fmt, app.seen]).success, safe(preview, 3),
+               preview_inputs, preview_outputs)
         app.on(self.preview_btn.click, safe(preview, 3), preview_inputs, preview_outputs)
         self._wire_add(app)
 
@@ -265,7 +305,7 @@ class PromptsTab(Tab):
             ctx = self.ctx
             if not (source or "").strip():
                 raise ValueError("choose a prompt set first: a built-in set, an uploaded file "
-                                 "or pasted text")
+                                 "or pasted text (a file the upload refused is not added)")
             # the pending source (an upload sets it without a keystroke) becomes the run's
             seen, text = commit(ctx, app.settings, {"prompts.source": source}, seen or {})
             if text:
@@ -322,4 +362,5 @@ class PromptsTab(Tab):
                 *kind_updates(self.ctx.cfg.prompts.source)]
 
 
-__all__ = ["PromptsTab", "preview", "store_paste", "store_upload"]
+__all__ = ["PromptsTab", "check_source", "new_source_settings", "preview", "store_paste",
+           "store_upload"]

@@ -10,6 +10,7 @@ import json
 import gradio as gr
 import pandas as pd
 
+from craft.methods.registry import get_method
 from craft.run.config import config_from_dict, config_to_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
@@ -29,25 +30,10 @@ RUN_COLUMNS = ["id", "name", "round", "status", "started", "steps", "last loss",
 
 
 def selection_summary(settings: dict) -> str:
-    """What a training run's recorded selection was, in one line."""
+    """What a training run's recorded selection was, in one line (its method says it)."""
     if not settings:
         return ""
-    if settings.get("method") == "dpo":
-        d = settings.get("dpo", {})
-        return (f"DPO: {settings.get('n_pairs')} pairs ({d.get('pairs')}, β {d.get('beta'):g}, "
-                f"margin {d.get('margin'):g})")
-    if settings.get("method") == "grpo":
-        g = settings.get("grpo", {})
-        return (f"GRPO online: {g.get('prompts_per_step')} prompts × {g.get('group_size')} per "
-                f"round of {len(settings.get('prompt_ids', []))} prompts")
-    weights = settings.get("weights") or {}
-    w = ", ".join(f"{short_name(k)} {v:g}" for k, v in weights.items())
-    cap = f", cap {settings['per_prompt_cap']}" if settings.get("per_prompt_cap") else ""
-    if settings.get("dedup_threshold") is not None:
-        cap += f", no near-duplicates ≥ {settings['dedup_threshold']:g}"
-    sft = "SFT: " if settings.get("method") == "sft" else ""
-    return (f"{sft}{settings.get('level', '?')}, K {settings.get('top_k')}{cap}, "
-            f"{settings.get('normalization', '')} ({w})")
+    return get_method(settings.get("method", "craft")).describe(settings)
 
 
 def runs_table(ctx: RunContext) -> pd.DataFrame:
@@ -90,44 +76,32 @@ def tracker_hint(ctx: RunContext, name: str) -> str:
 
 
 def will_train(ctx: RunContext, cfg=None) -> str:
-    """What Start will train on, by method: the kept set of the run's current Curate settings
-    (craft, sft), the pairs of the pool (dpo), or the groups it will sample (grpo). ``cfg``:
-    the page's settings as they are being typed (default: the run's)."""
+    """What Start will train on, said by its method from the one selection
+    (craft.stages.selection.select): the kept set of the run's current Curate settings, the
+    pairs of the pool, or the groups it will sample. ``cfg``: the page's settings as they are
+    being typed (default: the run's)."""
     from craft import CraftError
-    from craft.stages.filtering import coverage
-    from craft.stages.engine import dpo_pairs, training_set
-    from craft.methods.training import weighted_epochs
+    from craft.stages.selection import select
 
     cfg = cfg or ctx.cfg
-    f, t, a = cfg.filter, cfg.train, cfg.advantage
-    if t.method == "grpo":
-        g = cfg.grpo
-        rounds = t.steps // max(1, g.updates)
-        return (f"**Start will sample {g.prompts_per_step} prompts × {g.group_size} images per "
-                f"round**, {rounds} rounds of {g.num_inference_steps} sampler steps (= "
-                f"{rounds * g.prompts_per_step * g.group_size} images generated and scored with "
-                f"{', '.join(cfg.rewards.names)}), {g.updates} updates each; no pool needed")
+    method = get_method(cfg.train.method)
     try:
-        if t.method == "dpo":
-            images, pairs = dpo_pairs(ctx.store, cfg)
-            return (f"**Start will train on {len(pairs)} pairs** of {len(images)} images from "
-                    f"{pairs['prompt_id'].nunique()} prompts ({cfg.dpo.pairs}, composite gap > "
-                    f"{cfg.dpo.margin:g}, β {cfg.dpo.beta:g}); {t.steps} steps × "
-                    f"{t.effective_batch} pairs")
-        if f.dedup_threshold is not None:
-            return (f"**Start will train on at most {f.top_k} images**: the kept set of "
-                    f"Curate's settings, near-duplicates dropped when it starts")
-        kept = training_set(ctx.store, cfg, save_as=None)
+        selection = select(ctx.store, cfg)
     except (CraftError, ValueError) as e:
-        return f"Start needs {'pairs' if t.method == 'dpo' else 'a kept set'} first: {e}"
-    cov = coverage(kept)
-    how = ("weight 1 each (SFT)" if t.method == "sft"
-           else f"each weighted by its advantage ({a.mode})")
-    return (f"**Start will train on {len(kept)} images** from {cov['prompts']} prompts: the "
-            f"kept set of Curate's current settings (level {f.level}, K {f.top_k}"
-            + (f", at most {f.per_prompt_cap} per prompt" if f.per_prompt_cap else "")
-            + f"), {how}; {t.steps} steps × {t.effective_batch} samples ≈ "
-              f"{weighted_epochs(len(kept), t.steps, t.effective_batch):.0f} passes over it")
+        return f"Start needs {method.data_label} first: {e}"
+    if selection.rows.empty:
+        return (f"Start needs {method.data_label} first: the current settings select nothing; "
+                f"loosen the filter in Curate")
+    return method.will_train_on(selection, cfg)
+
+
+def method_boxes(method: str) -> list:
+    """The Train tab's boxes of method settings, the method's own shown (dpo, then grpo)."""
+    section = get_method(method).settings_section
+    return [gr.update(visible=section == box) for box in METHOD_BOXES]
+
+
+METHOD_BOXES = ("dpo", "grpo")  # config sections with a box of their own, in layout order
 
 
 def run_names(ctx: RunContext) -> list[str]:
@@ -198,22 +172,23 @@ TRAINED_ON_SHOWN = 24  # images in the "what it trains on" gallery
 def trained_on(ctx: RunContext, name: str) -> list[tuple[str, str]]:
     """(image, caption) of what run ``name`` trains on: DPO's recorded pairs side by side, or
     the images GRPO sampled (newest round first) with their composite rewards."""
-    from craft.stages.engine import grpo_model_key
+    from craft.stages.train_stage import sampled_model_key
 
     runs = ctx.store.train_runs_df()
     rows = runs[runs["name"] == name] if not runs.empty else runs
     if rows.empty or pd.isna(rows.iloc[-1].get("selection_id")):
         return []
     sel = ctx.store.selection_settings(int(rows.iloc[-1]["selection_id"]))
-    if sel.get("method") == "dpo":
+    data = get_method(sel.get("method", "craft")).data
+    if data == "pairs":
         paths = ctx.store.candidates_df().set_index("id")["image_path"]
         out = []
         for k, (w, lo) in enumerate(sel.get("pairs", [])[:TRAINED_ON_SHOWN // 2]):
             out += [(paths.get(w), f"pair {k + 1}: winner #{w}"),
                     (paths.get(lo), f"pair {k + 1}: loser #{lo}")]
         return [(p, c) for p, c in out if p is not None]
-    if sel.get("method") == "grpo":
-        c = ctx.store.candidates_df(model=grpo_model_key(name))
+    if data == "prompts":
+        c = ctx.store.candidates_df(model=sampled_model_key(name))
         if c.empty:
             return []
         c = c.assign(round=[json.loads(p).get("round", 0) for p in c["params_json"]])
@@ -341,14 +316,15 @@ class TrainTab(Tab):
 
     def _method_settings(self, ctx: RunContext, settings: Settings) -> None:
         """DPO's and GRPO's own settings, shown for their method only."""
-        d, g, m = ctx.cfg.dpo, ctx.cfg.grpo, ctx.cfg.train.method
+        d, g = ctx.cfg.dpo, ctx.cfg.grpo
+        dpo_shown, grpo_shown = (u["visible"] for u in method_boxes(ctx.cfg.train.method))
         self.settings = settings
         self._method_keys = ["dpo.pairs", "dpo.beta", "dpo.margin", "dpo.max_pairs",
                              *(f"grpo.{k}" for k in ("prompts_per_step", "group_size",
                                                       "num_inference_steps", "updates",
                                                       "clip_range", "kl_weight", "eta",
                                                       "noise_level"))]
-        with gr.Group(visible=m == "dpo", elem_id="train-dpo") as self.dpo_box:
+        with gr.Group(visible=dpo_shown, elem_id="train-dpo") as self.dpo_box:
             with gr.Row():
                 self.dpo_pairs = settings.bind("dpo.pairs", gr.Dropdown(
                     list(field_choices("dpo", "pairs")), value=d.pairs, label="DPO pairs",
@@ -362,7 +338,7 @@ class TrainTab(Tab):
                 self.dpo_max = settings.bind("dpo.max_pairs", gr.Number(
                     d.max_pairs or 0, precision=0, minimum=0, label="at most N pairs (0 = all)"),
                     to_ui=lambda v: v or 0, from_ui=lambda v: int(v or 0) or None)
-        with gr.Group(visible=m == "grpo", elem_id="train-grpo") as self.grpo_box:
+        with gr.Group(visible=grpo_shown, elem_id="train-grpo") as self.grpo_box:
             with gr.Row():
                 binds = [("prompts_per_step", "prompts per round", 0),
                          ("group_size", "group size (images per prompt)", 0),
@@ -395,7 +371,12 @@ class TrainTab(Tab):
 
     def wire(self, app) -> None:
         buttons = [self.start, self.cancel]
+        self._wire_settings(app)
+        self._wire_jobs(app, buttons)
+        self._wire_progress(app, buttons)
 
+    def _wire_settings(self, app) -> None:
+        """The method's own settings, what Start would train on, and the suggested name."""
         keys = ["train.method", "train.steps", *self._method_keys]
         fields = [self.settings.component(k) for k in keys]
 
@@ -411,8 +392,7 @@ class TrainTab(Tab):
                 text = will_train(self.ctx, cfg)
             except (ConfigError, ValueError, TypeError):
                 text = gr.skip()  # a half-typed value: its box says what is wrong
-            return (gr.update(visible=method == "dpo"), gr.update(visible=method == "grpo"),
-                    text)
+            return (*method_boxes(method), text)
 
         for field in fields:  # what the user changes (a refresh sets the same itself)
             app.on(field.input, on_method_settings, fields,
@@ -424,6 +404,9 @@ class TrainTab(Tab):
 
         app.on(self.method.input, on_method_name, [self.method, self.name], [self.name],
                show_progress="hidden")
+
+    def _wire_jobs(self, app, buttons: list) -> None:
+        """Start (a new run), Resume (a cancelled or failed one) and Cancel."""
 
         def on_start(name, processes):
             ctx = self.ctx
@@ -459,6 +442,9 @@ class TrainTab(Tab):
                [self.message, self.panel.timer, self.view, *buttons], message=self.message)
         app.on(self.cancel.click, lambda: cancel_message("train", "training"), None,
                self.message)
+
+    def _wire_progress(self, app, buttons: list) -> None:
+        """The job's progress, loss curve and previews as it runs, and the run shown."""
 
         def tick(view):
             ctx = self.ctx
@@ -533,8 +519,7 @@ class TrainTab(Tab):
                 seen,
                 *self.panel.render(), self.panel.keep_polling(),
                 *job_buttons(self.panel.is_running()), will_train(ctx),
-                gr.update(visible=ctx.cfg.train.method == "dpo"),
-                gr.update(visible=ctx.cfg.train.method == "grpo")]
+                *method_boxes(ctx.cfg.train.method)]
 
 
 __all__ = ["TrainTab", "metrics_for", "previews_for", "runs_table", "trained_on"]

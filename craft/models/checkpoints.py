@@ -64,7 +64,7 @@ def checkpoint_denoiser(ckpt: Path) -> Path | None:
 
 def is_checkpoint(path: Path) -> bool:
     """A training checkpoint evaluation can load (a denoiser folder or adapters)."""
-    from craft.models.lora import LORA_WEIGHTS
+    from craft.run.layout import LORA_WEIGHTS
 
     return checkpoint_denoiser(path) is not None or (Path(path) / LORA_WEIGHTS).is_file()
 
@@ -136,18 +136,6 @@ def write_pipeline(pipe, folder: Path, denoiser_state: dict | None = None,
             comp.save_pretrained(str(folder / comp_name))
     pipe.save_config(str(folder))  # model_index.json
     return folder
-
-
-def save_pipeline(pipe, out: Path, denoiser_state: dict | None = None, denoiser_model=None,
-                  extra: dict[str, str] | None = None) -> Path:
-    """:func:`write_pipeline` into ``out``, appearing all at once, plus ``extra`` files."""
-    from craft.run.fsutil import atomic_dir
-
-    with atomic_dir(out) as tmp:
-        write_pipeline(pipe, tmp, denoiser_state, denoiser_model)
-        for fname, text in (extra or {}).items():
-            (tmp / fname).write_text(text)
-    return Path(out)
 
 
 # ------------------------------------------------------------------------ resumable state
@@ -303,4 +291,4 @@ def _load_sharded(ckpt: Path, model, ema, opt, named) -> None:
 
 __all__ = ["STATE_FILE", "checkpoint_denoiser", "checkpoint_folder", "checkpoint_meta",
            "ema_weights", "full_state", "is_checkpoint", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "save_denoiser", "save_pipeline", "trainable_named", "write_pipeline"]
+           "save_checkpoint", "save_denoiser", "trainable_named", "write_pipeline"]

@@ -16,7 +16,9 @@ import numpy as np
 
 from craft.run.store import NewCandidate, RunStore
 
-MODEL = "toy-renderer"
+# Stored as candidates of the toy config's model (model.pretrained in configs/toy.yaml): the
+# studio and the engine select only the run's own model's candidates, never another's.
+MODEL = "assets/toy-base"
 
 
 def _variant_scene(rng: random.Random, plain: dict, variant: str):
