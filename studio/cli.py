@@ -47,6 +47,11 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
                              "inside it)")
     parser.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD,
                         help=f"largest accepted upload, e.g. 5mb (default {DEFAULT_MAX_UPLOAD})")
+    parser.add_argument("--jobs-per-device", type=int, default=None, metavar="N",
+                        help="heavy jobs (generate, score, train, evaluate, the pool map, the "
+                             "whole loop) run at once per device (the CPU, each GPU); the "
+                             "others wait in line (default 1, or "
+                             "$CRAFT_STUDIO_JOBS_PER_DEVICE; 0 = no limit)")
 
 
 def studio_command(args: argparse.Namespace) -> int:
@@ -56,12 +61,17 @@ def studio_command(args: argparse.Namespace) -> int:
                        "studio", args.host)
     from craft.run.distributed import setup_process
     from studio.app import build_app, launch
+    from studio.jobs import JOBS, per_device_setting
 
+    per_device = per_device_setting(getattr(args, "jobs_per_device", None))
     setup_process()
+    JOBS.configure(per_device=per_device)
 
     app = build_app(args.run_dir, args.config, args.overrides, runs_root=args.runs_root)
     print(f"CRAFT Studio on http://{args.host}:{args.port} · run {app.ctx.run_dir}"
-          + (f" · runs under {app.studio.runs_root}" if app.studio.runs_root else ""),
+          + (f" · runs under {app.studio.runs_root}" if app.studio.runs_root else "")
+          + f" · heavy jobs: {per_device or 'no limit'} at a time per device "
+            f"({', '.join(JOBS.queue.devices)})",
           flush=True)
     launch(app, args.host, args.port, auth, args.max_upload, block=True)
     return 0

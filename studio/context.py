@@ -74,8 +74,9 @@ class RunContext:
 
     def describe(self) -> str:
         counts = self.counts()
-        return (f"Run **{self.run_dir}** · {counts['prompts']} prompts "
-                f"({counts['eval_prompts']} held out) · {counts['variants']} variants · "
+        return (f"Run **{self.run_dir}** · {counts['prompts']} training prompts + "
+                f"{counts['eval_prompts']} held out for evaluation · {counts['variants']} "
+                f"variants · "
                 f"{counts['candidates']} candidates · {counts['scored']} scored · "
                 + (f"{counts['sampled']} sampled by online training · " if counts.get("sampled")
                    else "") +

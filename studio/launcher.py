@@ -82,6 +82,10 @@ def subprocess_job(command: list[str], run_dir: Path, cfg, processes: int,
         jc.set_info(processes=processes, command=" ".join(argv), job_dir=str(folder))
         jc.log("$ " + " ".join(argv))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        gpus = [d for d in getattr(jc, "devices", ()) if d.startswith("cuda")]
+        if gpus:  # the GPUs the studio's device queue gave this job, and only those
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus)
+            jc.log(f"on {', '.join(gpus)} (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})")
         if processes > 1:
             env.setdefault("OMP_NUM_THREADS", "1")  # N CPU processes share the cores
         with open(folder / "log.txt", "w") as logfile:
@@ -184,29 +188,78 @@ def job_hooks(jc):
                                                              f"{path}")))
 
 
+def visible_devices(gpus: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for a subprocess on ``gpus`` (this process's ``cuda:N`` names),
+    through this process's own CUDA_VISIBLE_DEVICES when it has one (cuda:0 may be GPU 2)."""
+    ids = [int(d.partition(":")[2] or 0) for d in gpus]
+    mine = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return ",".join(mine[i] if i < len(mine) else str(i) for i in ids)
+
+
+def device_request(call, cfg, processes: int = 1):
+    """What a stage call asks of the studio's device queue (studio.jobs.DeviceRequest): the
+    device its config pins (``cpu``, ``cuda:1``; rewards.device for scoring, model.device
+    otherwise), else any GPU (the CPU without one); ``processes`` GPUs for a launch on
+    several processes. None for a light call: prompts without a local LLM expander."""
+    from studio.jobs import DeviceRequest
+
+    if call.command == "prompts" and cfg.prompts.expander != "llm_local":
+        return None
+    section = cfg.rewards if call.command == "score" else cfg.model
+    device = str(getattr(section, "device", None) or "auto")
+    if device == "cpu" or (processes <= 1 and device.startswith("cuda:")):
+        return DeviceRequest((device,), 1)
+    return DeviceRequest(None, max(1, int(processes)))
+
+
+def on_device(cfg, devices: tuple[str, ...]):
+    """``cfg`` with its unpinned devices (``auto``, ``cuda``) set to the GPU the queue gave the
+    job (model.device, rewards.device); unchanged on the CPU or with pinned devices."""
+    import dataclasses
+
+    gpu = next((d for d in devices if d.startswith("cuda")), None)
+    if gpu is None:
+        return cfg
+    changes = {}
+    for name in ("model", "rewards"):
+        section = getattr(cfg, name)
+        if str(section.device or "auto") in ("auto", "cuda"):
+            changes[name] = dataclasses.replace(section, device=gpu)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def stage_job(call, run_dir: Path, cfg, processes: int) -> Callable[[Any], Any]:
     """A job function for one stage call (craft.stages.calls.StageCall): run in a thread of the
     studio for one process, or as ``craft`` + ``call.argv()`` on ``processes`` processes
-    (:func:`subprocess_job`): the same call either way, as the CLI runs it."""
+    (:func:`subprocess_job`): the same call either way, as the CLI runs it. The function
+    carries its ``device_request``: the studio's device queue runs it when its device is
+    free, on the device it gives (:func:`on_device`, or CUDA_VISIBLE_DEVICES for a launch)."""
     processes = int(processes or 1)
     if processes < 1:
         raise CraftError(f"processes = {processes}: use 1 (in the studio) or more (accelerate "
                          f"launch)")
     if processes > 1:
-        return subprocess_job(call.argv(), run_dir, cfg, processes, call.command)
+        fn = subprocess_job(call.argv(), run_dir, cfg, processes, call.command)
+        fn.device_request = device_request(call, cfg, processes)
+        return fn
 
     def job(jc):
         from craft.stages.calls import run_call
         from craft.stages.engine import open_run
 
-        with open_run(run_dir, cfg) as run:
-            out = run_call(call, run, cfg, job_hooks(jc))
+        run_cfg = on_device(cfg, getattr(jc, "devices", ()))
+        if run_cfg is not cfg:
+            jc.log(f"on {run_cfg.model.device} (the studio's device queue)")
+        with open_run(run_dir, run_cfg) as run:
+            out = run_call(call, run, run_cfg, job_hooks(jc))
         jc.log(f"{call.command} finished: " + ", ".join(
             f"{k} {v}" for k, v in out.items() if isinstance(v, (int, float, str))
             and k != "table"))
         return out
 
+    job.device_request = device_request(call, cfg, processes)
     return job
 
 
-__all__ = ["JOBS_DIR", "STOP_GRACE_S", "job_hooks", "launch_prefix", "stage_job", "subprocess_job"]
+__all__ = ["JOBS_DIR", "STOP_GRACE_S", "device_request", "job_hooks", "launch_prefix",
+           "on_device", "stage_job", "subprocess_job", "visible_devices"]

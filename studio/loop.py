@@ -14,7 +14,8 @@ import gradio as gr
 
 from craft.stages.calls import STAGES as LOOP_STAGES, StageCall
 from studio.launcher import stage_job
-from studio.ui import JobPanel, Tab, cancel_message, error_md, job_buttons, ok_md, start_job
+from studio.ui import (JobPanel, Tab, cancel_message, error_md, job_buttons, ok_md, start_job,
+                       started_message)
 
 TABS_HELP = """\
 **What each tab is for.** **Prompts**: the original prompts and their richer *variants* (used
@@ -57,9 +58,10 @@ class LoopPanel(Tab):
 
         def on_start():
             ctx = self.ctx
-            start_job("loop", f"The whole loop · {ctx.run_dir}", stage_job(
+            snap = start_job("loop", f"The whole loop · {ctx.run_dir}", stage_job(
                 StageCall("run"), ctx.run_dir, ctx.settings_now(), 1), info={"stage": "prompts"})
-            return ok_md("the whole loop started"), gr.Timer(active=True), *job_buttons(True)
+            return (started_message(snap, "the whole loop"), gr.Timer(active=True),
+                    *job_buttons(True))
 
         app.on(self.start.click, on_start, None,
                [self.message, self.panel.timer, *buttons], message=self.message)

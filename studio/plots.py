@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 
 COLORS = {"all": "#c7ccd6", "passing": "#6b8fd6", "kept": "#2f9e5b", "cutoff": "#d9534f",
           "base": "#8a94a6", "tuned": "#2f9e5b"}
+TUNED_PALETTE = [COLORS["tuned"], "#6b8fd6", "#e0a13a", "#b05fc4", "#d9534f", "#3fb0ac"]
 _LAYOUT = dict(margin=dict(l=40, r=10, t=36, b=36), height=280, template="plotly_white",
                legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
                font=dict(size=11))
@@ -144,10 +145,12 @@ def mean_reward_bars(summary: pd.DataFrame) -> go.Figure:
         return empty_figure("no evaluation yet")
     fig = go.Figure()
     models = list(dict.fromkeys(summary["model"]))
-    palette = [COLORS["base"], COLORS["tuned"], "#6b8fd6", "#e0a13a"]
-    for k, m in enumerate(models):
+    models = [m for m in models if m == "base"] + [m for m in models if m != "base"]
+    tuned = iter(TUNED_PALETTE * len(models))  # the base grey, every tuned model its own colour
+    for m in models:
         sub = summary[summary["model"] == m]
-        fig.add_bar(x=sub["reward"], y=sub["mean"], name=m, marker_color=palette[k % 4],
+        color = COLORS["base"] if m == "base" else next(tuned)
+        fig.add_bar(x=sub["reward"], y=sub["mean"], name=m, marker_color=color,
                     error_y=dict(type="data", array=sub["se"].fillna(0).to_numpy()))
     fig.update_layout(**{**_LAYOUT, "height": 320}, barmode="group",
                       title="Mean reward per model (± standard error)")

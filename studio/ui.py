@@ -173,9 +173,25 @@ def job_buttons(running: bool) -> list[Any]:
             gr.update(interactive=running, variant="stop" if running else "secondary")]
 
 
+def started_message(snap: JobSnapshot | None, what: str) -> str:
+    """What a Start button says: "<what> started", or, for a job that waits for its device
+    (studio.jobs.DeviceQueue), that it is queued and where."""
+    if snap is not None and snap.status == "queued":
+        return ok_md(f"{what} queued: " + (snap.queue_line.removeprefix("queued: ")
+                                            or "it starts when its device is free"))
+    return ok_md(f"{what} started")
+
+
 def cancel_message(kind: str, what: str) -> str:
-    """Cancel this run's job of ``kind`` (never another run's)."""
-    if run_jobs().cancel(kind):
+    """Cancel this run's job of ``kind`` (never another run's); a job still waiting in the
+    device queue leaves it at once, without having run."""
+    jobs = run_jobs()
+    snap = jobs.running(kind)
+    if jobs.cancel(kind):
+        now = jobs.manager.get(snap.id) if snap is not None else None
+        if now is not None and now.status == "cancelled" and snap.status == "queued":
+            return ok_md(f"the {what} was waiting for its device: taken out of the queue, "
+                         f"nothing ran")
         return ok_md(f"cancel requested: the {what} stops after its current batch or step")
     return f"no {what} of this run is running"
 
@@ -185,7 +201,9 @@ def others_markdown() -> str:
     others = run_jobs().others()
     if not others:
         return ""
-    lines = [f"- {html.escape(o.kind)} · `{html.escape(o.run_dir)}` · {o.done}/{o.total}"
+    lines = [f"- {html.escape(o.kind)} · `{html.escape(o.run_dir)}` · "
+             + (html.escape(o.queue_line or "queued") if o.status == "queued"
+                else f"{o.done}/{o.total}")
              + (f" · started by {html.escape(o.owner)}" if o.owner else "") for o in others]
     return "**Running in other runs** (shown here, controlled from their own pages):\n" + \
         "\n".join(lines)
@@ -198,6 +216,8 @@ def finished_message(snap: JobSnapshot | None,
     if snap is None or snap.running:
         return gr.skip()
     took = format_seconds(snap.elapsed_s)
+    if snap.status == "cancelled" and snap.info.get("never_started"):
+        return ok_md(f"{snap.title}: taken out of the queue after waiting {took}; nothing ran")
     if snap.status == "done":
         return ok_md(f"{snap.title}: finished in {took}")
     if snap.status == "cancelled":
@@ -243,4 +263,4 @@ def safe(fn: Callable[..., Any], n_outputs: int, message_index: int = 0) -> Call
 
 __all__ = ["CSS", "HEAD_JS", "JobPanel", "POLL_SECONDS", "Tab", "cancel_message", "error_md",
            "finished_message", "job_buttons", "ok_md", "others_markdown", "processes_control",
-           "run_jobs", "safe", "short_name", "start_job", "user_error"]
+           "run_jobs", "safe", "short_name", "start_job", "started_message", "user_error"]

@@ -400,7 +400,7 @@ def test_sigkilled_writer_leaves_a_consistent_resumable_store(tmp_path, pause):
 
 def test_counts_and_data_version(store):
     empty = store.counts()
-    assert set(empty.values()) == {0} and len(empty) == 8
+    assert set(empty.values()) == {0} and len(empty) == 9  # stopped: early rejection
     v0 = store.data_version()
     ids = seeded(store, n_prompts=2, n_variants=2, seeds=2)  # originals + 2 variants each
     store.add_prompts(["held out"], split="eval")
@@ -439,10 +439,16 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
                        "DROP TABLE embeddings; "
                        "CREATE INDEX scores_reward ON scores(reward); "
                        "ALTER TABLE train_runs DROP COLUMN selection_id; "
-                       "ALTER TABLE train_metrics DROP COLUMN extra_json; PRAGMA user_version=1;")
+                       "ALTER TABLE train_metrics DROP COLUMN extra_json; "
+                       "DROP TABLE stopped_candidates; "
+                       "ALTER TABLE candidates DROP COLUMN evaluations; "
+                       "ALTER TABLE candidates DROP COLUMN plain_evaluations; "
+                       "PRAGMA user_version=1;")
     conn.close()
     with RunStore(run) as s:
-        assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert s._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert s.generation_cost() == {"candidates": 2, "stopped": 0, "evaluations": 0,
+                                       "plain_evaluations": 0, "uncounted": 2}
         s.add_metrics(rid, [{"step": 1, "loss": 0.5, "dpo_accuracy": 0.75}])
         assert s.metrics_df(rid)["dpo_accuracy"].tolist() == [0.75]
         assert s.get_train_run(rid)["selection_id"] is None

@@ -364,3 +364,16 @@ def test_a_v_prediction_model_trains(tmp_path, tiny_model_dir, images):
     assert result.status == "done"
     saved = json.loads((result.final_dir / "scheduler" / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == "v_prediction"
+
+
+def test_a_run_shorter_than_preview_every_shows_its_first_and_last_previews(tmp_path,
+                                                                            tiny_model_dir,
+                                                                            tiny_pipe, images):
+    """Previews at step 0 and at the last step, whatever preview_every says (a 3-step run with
+    preview_every 25 used to show step 0 alone)."""
+    cfg = cfg_for(tiny_model_dir, steps=3, preview_every=25,
+                  preview_prompts=["a red circle on a blue background"])
+    seen = []
+    result = train(cfg, frame(images, [1.0] * 6), tmp_path / "out", pipe=tiny_pipe,
+                   callbacks=TrainCallbacks(on_preview=lambda step, imgs, p: seen.append(step)))
+    assert result.status == "done" and seen == [0, 3]

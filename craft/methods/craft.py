@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
+
 from craft.methods.base import Method, Selection
 from craft.stages.advantages import filter_with_advantages, kept_with_weights
 from craft.stages.filtering import coverage
@@ -29,9 +31,11 @@ class KeptSetMethod(Method):
         kept = kept_with_weights(frame, self.weighting(cfg), a.tau)
         from craft.stages.selection import selection_record
 
+        hand = pd.Series(pool.overrides, dtype=object).value_counts().to_dict()
         return Selection(self.name, kept, selection_record(
             settings, cfg, method=self.name, weighting=self.weighting(cfg),
-            coverage=coverage(kept)), result=result)
+            coverage=coverage(kept), by_hand={k: int(v) for k, v in hand.items()}),
+            result=result)
 
     def train(self, cfg, selection, out_dir, *, resume=False, pipe=None, meta=None,
               callbacks=None, hooks=None):
@@ -61,8 +65,12 @@ class KeptSetMethod(Method):
         weights = record.get("weights") or {}
         w = ", ".join(f"{short_reward_name(k)} {v:g}" for k, v in weights.items())
         cap = f", cap {record['per_prompt_cap']}" if record.get("per_prompt_cap") else ""
+        if record.get("margin"):
+            cap += f", margin {record['margin']:g}"
         if record.get("dedup_threshold") is not None:
             cap += f", no near-duplicates ≥ {record['dedup_threshold']:g}"
+        hand = record.get("by_hand") or {}
+        cap += "".join(f", {n} {what}d by hand" for what, n in sorted(hand.items()) if n)
         return (f"{self.prefix}{record.get('level', '?')}, K {record.get('top_k')}{cap}, "
                 f"{record.get('normalization', '')} ({w})")
 

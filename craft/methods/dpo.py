@@ -153,6 +153,10 @@ class DiffusionDPO(Method):
         from craft.stages.advantages import filter_with_advantages
         from craft.stages.selection import selection_record
 
+        # pairs come from each whole group: the kept-set rules (near-duplicates among them)
+        # do not apply, manual excludes do
+        if settings.dedup_threshold is not None:
+            settings = dataclasses.replace(settings, dedup_threshold=None)
         result, frame = filter_with_advantages(pool.scored, settings, cfg.advantage.eps,
                                                pool.overrides)
         result = dataclasses.replace(result, frame=frame)  # with the advantages

@@ -523,9 +523,12 @@ def train_grpo(cfg, prompts: pd.DataFrame, out_dir: str | Path, *, callbacks=Non
     state: dict = {"round": None}
 
     def step_fn(step: int) -> dict:
+        from craft.run.watch import section
+
         r = step // g.updates
         if state["round"] is None or state["round"].index != r:
-            state["round"] = sample_round(run, r)
+            with section("sample"):
+                state["round"] = sample_round(run, r)
         return update(run, state["round"], step)
 
     try:

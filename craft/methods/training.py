@@ -235,7 +235,7 @@ def _check_training_frame(df: pd.DataFrame) -> None:
     missing = need - set(df.columns)
     if missing:
         raise CraftError(f"training set is missing columns {sorted(missing)}; it needs "
-                         f"{sorted(need)} (build it with craft.stages.engine.training_set)")
+                         f"{sorted(need)} (craft.stages.selection.select gives it: Selection.rows)")
     if len(df) == 0:
         raise CraftError("the training set is empty: no candidate passed the filter. Loosen "
                          "filter.level (e.g. ha or h), lower filter.margin, or generate more "
@@ -399,11 +399,14 @@ def float32_copy(module) -> torch.nn.Module:
 
 def _offload(module, restore: list) -> None:
     """Move a frozen module to the CPU while the steps run (CUDA only; on the CPU there is
-    nowhere to move it)."""
+    nowhere to move it: it stays, and a memory meter watching the run is told it left)."""
+    from craft.run.watch import left_device
+
     dev = next(module.parameters()).device
     if dev.type == "cuda":
         module.to("cpu")
-        restore.append((module, dev))
+    left_device(module)
+    restore.append((module, dev))
 
 
 def build_trainable(cfg, pipe, accelerator) -> Trainable:
@@ -465,8 +468,11 @@ def release(tr: Trainable, pipe, accelerator) -> None:
         accelerator.unwrap_model(tr.model, keep_fp32_wrapper=False)
     if tr.lora:
         remove_lora(tr.raw)
+    from craft.run.watch import back_on_device
+
     for module, dev in tr.restore:
         module.to(dev)
+        back_on_device(module)
     tr.restore.clear()
 
 
@@ -525,14 +531,18 @@ def offload_encoders(pipe, restore: list, keep: tuple[str, ...] = ()) -> None:
 
 @contextlib.contextmanager
 def encoders_on(pipe, restore: list):
+    from craft.run.watch import back_on_device, left_device
+
     moved = [(m, d) for m, d in restore if not _is_denoiser(pipe, m)]
     for module, dev in moved:
         module.to(dev)
+        back_on_device(module)
     try:
         yield
     finally:
         for module, _ in moved:
             module.to("cpu")
+            left_device(module)
 
 
 def _is_denoiser(pipe, module) -> bool:
@@ -685,7 +695,10 @@ def train(cfg, train_df: pd.DataFrame, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     ses = open_session(cfg, out_dir, pipe)
     pipe, accelerator = ses.pipe, ses.accelerator
-    data = encode_dataset(cfg, pipe, train_df, accelerator.device)
+    from craft.run.watch import section
+
+    with section("encode"):
+        data = encode_dataset(cfg, pipe, train_df, accelerator.device)
     if pairs is not None:
         data.pairs = torch.as_tensor(np.asarray(pairs), dtype=torch.long).reshape(-1, 2)
     micro_loss = get_method(cfg.train.method).micro_loss(cfg, data)
@@ -784,6 +797,7 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
     cancel is honoured at steps that are multiples of ``boundary`` (GRPO: between rounds, so
     the checkpoint it leaves resumes exactly)."""
     from craft.models.checkpoints import save_checkpoint
+    from craft.run.watch import section
 
     tc = cfg.train
     main = accelerator.is_main_process
@@ -791,16 +805,18 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
     lr_at = functools.partial(learning_rate, tc)
 
     def checkpoint(step: int) -> None:
-        path = save_checkpoint(out_dir, step, pipe=pipe, model=tr.raw, ema=tr.ema, opt=tr.opt,
-                               lora=tr.lora, meta=meta, dtype=tr.model_dtype,
-                               accelerator=accelerator)
+        with section("checkpoint"):
+            path = save_checkpoint(out_dir, step, pipe=pipe, model=tr.raw, ema=tr.ema,
+                                   opt=tr.opt, lora=tr.lora, meta=meta, dtype=tr.model_dtype,
+                                   accelerator=accelerator)
         if path is not None and cb.on_checkpoint:
             cb.on_checkpoint(step, path)
 
     def preview(step: int) -> None:
         # a sharded model runs on every process together; only the main one keeps the images
         if tc.preview_every and tc.preview_prompts and (main or tr.sharded):
-            images, prompts = render_previews(cfg, pipe, tr, out_dir, step, save=main)
+            with section("preview"):
+                images, prompts = render_previews(cfg, pipe, tr, out_dir, step, save=main)
             if main and cb.on_preview:
                 cb.on_preview(step, images, prompts)
             if main and trackers:
@@ -836,10 +852,13 @@ def run_loop(cfg, pipe, tr: Trainable, step_fn: Callable[[int], dict], out_dir: 
             if tc.preview_every and done % tc.preview_every == 0:
                 preview(done)
 
+        if status == "done" and tc.preview_every and start % tc.preview_every and start:
+            preview(start)  # the last step's previews, whatever preview_every says
         if status == "done" or start > 0:
             checkpoint(start)
         if status == "done":
-            finish(cfg, pipe, tr, out_dir, start, meta, main)
+            with section("checkpoint"):
+                finish(cfg, pipe, tr, out_dir, start, meta, main)
     finally:
         trackers.close()
     accelerator.wait_for_everyone()  # the main process's files are there for everyone now

@@ -89,8 +89,10 @@ def ema_weights(ema, params):
 
 def full_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's weights on the CPU in ``dtype``, one tensor at a time (a sharded model's
-    are gathered a tensor at a time too: every process must call this)."""
+    are gathered a tensor at a time too: every process must call this). Host memory: a
+    memory meter watching a CPU run leaves the copies out of the device's account."""
     from craft.models.sharding import is_sharded
+    from craft.run.watch import host
 
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -98,8 +100,11 @@ def full_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
-        return {k: v.to(dtype, copy=True) for k, v in state.items()}  # own storage each
-    return {k: v.detach().to("cpu", dtype, copy=True) for k, v in model.state_dict().items()}
+        with host():
+            return {k: v.to(dtype, copy=True) for k, v in state.items()}  # own storage each
+    with host():
+        return {k: v.detach().to("cpu", dtype, copy=True)
+                for k, v in model.state_dict().items()}
 
 
 def save_denoiser(model, folder: Path, dtype: torch.dtype, state: dict | None = None) -> Path:

@@ -443,7 +443,9 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
-    return pipe
+    from craft.run.watch import loaded
+
+    return loaded(pipe)  # (a memory meter watching the run counts it from here)
 
 
 def _load(location: Path, fam: str, pretrained: str, torch_dtype, revision, variant,

@@ -388,7 +388,9 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
                               dtype=dtype, batch_size=batch_size,
                               path=None if path is None else str(path), **kw)
     logger.info("loaded reward %s: %r", name, reward)
-    return reward
+    from craft.run.watch import loaded
+
+    return loaded(reward)  # (a memory meter watching the run counts it from here)
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,13 +327,32 @@ class GenerationConfig(_Section):
     height: int | None = _opt(None, "Image height in pixels (multiple of 8); null = model native.")
     width: int | None = _opt(None, "Image width in pixels (multiple of 8); null = model native.")
     batch_size: int = _opt(16, "Images per pipeline call, per device.")
-    scheduler: Literal["ddim", "dpm", "euler", "pndm", "default"] = _opt(
-        "ddim", "Sampler; 'default' keeps the scheduler saved with the model.")
+    scheduler: Literal["ddim", "dpm", "euler", "pndm", "unipc", "default"] = _opt(
+        "ddim", "Sampler (diffusers'), also used by evaluation; 'default' keeps the scheduler "
+                "saved with the model. dpm = DPMSolverMultistep (DPM-Solver++), unipc = "
+                "UniPCMultistep: good at few steps. On a flow-matching model (SD3, FLUX) euler "
+                "is its FlowMatchEulerDiscrete and dpm / unipc their flow-sigma forms "
+                "(use_flow_sigmas, flow_prediction, the model's shift).")
     seed: int = _opt(0, "Base seed; image seeds are derived from it, so runs are reproducible.")
+    early_reject: bool = _opt(
+        False, "Stop a variant's candidate part-way when the scheduler's prediction of its "
+               "final image, scored with the filter's rewards, has no realistic chance of being "
+               "kept (it misses its group's reference images or the running top-K cut-off by "
+               "more than early_reject_margin). Stopped candidates are stored as such and can "
+               "be finished later (`craft generate --finish-stopped`); false = every candidate "
+               "runs to the end (the paper's cost).")
+    early_reject_at: float = _opt(
+        0.3, "Where the early check runs: the fraction of the denoising steps done.")
+    early_reject_margin: float = _opt(
+        0.5, "Safety margin of the early check, in standard deviations of each reward over "
+             "the reference images: a candidate stops only if its prediction misses by more.")
 
     def _check(self) -> None:
         self._positive("seeds_per_prompt", "num_inference_steps", "batch_size", "height", "width")
-        self._positive("guidance_scale", "seed", allow_zero=True)
+        self._positive("guidance_scale", "seed", "early_reject_margin", allow_zero=True)
+        _require(0.0 < self.early_reject_at < 1.0, self._key("early_reject_at"),
+                 self.early_reject_at, "must lie in (0, 1)",
+                 "use e.g. 0.3: the check runs after 30 % of the steps")
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value % 8 == 0, self._key(name), value,

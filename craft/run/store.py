@@ -59,13 +59,34 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "store.sqlite"
 LOCK_NAME = "store.lock"
 IMAGES_DIR = "images"
 WRITERS_DIR = ".writing"
 TRAIN_STATUSES = ("running", "done", "failed", "cancelled")
 SPLITS = ("train", "eval")
+
+# Candidates that early rejection stopped part-way (craft.stages.generation): no image, the
+# step they stopped at, the denoiser evaluations they cost, the scores of the decoded prediction
+# and its predicted composite. A key is either here or in candidates, never both: finishing a
+# stopped candidate records it in candidates and removes it here, in one transaction.
+_STOPPED_TABLE = """CREATE TABLE stopped_candidates (
+    id INTEGER PRIMARY KEY,
+    prompt_id INTEGER NOT NULL,
+    variant_id INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    evaluations INTEGER NOT NULL,
+    plain_evaluations INTEGER NOT NULL,
+    scores_json TEXT NOT NULL,
+    composite REAL,
+    created REAL NOT NULL,
+    UNIQUE (prompt_id, variant_id, seed, model),
+    FOREIGN KEY (variant_id, prompt_id) REFERENCES variants(id, prompt_id) ON DELETE CASCADE
+);"""
 
 _SCHEMA = """
 CREATE TABLE config (
@@ -98,10 +119,13 @@ CREATE TABLE candidates (
     params_json TEXT NOT NULL,
     image_path TEXT NOT NULL,
     created REAL NOT NULL,
+    evaluations INTEGER,
+    plain_evaluations INTEGER,
     UNIQUE (prompt_id, variant_id, seed, model),
     FOREIGN KEY (variant_id, prompt_id) REFERENCES variants(id, prompt_id) ON DELETE CASCADE
 );
 CREATE INDEX candidates_model ON candidates(model);
+{stopped}
 CREATE TABLE scores (
     candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
     reward TEXT NOT NULL,
@@ -167,7 +191,8 @@ CREATE TABLE evaluations (
     results_json TEXT NOT NULL,
     created REAL NOT NULL
 );
-""".replace("{actions}", ", ".join(f"'{a}'" for a in OVERRIDE_ACTIONS))
+""".replace("{actions}", ", ".join(f"'{a}'" for a in OVERRIDE_ACTIONS)).replace(
+    "{stopped}", _STOPPED_TABLE)
 
 # Forward migrations: MIGRATIONS[v] lists the statements that upgrade version v to v + 1. They run
 # inside the opening transaction (so not via executescript, which would commit half-way).
@@ -185,6 +210,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v3: a training step records its method's own numbers (DPO's implicit accuracy, GRPO's
     # group rewards) beside the loss
     2: ("ALTER TABLE train_metrics ADD COLUMN extra_json TEXT",),
+    # v4: the denoiser evaluations each candidate cost (and what the plain sampler spends on
+    # one), and the candidates early rejection stopped part-way
+    3: ("ALTER TABLE candidates ADD COLUMN evaluations INTEGER",
+        "ALTER TABLE candidates ADD COLUMN plain_evaluations INTEGER",
+        _STOPPED_TABLE.rstrip(";")),
 }
 
 
@@ -209,6 +239,24 @@ class NewCandidate:
     model: str
     params: Mapping[str, Any]
     image: Image.Image
+    evaluations: int | None = None  # denoiser evaluations this image cost (None: not counted)
+    plain_evaluations: int | None = None  # what the plain sampler spends on one image
+
+
+@dataclass(frozen=True)
+class StoppedCandidate:
+    """A candidate early rejection stopped after ``step`` denoising steps (no image)."""
+
+    prompt_id: int
+    variant_id: int
+    seed: int
+    model: str
+    params: Mapping[str, Any]
+    step: int
+    evaluations: int
+    plain_evaluations: int
+    scores: Mapping[str, float | None]  # the filter's rewards on the decoded prediction
+    composite: float | None  # its predicted composite (the reference images' z-scale)
 
 
 def _now() -> float:
@@ -352,6 +400,8 @@ class RunStore:
                       f"IN (SELECT id FROM candidates WHERE model LIKE '{SAMPLED_PREFIX}%')",
             "train_runs": "SELECT count(*) FROM train_runs",
             "evaluations": "SELECT count(*) FROM evaluations",
+            # candidates early rejection stopped part-way (no image; not in the pool)
+            "stopped": "SELECT count(*) FROM stopped_candidates",
         }
         return {k: int(self._query(sql)[0][0]) for k, sql in q.items()}
 
@@ -610,12 +660,102 @@ class RunStore:
         now = _now()
         try:
             with self._tx() as conn:
-                return [conn.execute("INSERT INTO candidates(prompt_id, variant_id, seed, model, "
-                                     "params_json, image_path, created) VALUES (?,?,?,?,?,?,?)",
-                                     (*row, now)).lastrowid for row in rows]
+                ids = [conn.execute("INSERT INTO candidates(prompt_id, variant_id, seed, model, "
+                                    "params_json, image_path, created, evaluations, "
+                                    "plain_evaluations) VALUES (?,?,?,?,?,?,?,?,?)",
+                                    (*row[:6], now, *(tuple(row[6:8]) + (None, None))[:2])
+                                    ).lastrowid for row in rows]
+                # a finished key is no longer a stopped one (craft.stages.generation)
+                conn.executemany("DELETE FROM stopped_candidates WHERE prompt_id=? AND "
+                                 "variant_id=? AND seed=? AND model=?",
+                                 [tuple(row[:4]) for row in rows])
+                return ids
         except sqlite3.IntegrityError as e:
             raise StoreError(f"could not record candidates ({e}): each variant_id must belong to "
                              f"its prompt_id, and a key may be written only once") from None
+
+    def record_stopped(self, items: Sequence[StoppedCandidate]) -> int:
+        """Record candidates early rejection stopped (one transaction); returns how many. A key
+        already stored, stopped or finished, is an error."""
+        if not items:
+            return 0
+        now = _now()
+        done = self._stored_keys([(c.prompt_id, c.variant_id, c.seed, c.model) for c in items])
+        if done:
+            raise StoreError(f"{len(done)} stopped candidate(s) are already stored as finished, "
+                             f"e.g. {sorted(done)[0]}; skip the stored keys when resuming")
+        rows = [(int(c.prompt_id), int(c.variant_id), int(c.seed), str(c.model),
+                 _json(dict(c.params)), int(c.step), int(c.evaluations),
+                 int(c.plain_evaluations),
+                 _json({k: _finite_or_none(v) for k, v in c.scores.items()}),
+                 _finite_or_none(c.composite), now) for c in items]
+        try:
+            with self._tx() as conn:
+                conn.executemany("INSERT INTO stopped_candidates(prompt_id, variant_id, seed, "
+                                 "model, params_json, step, evaluations, plain_evaluations, "
+                                 "scores_json, composite, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                 rows)
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"could not record stopped candidates ({e}): each variant_id must "
+                             f"belong to its prompt_id, and a key may be written only once"
+                             ) from None
+        return len(rows)
+
+    def stopped_keys(self, model: str) -> set[tuple[int, int, int]]:
+        """``(prompt_id, variant_id, seed)`` of every stopped candidate of ``model``: work a
+        resumed generator skips too (finish them with craft.stages.stopped)."""
+        rows = self._query("SELECT prompt_id, variant_id, seed FROM stopped_candidates WHERE "
+                           "model=?", (model,))
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def stopped_df(self, model: str | None = None, split: str | None = None) -> pd.DataFrame:
+        """One row per stopped candidate: id, prompt_id, variant_id, variant_idx, seed, model,
+        params_json, status ('stopped'), step, evaluations, plain_evaluations, composite (the
+        predicted one), created, prompt, variant, split, and ``early_<reward>``: each filter
+        reward of the decoded prediction at ``step``."""
+        where, params = ("WHERE model=?", [model]) if model is not None else ("", [])
+        df = self._df("SELECT id, prompt_id, variant_id, seed, model, params_json, step, "
+                      "evaluations, plain_evaluations, scores_json, composite, created FROM "
+                      f"stopped_candidates {where} ORDER BY id", params)
+        prompts = self._df("SELECT id, text, split FROM prompts").set_index("id")
+        variants = self._df("SELECT id, idx, text FROM variants").set_index("id")
+        if split is not None:
+            df = df[df["prompt_id"].map(prompts["split"]).to_numpy() == split]
+            df = df.reset_index(drop=True)
+        df.insert(3, "variant_idx", df["variant_id"].map(variants["idx"]).astype("int64"))
+        df.insert(6, "status", "stopped")
+        df["composite"] = df["composite"].astype(float)
+        df["prompt"] = df["prompt_id"].map(prompts["text"])
+        df["variant"] = df["variant_id"].map(variants["text"])
+        df["split"] = df["prompt_id"].map(prompts["split"])
+        scores = pd.DataFrame([json.loads(x) for x in df.pop("scores_json")], index=df.index)
+        for name in scores.columns:
+            df[f"early_{name}"] = scores[name].astype(float)
+        return df
+
+    def generation_cost(self, model: str | None = None, split: str | None = "train") -> dict:
+        """What generating the pool cost in denoiser evaluations: ``candidates`` (finished),
+        ``stopped`` (stopped early), ``evaluations`` spent on both, ``plain_evaluations`` the
+        plain sampler (every candidate to the last step) would have spent, and ``uncounted``:
+        finished candidates recorded before costs were (not in either sum). Sampled images of
+        an online method (GRPO) are not the pool and are left out."""
+        where = [f"c.model NOT LIKE '{SAMPLED_PREFIX}%'"]
+        params: list = []
+        if model is not None:
+            where.append("c.model=?")
+            params.append(model)
+        if split is not None:
+            where.append("p.split=?")
+            params.append(split)
+        sql = ("SELECT count(*), sum(c.evaluations IS NULL), sum(c.evaluations), "
+               "sum(c.plain_evaluations) FROM {t} c JOIN prompts p ON p.id=c.prompt_id WHERE "
+               + " AND ".join(where))
+        n, unknown, spent, plain = self._query(sql.format(t="candidates"), params)[0]
+        s_n, _, s_spent, s_plain = self._query(sql.format(t="stopped_candidates"), params)[0]
+        return {"candidates": int(n or 0), "stopped": int(s_n or 0),
+                "evaluations": int(spent or 0) + int(s_spent or 0),
+                "plain_evaluations": int(plain or 0) + int(s_plain or 0),
+                "uncounted": int(unknown or 0)}
 
     def _stored_keys(self, keys: Iterable[tuple[int, int, int, str]]
                      ) -> set[tuple[int, int, int, str]]:
@@ -905,7 +1045,8 @@ class RunStore:
 # ------------------------------------------------------------------------ image writers
 # Used by any process of a launch: they touch files only, never the database.
 
-CandidateRow = tuple  # (prompt_id, variant_id, seed, model, params_json, image_path)
+# (prompt_id, variant_id, seed, model, params_json, image_path[, evaluations, plain_evaluations])
+CandidateRow = tuple
 
 
 def image_relpath(prompt_id: int, variant_id: int, seed: int, model: str) -> str:
@@ -939,7 +1080,7 @@ def write_candidate_images(run_dir: str | Path, items: Sequence[NewCandidate]
         save_image_atomic(c.image, target, format="PNG", compress_level=3)
         dirs.add(target.parent)
         rows.append((int(c.prompt_id), int(c.variant_id), int(c.seed), str(c.model),
-                     _json(dict(c.params)), rel))
+                     _json(dict(c.params)), rel, c.evaluations, c.plain_evaluations))
     for d in dirs:  # the renames are durable before the rows that point at them
         fsync_dir(d)
     return rows
@@ -959,4 +1100,4 @@ def writing_images(run_dir: str | Path) -> Iterator[Path]:
 
 
 __all__ = ["CandidateRow", "NewCandidate", "RunStore", "SAMPLED_PREFIX", "SCHEMA_VERSION",
-           "StoreError", "image_relpath", "write_candidate_images", "writing_images"]
+           "StoppedCandidate", "StoreError", "image_relpath", "write_candidate_images", "writing_images"]

@@ -122,6 +122,9 @@ def dinov2_embedder(model: str | None, device: str = "cpu", batch_size: int = 32
 
     folder = dinov2_location(model)
     net = from_pretrained_strict(Dinov2Model, folder, "eval.diversity_model").to(device).eval()
+    from craft.run.watch import loaded
+
+    loaded(net)
     processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     return batched_embedder(processor, lambda px: net(pixel_values=px).last_hidden_state[:, 0],
                             device, batch_size, net.config.hidden_size)

@@ -89,6 +89,9 @@ def clip_embedder(model: str | None, device: str = "cpu", batch_size: int = 32,
         config = vision
     net = from_pretrained_strict(CLIPVisionModelWithProjection, folder, key,
                                  config=config).to(device).eval()
+    from craft.run.watch import loaded
+
+    loaded(net)
     processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
 
     return batched_embedder(processor, lambda px: net(pixel_values=px).image_embeds, device,

@@ -21,6 +21,12 @@ Each stage is one function over (run, config, progress, should_stop) that owns
 so a run started in one front end can be finished in the other. ``progress(done, total)`` is
 called on the main process only; ``should_stop()`` may be asked on any process and stops all of
 them at the next batch or optimizer step, leaving what was committed resumable.
+
+This module holds the pool's stages (prompts, generate, score, filter, export), online rounds
+and the whole loop; the train and publish stages live in craft/stages/train_stage.py, the
+evaluate stage in craft/stages/evaluate_stage.py, what every stage shares in
+craft/stages/common.py, and what a method trains on in craft/stages/selection.py. The front
+ends import the stages from here.
 """
 
 from __future__ import annotations
@@ -31,23 +37,19 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
-
 from craft import CraftError, StageStopped
 from craft.methods.registry import get_method
 from craft.run.handle import Run, as_run
-from craft.run.layout import final_dir, train_dir  # noqa: F401 (API)
+from craft.run.layout import train_dir  # noqa: F401 (API)
 from craft.stages.common import (DEFAULT_RUN_NAME, ProgressFn, StopFn,  # noqa: F401 (API)
                                  check_run_name, open_run, require, stopped)
-from craft.stages.evaluate_stage import (card_facts, record_evaluation,  # noqa: F401
-                                         stage_evaluate, training_coverage, tuned_label,
-                                         tuned_models, unique_labels)
-from craft.stages.selection import filter_settings, localize, portable, select
+from craft.stages.evaluate_stage import (card_facts, record_evaluation,  # noqa: F401 (API)
+                                         stage_evaluate, tuned_label, tuned_models)
+from craft.stages.selection import localize, portable, select
 from craft.stages.train_stage import (TrainPlan, kept_count, round_config,  # noqa: F401
                                       round_name, round_number, stage_publish, stage_train)
 
 log = logging.getLogger(__name__)
-
 
 
 # ------------------------------------------------------------------------ prompts
@@ -284,15 +286,19 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     if not get_method(cfg.train.method).online:  # an online method samples its own images
         timed("generate", lambda: stage_generate(run, cfg, progress_for("generate"),
                                                  should_stop, pipe=pipe))
+        from craft.run.watch import back_on_device, left_device
+
         device = pipe.device
         if device.type == "cuda":  # the reward models have the GPU to themselves to score
             import torch
 
             pipe.to("cpu")
             torch.cuda.empty_cache()
+        left_device(pipe)
         timed("score", lambda: stage_score(run, cfg, progress=progress_for("score"),
                                            should_stop=should_stop))
         pipe.to(device)
+        back_on_device(pipe)
     result, final = timed("train", lambda: stage_tune(
         run, cfg, name, progress_for=progress_for, should_stop=should_stop, pipe=pipe,
         on_stage=on_stage, on_round=on_round))
@@ -322,6 +328,10 @@ def stage_tune(run: Run, cfg, name: str = DEFAULT_RUN_NAME, resume: bool | None 
     (True: must exist, False: must be new, None: either) applies to a one-round run; rounds
     always continue the ones already there."""
     progress_for = progress_for or (lambda stage: None)
+    run = as_run(run)
+    if get_method(cfg.train.method).online and run.dist.on_main(
+            lambda: run.store.prompts_df("train").empty):  # its data are the prompts alone
+        stage_prompts(run, cfg, progress_for("prompts"))
     if cfg.train.rounds > 1:
         if resume is not None:
             raise CraftError("--resume / --new apply to one training run; with train.rounds > 1 "

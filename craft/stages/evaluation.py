@@ -176,13 +176,20 @@ def side_by_side(scores: pd.DataFrame, models: list[str], path: Path, rows: int 
 
 def _off_gpu(pipe, given: bool, moved: list) -> None:
     """After a model's images: a pipeline the caller passed in (run_all's base) leaves the GPU,
-    so one pipeline is there at a time (the plan counts one); it comes back at the end."""
+    so one pipeline is there at a time (the plan counts one); it comes back at the end. (On a
+    CPU it stays where it is; a memory meter watching the run is told it left.)"""
+    from craft.run.watch import left_device
+
     if given and pipe.device.type == "cuda":
         import torch
 
         moved.append((pipe, pipe.device))
         pipe.to("cpu")
         torch.cuda.empty_cache()
+    elif given:
+        moved.append((pipe, pipe.device))
+    if given:
+        left_device(pipe)
 
 
 def load_for_eval(cfg, path: str, device: str | None = None):
@@ -352,8 +359,11 @@ def evaluate(run, cfg, models: Mapping[str, str], name: str = "eval",
                          should_stop)
     dist.barrier()  # every image exists before anyone scores
     mine, rewards, values = _score_images(run, cfg, plan, paths)
+    from craft.run.watch import back_on_device
+
     for p, dev in moved:  # the caller's pipelines back where they were
         p.to(dev)
+        back_on_device(p)
     gathered = dist.gather((mine, values))
     result = None
     if run.is_main:

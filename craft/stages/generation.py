@@ -81,31 +81,52 @@ class PromptEncoder:
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
-              "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+              "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler",
+              "unipc": "UniPCMultistepScheduler"}
+# flow-matching models (SD3): Euler is the model's own FlowMatchEulerDiscrete; DPM-Solver++ and
+# UniPC in their flow-sigma forms (diffusers' use_flow_sigmas + flow_prediction, the model's
+# shift as flow_shift). FLUX keeps its own sampler (its sigmas shift with the image size).
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler",
+                   "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
 def apply_scheduler(pipe, name: str):
     """Switch ``pipe`` to the sampler ``name`` (config ``generation.scheduler``), keeping the
-    model's noise schedule; ``default`` keeps the scheduler saved with the model."""
-    if name == "default":
-        return pipe
-    from craft.models.families import family_of, is_flow
-
-    if is_flow(pipe):
-        from craft import CraftError
-
-        raise CraftError(f"generation.scheduler={name!r} is a sampler for noise-prediction "
-                         f"models; this is a flow-matching {family_of(pipe)} model, which samples "
-                         "with its own FlowMatchEulerDiscreteScheduler and shift: set "
-                         "generation.scheduler: default")
-    if name not in SCHEDULERS:
-        raise ValueError(f"generation.scheduler={name!r} is not one of "
-                         f"{['default', *SCHEDULERS]}")
+    model's noise schedule; ``default`` keeps (or restores) the scheduler saved with the
+    model."""
     import diffusers
 
-    cls = getattr(diffusers, SCHEDULERS[name])
-    if type(pipe.scheduler) is not cls:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    from craft import CraftError
+    from craft.models.families import family_of, is_flow
+
+    if not hasattr(pipe, "_craft_scheduler"):  # the model's own, whatever is switched later
+        pipe._craft_scheduler = pipe.scheduler
+    own = pipe._craft_scheduler
+    if name == "default":
+        pipe.scheduler = own
+        return pipe
+    flow = is_flow(pipe)
+    table = FLOW_SCHEDULERS if flow else SCHEDULERS
+    if name not in table or (family_of(pipe) == "flux" and name != "euler"):
+        if flow:
+            raise CraftError(f"generation.scheduler={name!r} is not a sampler for this "
+                             f"flow-matching {family_of(pipe)} model; use euler (its own "
+                             "FlowMatchEulerDiscrete), default"
+                             + (", dpm or unipc (their flow-sigma forms)"
+                                if family_of(pipe) != "flux" else ""))
+        raise ValueError(f"generation.scheduler={name!r} is not one of "
+                         f"{['default', *SCHEDULERS]}")
+    cls = getattr(diffusers, table[name])
+    if type(pipe.scheduler) is cls:
+        return pipe
+    if type(own) is cls:
+        pipe.scheduler = own
+    elif flow and name != "euler":
+        pipe.scheduler = cls.from_config(own.config, use_flow_sigmas=True,
+                                         prediction_type="flow_prediction",
+                                         flow_shift=float(own.config.get("shift", 1.0)))
+    else:
+        pipe.scheduler = cls.from_config(own.config)
     return pipe
 
 
@@ -117,12 +138,14 @@ def generators_for(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
                     params: SamplingParams = SamplingParams(), batch_size: int = 64,
                     progress: ProgressFn | None = None,
-                    should_stop: Callable[[], bool] | None = None,
+                    should_stop: Callable[[], bool] | None = None, cut=None,
                     ) -> Iterator[tuple[slice, list[Image.Image]]]:
     """Yield ``(slice, images)`` for consecutive batches of ``prompts[i]`` with ``seeds[i]``.
 
     The initial noise is drawn on the CPU from each image's own generator, so the same seed
-    gives the same image on any device and in any batch (up to float rounding).
+    gives the same image on any device and in any batch (up to float rounding). ``cut`` (a
+    craft.stages.trajectory.StepCut) checks every batch part-way and stops the images it
+    rejects: their entries are None.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per "
@@ -144,13 +167,21 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int],
         sl = slice(start, min(start + batch_size, total))
         batch_prompts = list(prompts[sl])
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators_for(seeds[sl])])
-        with torch.no_grad():
-            out = pipe(**encoder.kwargs(batch_prompts),
-                       latents=pack_latents(pipe, latents).to(pipe.device, dtype),
-                       num_inference_steps=params.num_inference_steps,
-                       guidance_scale=params.guidance_scale, height=height, width=width,
-                       output_type="pil")
-        yield sl, out.images
+        extra = {} if cut is None else cut.begin(pipe, range(sl.start, sl.stop))
+        try:
+            with torch.no_grad():
+                images = pipe(**encoder.kwargs(batch_prompts),
+                              latents=pack_latents(pipe, latents).to(pipe.device, dtype),
+                              num_inference_steps=params.num_inference_steps,
+                              guidance_scale=params.guidance_scale, height=height, width=width,
+                              output_type="pil", **extra).images
+        except BaseException:
+            if cut is not None:
+                cut.end(pipe, [])  # the scheduler's own step back in place
+            raise
+        if cut is not None:
+            images = cut.end(pipe, images)
+        yield sl, images
         if progress:
             progress(sl.stop, total)
 

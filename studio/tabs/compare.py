@@ -20,8 +20,9 @@ from studio.plots import empty_figure, mean_reward_bars
 from studio.settings import Settings, UiState, none_as_zero, optional_int
 from craft.stages.calls import StageCall
 from studio.launcher import stage_job
-from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, safe, short_name, start_job)
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons,
+                       processes_control, safe, short_name, start_job,
+                       started_message)
 
 MAX_PAIRS = 24
 CELL = 128
@@ -141,11 +142,12 @@ def evaluation_choices(ctx: RunContext) -> list[tuple[str, int]]:
     ev = ctx.store.evaluations_df()
     out = []
     for r in list(ev.itertuples())[::-1]:
-        try:
-            tuned = ", ".join(json.loads(r.tuned_model).values())
-        except (ValueError, AttributeError):
-            tuned = r.tuned_model
-        out.append((f"#{r.id} {Path(tuned).parent.name}/{Path(tuned).name}", int(r.id)))
+        try:  # several models: their labels, all of them
+            models = json.loads(r.tuned_model)
+            names = ", ".join(models) if isinstance(models, dict) else str(models)
+        except (ValueError, TypeError):
+            names = f"{Path(r.tuned_model).parent.name}/{Path(r.tuned_model).name}"
+        out.append((f"#{r.id} {names}", int(r.id)))
     return out
 
 
@@ -297,11 +299,12 @@ class CompareTab(Tab):
             cfg = ctx.settings_now()
             base_path = str(resolve_path(base) or base)
             name = eval_name(base_path, tuned, cfg)
-            start_job("compare", f"Compare base vs {len(tuned)} tuned · {ctx.run_dir}",
-                      stage_job(StageCall("evaluate", name=name, tuned=tuple(tuned) if
-                                          len(tuned) > 1 else tuned[0], base=base_path),
-                                ctx.run_dir, cfg, processes))
-            return ok_md("evaluation started"), gr.Timer(active=True), *job_buttons(True)
+            snap = start_job("compare", f"Compare base vs {len(tuned)} tuned · {ctx.run_dir}",
+                             stage_job(StageCall("evaluate", name=name, tuned=tuple(tuned) if
+                                                 len(tuned) > 1 else tuned[0], base=base_path),
+                                       ctx.run_dir, cfg, processes))
+            return (started_message(snap, "evaluation"), gr.Timer(active=True),
+                    *job_buttons(True))
 
         app.on(self.start.click, on_start, [self.base, self.tuned, self.processes],
                [self.message, self.panel.timer, *buttons], message=self.message)

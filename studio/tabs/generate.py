@@ -10,8 +10,8 @@ from studio.context import RunContext
 from studio.settings import Settings, UiState, none_as_zero, optional_int
 from craft.stages.calls import StageCall
 from studio.launcher import stage_job
-from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, start_job)
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons,
+                       processes_control, start_job, started_message)
 
 LATEST = 32
 
@@ -93,9 +93,10 @@ class GenerateTab(Tab):
             cfg = ctx.settings_now()
             if ctx.counts()["prompts"] == 0:
                 raise ValueError("this run has no prompts yet; add some in the Prompts tab")
-            start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
+            snap = start_job("generate", f"Generate candidates · {ctx.run_dir}", stage_job(
                 StageCall("generate"), ctx.run_dir, cfg, processes))
-            return (ok_md("generation started"), gr.Timer(active=True), plan_summary(ctx),
+            return (started_message(snap, "generation"), gr.Timer(active=True),
+                    plan_summary(ctx),
                     *job_buttons(True))
 
         buttons = [self.start, self.cancel]

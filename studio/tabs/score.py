@@ -12,8 +12,8 @@ from studio.plots import correlation_heatmap, reward_histograms
 from studio.settings import Settings, UiState
 from craft.stages.calls import StageCall
 from studio.launcher import stage_job
-from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, start_job)
+from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons,
+                       processes_control, start_job, started_message)
 
 
 def reward_table(df: pd.DataFrame, rewards: list[str]) -> pd.DataFrame:
@@ -79,10 +79,10 @@ class ScoreTab(Tab):
                 raise ValueError("tick at least one reward to compute")
             if ctx.counts()["candidates"] == 0:
                 raise ValueError("this run has no candidates yet; run the Generate step")
-            start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
+            snap = start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
                 StageCall("score", rewards=tuple(names), force=bool(force)), ctx.run_dir,
                 cfg, processes))
-            return ok_md("scoring started"), gr.Timer(active=True), *job_buttons(True)
+            return started_message(snap, "scoring"), gr.Timer(active=True), *job_buttons(True)
 
         buttons = [self.start, self.cancel]
         app.on(self.start.click, on_start, [self.rewards, self.force, self.processes],

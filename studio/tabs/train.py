@@ -95,6 +95,23 @@ def will_train(ctx: RunContext, cfg=None) -> str:
     return method.will_train_on(selection, cfg)
 
 
+# the settings a training run's time depends on (craft.stages.estimate)
+ESTIMATE_KEYS = ("train.method", "train.steps", "train.effective_batch", "model.device",
+                 "model.pretrained", "grpo.prompts_per_step", "grpo.group_size",
+                 "grpo.num_inference_steps", "grpo.updates")
+
+
+def train_estimate(ctx: RunContext, cfg=None) -> str:
+    """The Train tab's line near Start: the run's estimated time on this device and its basis
+    (craft.stages.estimate), or that there is none yet."""
+    from craft.stages.estimate import estimate_train_time
+
+    try:
+        return estimate_train_time(ctx.store, cfg or ctx.cfg).text()
+    except Exception as e:  # noqa: BLE001 - an estimate must never break the tab
+        return f"no time estimate ({type(e).__name__}: {e})"
+
+
 def method_boxes(method: str) -> list:
     """The Train tab's boxes of method settings, the method's own shown (dpo, then grpo)."""
     section = get_method(method).settings_section
@@ -292,6 +309,8 @@ class TrainTab(Tab):
             self.start = gr.Button("Start training", variant="primary", elem_id="train-start")
             self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
                                     elem_id="train-cancel")
+        # how long Start would take on this device, from this run's earlier measured steps
+        self.estimate = gr.Markdown(train_estimate(ctx), elem_id="train-estimate")
         with gr.Row():
             self.resume_name = gr.Dropdown([], label="resume a cancelled / failed run",
                                            elem_id="train-resume-name", scale=2)
@@ -374,6 +393,31 @@ class TrainTab(Tab):
         self._wire_settings(app)
         self._wire_jobs(app, buttons)
         self._wire_progress(app, buttons)
+        self._wire_estimate(app)
+
+    def _wire_estimate(self, app) -> None:
+        """The run's estimated time near Start, for the settings on the page: when a setting it
+        depends on changes, when a tab is opened, and as a training job goes (its measured
+        steps are the next estimate's basis)."""
+        keys = [k for k in ESTIMATE_KEYS if k in {b.key for b in self.settings.bindings}]
+        fields = [self.settings.component(k) for k in keys]
+
+        def on_estimate(*values):
+            from craft.run.config import ConfigError
+
+            cfg = self.ctx.cfg
+            try:
+                for key, value in zip(keys, values):
+                    cfg = self.settings.config_with(cfg, key, value)
+            except (ConfigError, ValueError, TypeError):
+                return gr.skip()  # a half-typed value: its box says what is wrong
+            return train_estimate(self.ctx, cfg)
+
+        quiet = dict(show_progress="hidden")
+        for field in fields:
+            app.on(field.input, on_estimate, fields, self.estimate, **quiet)
+        app.on(app.tabset.select, on_estimate, fields, self.estimate, **quiet)
+        app.on(self.panel.timer.tick, on_estimate, fields, self.estimate, **quiet)
 
     def _wire_settings(self, app) -> None:
         """The method's own settings, what Start would train on, and the suggested name."""
