@@ -20,6 +20,7 @@ refused; configs are read with ``yaml.safe_load``).
 from __future__ import annotations
 
 import hashlib
+import html
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 TAB_NAMES = ("Prompts", "Generate", "Score", "Curate", "Groups", "Train", "Compare")
 SETTINGS_FILE = "studio-settings.yaml"
 RUN_STORAGE_KEY = "craft-studio-run"
+CHANGES_POLL_S = 2.0  # how often a page asks whether another window changed the run
 
 
 class StudioApp:
@@ -156,12 +158,18 @@ class StudioApp:
         # What this page last loaded or saved of each setting (studio.settings_sync): a
         # change made in another window is shown here, never silently overwritten.
         self.seen = gr.State({})
+        # This page's last refused change(s), said in the settings line until a change of the
+        # page is saved or the settings are reloaded (a poll must not wipe it).
+        self.notice = gr.State("")
         with gr.Row():
             self.stale = gr.Markdown(elem_id="settings-stale")
             self.reload_settings = gr.Button("Reload settings", visible=False, scale=0,
                                              elem_id="settings-reload")
         # The run's counts change as jobs write; a slow, cheap poll keeps the line current.
         self.info_timer = gr.Timer(5.0)
+        # Another window's saved setting or hand override reaches this page within a couple of
+        # seconds: tabs poll the run's change counters (RunContext.changes: no query) with it.
+        self.changes_timer = gr.Timer(CHANGES_POLL_S)
         with gr.Accordion("Settings: save as / load from a YAML config (`craft run` reads it)",
                           open=False):
             with gr.Row():
@@ -195,7 +203,7 @@ class StudioApp:
     # ------------------------------------------------------------------ restoring a run
 
     def _restored_outputs(self) -> list:
-        return [self.run_dir, self.run_pick, self.run_info, self.seen, self.stale,
+        return [self.run_dir, self.run_pick, self.run_info, self.seen, self.notice, self.stale,
                 self.reload_settings, *self.settings.components, *self.ui.components]
 
     def _restored_values(self, ctx: RunContext) -> list:
@@ -203,7 +211,7 @@ class StudioApp:
 
         return [str(ctx.run_dir), gr.update(choices=self.studio.runs(), value=None),
                 ctx.describe(),
-                snapshot(self.settings, ctx.cfg), "", gr.update(visible=False),
+                snapshot(self.settings, ctx.cfg), "", "", gr.update(visible=False),
                 *self.settings.values_from(ctx.cfg), *self.ui.values_from(ctx.ui_state())]
 
     def _on_load(self):
@@ -234,14 +242,11 @@ class StudioApp:
             self._refresh_all(event(opener, source, outputs))
 
     def _wire_info(self) -> None:
-        def on_info(seen):
-            from studio.settings_sync import conflict_text, stale_keys
+        def on_info(seen, notice):
+            text, reload = settings_line(self.settings, seen, notice)
+            return current().describe(), others_markdown(), text, reload
 
-            text = conflict_text([], stale_keys(current(), seen))
-            return (current().describe(), others_markdown(), text,
-                    gr.update(visible=bool(text)))
-
-        self.on(self.info_timer.tick, _guarded(on_info, 4), self.seen,
+        self.on(self.info_timer.tick, _guarded(on_info, 4), [self.seen, self.notice],
                 [self.run_info, self.other_jobs, self.stale, self.reload_settings],
                 show_progress="hidden")
         # Reload: this page takes the run's current settings (and refreshes every tab).
@@ -297,48 +302,82 @@ class StudioApp:
         for binding in self.settings.bindings:
             if binding.persisted_by is not None:
                 continue  # its tab saves it with its own event (Curate's filter controls)
-            for trigger in _user_events(binding.component):
-                self.on(trigger, _persist_setting(self.settings, binding.key),
-                        [binding.component, self.seen],
-                        [self.seen, self.stale, self.reload_settings], queue=False,
-                        show_progress="hidden")
+            for trigger, final in _user_events(binding.component):
+                self.on(trigger, _persist_setting(self.settings, binding.key, final),
+                        [binding.component, self.seen, self.notice],
+                        [self.seen, self.notice, self.stale, self.reload_settings,
+                         binding.component], queue=False, show_progress="hidden")
         for key, component in self.ui.items():
-            for trigger in _user_events(component):
-                self.on(trigger, _persist_ui(key), component, None, queue=False,
-                        show_progress="hidden")
+            for trigger, final in _user_events(component):
+                self.on(trigger, _persist_ui(key, component, final, self.settings),
+                        [component, self.seen, self.notice],
+                        [self.notice, self.stale, self.reload_settings, component],
+                        queue=False, show_progress="hidden")
 
 
-def _persist_setting(settings: Settings, key: str):
-    """Save one control's change into the run (studio.settings_sync: not over a change made in
-    another window); the page's ``seen`` follows, and its banner says what is stale."""
+def settings_line(settings: Settings, seen, notice: str = "") -> tuple[str, Any]:
+    """The page's settings line and its Reload button (studio.settings_sync.settings_text)."""
+    from studio.settings_sync import settings_text
 
-    def persist(value, seen):
-        from studio.settings_sync import try_commit
+    text = settings_text(current(), settings, seen, notice)
+    return text, gr.update(visible=bool(text))
 
-        seen, text = try_commit(current(), settings, key, value, seen or {})
-        if text is None:  # a half-typed value: saved once it is valid
-            return gr.skip(), gr.skip(), gr.skip()
-        return seen, text, gr.update(visible=bool(text))
+
+def _persist_setting(settings: Settings, key: str, final: bool = True):
+    """Save one control's change into the run (studio.settings_sync.apply: not over a change
+    made in another window, not a value the box's bounds or the config refuse). ``final`` (Enter,
+    leaving the box, a release, a pick): a refused value is said, with why, and the control
+    shows the saved value again; a keystroke's half-typed value waits."""
+
+    def persist(value, seen, notice):
+        from studio.settings_sync import apply, notice_after
+
+        out = apply(current(), settings, {key: value}, seen or {}, final=final)
+        if out.invalid and not final:  # half-typed: said once the user is done with the box
+            return [gr.skip()] * 5
+        notice = notice_after(out, settings, notice or "")
+        text, reload = settings_line(settings, out.seen, notice)
+        return out.seen, notice, text, reload, out.reset.get(key, gr.skip())
 
     persist.__name__ = f"persist_{key.replace('.', '_')}"
     return persist
 
 
-def _persist_ui(key: str):
-    def persist(value):
-        current().save_ui(**{key: value})
+def _persist_ui(key: str, component=None, final: bool = True, settings: Settings | None = None):
+    """Save a UI-state control (processes, names, views) with the run; a number outside its
+    box's bounds is refused as a setting is (said, and the box shows the saved value)."""
+    from studio.settings import bounds_text, control_problem, label_of, shown
+
+    def persist(value, seen=None, notice=""):
+        ctx = current()
+        problem = control_problem(component, value) if component is not None else None
+        if problem is None:
+            ctx.save_ui(**{key: value})
+            return [gr.skip()] * 4
+        if not final:
+            return [gr.skip()] * 4
+        saved = ctx.ui_state().get(key, component.value)
+        notice = (f"<b>{html.escape(label_of(component, key))}</b> must be "
+                  f"{html.escape(bounds_text(component))}; your <b>"
+                  f"{html.escape(shown(value))}</b> was not saved (it stays "
+                  f"{html.escape(shown(saved))})")
+        text, reload = settings_line(settings, seen, notice)
+        return notice, text, reload, saved
 
     persist.__name__ = f"persist_ui_{key.replace('.', '_')}"
     return persist
 
 
-def _user_events(component) -> list:
-    """The events by which a user (not the program) changes a control's value."""
+def _user_events(component) -> list[tuple[Any, bool]]:
+    """The events by which a user (not the program) changes a control's value, each with
+    whether the user is done with the value (a keystroke is not: the box is being typed in)."""
     if isinstance(component, gr.Slider):
-        return [component.release]
-    if isinstance(component, (gr.Number, gr.Textbox)):
-        return [component.input, component.blur]  # blur: a pasted or auto-filled value too
-    return [component.input]
+        return [(component.release, True)]
+    if isinstance(component, gr.Number):  # blur: a pasted or auto-filled value too
+        return [(component.input, False), (component.submit, True), (component.blur, True)]
+    if isinstance(component, gr.Textbox):
+        return [(component.input, False), (component.blur, True)]
+    return [(component.input, True)]
 
 
 def _listed(inputs) -> list:

@@ -48,6 +48,9 @@ class RunContext:
         self._lock = threading.RLock()
         self._frame_cache: tuple[Any, pd.DataFrame] | None = None
         self._undo: list[dict[int, str | None]] = []  # each entry: candidate -> previous action
+        # bumped on every change of the settings / the hand overrides (:meth:`changes`)
+        self._settings_changes = 0
+        self._override_changes = 0
         self._save_timer: threading.Timer | None = None
         self.cfg = base_cfg if prefer_base else (self._saved_config() or base_cfg)
         if prefer_base:
@@ -95,7 +98,14 @@ class RunContext:
         with self._lock:
             if cfg.model.pretrained != self.cfg.model.pretrained:
                 self._frame_cache = None
+            if cfg != self.cfg:
+                self._settings_changes += 1
             self.cfg = cfg
+
+    def changes(self) -> tuple[int, int]:
+        """(settings, overrides) change counters: what a page polls (no query, no lock) to
+        learn that another window saved a setting or kept / excluded an image by hand."""
+        return self._settings_changes, self._override_changes
 
     def save_settings(self) -> None:
         """The current settings become the run's config (see the module docstring)."""
@@ -177,6 +187,7 @@ class RunContext:
             previous = {cid: before.get(cid) for cid in changes}
             for cid, action in changes.items():
                 self.store.set_override(int(cid), action)
+            self._override_changes += 1
             self._undo.append(previous)
             del self._undo[:-UNDO_DEPTH]
 
@@ -188,6 +199,7 @@ class RunContext:
             previous = self._undo.pop()
             for cid, action in previous.items():
                 self.store.set_override(int(cid), action)
+            self._override_changes += 1
             return previous
 
     def can_undo(self) -> bool:

@@ -31,6 +31,15 @@ weighted by its advantage. **Compare**: base vs tuned on held-out prompts with t
 # the stages the loop's progress line names (filtering is instant: it shows as part of train)
 STAGES = tuple(s for s in LOOP_STAGES if s != "filter")
 
+# "Quick try": the sizes a first try needs small, set in one click (they sit on the Prompts,
+# Generate, Train and Compare tabs), as control values, saved like any setting.
+QUICK_TRY = {"prompts.max_prompts": 8, "prompts.max_eval_prompts": 8,
+             "prompts.num_variants": 2, "generation.seeds_per_prompt": 2,
+             "generation.num_inference_steps": 10, "train.steps": 20, "eval.num_prompts": 8,
+             "eval.seeds_per_prompt": 2, "eval.num_inference_steps": 10}
+QUICK_TRY_TEXT = ("8 prompts, 2 variants and 2 seeds each, 10 denoising steps, 20 training "
+                  "steps, 8 × 2 held-out images")
+
 
 class LoopPanel(Tab):
     def __init__(self):
@@ -43,10 +52,13 @@ class LoopPanel(Tab):
                 "continues where it stopped. Every tab shows its stage's results as they are "
                 "stored; Compare shows the comparison at the end.")
             with gr.Row():
+                self.quick = gr.Button("Quick try: small sizes", elem_id="loop-quick")
                 self.start = gr.Button("Run the whole loop", variant="primary",
                                        elem_id="loop-start")
                 self.cancel = gr.Button("Cancel", variant="secondary", interactive=False,
                                         elem_id="loop-cancel")
+            gr.Markdown(f"*Quick try* sets a small first run: {QUICK_TRY_TEXT} (each can be "
+                        "changed on its tab); then press *Run the whole loop*.")
             self.stages = gr.Markdown(elem_id="loop-stages")
             self.message = gr.Markdown(elem_id="loop-message")
             self.panel = JobPanel("loop", log_lines=4)
@@ -55,6 +67,7 @@ class LoopPanel(Tab):
 
     def wire(self, app) -> None:
         buttons = [self.start, self.cancel]
+        self._wire_quick_try(app)
 
         def on_start():
             ctx = self.ctx
@@ -95,6 +108,29 @@ class LoopPanel(Tab):
 
         app.then(dep, show_result, [compare.tuned, self.shown_for],
                  [*compare.refresh_outputs, self.shown_for], show_progress="hidden")
+
+    def _wire_quick_try(self, app) -> None:
+        """Quick try: the small sizes saved field by field (studio.settings_sync.apply: not
+        over another window's change), their controls on every tab showing them."""
+        keys = [k for k in QUICK_TRY if k in {b.key for b in app.settings.bindings}]
+        controls = [app.settings.component(k) for k in keys]
+
+        def on_quick(seen, notice):
+            from studio.settings_sync import apply, notice_after, settings_text
+
+            ctx = self.ctx
+            out = apply(ctx, app.settings, {k: QUICK_TRY[k] for k in keys}, seen or {})
+            notice = notice_after(out, app.settings, notice or "")
+            text = settings_text(ctx, app.settings, out.seen, notice)
+            shown = [out.reset.get(k, QUICK_TRY[k]) for k in keys]
+            message = ok_md(f"quick try set: {QUICK_TRY_TEXT}; press “Run the whole loop”") \
+                if not out.refused else error_md("some sizes were not set: see the settings "
+                                                 "line at the top")
+            return [message, out.seen, notice, text, gr.update(visible=bool(text)), *shown]
+
+        app.on(self.quick.click, on_quick, [app.seen, app.notice],
+               [self.message, app.seen, app.notice, app.stale, app.reload_settings, *controls],
+               message=self.message)
 
     @property
     def refresh_outputs(self) -> list:

@@ -10,7 +10,10 @@ Each tab binds its controls to config keys (``train.lr``, ``filter.weights.toy_f
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any, Callable
+
+import gradio as gr
 
 from craft.run.config import ConfigError, CraftConfig, config_from_dict, config_to_dict
 
@@ -44,6 +47,104 @@ def list_to_lines(v: Any) -> str:
     return "\n".join(v or ())
 
 
+class _CheckedHere:
+    """Marks a control whose typed value the studio checks itself (see :func:`unchecked`)."""
+
+
+class UncheckedNumber(gr.Number, _CheckedHere):
+    """A ``gr.Number`` whose value reaches the handler as typed. Gradio's own bound check
+    failed the whole event with a bare "Error" (nothing saved, nothing said, the box showing a
+    value that was not saved); the studio says what is wrong instead (:func:`control_problem`)
+    and puts the saved value back."""
+
+    is_template = True  # the page draws it as a plain gr.Number
+
+    def preprocess(self, payload: Any) -> Any:
+        return _as_typed(payload, self.precision)
+
+
+class UncheckedSlider(gr.Slider, _CheckedHere):
+    """A ``gr.Slider`` whose typed value (its number box takes any number) reaches the handler
+    as typed; see :class:`UncheckedNumber`."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return _as_typed(payload, self.precision)
+
+
+def _as_typed(payload: Any, precision: int | None) -> Any:
+    if payload is None or payload == "":
+        return None
+    if isinstance(payload, str):
+        try:
+            payload = float(payload)
+        except ValueError:
+            return payload  # not a number: control_problem says so
+    if precision == 0 and isinstance(payload, float) and payload.is_integer():
+        return int(payload)
+    return payload
+
+
+def unchecked(component: Any) -> Any:
+    """``component`` (a bound gr.Number / gr.Slider) made to pass typed values through, so a
+    value outside its bounds or not a number gets a message rather than Gradio's bare error."""
+    if isinstance(component, _CheckedHere):
+        return component
+    if isinstance(component, gr.Slider):
+        component.__class__ = UncheckedSlider
+    elif isinstance(component, gr.Number):
+        component.__class__ = UncheckedNumber
+    return component
+
+
+def label_of(component: Any, key: str) -> str:
+    """How the page names a control: its label, else the config key."""
+    label = getattr(component, "label", None)
+    return str(label) if label else key
+
+
+def shown(value: Any) -> str:
+    """A control value as the page shows it in a message."""
+    if value is None or value == "":
+        return "an empty box"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def bounds_text(component: Any) -> str:
+    lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
+    whole = getattr(component, "precision", None) == 0
+    kind = "a whole number" if whole else "a number"
+    if lo is not None and hi is not None:
+        return f"{kind} from {shown(float(lo))} to {shown(float(hi))}"
+    if lo is not None:
+        return f"{kind} of at least {shown(float(lo))}"
+    if hi is not None:
+        return f"{kind} of at most {shown(float(hi))}"
+    return kind
+
+
+def control_problem(component: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` typed into a number box or a slider's box (not a number,
+    outside the control's bounds, not whole where it must be), or None. The config's own
+    checks come after (Settings.config_with)."""
+    if not isinstance(component, (gr.Number, gr.Slider)):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+    lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
+    if not number or (lo is not None and value < lo) or (hi is not None and value > hi) or (
+            getattr(component, "precision", None) == 0 and float(value) != int(value)):
+        return f"must be {bounds_text(component)}"
+    return None
+
+
 @dataclass
 class Binding:
     key: str  # section.name or section.name.entry (one entry of a mapping field)
@@ -63,7 +164,7 @@ class Settings:
              from_ui: Callable = _identity, persisted_by: str | None = None) -> Any:
         if key.count(".") not in (1, 2):
             raise ValueError(f"binding key {key!r} must be section.name[.entry]")
-        self.bindings.append(Binding(key, component, to_ui, from_ui, persisted_by))
+        self.bindings.append(Binding(key, unchecked(component), to_ui, from_ui, persisted_by))
         return component
 
     @property
@@ -125,7 +226,7 @@ class UiState:
     def bind(self, key: str, component: Any, default: Any = None) -> Any:
         if key in self._items:
             raise ValueError(f"UI state key {key!r} is bound twice")
-        self._items[key] = (component, default)
+        self._items[key] = (unchecked(component), default)
         return component
 
     def items(self) -> list[tuple[str, Any]]:
@@ -143,5 +244,6 @@ class UiState:
                 for k, (_, d) in self._items.items()]
 
 
-__all__ = ["Binding", "ConfigError", "Settings", "UiState", "as_int", "lines_to_list", "list_to_lines",
-           "none_as_zero", "optional_int"]
+__all__ = ["Binding", "ConfigError", "Settings", "UiState", "UncheckedNumber", "UncheckedSlider",
+           "as_int", "bounds_text", "control_problem", "label_of", "lines_to_list",
+           "list_to_lines", "none_as_zero", "optional_int", "shown", "unchecked"]

@@ -28,6 +28,11 @@ CSS = """
 table th, [role=columnheader] { word-break: normal !important; overflow-wrap: normal !important;
                                  white-space: nowrap; }
 #curate-why table { font-size: 12px; }
+/* The why table is as wide as its column: its headers wrap (the page-wide rule above keeps
+   headers on one line, which cut the table off at 1400 px), and a still wider one scrolls. */
+#curate-why { min-width: 0; max-width: 100%; overflow-x: auto; }
+#curate-why table { display: block; max-width: 100%; overflow-x: auto; }
+#curate-why th { white-space: normal !important; }
 #curate-showing p { margin: 0; text-align: center; }
 .drift-warning { color: #9a5b00; font-weight: 600; }
 .report table { font-size: 12px; }
@@ -96,8 +101,12 @@ short_name = short_reward_name  # (craft.stages.filtering: the engine's summarie
 
 
 def error_md(e: BaseException | str) -> str:
+    """An error line, in the page's words (studio.wording.for_page: the engine's command-line
+    hints become the page's buttons; a missing step says when the whole loop is making it)."""
+    from studio.wording import for_page
+
     text = e if isinstance(e, str) else " ".join(str(e).split())
-    return f"<span class='studio-error'>⚠ {html.escape(text)}</span>"
+    return f"<span class='studio-error'>⚠ {html.escape(for_page(text))}</span>"
 
 
 def ok_md(text: str) -> str:
@@ -131,8 +140,11 @@ class JobPanel:
 
     def render(self, snap: JobSnapshot | None = None) -> list[Any]:
         snap = snap if snap is not None else run_jobs().latest(self.kind)
-        if snap is None:
-            return ["No job yet.", _bar(None), ""]
+        if snap is None:  # the whole loop may have run this tab's stage (studio.wording)
+            from studio.wording import loop_line
+
+            line = loop_line(self.kind)
+            return [line or "No job yet.", _bar(None), ""]
         return [snap.summary(), _bar(snap), "\n".join(reversed(snap.log[-40:]))]
 
     def latest(self) -> JobSnapshot | None:

@@ -161,7 +161,7 @@ def test_generate_candidates_resumes_encodes_once_and_shares_seeds(prompted_run,
 
     # Any stored candidate regenerates exactly from its row: variant text + seed + params.
     row = df[df["variant_idx"] == 1].iloc[0]
-    params = SamplingParams(**__import__("json").loads(row["params_json"]))
+    params = SamplingParams.from_record(__import__("json").loads(row["params_json"]))
     again = images_to_array(_all_images(pipe, [row["variant"]], [int(row["seed"])], params, 1))
     stored = images_to_array([store.load_image(int(row["id"]))])
     assert np.abs(again.astype(int) - stored.astype(int)).max() <= MAX_PIXEL_DIFF

@@ -86,6 +86,12 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers)
 
 
+def _add_rehearse(subparsers: argparse._SubParsersAction) -> None:
+    from craft.cli.rehearse import register
+
+    register(subparsers)
+
+
 def _add_serve_rewards(subparsers: argparse._SubParsersAction) -> None:
     from craft.cli.serve import add_serve_rewards
 
@@ -110,6 +116,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "config": _add_config,
     "stages": _add_stages,
     "plan": _add_plan,
+    "rehearse": _add_rehearse,
     "plugins": _add_plugins,
     "serve-rewards": _add_serve_rewards,
 }

@@ -157,8 +157,45 @@ def cmd_prompts(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    return _call(args, lambda run, cfg, out: _say(
-        run, f"generated {out['written']} new candidates; {out['total']} in the run"))
+    """``craft generate``: the pool (then the evaluations it cost); ``--list-stopped``: the
+    candidates early rejection stopped and which the filter could keep; ``--finish-stopped``:
+    finish those (or all) and score them."""
+    if getattr(args, "list_stopped", False):
+        return _list_stopped(args)
+
+    def say(run, cfg, out):
+        first = (f"finished {out['finished']} of {out['asked']} stopped candidates; "
+                 if out.get("asked") is not None else "")
+        _say(run, f"{first}generated {out['written']} new candidates; {out['total']} in the "
+                  f"run\n{out['cost']}")
+
+    return _call(args, say)
+
+
+def _list_stopped(args) -> int:
+    from craft.stages.stopped import keepable_stopped
+
+    run, cfg = _open(args)
+    with run:
+        result = {}
+        if run.is_main:
+            df = keepable_stopped(run.store, cfg)
+            result = {"stopped": len(df), "could_keep": int(df["could_keep"].sum())}
+            if df.empty:
+                print("no candidates were stopped early in this run")
+            else:
+                import pandas as pd
+
+                early = [c for c in df.columns if c.startswith("early_")]
+                cols = ["id", "prompt_id", "variant", "seed", "step", "composite", *early,
+                        "could_keep"]
+                with pd.option_context("display.max_colwidth", 50, "display.width", 200):
+                    print(df[cols].head(args.show).to_string(index=False))
+                print(f"{len(df)} stopped candidates; {int(df['could_keep'].sum())} could be "
+                      f"kept by the filter settings (within generation.early_reject_margin = "
+                      f"{cfg.generation.early_reject_margin:g} SD): finish them with `craft "
+                      f"generate --finish-stopped --run-dir {args.run_dir}`")
+        return _finish(args, run, result)
 
 
 def cmd_score(args) -> int:
@@ -329,6 +366,17 @@ def add_stage_commands(subparsers: argparse._SubParsersAction) -> None:
         p = subparsers.add_parser(name, help=help_text)
         _common(p)
         p.set_defaults(handler=fn)
+        if name == "generate":
+            how = p.add_mutually_exclusive_group()
+            how.add_argument("--finish-stopped", nargs="?", const="keepable", default=None,
+                             choices=("keepable", "all"),
+                             help="finish the candidates early rejection stopped, from their "
+                                  "seeds to the last step, and score them: those the filter "
+                                  "settings could keep (default) or all")
+            how.add_argument("--list-stopped", action="store_true",
+                             help="list the stopped candidates and which the filter settings "
+                                  "could keep; generate nothing")
+            p.add_argument("--show", type=int, default=20, help="rows --list-stopped prints")
         if name == "score":
             p.add_argument("--rewards", default=None, help="comma-separated subset of rewards")
             p.add_argument("--force", action="store_true", help="re-score stored scores")

@@ -474,6 +474,17 @@ def release(tr: Trainable, pipe, accelerator) -> None:
         module.to(dev)
         back_on_device(module)
     tr.restore.clear()
+    # The training state sits in reference cycles (accelerate's forward wrapper refers back to
+    # the module): left to the cyclic collector, a full run's float32 copy stayed on the device
+    # into evaluation, beside both pipelines (craft rehearse measured it). Dropped now.
+    accelerator.free_memory()
+    tr.model = tr.raw = tr.opt = tr.ema = tr.base = None
+    tr.params = []
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def training_size(cfg, pipe) -> tuple[int, int]:
@@ -554,8 +565,12 @@ def _is_denoiser(pipe, module) -> bool:
 @contextlib.contextmanager
 def tuned_pipeline(pipe, tr: Trainable):
     """``pipe`` generating with the weights being trained (EMA if kept): LoRA's adapters are
-    already in the pipeline's denoiser; a full run's float32 copy is swapped in, under autocast
-    to the pipeline's dtype when they differ (no model-dtype copy is made)."""
+    already in the pipeline's denoiser; a full run's float32 copy is swapped in (no
+    model-dtype copy is made). Either way under autocast to the pipeline's dtype when it is not
+    float32: the trained module returns float32 (a full run's copy is float32; LoRA's carries
+    accelerate's mixed-precision wrapper, which converts its outputs to float32), and a
+    float16 / bfloat16 VAE refuses float32 latents (LoRA previews of the bf16 configs failed at
+    step 0 so: craft rehearse found it)."""
     from craft.models.checkpoints import ema_weights
     from craft.models.families import denoiser, set_denoiser
 
@@ -564,8 +579,8 @@ def tuned_pipeline(pipe, tr: Trainable):
     cast = contextlib.nullcontext()
     if not tr.lora:
         set_denoiser(pipe, tr.raw)
-        if tr.model_dtype != torch.float32:
-            cast = torch.autocast(pipe.device.type, dtype=tr.model_dtype)
+    if tr.model_dtype != torch.float32:
+        cast = torch.autocast(pipe.device.type, dtype=tr.model_dtype)
     try:
         with ema_weights(tr.ema, tr.params), cast:
             yield pipe

@@ -181,9 +181,11 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
     else:
         gen = simulate_generation(spec, g.batch_size, g.num_inference_steps, g.guidance_scale,
                                   cfg.model.vae_slicing)
-        stages.append(_stage("generation", _gib(gen.parts), gpu, n_images, "image", gen.flops,
-                             timed(gen.flops, n_images), list(gen.notes)))
-        stages.append(_scoring(cfg, gpu, n_images, timed))
+        flops, extra, finished, gen_notes = early_rejection(cfg, gen)
+        stages.append(_stage("generation", _gib({**gen.parts, **extra}), gpu, n_images, "image",
+                             flops, timed(flops, n_images), [*gen.notes, *gen_notes]))
+        stages.append(_scoring(cfg, gpu, None if n_images is None else round(
+            n_images * finished), timed))
     setup = TrainSetup.from_config(cfg, gpus, pool=n_images, family=spec.family)
     train = simulate_training(spec, setup)
     if method.data_stage:
@@ -225,6 +227,50 @@ def _stage(name, parts, gpu, units=None, unit="image", flops=0.0, hours_=None, n
     s = StagePlan(name, parts, True, units, unit, flops, hours_, notes or [])
     s.fits = s.needed <= gpu.memory_gib
     return s
+
+
+# What share of the variants' candidates early rejection lets run to the end, for the plan:
+# measured in the toy world (benchmarks/toy_candidates_cost.md, the default check: after 30 %
+# of the steps, margin 0.5 SD; K = 50 of a 640-image pool). With the paper's K = 100 of a pool
+# of 100k the running top-K cut-off is far stricter, so at real size this is an upper bound.
+EXPECTED_SURVIVAL = 0.45
+
+
+def early_rejection(cfg, gen: Sim) -> tuple[float, dict, float, list[str]]:
+    """Generation's FLOPs per candidate (the pool's mean) with ``generation.early_reject``,
+    the bytes the filter's rewards add on the device, the share of candidates that finish
+    (and are scored by the score stage), and a note; without it, the plain sampler's."""
+    g = cfg.generation
+    if not g.early_reject or "step_flops" not in gen.extra:
+        return gen.flops, {}, 1.0, []
+    from craft.stages.filtering import FilterSettings
+    from craft.stages.trajectory import cut_step
+
+    e, n = gen.extra, g.num_inference_steps
+    s = cut_step(n, g.early_reject_at)
+    ref = 1.0 / (1 + cfg.prompts.num_variants)
+    q = EXPECTED_SURVIVAL
+    notes: list[str] = []
+    names = FilterSettings.from_config(cfg).used_rewards
+    sims = [r for r in (_reward(x, cfg.rewards.batch_size, notes, cfg) for x in names) if r]
+    score = sum(r.flops for r in sims)
+    weights = sum(r.extra["weights"] for r in sims)
+    acts = max((r.peak - r.extra["weights"] for r in sims), default=0)
+    base = e["text_flops"] + e["decode_flops"]
+    flops = (ref * (base + n * e["step_flops"])
+             + (1 - ref) * (base + s * e["step_flops"] + score
+                            + q * ((n - s) * e["step_flops"] + e["decode_flops"])))
+    finished = ref + (1 - ref) * q
+    evals = ref * n + (1 - ref) * (s + q * (n - s))
+    notes = [f"early rejection: the original prompts' images (1 in {1 + cfg.prompts.num_variants}"
+             f") run all {n} steps; every variant's candidate runs {s}, its predicted image is "
+             f"decoded and scored ({', '.join(names)}: their weights stay on the device) and it "
+             f"goes on only if it could still be kept, assumed for {q:.0%} of them (measured "
+             "in the toy world, benchmarks/toy_candidates_cost.md; the paper's K of a larger "
+             f"pool stops more): {evals / n:.0%} of the plain sampler's denoiser evaluations, "
+             f"{flops / gen.flops:.0%} of its compute"]
+    return flops, {"weights": gen.parts.get("weights", 0) + weights,
+                   "activations": max(gen.parts.get("activations", 0), acts)}, finished, notes
 
 
 def _scoring(cfg, gpu, n_images, timed) -> StagePlan:

@@ -63,8 +63,10 @@ def back_on_device(obj) -> None:
 
 @contextlib.contextmanager
 def section(name: str):
-    """A named part of a stage: ``encode`` (the training set), ``checkpoint`` (a checkpoint or
-    the final save), ``preview`` (fixed-seed previews), ``sample`` (an online method's round)."""
+    """A named part of a run: a stage of ``craft run`` (``prompts``, ``generate``, ``score``,
+    ``train``, ``evaluate``), or a part of training: ``encode`` (the training set),
+    ``checkpoint`` (a checkpoint or the final save), ``preview`` (fixed-seed previews),
+    ``sample`` (an online method's round)."""
     if not _LISTENERS:
         yield
         return

@@ -43,10 +43,15 @@ class StageCall:
     # RUN/final); several: compared with the base side by side on the same seeds
     base: str | None = None  # evaluate: the reference (default model.pretrained)
     label: str | None = None  # evaluate: the tuned model's label
+    # generate: finish candidates early rejection stopped instead ("keepable": those the
+    # config's filter could keep, craft.stages.stopped; "all")
+    finish_stopped: str | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise ValueError(f"unknown stage command {self.command!r}; one of {COMMANDS}")
+        if self.finish_stopped not in (None, "keepable", "all"):
+            raise ValueError(f"finish_stopped={self.finish_stopped!r}: use 'keepable' or 'all'")
 
     def argv(self) -> list[str]:
         """The ``craft`` arguments that parse back to this call (before --run-dir)."""
@@ -62,7 +67,8 @@ class StageCall:
         tuned = (self.tuned,) if isinstance(self.tuned, str) else self.tuned or ()
         for t in tuned:
             out += ["--tuned", str(t)]
-        for flag, value in (("--base", self.base), ("--label", self.label)):
+        for flag, value in (("--base", self.base), ("--label", self.label),
+                            ("--finish-stopped", self.finish_stopped)):
             if value is not None:
                 out += [flag, str(value)]
         return out
@@ -81,7 +87,7 @@ class StageCall:
             tuned = tuned[0] if len(tuned) == 1 else tuple(tuned) or None
         return cls(command, name=get("name"), resume=resume, rewards=rewards,
                    force=bool(get("force")), tuned=tuned, base=get("base"),
-                   label=get("label"))
+                   label=get("label"), finish_stopped=get("finish_stopped"))
 
 
 @dataclasses.dataclass
@@ -105,6 +111,9 @@ def run_call(call: StageCall, run, cfg, hooks: Hooks | None = None) -> dict:
     p = h.progress_for
     if call.command == "prompts":
         return st.stage_prompts(run, cfg, p("prompts"))
+    if call.command == "generate" and call.finish_stopped:
+        return st.stage_finish_stopped(run, cfg, call.finish_stopped, p("generate"),
+                                       h.should_stop)
     if call.command == "generate":
         return st.stage_generate(run, cfg, p("generate"), h.should_stop)
     if call.command == "score":

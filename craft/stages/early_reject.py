@@ -172,4 +172,17 @@ def _range_in_sd(ref_rows: np.ndarray, sd: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(spread), spread, 1.0)
 
 
-__all__ = ["Judge", "build_judge", "running_cutoff"]
+def cost_sentence(cost: dict) -> str:
+    """What a pool's generation cost (``RunStore.generation_cost``), as ``craft generate``
+    and the studio's Generate tab say it."""
+    spent, plain = cost["evaluations"], cost["plain_evaluations"]
+    share = f" ({spent / plain:.0%} of it)" if plain else ""
+    text = (f"{spent} evaluations; {cost['stopped']} candidates stopped early; the plain "
+            f"sampler would have spent {plain}{share}")
+    if cost.get("uncounted"):
+        text += (f"; {cost['uncounted']} candidates generated before costs were recorded are "
+                 "not counted")
+    return text
+
+
+__all__ = ["Judge", "build_judge", "cost_sentence", "running_cutoff"]

@@ -161,7 +161,39 @@ def stage_generate(run: Run, cfg, progress: ProgressFn | None = None,
     total = run.dist.on_main(lambda: len(run.store.candidates_df(model=cfg.model.pretrained,
                                                                  split="train")))
     stopped(run, should_stop, "generation", f"{total} candidates are stored")
-    return {"written": written, "total": total}
+    return {"written": written, "total": total, **generation_cost(run, cfg)}
+
+
+def generation_cost(run: Run, cfg) -> dict:
+    """The pool's denoiser evaluations (RunStore.generation_cost) and the sentence that says
+    them (``cost``), as ``craft generate`` prints it."""
+    from craft.stages.early_reject import cost_sentence
+
+    run = as_run(run)
+    cost = run.dist.on_main(lambda: run.store.generation_cost(cfg.model.pretrained, "train"))
+    return {"evaluations": cost["evaluations"], "plain_evaluations": cost["plain_evaluations"],
+            "stopped_early": cost["stopped"], "cost": cost_sentence(cost)}
+
+
+def stage_finish_stopped(run: Run, cfg, which="keepable", progress: ProgressFn | None = None,
+                         should_stop: StopFn | None = None, pipe=None) -> dict:
+    """Finish stopped candidates (craft.stages.stopped: "keepable", the ones the config's
+    filter could keep; "all"; or ids) from their seeds to the last step (sharded;
+    resumable), then score them like any candidate."""
+    from craft.stages.stopped import finish_stopped
+
+    run = as_run(run)
+    require(cfg, model=pipe is None)
+    out = finish_stopped(run, cfg, which, pipe=pipe, progress=progress,
+                         should_stop=should_stop)
+    stopped(run, should_stop, "finishing stopped candidates",
+            f"{out['finished']} were finished")
+    if out["finished"]:
+        stage_score(run, cfg, should_stop=should_stop)
+    total = run.dist.on_main(lambda: len(run.store.candidates_df(model=cfg.model.pretrained,
+                                                                 split="train")))
+    return {"written": out["finished"], "finished": out["finished"], "asked": out["asked"],
+            "total": total, **generation_cost(run, cfg)}
 
 
 def stage_score(run: Run, cfg, names=None, force: bool = False,
@@ -274,10 +306,13 @@ def run_all(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
     timings: dict[str, float] = {}
 
     def timed(stage: str, fn):
+        from craft.run.watch import section
+
         if on_stage:
             on_stage(stage)
         t = time.time()
-        out = fn()
+        with section(stage):  # (a memory meter watching the run measures each stage apart)
+            out = fn()
         timings[stage] = time.time() - t
         return out
 
@@ -390,6 +425,7 @@ def stage_rounds(run: Run, cfg, name: str = DEFAULT_RUN_NAME,
 __all__ = ["DEFAULT_RUN_NAME", "StageStopped", "TrainPlan", "card_facts", "check_run_name",
            "load_prompt_sources", "open_run", "prepare_prompts", "record_evaluation", "require",
            "round_config", "round_name", "round_number", "run_all", "stage_evaluate", "stage_export",
-           "stage_export_pairs", "stage_filter", "stage_generate", "stage_prompts",
+           "stage_export_pairs", "stage_filter", "stage_finish_stopped", "stage_generate",
+           "generation_cost", "stage_prompts",
            "stage_publish", "stage_rounds", "stage_score", "stage_train", "stage_tune",
            "train_dir", "tuned_label", "tuned_models"]

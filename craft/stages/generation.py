@@ -42,6 +42,13 @@ class SamplingParams:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_record(cls, params: dict) -> SamplingParams:
+        """The params of a stored candidate's ``params_json`` (which also names its scheduler:
+        apply that to the pipeline, craft.stages.generation.apply_scheduler)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
 
 class PromptEncoder:
     """Encodes each distinct prompt once and hands out stacked embeddings for a batch.
@@ -219,6 +226,28 @@ def plan_candidates(store, cfg, split: str = "train") -> list[tuple[int, int, in
             for r in variants.itertuples() for s in range(S)]
 
 
+def sampling_params(g) -> SamplingParams:
+    """The :class:`SamplingParams` of a ``generation`` config section."""
+    return SamplingParams(num_inference_steps=g.num_inference_steps,
+                          guidance_scale=g.guidance_scale, height=g.height, width=g.width)
+
+
+def passes_per_step(pipe, params: SamplingParams) -> int:
+    """Denoiser evaluations per image and step: 2 with classifier-free guidance (the
+    unconditional and the conditional pass), else 1 (FLUX's guidance is an input)."""
+    return 2 if PromptEncoder(pipe, params).cfg else 1
+
+
+def _missing(store, cfg, split: str) -> list[tuple]:
+    """``(prompt_id, variant_id, seed, text, variant_idx, original prompt)`` of every planned
+    candidate that is neither stored nor stopped early, in plan order."""
+    model = cfg.model.pretrained
+    done = store.existing_candidate_keys(model) | store.stopped_keys(model)
+    variants = store.variants_df(split).set_index("id")
+    return [(*c, int(variants.at[c[1], "idx"]), str(variants.at[c[1], "prompt"]))
+            for c in plan_candidates(store, cfg, split) if c[:3] not in done]
+
+
 def generate_candidates(run, cfg, pipe=None, split: str = "train",
                         progress: ProgressFn | None = None,
                         should_stop: Callable[[], bool] | None = None) -> int:
@@ -231,51 +260,184 @@ def generate_candidates(run, cfg, pipe=None, split: str = "train",
     images, then sends the rows to the main process, which commits them, so a killed launch
     loses at most the round in flight and a rerun skips every stored key. No process returns
     before every candidate of this call exists (the next stage may read them all).
+
+    With ``generation.early_reject`` the original prompts' images (every group's reference)
+    are made first and scored with the filter's rewards; then the variants' candidates, in a
+    seeded shuffled order, each checked part-way (craft.stages.early_reject): a stopped one is
+    recorded as such (``RunStore.stopped_df``) and skipped by a rerun like a stored one; a
+    finished one is scored at once (its scores are stored: the score stage skips them) and
+    raises the running top-K cut-off. Every candidate records the denoiser evaluations it cost
+    (``RunStore.generation_cost``).
     """
     from craft.run.handle import as_run
-    from craft.run.store import NewCandidate, write_candidate_images, writing_images
 
     run = as_run(run)
-    dist, model = run.dist, cfg.model.pretrained
     todo = None
     if run.is_main:
-        done = run.store.existing_candidate_keys(model)
-        todo = [c for c in plan_candidates(run.store, cfg, split) if c[:3] not in done]
+        todo = _missing(run.store, cfg, split)
         if not todo:
-            log.info("generation: nothing to do (%d candidates already stored)", len(done))
-    todo = dist.broadcast(todo)
+            log.info("generation: nothing to do (every planned candidate is stored or stopped)")
+    return _generate(run, cfg, run.dist.broadcast(todo), pipe, split, progress, should_stop)
+
+
+def finish_candidates(run, cfg, todo: list, pipe=None, progress: ProgressFn | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> int:
+    """Finish stopped candidates: ``todo`` (the same list on every process) holds
+    ``(prompt_id, variant_id, seed, text, variant_idx, original prompt, evaluations spent)``;
+    each is generated from its seed to the last step (no early check), recorded as finished
+    (no longer stopped) with the evaluations of both tries. Returns how many were written."""
+    from craft.run.handle import as_run
+
+    g = dataclasses.replace(cfg.generation, early_reject=False)
+    return _generate(as_run(run), dataclasses.replace(cfg, generation=g), todo, pipe, "train",
+                     progress, should_stop)
+
+
+def _generate(run, cfg, todo: list, pipe, split: str, progress, should_stop) -> int:
+    from craft.run.store import writing_images
+
+    dist = run.dist
     if not todo:
         return 0
-    g = cfg.generation
-    if pipe is None:
-        from craft.models.loading import load_from_config
-
-        pipe = load_from_config(cfg.model, device=str(dist.model_device(cfg.model.device)))
-    apply_scheduler(pipe, g.scheduler)
-    params = SamplingParams(num_inference_steps=g.num_inference_steps,
-                            guidance_scale=g.guidance_scale, height=g.height, width=g.width)
-    written = 0
-
-    def work(chunk):
-        images = [im for _, b in generate_images(pipe, [t for *_, t in chunk],
-                                                 [c[2] for c in chunk], params, g.batch_size)
-                  for im in b]
-        return write_candidate_images(run.run_dir, [
-            NewCandidate(pid, vid, seed, model, params.as_dict(), im)
-            for (pid, vid, seed, _), im in zip(chunk, images)])
-
-    def commit(rows):
-        nonlocal written
-        written += len(run.store.record_candidates(rows))
-        if progress:
-            progress(written, len(todo))
-
+    job = _Generation(run, cfg, _pipeline(run, cfg, pipe), len(todo), progress)
     dist.barrier()  # every process has its model: the rounds start together
     if run.is_main and progress:
         progress(0, len(todo))
     with writing_images(run.run_dir):
-        dist.in_rounds(todo, g.batch_size, work, commit, should_stop)
+        job.generate(todo, split, should_stop)
         dist.barrier()  # every process's last rows are committed: its marker can go
-    written = dist.broadcast(written)
-    log.info("generation: wrote %d candidates", written)
+    written, stopped = dist.broadcast((job.written, job.stopped))
+    log.info("generation: wrote %d candidates%s", written,
+             f", stopped {stopped} early" if stopped else "")
     return written
+
+
+def _pipeline(run, cfg, pipe):
+    if pipe is None:
+        from craft.models.loading import load_from_config
+
+        pipe = load_from_config(cfg.model, device=str(run.dist.model_device(cfg.model.device)))
+    apply_scheduler(pipe, cfg.generation.scheduler)
+    return pipe
+
+
+class _Generation:
+    """One generation call's rounds over the processes: images written by each, rows (and,
+    with early rejection, scores and stopped candidates) committed by the main process."""
+
+    def __init__(self, run, cfg, pipe, total: int, progress: ProgressFn | None):
+        self.run, self.cfg, self.pipe = run, cfg, pipe
+        self.params = sampling_params(cfg.generation)
+        self.record = {**self.params.as_dict(), "scheduler": cfg.generation.scheduler}
+        self.model = cfg.model.pretrained
+        self.plain = cfg.generation.num_inference_steps * passes_per_step(pipe, self.params)
+        self.total, self.progress = total, progress
+        self.written = self.stopped = 0
+        self.judge, self.rewards, self.cut_at = None, {}, 0
+
+    def generate(self, todo: list, split: str, should_stop) -> None:
+        g = self.cfg.generation
+        if not g.early_reject:
+            self.rounds(todo, should_stop)
+            return
+        from craft.stages.trajectory import require_cut
+
+        require_cut(self.pipe)
+        refs = [c for c in todo if c[4] == 0]
+        rest = [c for c in todo if c[4] != 0]
+        if self.rounds(refs, should_stop) or not rest:
+            return
+        self.start_early(split, should_stop)
+        order = np.random.default_rng(g.seed).permutation(len(rest))
+        self.rounds([rest[i] for i in order], should_stop)
+
+    def rounds(self, todo: list, should_stop) -> bool:
+        return self.run.dist.in_rounds(todo, self.cfg.generation.batch_size, self.work,
+                                       self.commit, should_stop)
+
+    def start_early(self, split: str, should_stop) -> None:
+        """Score what is stored (the reference images above all) with the filter's rewards,
+        build the rule on the main process and hand it to every process."""
+        from craft.rewards.configured import build_reward
+        from craft.stages.early_reject import build_judge
+        from craft.stages.filtering import FilterSettings
+        from craft.stages.scoring import score_candidates
+        from craft.stages.trajectory import cut_step
+
+        cfg, run = self.cfg, self.run
+        settings = FilterSettings.from_config(cfg)
+        names = list(settings.used_rewards)
+        score_candidates(run, cfg, names, split=split, should_stop=should_stop)
+
+        def judge():
+            cands = run.store.candidates_df(model=self.model, split=split)
+            frame = cands[["id", "prompt_id", "variant_idx"]].join(
+                run.store.scores_df(names), on="id")
+            return build_judge(frame, settings, cfg.generation.early_reject_margin)
+
+        self.judge = run.dist.broadcast(judge() if run.is_main else None)
+        device = str(run.dist.model_device(cfg.rewards.device, key="rewards.device"))
+        self.rewards = {n: build_reward(cfg, n, device=device, batch_size=cfg.rewards.batch_size)
+                        for n in names}
+        self.cut_at = cut_step(cfg.generation.num_inference_steps, cfg.generation.early_reject_at)
+
+    def scores(self, images: list, prompts: list) -> np.ndarray:
+        """The filter's rewards (the judge's columns) of ``images`` against their original
+        ``prompts``."""
+        if not images:
+            return np.zeros((0, len(self.judge.names)))
+        return np.column_stack([np.asarray(self.rewards[n](images, prompts), dtype=float)
+                                for n in self.judge.names])
+
+    def work(self, chunk: list) -> list:
+        """This process's batch: images written; returns what the main process commits."""
+        from craft.run.store import NewCandidate, StoppedCandidate, write_candidate_images
+        from craft.stages.trajectory import StepCut
+
+        judge, early, cut = self.judge, {}, None
+        if judge is not None:  # the main process's running cut-off, to every process
+            judge.cutoff = self.run.dist.broadcast(judge.state() if self.run.is_main else None)
+            if chunk:
+                cut = StepCut(self.cut_at, lambda idx, previews: self.check(chunk, idx,
+                                                                            previews, early))
+        images = [im for _, b in generate_images(self.pipe, [c[3] for c in chunk],
+                                                 [c[2] for c in chunk], self.params,
+                                                 max(len(chunk), 1), cut=cut) for im in b]
+        done = [(c, im) for c, im in zip(chunk, images) if im is not None]
+        rows = write_candidate_images(self.run.run_dir, [
+            NewCandidate(c[0], c[1], c[2], self.model, self.record, im,
+                         self.plain + (c[6] if len(c) > 6 else 0), self.plain)
+            for c, im in done])
+        final = self.scores([im for _, im in done], [c[5] for c, _ in done]) \
+            if judge is not None else [None] * len(done)
+        items = [("done", row, sc) for row, sc in zip(rows, final)]
+        per_step = self.plain // self.cfg.generation.num_inference_steps
+        for i in (i for i, im in enumerate(images) if im is None):
+            c, (raw, comp) = chunk[i], early[i]
+            items.append(("stopped", StoppedCandidate(
+                c[0], c[1], c[2], self.model, self.record, self.cut_at, self.cut_at * per_step,
+                self.plain, dict(zip(judge.names, raw.tolist())), comp), None))
+        return items
+
+    def check(self, chunk: list, idx: np.ndarray, previews: list, early: dict) -> np.ndarray:
+        """The early check of a batch: the previews scored, the judge's verdict."""
+        raw = self.scores(previews, [chunk[i][5] for i in idx])
+        keep, comp = self.judge.decide([chunk[i][0] for i in idx], raw)
+        for i, r, c in zip(idx, raw, comp):
+            early[int(i)] = (r, float(c))
+        return keep
+
+    def commit(self, items: list) -> None:
+        store = self.run.store
+        done = [it for it in items if it[0] == "done"]
+        ids = store.record_candidates([it[1] for it in done])
+        if self.judge is not None and done:
+            names = self.judge.names
+            store.add_scores([(cid, n, v) for cid, it in zip(ids, done)
+                              for n, v in zip(names, it[2])])
+            self.judge.add_finished([it[1][0] for it in done], np.stack([it[2] for it in done]),
+                                    [False] * len(done))
+        self.stopped += store.record_stopped([it[1] for it in items if it[0] == "stopped"])
+        self.written += len(ids)
+        if self.progress:
+            self.progress(self.written + self.stopped, self.total)

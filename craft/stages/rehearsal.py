@@ -47,6 +47,7 @@ RUN_NAME = "rehearsal"
 REPORT_DIR = "rehearsal"
 EXIT_STAGE_FAILED = 5  # a stage broke (or a loss was not finite)
 EXIT_PLAN_OFF = 6  # a stage's measured peak is off the plan by more than its margin
+CPU_FLOOR = 2 ** 20  # bytes: the CPU check's absolute part (see tolerance)
 STOP_AFTER = 2  # training steps before the stop: step 1 warms AdamW up, step 2 is measured
 
 # the plan's stage names (craft.planning.plan) the measured sections are filed under
@@ -55,8 +56,7 @@ CHECKPOINT = "checkpoint + previews"
 SAMPLING = "GRPO: sample a round"
 AFTER_STEPS = "training: stop and checkpoint"
 RESUMED = "training: resumed"
-_STAGE_LABELS = {"generate": "generation", "score": "scoring", "evaluate": "evaluation",
-                 "prompts": "prompts"}
+BETWEEN = "between stages (loading the pipeline, moving it)"
 
 TRAIN_PROMPTS = ("a photo of an astronaut riding a horse on the moon",
                  "a cozy cabin in a snowy forest at dusk, oil painting",
@@ -109,6 +109,14 @@ class _Labels:
     def _init_labels(self) -> None:
         self.records: dict[str, Record] = {}
         self._stack: list[list] = []  # [label, window peak, parts, started]
+        self.failed_in: str | None = None  # where an exception left a section
+
+    def where(self) -> str:
+        """The stage being run now, or where the last exception left one."""
+        if self.failed_in:
+            return self.failed_in
+        labels = [e[0] for e in self._stack if e[0] != BETWEEN]
+        return " > ".join(labels) or self.label or "setup"
 
     @property
     def label(self) -> str | None:
@@ -150,6 +158,11 @@ class _Labels:
         if self._stack:  # the outer window goes on from what is live now
             self._window_started()
 
+    def switch(self, label: str) -> None:
+        """The top window ends; the same level goes on as ``label``."""
+        self._close()
+        self._open(label)
+
     def restart_window(self) -> None:
         """Forget the top label's peak so far: it is measured from now on (training's
         steady state, after step 1)."""
@@ -165,16 +178,25 @@ class _Labels:
 
     # the watch hooks (craft.run.watch) shared by both meters
     def section(self, name: str, entering: bool) -> None:
+        import sys
+
         label = self.section_labels.get(name)
         if label is None:
             return
-        self.open_section(label) if entering else self.close_section()
+        if entering:
+            self.failed_in = None  # (an exception before this one was handled)
+            self.open_section(label)
+            return
+        if sys.exc_info()[0] is not None and self.failed_in is None:
+            self.failed_in = self.where()
+        self.close_section()
 
 
 class CpuMeter(_Labels, MemoryTracker):
     """Live tensors on a CPU, as the plan counts device memory: what the run loads is counted
-    from when it is loaded, what a GPU run would move to the host stops counting until it
-    would come back, and copies made for the host (craft.run.watch.host) never count."""
+    from when it is loaded; what a GPU run would move to the host (craft.run.watch.left_device)
+    and copies made for the host (craft.run.watch.host) are not counted, nor any view of them,
+    until they would be back on the device."""
 
     kind = "live tensors (craft.planning.memtrack), as the plan counts them"
 
@@ -183,7 +205,7 @@ class CpuMeter(_Labels, MemoryTracker):
         self._init_labels()
         self.section_labels = section_labels
         self._host_depth = 0
-        self._host: dict[int, object] = {}
+        self._away: dict[int, object] = {}  # storage -> weakref: not on the device
         self._win = (0, {})
 
     def _now_bytes(self) -> int:
@@ -199,35 +221,40 @@ class CpuMeter(_Labels, MemoryTracker):
         return self._win
 
     def track(self, tensor: torch.Tensor, category: str) -> None:
-        if self._host_depth or self._host:
-            keys = [st._cdata for st in _storages(tensor)]
-            if self._host_depth:
-                for st, key in zip(_storages(tensor), keys):
-                    if key not in self._live and key not in self._host:
-                        import weakref
-
-                        self._host[key] = weakref.ref(st, lambda _, k=key: self._host.pop(k, None))
+        if self._host_depth or self._away:
+            storages = _storages(tensor)
+            if self._host_depth:  # new storages made for the host; views of live ones stay
+                for st in storages:
+                    if st._cdata not in self._live:
+                        self._send_away(st)
                 return
-            if any(k in self._host for k in keys):
+            if any(st._cdata in self._away for st in storages):
                 return
         MemoryTracker.track(self, tensor, category)
         if self.total > self._win[0]:
             self._win = (self.total, self._now_parts())
 
-    def untrack(self, tensor: torch.Tensor) -> None:
-        for st in _storages(tensor):
-            self._release(st._cdata)
+    def _send_away(self, st) -> None:
+        import weakref
+
+        key = st._cdata
+        self._release(key)
+        if key not in self._away:
+            self._away[key] = weakref.ref(st, lambda _, k=key: self._away.pop(k, None))
 
     # craft.run.watch
     def loaded(self, obj) -> None:
         for m in modules_of(obj):
             for t in [*m.parameters(), *m.buffers()]:
+                for st in _storages(t):
+                    self._away.pop(st._cdata, None)
                 self.track(t, "weights")
 
     def left_device(self, obj) -> None:
         for m in modules_of(obj):
             for t in [*m.parameters(), *m.buffers()]:
-                self.untrack(t)
+                for st in _storages(t):
+                    self._send_away(st)
 
     def back_on_device(self, obj) -> None:
         self.loaded(obj)
@@ -283,11 +310,13 @@ def modules_of(obj) -> list[torch.nn.Module]:
 def make_meter(device: torch.device, method) -> _Labels:
     """The meter of ``device``, filing the run's sections (craft.run.watch) under the plan's
     stage names for ``method``."""
-    sections = {"checkpoint": CHECKPOINT, "preview": CHECKPOINT, "sample": SAMPLING,
+    sections = {"prompts": "prompts", "generate": "generation", "score": "scoring",
+                "train": STEP, "evaluate": "evaluation", "checkpoint": CHECKPOINT,
+                "preview": CHECKPOINT, "sample": SAMPLING,
                 "encode": method.data_stage or "training: encode"}
-    if device.type == "cuda":
-        return CudaMeter(sections, device)
-    return CpuMeter(sections)
+    meter = CudaMeter(sections, device) if device.type == "cuda" else CpuMeter(sections)
+    meter.stage(BETWEEN)
+    return meter
 
 
 # ------------------------------------------------------------------------ the config
@@ -338,14 +367,33 @@ def full_batch_counts(cfg, counts: Counts, world: int = 1) -> Counts:
                                full_batches=True)
 
 
-def write_prompts(folder: Path, counts: Counts) -> tuple[Path, Path]:
+def prompt_pools(cfg) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """(training prompts, evaluation prompts, where from): the config's own sources when they
+    are on this machine, else a few prompts of the HPDv2 kind shipped here."""
+    from craft.stages.engine import load_prompt_sources
+
+    try:
+        train, held = load_prompt_sources(cfg)
+    except CraftError as e:
+        return TRAIN_PROMPTS, EVAL_PROMPTS, f"built-in prompts ({' '.join(str(e).split())[:120]})"
+    if not train.prompts or not held.prompts:
+        return TRAIN_PROMPTS, EVAL_PROMPTS, "built-in prompts (the config's sources are empty)"
+    return (tuple(train.prompts), tuple(held.prompts),
+            f"the first prompts of {cfg.prompts.source} and {cfg.prompts.eval_source}")
+
+
+def write_prompts(folder: Path, counts: Counts, pools=(TRAIN_PROMPTS, EVAL_PROMPTS)):
+    """RUN/rehearsal/prompts/train.txt and eval.txt: the first prompts of each pool (cycled,
+    each repeat made distinct, when a pool is short)."""
     folder.mkdir(parents=True, exist_ok=True)
+
+    def pick(pool, n):
+        return [pool[i % len(pool)] + (f", take {i // len(pool) + 1}" if i >= len(pool) else "")
+                for i in range(n)]
+
     train, held = folder / "train.txt", folder / "eval.txt"
-    pick = lambda pool, n, tag: [pool[i % len(pool)] + (f", variation {i // len(pool)}"  # noqa
-                                                        if i >= len(pool) else "")
-                                 for i in range(n)]
-    train.write_text("\n".join(pick(TRAIN_PROMPTS, counts.prompts, "t")) + "\n")
-    held.write_text("\n".join(pick(EVAL_PROMPTS, counts.eval_prompts, "e")) + "\n")
+    train.write_text("\n".join(pick(pools[0], counts.prompts)) + "\n")
+    held.write_text("\n".join(pick(pools[1], counts.eval_prompts)) + "\n")
     return train, held
 
 
@@ -394,7 +442,9 @@ def rehearsal_overrides(cfg, device: torch.device, counts: Counts, paths: dict,
         out[f"rewards.paths.{name}"] = path
     if paths.get("diversity"):
         out["eval.diversity_model"] = paths["diversity"]
-    return [f"{k}={json.dumps(v)}" for k, v in out.items()], _notes(cfg, device, out)
+    notes = _notes(cfg, device, out) + ([f"prompts: {paths['prompts']}"]
+                                         if paths.get("prompts") else [])
+    return [f"{k}={json.dumps(v)}" for k, v in out.items()], notes
 
 
 def _notes(cfg, device: torch.device, out: dict) -> list[str]:
@@ -428,18 +478,12 @@ class Failure:
     trace: str = ""
 
 
-def _run_twice(run, rcfg, meter, on_pass=None) -> tuple[dict | None, Failure | None]:
+def _run_twice(run, rcfg, meter) -> tuple[dict | None, Failure | None]:
     """``run_all`` stopped after STOP_AFTER training steps (a checkpoint is saved), then
     ``run_all`` again: the checkpoint loaded back, the last steps, publish and evaluation."""
     from craft.stages.engine import run_all
 
     state = {"pass": 1, "stop": False}
-
-    def on_stage(stage: str) -> None:
-        if stage == "train":
-            meter.stage(STEP if state["pass"] == 1 else RESUMED)
-        else:
-            meter.stage(_STAGE_LABELS.get(stage, stage))
 
     def progress_for(stage: str):
         if stage != "train":
@@ -449,14 +493,14 @@ def _run_twice(run, rcfg, meter, on_pass=None) -> tuple[dict | None, Failure | N
             if state["pass"] == 1 and step == 1:
                 meter.restart_window()  # the steady state: AdamW's moments exist from now on
             if state["pass"] == 1 and step == STOP_AFTER:
-                meter.stage(AFTER_STEPS)
+                meter.switch(AFTER_STEPS)
                 state["stop"] = True
 
         return progress
 
     def go():
         return run_all(run, rcfg, RUN_NAME, progress_for=progress_for,
-                       should_stop=lambda: state["stop"], on_stage=on_stage)
+                       should_stop=lambda: state["stop"])
 
     try:
         try:
@@ -465,11 +509,13 @@ def _run_twice(run, rcfg, meter, on_pass=None) -> tuple[dict | None, Failure | N
         except StageStopped:
             pass
         state.update({"pass": 2, "stop": False})
-        if on_pass:
-            on_pass(2)
+        meter.section_labels["train"] = RESUMED
+        import gc
+
+        gc.collect()  # the first command's pipeline goes, as it would with its process
         return go(), None
     except Exception as e:  # noqa: BLE001 - a stage broke: the report names it
-        return None, Failure(meter.label or "setup", f"{type(e).__name__}: {e}",
+        return None, Failure(meter.where(), f"{type(e).__name__}: {e}",
                              "".join(traceback.format_exception(e))[-4000:])
 
 
@@ -486,6 +532,314 @@ def losses(run) -> dict:
     return {"steps": rows, "finite": finite}
 
 
-__all__ = ["Counts", "CpuMeter", "CudaMeter", "EXIT_PLAN_OFF", "EXIT_STAGE_FAILED", "Failure",
-           "Record", "full_batch_counts", "gpu_dtype", "losses", "make_meter", "mixed_precision",
-           "modules_of", "rehearsal_overrides", "run_dtype", "write_prompts"]
+# ------------------------------------------------------------------------ the check
+
+
+@dataclasses.dataclass
+class Check:
+    """One stage of the plan beside what the rehearsal measured (bytes and seconds)."""
+
+    stage: str
+    simulated: float  # the plan's simulated peak
+    needed: float  # with the plan's margin
+    measured: int | None
+    tolerance: float
+    seconds: float | None
+    plan_seconds: float | None
+    plan_parts: dict
+    measured_parts: dict
+
+    @property
+    def ok(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return abs(self.measured - self.simulated) <= self.tolerance
+
+    @property
+    def difference(self) -> float | None:
+        if self.measured is None or not self.simulated:
+            return None
+        return (self.measured - self.simulated) / self.simulated
+
+
+def tolerance(simulated: float, gpu: bool, margin: float | None = None) -> float:
+    """How far a measured peak may lie from the simulated one: the plan's stated margin
+    (craft.planning.hardware): ``FRAGMENTATION`` of the simulated peak, plus on a GPU the
+    ``CUDA_OVERHEAD_GIB`` it adds for what fake tensors do not allocate (cuBLAS and attention
+    workspaces; CUDA's context is not in max_memory_allocated, which leaves the margin on the
+    safe side); on a CPU ``CPU_FLOOR`` instead, for the small tensors no plan prices (token
+    ids, an image on its way to PIL). ``margin`` (``--margin``) replaces all of it: the check
+    is then ``|measured - simulated| <= margin x simulated``."""
+    from craft.planning.hardware import CUDA_OVERHEAD_GIB, FRAGMENTATION
+
+    if margin is not None:
+        return margin * simulated
+    return FRAGMENTATION * simulated + (CUDA_OVERHEAD_GIB * GIB if gpu else CPU_FLOOR)
+
+
+def compare(plan, records: dict[str, Record], gpu: bool, margin: float | None = None,
+            step_seconds: float | None = None) -> list[Check]:
+    """Every stage of ``plan`` beside its measured record (None where the rehearsal has none)."""
+    out = []
+    for s in plan.stages:
+        rec = records.get(s.stage)
+        sim = s.simulated * GIB
+        secs = rec.seconds if rec is not None else None
+        if s.stage == STEP and step_seconds is not None:
+            secs = step_seconds
+        out.append(Check(s.stage, sim, s.needed * GIB, None if rec is None else rec.peak,
+                         tolerance(sim, gpu, margin), secs,
+                         None if s.hours is None else s.hours * 3600,
+                         {k: v * GIB for k, v in s.parts.items()},
+                         {} if rec is None else dict(rec.parts)))
+    return out
+
+
+def step_seconds(metrics: list[dict], records: dict[str, Record]) -> float | None:
+    """Training's time: the steps' own times (the loop's step_time), less an online method's
+    sampling rounds (which run inside a step and are timed apart)."""
+    times = [float(m["step_time"]) for m in metrics if m.get("step_time") is not None]
+    if not times:
+        return None
+    sampling = records.get(SAMPLING)
+    return max(0.0, sum(times) - (sampling.seconds if sampling else 0.0))
+
+
+# ------------------------------------------------------------------------ the rehearsal
+
+
+@dataclasses.dataclass
+class Rehearsal:
+    """A rehearsal's outcome: the checks, what else it measured, what broke, the losses."""
+
+    config: str
+    method: str
+    device: str
+    meter: str
+    setting: dict  # dtype, mixed precision, LoRA / full, processes, resolution, counts
+    notes: list[str]
+    checks: list[Check]
+    extra: list[Record]
+    failure: Failure | None
+    metrics: list[dict]
+    seconds: float
+    weights: dict
+    plan_table: str = ""
+    margin: float | None = None
+    run_dir: str = ""
+
+    @property
+    def off(self) -> list[Check]:
+        return [c for c in self.checks if c.ok is False]
+
+    @property
+    def losses_finite(self) -> bool:
+        return bool(self.metrics) and all(math.isfinite(float(m["loss"])) for m in self.metrics
+                                          if m.get("loss") is not None)
+
+    @property
+    def exit_code(self) -> int:
+        if self.failure is not None:
+            return EXIT_STAGE_FAILED
+        return EXIT_PLAN_OFF if self.off else 0
+
+    def verdict(self) -> str:
+        if self.failure is not None:
+            return f"FAILED at stage {self.failure.stage!r}: {self.failure.message}"
+        if self.off:
+            return "PLAN OFF by more than its margin at " + "; ".join(
+                f"{c.stage!r} (measured {c.measured / GIB:.2f} GiB, planned "
+                f"{c.simulated / GIB:.2f} GiB +- {c.tolerance / GIB:.2f})" for c in self.off)
+        return "passed: every stage ran, losses finite, every measured peak within the plan's margin"
+
+
+def _device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(cfg, run_dir: Path, device: torch.device, counts: Counts, cache_dir: Path,
+            say=print) -> dict:
+    """The random weights (cached) and the prompt files: the paths the rehearsal's config
+    names (the main process; the others wait)."""
+    from craft.stages import rehearsal_weights as rw
+
+    t0 = time.perf_counter()
+    say(f"rehearsal: random weights of the real sizes under {cache_dir} (built once, reused)")
+    model = rw.build_model(cfg, cache_dir, run_dtype(cfg, device))
+    rewards = rw.build_rewards(cfg, cache_dir)
+    diversity = rw.build_diversity_encoder(cfg, cache_dir)
+    train_pool, eval_pool, source = prompt_pools(cfg)
+    train, held = write_prompts(Path(run_dir) / REPORT_DIR / "prompts", counts,
+                                (train_pool, eval_pool))
+    sizes = {"model": rw.weight_bytes(model),
+             **{n: rw.weight_bytes(Path(p) if Path(p).is_dir() else Path(p).parent)
+                for n, p in rewards.items()}}
+    return {"model": str(model), "rewards": rewards, "diversity": diversity, "train": str(train),
+            "eval": str(held), "bytes": sizes, "seconds": time.perf_counter() - t0,
+            "prompts": source}
+
+
+def rehearsal_config(cfg, run_dir: Path, device: torch.device, counts: Counts, paths: dict,
+                     world: int = 1):
+    """(the rehearsal's config, notes): ``cfg`` with :func:`rehearsal_overrides`, its base
+    written to RUN/rehearsal/base.yaml (the overrides apply to it as ``--set`` would)."""
+    from craft.run.config import load_config, save_config
+
+    base = save_config(cfg, Path(run_dir) / REPORT_DIR / "base.yaml")
+    overrides, notes = rehearsal_overrides(cfg, device, counts, paths, world)
+    return load_config(base, overrides), notes
+
+
+def rehearse(cfg, run_dir, *, counts: Counts | None = None, device=None,
+             margin: float | None = None, cache_dir=None, keep_weights: bool = False,
+             say=print, make_plan=None, name: str | None = None) -> Rehearsal | None:
+    """Rehearse ``cfg`` in ``run_dir`` (see the module docstring); returns the outcome on the
+    main process (None on the others) after writing RUN/rehearsal/report.md and report.json.
+    ``counts``: default one image a batch on a CPU, full batches on a GPU. ``margin``: the
+    relative tolerance instead of the plan's stated one. ``make_plan``: the plan to check
+    against (default craft.planning.make_plan). ``name``: how the report names the config."""
+    import os
+
+    from craft.methods.registry import get_method
+    from craft.stages.common import open_run
+    from craft.stages.rehearsal_weights import default_cache_dir
+
+    t0 = time.perf_counter()
+    dev = _device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if counts is None:
+        counts = full_batch_counts(cfg, Counts(), world) if dev.type == "cuda" else Counts()
+    method = get_method(cfg.train.method)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=dev.type))
+    run = open_run(Path(run_dir), cfg)
+    with run:
+        paths = run.dist.on_main(prepare, cfg, run.run_dir, dev, counts,
+                                 Path(cache_dir or default_cache_dir()), say)
+        rcfg, notes = rehearsal_config(cfg, run.run_dir, dev, counts, paths, run.dist.world)
+        run.save_config(rcfg)
+        plan = _plan(rcfg, run.dist.world, dev, make_plan)
+        meter = make_meter(run.dist.model_device(rcfg.model.device), method)
+        if run.is_main:
+            say(f"rehearsal: {method.name}, {rcfg.model.dtype}, "
+                f"{'LoRA' if rcfg.train.lora else 'full'}, {plan.size[0]}x{plan.size[1]} px on "
+                f"{_device_name(dev)}; measuring {meter.kind}")
+        failure = _measure(run, rcfg, meter)
+        gathered = run.dist.gather(meter.finish())
+        if not run.is_main:
+            return None
+        records = _merged(gathered)
+        metrics = losses(run)["steps"]
+        failure = failure or _after_checks(run, metrics)
+    out = _outcome(name or cfg.model.pretrained, rcfg, method, dev, meter, counts, notes,
+                   plan, records, metrics, failure, paths, margin, run.run_dir)
+    out.seconds = time.perf_counter() - t0
+    if not keep_weights:
+        out.weights["removed_bytes"] = drop_run_weights(run.run_dir)
+    from craft.stages.rehearsal_report import write_report
+
+    write_report(out)
+    return out
+
+
+def _plan(rcfg, world: int, dev: torch.device, make_plan=None):
+    from craft.planning import make_plan as default_plan, resolve_gpu
+    from craft.planning.hardware import local_gpu
+
+    gpu = (local_gpu() if dev.type == "cuda" else None) or resolve_gpu(None, None)
+    return (make_plan or default_plan)(rcfg, gpus=world, gpu=gpu, suggest=False)
+
+
+def _measure(run, rcfg, meter) -> Failure | None:
+    from craft.run.watch import watching
+
+    with meter, watching(meter):
+        _, failure = _run_twice(run, rcfg, meter)
+    return failure
+
+
+def _merged(gathered: list[dict[str, Record]]) -> dict[str, Record]:
+    """Every process's records: the largest peak and the longest time of each stage."""
+    out: dict[str, Record] = {}
+    for records in gathered:
+        for label, rec in records.items():
+            have = out.setdefault(label, Record(label))
+            if rec.peak > have.peak:
+                have.peak, have.parts = rec.peak, rec.parts
+            have.seconds = max(have.seconds, rec.seconds)
+            have.windows = max(have.windows, rec.windows)
+    return out
+
+
+def _after_checks(run, metrics: list[dict]) -> Failure | None:
+    """What a finished rehearsal must have left: finite losses, a published model card."""
+    from craft.run.layout import final_dir
+
+    bad = [m for m in metrics if m.get("loss") is not None and not math.isfinite(float(m["loss"]))]
+    if not metrics or bad:
+        return Failure(STEP, "no training step was recorded" if not metrics else
+                       f"the loss is not finite at step(s) {[int(m['step']) for m in bad]}")
+    if not (final_dir(run.run_dir) / "README.md").is_file():
+        return Failure("publish", f"no model card at {final_dir(run.run_dir) / 'README.md'}")
+    return None
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        return f"{p.name} ({p.total_memory / GIB:.0f} GiB)"
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _outcome(name, rcfg, method, dev, meter, counts, notes, plan, records, metrics, failure,
+             paths, margin, run_dir) -> Rehearsal:
+    from craft.models.sharding import effective_sharding
+
+    t = rcfg.train
+    steps = step_seconds(metrics, records)
+    checks = compare(plan, records, dev.type == "cuda", margin, steps)
+    priced = {c.stage for c in checks}
+    setting = {"dtype": rcfg.model.dtype, "mixed_precision": t.mixed_precision,
+               "training": f"LoRA rank {t.lora_rank}" if t.lora else "full fine-tuning",
+               "sharding": effective_sharding(rcfg), "processes": plan.gpus,
+               "resolution": list(plan.size), "counts": dataclasses.asdict(counts),
+               "batches": {"generation": rcfg.generation.batch_size,
+                           "rewards": rcfg.rewards.batch_size, "micro_batch": t.micro_batch,
+                           "effective_batch": t.effective_batch, "eval": rcfg.eval.batch_size},
+               "train_steps": t.steps, "stop_after": STOP_AFTER,
+               "sampler_steps": rcfg.generation.num_inference_steps}
+    return Rehearsal(str(name), method.name,
+                     _device_name(dev), meter.kind, setting, notes, checks,
+                     [r for label, r in records.items() if label not in priced], failure,
+                     metrics, 0.0, {"paths": {k: v for k, v in paths.items()
+                                              if k in ("model", "rewards", "diversity")},
+                                    "bytes": paths.get("bytes", {}),
+                                    "build_seconds": paths.get("seconds")},
+                     plan.table(markdown=True), margin, str(run_dir))
+
+
+def drop_run_weights(run_dir: Path) -> int:
+    """Delete the random weights the rehearsal's training wrote (checkpoints, final/, the
+    published copy): tens of GB for a full fine-tuning of a real-size model, worth nothing.
+    Configs, model cards and images stay. Returns the bytes freed."""
+    from craft.run.layout import final_dir
+
+    freed = 0
+    for root in (Path(run_dir) / "train", final_dir(Path(run_dir))):
+        if not root.exists():
+            continue
+        for f in root.rglob("*"):
+            if f.is_file() and f.suffix in (".safetensors", ".pt", ".bin"):
+                freed += f.stat().st_size
+                f.unlink()
+    return freed
+
+
+__all__ = ["Check", "Counts", "CpuMeter", "CudaMeter", "EXIT_PLAN_OFF", "EXIT_STAGE_FAILED",
+           "Failure", "Record", "Rehearsal", "compare", "drop_run_weights", "full_batch_counts",
+           "gpu_dtype", "losses", "make_meter", "mixed_precision", "modules_of", "prepare",
+           "rehearsal_config", "rehearsal_overrides", "rehearse", "run_dtype", "step_seconds",
+           "tolerance", "write_prompts"]

@@ -43,6 +43,17 @@ def supports_cut(pipe) -> bool:
     return not (unet is not None and getattr(unet.config, "time_cond_proj_dim", None))
 
 
+def require_cut(pipe) -> None:
+    """Refuse, saying what to set, a pipeline whose batch cannot shrink mid-trajectory."""
+    if not supports_cut(pipe):
+        from craft import CraftError
+
+        raise CraftError("generation.early_reject needs a pipeline whose step callback "
+                         "exposes the whole batch (Stable Diffusion, SDXL, SD3); this one "
+                         "(FLUX, or a guidance-embedded UNet) cannot drop images mid-batch: "
+                         "set generation.early_reject: false")
+
+
 def cut_step(num_inference_steps: int, at: float) -> int:
     """The step (1-based count of denoising steps done) where a fraction ``at`` of the
     trajectory has run; at least 1 and at most ``num_inference_steps - 1``."""
@@ -120,13 +131,7 @@ class StepCut:
         self._dummy = False
 
     def begin(self, pipe, indices: Sequence[int]) -> dict:
-        if not supports_cut(pipe):
-            from craft import CraftError
-
-            raise CraftError("generation.early_reject needs a pipeline whose step callback "
-                             "exposes the whole batch (Stable Diffusion, SDXL, SD3); this "
-                             "one (FLUX, or a guidance-embedded UNet) cannot drop images "
-                             "mid-batch: set generation.early_reject: false")
+        require_cut(pipe)
         self.batch = self.alive = np.asarray(indices, dtype=np.int64)
         self._dummy = False
         self._tap(pipe.scheduler)
@@ -211,5 +216,5 @@ def _rows(value, b: int, idx: torch.Tensor):
     return value
 
 
-__all__ = ["CheckFn", "StepCut", "cut_step", "decode_latents", "shrink", "supports_cut",
-           "x0_prediction"]
+__all__ = ["CheckFn", "StepCut", "cut_step", "decode_latents", "require_cut", "shrink",
+           "supports_cut", "x0_prediction"]

@@ -110,6 +110,8 @@ class CurateTab(Tab):
                     info=field_help("filter", "replace_excluded"),
                     elem_id="curate-replace-excluded"), **curated)
             with gr.Column(scale=3):
+                # this page's refused move: why, and that the control shows the saved value
+                self.notice = gr.HTML("", elem_id="curate-notice")
                 self.kept = gr.HTML("", elem_id="curate-kept", elem_classes=["kept-count"])
                 self.coverage = gr.HTML("", elem_id="curate-coverage")
                 self.levels = gr.Markdown("", elem_id="curate-levels")
@@ -178,6 +180,8 @@ class CurateTab(Tab):
                          self.replace_excluded]
         self.settings = settings
         self.moved_flag = gr.State(False)  # whether the last control event changed a value
+        # the run's change counters (RunContext.changes) this page's counts last reflected
+        self.shown_changes = gr.State(None)
         by_component = {id(b.component): b.key for b in settings.bindings}
         self.control_keys = [by_component[id(c)] for c in self.controls]
 
@@ -216,8 +220,9 @@ class CurateTab(Tab):
         model = self.ctx.cfg.model.pretrained
         others = self.ctx.store.candidates_df(split="train")["model"].value_counts()
         if others.empty:
-            raise CraftError(f"no candidates of model {model!r} in this run yet: add prompts, "
-                             "generate and score first")
+            raise CraftError(f"no candidates of model {model!r} in this run yet: add prompts "
+                             "(Prompts tab), press Generate on the Generate tab and Score on "
+                             "the Score tab first, or press “Run the whole loop”")
         names = ", ".join(f"{m!r} ({n})" for m, n in others.head(3).items())
         raise CraftError(f"no candidates of model {model!r} (model.pretrained) in this run; "
                          f"its candidates are of {names}. Generate with this model, or set "
@@ -233,28 +238,34 @@ class CurateTab(Tab):
         for key, value in zip(self.control_keys, values):
             try:
                 new = value_of(self.settings.config_with(ctx.cfg, key, value), key)
-            except (CraftError, ValueError):  # a half-typed value: counts() says what is wrong
+            except (CraftError, ValueError, TypeError):  # refused: apply() says why
+                out[key] = value
                 continue
             if new != seen.get(key, value_of(ctx.cfg, key)):
                 out[key] = value
         return out
 
-    def move(self, last_kept, seen, *values):
+    def move(self, last_kept, seen, notice, *values):
         """A user's move of a Curate control: saved into the run's filter settings (which
         ``craft filter`` / ``craft train`` read) field by field, not over a change made in
-        another window (studio.settings_sync), then the counts. No change: nothing happens."""
-        from studio.settings_sync import commit
+        another window nor a value the control or the config refuses (studio.settings_sync);
+        a refused control shows the saved value again and the page says why. Then the counts,
+        of the settings the controls now show. No change: nothing happens."""
+        from studio.settings_sync import apply, notice_after, settings_text
 
         seen = seen or {}
         moved_keys = self.changes(seen, values)
         if not moved_keys:  # e.g. leaving a number box with the value it had
-            return [*[gr.skip()] * 8, False]
-        try:
-            seen, text = commit(self.ctx, self.settings, moved_keys, seen)
-        except (CraftError, ValueError) as e:  # a value the config refuses: said, not saved
-            return [error_md(e), "", "", *[gr.skip()] * 5, False]
-        return [*self.counts(last_kept, *values), seen, text, gr.update(visible=bool(text)),
-                True]
+            return [*[gr.skip()] * (11 + len(self.controls)), False]
+        out = apply(self.ctx, self.settings, moved_keys, seen)
+        values = [out.reset.get(k, v) for k, v in zip(self.control_keys, values)]
+        notice = notice_after(out, self.settings, notice or "")
+        text = settings_text(self.ctx, self.settings, out.seen, notice)
+        mine = "; ".join(out.parts(self.settings))
+        local = f"<span class='studio-error'>⚠ {mine}.</span>" if mine else ""
+        return [*self.counts(last_kept, *values), out.seen, notice, text,
+                gr.update(visible=bool(text)), local, list(self.ctx.changes()),
+                *(out.reset.get(k, gr.skip()) for k in self.control_keys), True]
 
     def counts(self, last_kept, *values):
         """The fast step (what a control move waits for): kept count, what the move changed,
@@ -347,7 +358,9 @@ class CurateTab(Tab):
         self.view_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
                         self.similar_ids, *self.controls]
         self.view_out = [self.grid, self.showing, self.ids, self.page, self.why, self.selected]
+        self.seen = app.seen
         self._wire_moves(app)
+        self._wire_changes(app)
         self._wire_views(app)
         self._wire_overrides(app)
         self._wire_export(app)
@@ -357,9 +370,10 @@ class CurateTab(Tab):
         """A control moved: the count first (its own round trip), then the first page of the
         grid, then the histogram; nothing at all when the move changed no value."""
         quiet = dict(show_progress="hidden")
-        count_in = [self.last_kept, app.seen, *self.controls]
+        count_in = [self.last_kept, app.seen, app.notice, *self.controls]
         count_out = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
-                     app.seen, app.stale, app.reload_settings, self.moved_flag]
+                     app.seen, app.notice, app.stale, app.reload_settings, self.notice,
+                     self.shown_changes, *self.controls, self.moved_flag]
 
         def first_page_if_moved(moved_, view, page, *rest):
             return self.page_view(view, 1, *rest) if moved_ else [gr.skip()] * 6
@@ -419,12 +433,13 @@ class CurateTab(Tab):
         kept, coverage, levels, now, changed = self.counts(last_kept, *values)
         value, _, ids, _, why, selected = self.page_view(
             view, page, selected, changed, map_ids, similar_ids, *values, keep_ids=ids)
-        return [kept, coverage, levels, now, changed, value, ids, why, selected, message]
+        return [kept, coverage, levels, now, changed, value, ids, why, selected, message,
+                list(self.ctx.changes())]
 
     def _wire_overrides(self, app) -> None:
         quiet = dict(show_progress="hidden")
         after = [self.kept, self.coverage, self.levels, self.last_kept, self.changed,
-                 self.grid, self.ids, self.why, self.selected, self.message]
+                 self.grid, self.ids, self.why, self.selected, self.message, self.shown_changes]
         state_in = [self.view, self.page, self.selected, self.changed, self.map_ids,
                     self.similar_ids, self.ids, self.last_kept, *self.controls]
 
@@ -433,7 +448,7 @@ class CurateTab(Tab):
                    *values):
                 cid = selected if cid is None else cid
                 if cid is None:
-                    return [*[gr.skip()] * 9, "Select an image first (click it)."]
+                    return [*[gr.skip()] * 9, "Select an image first (click it).", gr.skip()]
                 self.ctx.set_overrides({int(cid): ACTIONS[action_name]})
                 text = {"keep": f"#{cid}: kept by hand", "exclude": f"#{cid}: excluded by hand",
                         "auto": f"#{cid}: back to the automatic choice"}[action_name]
@@ -594,25 +609,72 @@ class CurateTab(Tab):
     @property
     def refresh_inputs(self) -> list:
         return [self.view, self.page, self.selected, self.changed, self.map_ids,
-                self.similar_ids, self.color_by, *self.controls]
+                self.similar_ids, self.color_by, self.seen, *self.controls]
 
     @property
     def refresh_outputs(self) -> list:
         return [self.kept, self.coverage, self.levels, self.hist, self.grid, self.showing,
                 self.ids, self.page, self.why, self.selected, self.last_kept, self.pool_map,
-                self.dups, *self.map_panel.outputs]
+                self.dups, *self.map_panel.outputs, self.shown_changes]
 
-    def refresh(self, view, page, selected, changed, map_ids, similar_ids, color_by,
+    def refresh(self, view, page, selected, changed, map_ids, similar_ids, color_by, seen,
                 *values) -> list:
+        values = self.page_values(seen, values)
+        changes = list(self.ctx.changes())
         kept, coverage, levels, now, _ = self.counts(None, *values)
         fig = self.histogram(*values)
         panel = self.map_panel.render()
         if "kept-number" not in str(kept):
             return [kept, "", "", fig, item_value([], empty="No candidates to show yet."), "",
-                    [], 1, gr.skip(), None, None, gr.skip(), gr.skip(), *panel]
+                    [], 1, gr.skip(), None, None, gr.skip(), gr.skip(), *panel, changes]
         grid = self.page_view(view, page, selected, changed, map_ids, similar_ids, *values)
         return [kept, coverage, levels, fig, *grid, now,
-                *self.map_view(color_by, map_ids, *values), *panel]
+                *self.map_view(color_by, map_ids, *values), *panel, changes]
+
+    def page_values(self, seen, values) -> list:
+        """The control values to show the counts of: the controls', or, before this page has
+        its run's settings (a tab opened while a reload is still loading them: the controls
+        still hold the values the studio started with), the run's saved ones, which the load
+        puts in the controls: the header always agrees with what the controls end up
+        showing."""
+        if seen:
+            return list(values)
+        saved = self.settings.values_from(self.ctx.cfg)
+        return [saved[self.settings.index(k)] for k in self.control_keys]
+
+    def _wire_changes(self, app) -> None:
+        """Another window's hand override or saved setting reaches this page within the poll
+        (app.changes_timer, of RunContext.changes: no query), without a tab switch: the
+        counts, the badges of the page's images and the why follow the run's overrides; the
+        settings line says which settings changed elsewhere (this page's controls keep what
+        it set: studio.settings_sync)."""
+        inputs = [self.shown_changes, self.view, self.page, self.selected, self.changed,
+                  self.map_ids, self.similar_ids, self.ids, app.seen, app.notice,
+                  *self.controls]
+        outputs = [self.shown_changes, self.kept, self.coverage, self.levels, self.last_kept,
+                   self.grid, self.why, self.selected, app.stale, app.reload_settings]
+
+        def on_poll(shown, view, page, selected, changed, map_ids, similar_ids, ids, seen,
+                    notice, *values):
+            from studio.settings_sync import settings_text
+
+            now = list(self.ctx.changes())
+            if shown is None or list(shown) == now:  # Curate not shown yet, or nothing new
+                return [now if shown is None else gr.skip(), *[gr.skip()] * 9]
+            text = settings_text(self.ctx, self.settings, seen, notice)
+            line = [text, gr.update(visible=bool(text))]
+            try:
+                c = self.run(values)
+                grid, _, _, _, why, selected = self.page_view(
+                    view, page, selected, changed, map_ids, similar_ids, *values, keep_ids=ids)
+            except Exception:  # noqa: BLE001 - the tab's own events say what is wrong
+                return [now, *[gr.skip()] * 7, *line]
+            a = self.ctx.cfg.advantage
+            return [now, kept_line(c, a.mode, a.tau), coverage_line(c), levels_line(c),
+                    sorted(int(i) for i in c.kept_ids), grid, why, selected, *line]
+
+        app.on(app.changes_timer.tick, on_poll, inputs, outputs, queue=False,
+               show_progress="hidden")
 
 
 __all__ = ["CurateTab", "LEVEL_LABELS", "PAGE_SIZE"]

@@ -231,6 +231,7 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
                  "never paired)</span>")
     if c.note:
         text += f"<br><span id='method-note'>{html.escape(c.note)}</span>"
+    text += nothing_kept(c)
     if changed is not None:
         entered = sum(v == "entered" for v in changed.values())
         left = len(changed) - entered
@@ -239,6 +240,38 @@ def kept_line(c: Curation, adv_mode: str = "clamp", tau: float = 1.0,
                  + (" (the same count, other images: see the view “changed by the last move”)"
                     if entered and entered == left else "") + "</span>")
     return text
+
+
+def nothing_kept(c: Curation) -> str:
+    """Why the settings keep nothing and what to change on this page ("" when something is
+    kept): no scorable candidate, none passing the level, every passing one excluded by hand
+    or left out by the cap / the reference rule / the near-duplicate rule."""
+    n, s = c.result.counts, c.settings
+    if n.kept:
+        return ""
+    passing = n.passing.get(s.level)
+    excluded = sum(v == "exclude" for v in n.overrides_applied.values())
+    if not n.scorable:
+        why = ("no candidate has a finite score on every reward the weights use; press Score "
+               "on the Score tab, or set the weight of an unscored reward to 0")
+    elif passing == 0 and s.level != "none":
+        from craft.stages.filtering import required_rewards
+
+        why = (f"no candidate beats its group's reference on "
+               f"{', '.join(required_rewards(s))} by more than the margin ({s.margin:g}); "
+               "lower the margin or choose a weaker level (I_h, or none)")
+    elif excluded and passing is not None and excluded >= passing:
+        why = ("every candidate that passes is excluded by hand; see the view “excluded by "
+               "hand”, or press “Clear all overrides”")
+    else:
+        why = ("the candidates that pass are all left out (original-prompt images not allowed, "
+               "the per-prompt cap or near-duplicates); tick “original-prompt images may be "
+               "kept”, raise the cap or set the near-duplicate box to 0")
+    sel = c.selection
+    train = ("; Start on the Train tab refuses to train on nothing" if sel is None
+             or sel.rows.empty else "")
+    return (f"<br><span id='nothing-kept' class='studio-error'>⚠ Nothing is kept with these "
+            f"settings: {html.escape(why)}{train}.</span>")
 
 
 def view_ids(c: Curation, view: str, extra: Sequence[int] = ()) -> np.ndarray:
@@ -535,5 +568,6 @@ def training_weights_by_id(c: Curation, adv_mode: str = "clamp", tau: float = 1.
 __all__ = ["Curation", "CurationCache", "PAGE_SIZE", "VIEWS", "badges", "caption", "coverage_line",
            "curate", "effective_count", "explain", "failed_rewards", "grid_items",
            "groups_table", "k_note", "kept_line", "kept_rows", "level_pass_table", "levels_line",
-           "make_settings", "moved", "page_of", "select_curation", "short_reward",
+           "make_settings", "moved", "nothing_kept", "page_of", "select_curation",
+           "short_reward",
            "showing_line", "toggle_action", "training_weights_by_id", "view_ids"]

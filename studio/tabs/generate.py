@@ -32,10 +32,20 @@ def plan_summary(ctx: RunContext) -> str:
     counts = ctx.counts()
     per_prompt = 1 + cfg.prompts.num_variants
     planned = (counts["prompts"] + counts["variants"]) * cfg.generation.seeds_per_prompt
-    return (f"{counts['prompts']} prompts × (1 original + variants) × S = "
+    text = (f"{counts['prompts']} prompts × (1 original + variants) × S = "
             f"{cfg.generation.seeds_per_prompt} seeds → **{planned}** candidates planned "
             f"(group size (1+V)·S = {per_prompt * cfg.generation.seeds_per_prompt}); "
             f"{counts['candidates']} stored.")
+    return text + (f"\n\n{cost_summary(ctx)}" if counts["candidates"] + counts.get("stopped", 0)
+                   else "")
+
+
+def cost_summary(ctx: RunContext) -> str:
+    """The pool's denoiser evaluations, in the sentence ``craft generate`` prints."""
+    from craft.stages.early_reject import cost_sentence
+
+    cost = ctx.store.generation_cost(ctx.cfg.model.pretrained, "train")
+    return "Generation cost: " + cost_sentence(cost) + "."
 
 
 class GenerateTab(Tab):
@@ -74,6 +84,20 @@ class GenerateTab(Tab):
             self.width = settings.bind("generation.width", gr.Number(
                 none_as_zero(g.width), precision=0, minimum=0, label="width (0 = native)"),
                 to_ui=none_as_zero, from_ui=optional_int)
+        with gr.Row():
+            self.scheduler = settings.bind("generation.scheduler", gr.Dropdown(
+                list(field_choices("generation", "scheduler")), value=g.scheduler,
+                label="sampler", info=field_help("generation", "scheduler"),
+                elem_id="gen-scheduler"))
+            self.early = settings.bind("generation.early_reject", gr.Checkbox(
+                value=g.early_reject, label="early rejection",
+                info=field_help("generation", "early_reject"), elem_id="gen-early"))
+            self.early_at = settings.bind("generation.early_reject_at", gr.Slider(
+                0.05, 0.95, value=g.early_reject_at, step=0.05, label="check at (fraction of "
+                "steps)", info=field_help("generation", "early_reject_at")))
+            self.early_margin = settings.bind("generation.early_reject_margin", gr.Number(
+                g.early_reject_margin, minimum=0, label="safety margin (SD)",
+                info=field_help("generation", "early_reject_margin")))
         self.plan = gr.Markdown(elem_id="gen-plan")
         with gr.Row():
             self.processes = ui.bind("generate.processes", processes_control("gen"))
@@ -131,4 +155,4 @@ class GenerateTab(Tab):
                 self.panel.keep_polling(), *job_buttons(self.panel.is_running())]
 
 
-__all__ = ["GenerateTab", "latest_candidates"]
+__all__ = ["GenerateTab", "cost_summary", "latest_candidates", "plan_summary"]

@@ -175,14 +175,15 @@ class GroupsTab(Tab):
 
     @property
     def refresh_inputs(self) -> list:
-        return [self.prompt, self.sort_by, *self.curate.controls]
+        return [self.prompt, self.sort_by, self.curate.seen, *self.curate.controls]
 
     @property
     def refresh_outputs(self) -> list:
         return [self.prompt, self.all_groups, self.head, self.gallery, self.bars, self.table]
 
-    def refresh(self, prompt_id, sort_by, *values) -> list:
+    def refresh(self, prompt_id, sort_by, seen, *values) -> list:
         ctx = self.ctx
+        values = self.curate.page_values(seen, values)  # before a reload's settings: the run's
         table = None
         if not ctx.frame().empty:  # nothing scored yet: nothing to group
             table = groups_table(self.curate.run(values))

@@ -78,7 +78,8 @@ class ScoreTab(Tab):
             if not names:
                 raise ValueError("tick at least one reward to compute")
             if ctx.counts()["candidates"] == 0:
-                raise ValueError("this run has no candidates yet; run the Generate step")
+                raise ValueError("this run has no candidates yet; press Generate on the "
+                                 "Generate tab first")
             snap = start_job("score", f"Score candidates · {ctx.run_dir}", stage_job(
                 StageCall("score", rewards=tuple(names), force=bool(force)), ctx.run_dir,
                 cfg, processes))

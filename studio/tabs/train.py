@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from craft.methods.registry import get_method
-from craft.run.config import config_from_dict, config_to_dict, field_choices, field_help
+from craft.run.config import config_from_dict, field_choices, field_help
 from studio.context import RunContext
 from studio.plots import loss_curve
 from studio.settings import Settings, UiState, lines_to_list, list_to_lines
@@ -20,7 +20,7 @@ from craft.stages.engine import check_run_name, round_name, round_number
 from craft.stages.calls import StageCall
 from studio.launcher import stage_job
 from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, short_name, start_job)
+                       processes_control, start_job, started_message)
 
 
 RESUME_HINT = ("“Resume” (below) continues it from its last checkpoint; “Start training” "
@@ -88,11 +88,35 @@ def will_train(ctx: RunContext, cfg=None) -> str:
     try:
         selection = select(ctx.store, cfg)
     except (CraftError, ValueError) as e:
-        return f"Start needs {method.data_label} first: {e}"
+        from studio.wording import for_page
+
+        return f"Start needs {method.data_label} first: {for_page(str(e))}"
     if selection.rows.empty:
         return (f"Start needs {method.data_label} first: the current settings select nothing; "
                 f"loosen the filter in Curate")
     return method.will_train_on(selection, cfg)
+
+
+def check_trainable(ctx: RunContext, cfg) -> None:
+    """Refuse Start before any job, with the reason, when the method has nothing to train on
+    with the run's settings (the job would fail with craft.stages.train_stage's "nothing to
+    train on" after loading the model): no scored pool, or a kept set / pairs / prompts that
+    the current settings leave empty."""
+    from craft import CraftError
+    from craft.stages.selection import select
+
+    method = get_method(cfg.train.method)
+    try:
+        selection = select(ctx.store, cfg)
+    except (CraftError, ValueError) as e:
+        raise ValueError(f"nothing to train on yet: {e}") from None
+    if selection.rows.empty:
+        kept = "" if selection.result is None else \
+            f" (Curate keeps {selection.result.counts.kept} images)"
+        raise ValueError(
+            f"nothing to train on: {method.name} needs {method.data_label}, and the current "
+            f"settings select none{kept}; loosen the filter on the Curate tab (a lower "
+            "margin, a weaker level, a larger top-K) and press Start again")
 
 
 # the settings a training run's time depends on (craft.stages.estimate)
@@ -461,11 +485,12 @@ class TrainTab(Tab):
                 if n in run_names(ctx) or train_dir(ctx.run_dir, n).exists():
                     raise ValueError(f"a training run named {n!r} exists; pick another "
                                      f"name or resume it (the Resume list below)")
+            check_trainable(ctx, cfg)
             self._start(cfg, name, resume=False, processes=processes)
             first = round_name(name, 1, cfg.train.rounds)
-            return (ok_md(f"training {name} started"
-                          + (f" ({cfg.train.rounds} rounds: {first} first)"
-                             if cfg.train.rounds > 1 else "")), gr.Timer(active=True),
+            what = f"training {name}" + (f" ({cfg.train.rounds} rounds: {first} first)"
+                                         if cfg.train.rounds > 1 else "")
+            return (started_message(self.jobs.running("train"), what), gr.Timer(active=True),
                     gr.update(choices=[first, *run_names(ctx)], value=first),
                     next_name(ctx, (name,)),
                     *job_buttons(True))
