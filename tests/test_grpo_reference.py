@@ -200,3 +200,34 @@ def test_lora_grpo_trains_and_keeps_the_base_for_the_kl(tmp_path):
     m = _grpo(tmp_path, **{"train.lora": True, "train.lora_rank": 4, "grpo.kl_weight": 0.04})
     assert m[0]["ratio"] == 1.0 and m[0]["kl"] == pytest.approx(0.0, abs=1e-12)
     assert all(math.isfinite(x["loss"]) and "kl" in x for x in m)
+
+
+def test_best_worst_pairs_equal_the_per_group_rule():
+    """The vectorised best_worst rule gives what the plain per-group loop gives: each group's
+    best (ties: the lower id) against its worst, unscorable and excluded candidates left out."""
+    import numpy as np
+
+    from craft.methods.dpo import build_pairs
+
+    def by_loop(df, margin):
+        rows = []
+        df = df[np.isfinite(df["composite"]) & (df["override"].astype(object) != "exclude")]
+        for pid, g in df.groupby("prompt_id"):
+            g = g.sort_values(["composite", "candidate_id"], ascending=[False, True])
+            if len(g) >= 2 and g["composite"].iloc[0] - g["composite"].iloc[-1] > margin:
+                rows.append((pid, g["candidate_id"].iloc[0], g["candidate_id"].iloc[-1]))
+        return sorted(rows)
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(0, 50))
+        df = pd.DataFrame({"prompt_id": rng.integers(0, 6, n),
+                           "candidate_id": rng.permutation(500)[:n],
+                           "composite": np.round(rng.normal(size=n), 1)})
+        df.loc[rng.random(n) < 0.1, "composite"] = np.nan
+        df["override"] = np.where(rng.random(n) < 0.1, "exclude", None)
+        for margin in (0.0, 0.3):
+            got = build_pairs(df, "best_worst", margin)
+            assert sorted(zip(got["prompt_id"], got["win_id"], got["lose_id"])) == \
+                by_loop(df, margin)
+            assert (np.diff(got["gap"].to_numpy()) <= 0).all()  # widest gap first

@@ -66,6 +66,35 @@ def build_pairs(frame: pd.DataFrame, rule: str = "best_worst", margin: float = 0
     df = frame[np.isfinite(frame["composite"].to_numpy(float))]
     if "override" in df.columns:
         df = df[df["override"].astype(object) != "exclude"]
+    if rule == "best_worst":  # one pair a group: vectorised (Curate recomputes it per change)
+        pairs = _best_worst(df, margin)
+    else:
+        pairs = _all_pairs(df, rule, margin)
+    pairs = pairs.sort_values(["gap", "win_id", "lose_id"], ascending=[False, True, True],
+                              kind="stable", ignore_index=True)
+    if max_pairs is not None:
+        pairs = pairs.head(int(max_pairs)).reset_index(drop=True)
+    return pairs.astype({"prompt_id": int, "win_id": int, "lose_id": int})
+
+
+def _best_worst(df: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """Each group's best against its worst (ties: the lower id is the better), gap > margin."""
+    g = df.sort_values(["prompt_id", "composite", "candidate_id"],
+                       ascending=[True, False, True], kind="stable")
+    by = g.groupby("prompt_id", sort=True)
+    first, last, size = by.head(1), by.tail(1), by.size().to_numpy()
+    comp_w, comp_l = first["composite"].to_numpy(float), last["composite"].to_numpy(float)
+    gap = comp_w - comp_l
+    ok = (size >= 2) & (gap > margin)
+    out = pd.DataFrame({"prompt_id": first["prompt_id"].to_numpy()[ok],
+                        "win_id": first["candidate_id"].to_numpy()[ok],
+                        "lose_id": last["candidate_id"].to_numpy()[ok],
+                        "win_composite": comp_w[ok], "lose_composite": comp_l[ok],
+                        "gap": gap[ok]})
+    return out if len(out) else pd.DataFrame({c: [] for c in PAIR_COLUMNS})
+
+
+def _all_pairs(df: pd.DataFrame, rule: str, margin: float) -> pd.DataFrame:
     parts = []
     for pid, g in df.groupby("prompt_id", sort=True):
         g = g.sort_values(["composite", "candidate_id"], ascending=[False, True])
@@ -86,13 +115,8 @@ def build_pairs(frame: pd.DataFrame, rule: str = "best_worst", margin: float = 0
         parts.append(pd.DataFrame({"prompt_id": pid, "win_id": ids[wi][ok], "lose_id": ids[li][ok],
                                    "win_composite": comp[wi][ok], "lose_composite": comp[li][ok],
                                    "gap": gap[ok]}))
-    pairs = (pd.concat(parts, ignore_index=True) if parts
-             else pd.DataFrame({c: [] for c in PAIR_COLUMNS}))
-    pairs = pairs.sort_values(["gap", "win_id", "lose_id"], ascending=[False, True, True],
-                              kind="stable", ignore_index=True)
-    if max_pairs is not None:
-        pairs = pairs.head(int(max_pairs)).reset_index(drop=True)
-    return pairs.astype({"prompt_id": int, "win_id": int, "lose_id": int})
+    return (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame({c: [] for c in PAIR_COLUMNS}))
 
 
 def pair_images(pairs: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
