@@ -31,6 +31,12 @@ plan is made from the tiny models' own config files and the measured column is t
 RSS: the two are not comparable there (tests/test_plan.py compares plan and measurement on the
 CPU with one accounting).
 
+``--rehearse`` then runs ``craft rehearse configs/<family>.yaml`` for each family (one process
+each): the whole ``craft run`` at the real sizes with random weights, full batches, every
+stage's CUDA peak beside the plan's (craft/stages/rehearsal.py), the check to run on the first
+GPU lent before a day-long run; its verdicts are printed after the table and each report is in
+runs/rehearsal/<family>-<method>-cuda/rehearsal/report.md.
+
 ``--cpu-smoke`` runs the same code on the CPU with the tiny-width versions of both
 architectures (craft.models.architectures.TINY), 64/128 px instead of 512/1024, 2 sampling steps,
 micro-batch 2 / effective batch 4 and 2 optimizer steps, float32: it shows the script works
@@ -325,6 +331,23 @@ def _planned(row: dict) -> str:
     return "" if not p else f"{p['simulated_gib']:.2f} / {p['needed_gib']:.2f} ({p['stage']})"
 
 
+def rehearse(families) -> dict:
+    """``craft rehearse configs/<family>.yaml`` for each family, one process each: the exit
+    code (0 passed, 5 a stage broke, 6 the plan is off) and the report's verdict."""
+    import subprocess
+
+    out = {}
+    for family in families:
+        proc = subprocess.run([sys.executable, "-m", "craft.cli", "rehearse",
+                               str(ROOT / "configs" / f"{family}.yaml")], cwd=ROOT,
+                              capture_output=True, text=True)
+        verdict = next((ln for ln in proc.stdout.splitlines()[::-1]
+                        if ln.startswith(("passed", "PLAN OFF", "FAILED"))), proc.stderr[-300:])
+        out[family] = {"exit": proc.returncode, "verdict": verdict}
+        print(f"rehearsal of {family}: exit {proc.returncode}: {verdict}", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -337,6 +360,9 @@ def main(argv=None) -> dict:
                     help="optimizer steps (the first is warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--json", default=None, help="also write the raw result here")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="then `craft rehearse configs/<family>.yaml` for each family: every "
+                         "stage of the run at the real sizes, its peak beside the plan's")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.gen_batches = min(args.gen_batches, 1)
@@ -344,6 +370,8 @@ def main(argv=None) -> dict:
     result = run(args)
     print()
     print(table(result))
+    if args.rehearse:
+        result["rehearsals"] = rehearse(args.families)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -333,3 +333,15 @@ def test_two_processes_with_early_rejection_store_each_candidate_once_after_a_ki
         cost = store.generation_cost()
         assert cost["candidates"] == len(cands) and cost["stopped"] == len(stopped)
         assert cost["evaluations"] < cost["plain_evaluations"] == 48 * 20 * 2
+
+
+def test_a_finish_stopped_call_parses_back_from_its_command_line():
+    from craft.cli.main import build_parser
+    from craft.stages.calls import StageCall
+
+    for call in (StageCall("generate", finish_stopped="keepable"),
+                 StageCall("generate", finish_stopped="all"), StageCall("generate")):
+        args = build_parser().parse_args([*call.argv(), "--run-dir", "/r"])
+        assert StageCall.from_args(args) == call
+    with pytest.raises(ValueError, match="keepable"):
+        StageCall("generate", finish_stopped="some")

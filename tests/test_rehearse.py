@@ -54,6 +54,7 @@ def _rehearse(tiny_sd15, cache, run_dir, *extra, capsys=None) -> tuple[int, str,
     return rc, out, json.loads(report.read_text()) if report.is_file() else {}
 
 
+@pytest.mark.slow
 def test_a_tiny_sd15_rehearsal_passes_and_writes_its_report(tiny_sd15, cache, tmp_path,
                                                             capsys):
     rc, out, rep = _rehearse(tiny_sd15, cache, tmp_path / "run", capsys=capsys)
@@ -75,6 +76,7 @@ def test_a_tiny_sd15_rehearsal_passes_and_writes_its_report(tiny_sd15, cache, tm
     assert "passed" in out
 
 
+@pytest.mark.slow
 def test_a_peak_outside_the_margin_fails_with_the_stage_named(tiny_sd15, cache, tmp_path,
                                                              capsys):
     """--margin 0 asks the plan to be exact: every stage that differs at all is named and the
@@ -119,6 +121,7 @@ def test_a_wrong_plan_is_caught_at_its_stage_within_the_stated_margin():
     assert on_gpu["training: one step"].tolerance == pytest.approx(0.15 * 8 * gib + gib)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "dpo"])
 def test_grpo_and_dpo_rehearse_under_bf16_with_finite_losses(method, tiny_sd15, cache,
                                                              tmp_path, capsys):

@@ -131,7 +131,9 @@ def _build_component(comp, dtype: torch.dtype) -> torch.nn.Module:
         else:
             klass = getattr(transformers, comp.cls)
             module = klass(klass.config_class(**comp.config))
-    return module.to(dtype).eval()
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module.to(dtype)
+    return module.eval()
 
 
 def build_model(cfg, cache_dir: Path, dtype: torch.dtype, spec=None) -> Path:
