@@ -67,6 +67,9 @@ def arms_for(base: str, args) -> list[Arm]:
         return arms + [solver_arm(s, n) for s, n in SWEEP[base]]
     solver, n = args.solver[base].split(":")
     arms.append(solver_arm(solver, int(n)))
+    for extra in args.extra.get(base, []):
+        s, k = extra.split(":")
+        arms.append(solver_arm(s, int(k)))
     for er in args.early:
         at, margin = er.split(":")
         arms.append(solver_arm(solver, int(n), (float(at), float(margin))))
@@ -179,6 +182,9 @@ def run_seed(base: str, s: int, args, res: dict) -> None:
         out[arm.name]["tuned"] = {r: {k: ta.row(ev, arm.name, r).get(k) for k in
                                       ("mean", "diff", "diff_se", "win_rate")}
                                   for r in ["composite", *cfg20.rewards.eval_names, "diversity"]}
+        if arm.name != "plain20":  # the tuned model against plain20's, paired on the images
+            out[arm.name]["vs_plain20"] = dict(zip(("diff", "se", "win"), ta.paired(
+                ev, arm.name, "plain20")))
     out["base_diversity"] = ta.row(ev, "base", "diversity").get("mean")
 
 
@@ -188,10 +194,13 @@ def main() -> None:
         ap.add_argument("--bases", nargs="+", default=["toy", "toy-flow"]),
         ap.add_argument("--sweep", action="store_true"),
         ap.add_argument("--solver", type=json.loads,
-                        default={"toy": "dpm:8", "toy-flow": "dpm:8"},
+                        default={"toy": "dpm:8", "toy-flow": "unipc:8"},
                         help='per base "solver:steps", as JSON'),
-        ap.add_argument("--early", nargs="+", default=["0.3:0.5", "0.3:0.25", "0.5:0.25"],
+        ap.add_argument("--early", nargs="+", default=["0.4:1.0", "0.4:2.0", "0.5:1.0"],
                         help="early-rejection settings at:margin"),
+        ap.add_argument("--extra", type=json.loads, default={},
+                        help='per base, more "solver:steps" arms without early rejection, as '
+                             'JSON: {"toy": ["dpm:12"]}'),
         ap.add_argument("--report-only", action="store_true")))
     t_start = time.time()
     name = "toy_candidates_cost_sweep" if args.sweep else "toy_candidates_cost"

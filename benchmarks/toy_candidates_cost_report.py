@@ -81,13 +81,17 @@ def tuned_table(res: dict, rewards: list[str]) -> list[str]:
     if not all("tuned" in res[s][a] for s in seeds for a in arms):
         return []
     cols = ["composite", *rewards, "diversity"]
-    lines = ["| arm | " + " | ".join(f"{c} Δ" for c in cols) + " | composite win % |",
-             "|---|" + "---|" * (len(cols) + 1)]
+    lines = ["| arm | " + " | ".join(f"{c} Δ" for c in cols) + " | composite win % | "
+             "composite vs plain20's model (paired, per seed: Δ ± SE) |",
+             "|---|" + "---|" * (len(cols) + 2)]
     for a in arms:
         cells = [_ti([res[s][a]["tuned"][c]["diff"] for s in seeds], 1 if c == "diversity"
                      else 3) for c in cols]
         cells.append(_ti([100 * res[s][a]["tuned"]["composite"]["win_rate"] for s in seeds], 1,
                          False))
+        vs = [res[s][a].get("vs_plain20") for s in seeds]
+        cells.append("–" if a == "plain20" or not all(vs) else "; ".join(
+            f"{v['diff']:+.3f} ± {v['se']:.3f}" for v in vs))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return lines
 

@@ -126,16 +126,18 @@ class StudioApp:
             self.loop.wire(self)
             for name, block in tab_blocks.items():
                 self._refresh_event(block.select, name)
+            # A (re)load restores this browser's run, then shows the first tab; the others
+            # refresh when they are opened. (Opening another run cancels a load still under
+            # way: its answer, the previous run's settings, must not land after the new run's.)
+            prompts = self.tabs["Prompts"]
+            load = self.on(demo.load, self._on_load, None, self._restored_outputs())
+            dep = self.then(load, _guarded(prompts.refresh, len(prompts.refresh_outputs)), None,
+                            prompts.refresh_outputs, show_progress="hidden")
+            last = self.then(dep, _guarded(self.loop.refresh, len(self.loop.refresh_outputs)),
+                             None, self.loop.refresh_outputs, show_progress="hidden")
+            self._load_deps = [load, dep, last]
             self._wire_header()
             self._wire_persistence()
-            # A (re)load restores this browser's run, then shows the first tab; the others
-            # refresh when they are opened.
-            prompts = self.tabs["Prompts"]
-            dep = self.then(self.on(demo.load, self._on_load, None, self._restored_outputs()),
-                            _guarded(prompts.refresh, len(prompts.refresh_outputs)), None,
-                            prompts.refresh_outputs, show_progress="hidden")
-            self.then(dep, _guarded(self.loop.refresh, len(self.loop.refresh_outputs)), None,
-                      self.loop.refresh_outputs, show_progress="hidden")
         self.demo = demo
         return demo
 
@@ -239,14 +241,17 @@ class StudioApp:
         for event, source in ((self.open_btn.click, self.run_dir),
                               (self.run_dir.submit, self.run_dir),
                               (self.run_pick.input, self.run_pick)):
-            self._refresh_all(event(opener, source, outputs))
+            self._refresh_all(event(opener, source, outputs,
+                                    cancels=getattr(self, "_load_deps", None)))
 
     def _wire_info(self) -> None:
-        def on_info(seen, notice):
+        def on_info(seen, notice, line_now):
             text, reload = settings_line(self.settings, seen, notice)
+            if text == (line_now or ""):  # leave it: a poll asked before this page's own
+                text = reload = gr.skip()  # event answered must not undo what it said
             return current().describe(), others_markdown(), text, reload
 
-        self.on(self.info_timer.tick, _guarded(on_info, 4), [self.seen, self.notice],
+        self.on(self.info_timer.tick, _guarded(on_info, 4), [self.seen, self.notice, self.stale],
                 [self.run_info, self.other_jobs, self.stale, self.reload_settings],
                 show_progress="hidden")
         # Reload: this page takes the run's current settings (and refreshes every tab).

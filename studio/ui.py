@@ -27,12 +27,15 @@ CSS = """
 /* Table headers wrap between words, never letter by letter in a narrow column. */
 table th, [role=columnheader] { word-break: normal !important; overflow-wrap: normal !important;
                                  white-space: nowrap; }
-#curate-why table { font-size: 12px; }
-/* The why table is as wide as its column: its headers wrap (the page-wide rule above keeps
-   headers on one line, which cut the table off at 1400 px), and a still wider one scrolls. */
-#curate-why { min-width: 0; max-width: 100%; overflow-x: auto; }
-#curate-why table { display: block; max-width: 100%; overflow-x: auto; }
+/* The why table fits its column (~350 px at 1400 px): compact cells, headers wrapping between
+   words (the page-wide rule above kept them on one line and cut the table off), numbers and
+   names whole; a still narrower column scrolls the table, never the page. */
+#curate-why { min-width: 0; max-width: 100%; }
+#curate-why table { display: block; max-width: 100%; overflow-x: auto; font-size: 11px; }
+#curate-why th, #curate-why td { padding: 2px 4px !important; word-break: normal !important;
+                                 overflow-wrap: normal !important; }
 #curate-why th { white-space: normal !important; }
+#curate-why td { white-space: nowrap; }
 #curate-showing p { margin: 0; text-align: center; }
 .drift-warning { color: #9a5b00; font-weight: 600; }
 .report table { font-size: 12px; }

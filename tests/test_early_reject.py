@@ -42,26 +42,45 @@ def _judge(**kw) -> Judge:
     base = dict(names=("a", "b"), weights=np.array([0.5, 0.5]), required=np.array([True, False]),
                 mean=np.zeros(2), sd=np.ones(2), refs={1: np.array([0.0, 0.0])}, margin=0.5,
                 filter_margin=np.zeros(2), compare=True, top_k=2, cap=None,
-                include_reference=True)
+                include_reference=True, composite_error_sd=1.0)
     return Judge(**{**base, **kw})
 
 
 def test_the_rule_stops_only_what_misses_by_more_than_the_margin():
-    j = _judge()
-    keep, comp = j.decide([1, 1, 1, 2, 1], np.array([
+    j = _judge()  # not calibrated: early scores taken as they are, error SD = the reward's SD
+    keep, pred, comp = j.decide([1, 1, 1, 2, 1], np.array([
         [-0.4, 9.0],  # below the reference on a required reward, within the margin: goes on
         [-0.6, 9.0],  # below by more than the margin: stops
         [-5.0, np.nan],  # not scorable: goes on
         [-5.0, 0.0],  # its group has no reference: the reference test cannot stop it
         [-0.6, -9.0]]))  # stops
     assert keep.tolist() == [True, False, True, True, False]
-    assert comp[0] == pytest.approx(4.3)
+    assert comp[0] == pytest.approx(4.3) and pred[0].tolist() == [-0.4, 9.0]
     # the running cut-off: nothing until K pass, then the K-th best composite
     assert j.cutoff == -math.inf
     j.add_finished([1, 1, 1], np.array([[1.0, 1.0], [2.0, 2.0], [-1.0, 5.0]]), [False] * 3)
     assert j.cutoff == pytest.approx(1.0)  # the third does not pass (a < reference)
-    keep, _ = j.decide([1, 1], np.array([[0.1, 1.0], [0.1, 0.2]]))  # composites 0.55, 0.15
-    assert keep.tolist() == [True, False]  # 0.15 < 1.0 - 0.5
+    keep, _, _ = j.decide([1, 1], np.array([[0.1, 1.0], [0.1, -1.2]]))  # 0.55, -0.55
+    assert keep.tolist() == [True, False]  # -0.55 < 1.0 - 0.5 x 1.0 (composite error SD)
+
+
+def test_the_calibration_removes_the_early_scores_bias_and_measures_its_error():
+    rng = np.random.default_rng(1)
+    final = rng.normal(0.5, 0.2, size=(200, 2))
+    noise = rng.normal(0, 0.05, size=(200, 2))
+    early = (final - 0.2) * 0.5 + noise  # part-way: lower and squeezed
+    j = _judge(margin=2.0)
+    j.calibrate(early, final)
+    assert j.calibrated_on == 200
+    assert np.abs(j.predict(early) - final).mean() < 0.12
+    assert j.b[0] == pytest.approx(2.0 * 0.2 ** 2 / (0.2 ** 2 + 4 * 0.05 ** 2), rel=0.2)
+    assert 0.05 < j.error_sd[0] < 0.12 and j.composite_error_sd > 0
+    # a variant whose early score is the references' typical one is predicted at their mean
+    # (0.5 > the reference 0.0): it goes on, though its raw early score is far below 0.5
+    keep, pred, _ = j.decide([1], np.array([[0.15, 0.15]]))
+    assert keep.tolist() == [True] and pred[0, 0] == pytest.approx(0.5, abs=0.05)
+    j.calibrate(early[:2], final[:2])  # too few rows: nothing is fitted
+    assert j.calibrated_on == 2
 
 
 def test_running_cutoff_takes_the_cap_and_is_a_lower_bound():
@@ -345,3 +364,30 @@ def test_a_finish_stopped_call_parses_back_from_its_command_line():
         assert StageCall.from_args(args) == call
     with pytest.raises(ValueError, match="keepable"):
         StageCall("generate", finish_stopped="some")
+
+
+def test_references_made_before_are_rerun_part_way_to_calibrate(tmp_path, tiny_model_dir,
+                                                                 tiny_pipe_copy, caplog):
+    """A run whose original prompts' images were made before (plain generation, or a killed
+    call): the early check re-runs their first steps to score them part-way, and counts it."""
+    import logging
+
+    from craft.stages.engine import prepare_prompts
+
+    only_refs = tiny_config(tiny_model_dir, **{**EARLY, "prompts.num_variants": 0,
+                                               "generation.early_reject": "false"})
+    cfg = tiny_config(tiny_model_dir, **EARLY)
+    with RunStore(tmp_path / "run") as store:
+        prepare_prompts(store, only_refs)
+        generate_candidates(store, only_refs, pipe=tiny_pipe_copy)
+        refs = store.candidates_df()
+        assert (refs.variant_idx == 0).all() and len(refs) == 8
+        prepare_prompts(store, cfg)
+        with caplog.at_level(logging.INFO, logger="craft.stages.generation"):
+            generate_candidates(store, cfg, pipe=tiny_pipe_copy)
+        assert "calibrated on 8 reference images" in caplog.text
+        ids = ",".join(str(int(i)) for i in refs["id"])
+        spent = {r[0] for r in store._query(f"SELECT evaluations FROM candidates WHERE id IN "
+                                            f"({ids})")}
+        # each reference: 4 steps, then 2 more for the calibration, 2 passes each (guidance)
+        assert spent == {4 * 2 + 2 * 2}

@@ -7,7 +7,8 @@ contexts = two people on one studio and one run, as tests/test_studio_team_brows
   "top-K (filter.top_k) is 50, set in another window; your 80 was not saved";
 - a reload shows a Curate header that agrees with the controls, even when the tab is opened
   before the page has loaded the run's settings;
-- a hand override made on one page reaches the other within 5 s, without a tab switch.
+- a hand override made on one page reaches the other within 5 s, without a tab switch (and the
+  why table fits its column at 1400 px).
 
 The run is filled with rendered, scored toy candidates (tests/studio_sample_data.py): no
 diffusion model, so the module stays quick.
@@ -286,6 +287,11 @@ def test_an_override_on_one_page_reaches_the_other_within_5_s(studio, browser):
     cid = int(first.get_attribute("data-id"))
     first.click()
     a.wait_for_selector(f"#curate-why:has-text('#{cid}')")
+    # (the why table fits its column at 1400 px: nothing of it is cut off)
+    fits = a.evaluate("() => { const t = document.querySelector('#curate-why table'); "
+                      "return t.scrollWidth <= t.clientWidth + 1 && "
+                      "t.getBoundingClientRect().right <= innerWidth; }")
+    assert fits
     assert b.locator(f"#curate-grid .tg-item[data-id='{cid}']").count() == 1
     a.click("#curate-exclude")
     deadline = time.time() + 10

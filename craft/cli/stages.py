@@ -186,8 +186,8 @@ def _list_stopped(args) -> int:
             else:
                 import pandas as pd
 
-                early = [c for c in df.columns if c.startswith("early_")]
-                cols = ["id", "prompt_id", "variant", "seed", "step", "composite", *early,
+                pred = [c for c in df.columns if c.startswith("predicted_")]
+                cols = ["id", "prompt_id", "variant", "seed", "step", "composite", *pred,
                         "could_keep"]
                 with pd.option_context("display.max_colwidth", 50, "display.width", 200):
                     print(df[cols].head(args.show).to_string(index=False))

@@ -140,6 +140,11 @@ class Method:
 
     data_stage: ClassVar[str | None] = "training: encode the kept set"  # the plan's stage
 
+    def step_work(self, cfg) -> float:
+        """A step's work in units its time scales with (the Train tab's estimate scales an
+        earlier run's step time by it): images per optimizer step."""
+        return float(cfg.train.effective_batch)
+
     # ---------------------------------------------------------------- how it describes itself
 
     def describe(self, record: dict) -> str:

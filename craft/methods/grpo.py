@@ -607,6 +607,13 @@ class OnlineGRPO(Method):
         guided = sampling_guidance(family or cfg.model.family, cfg) > 1
         return cfg.train.steps * per_step * (2 if guided else 1), "(image, step) row", []
 
+    def step_work(self, cfg) -> float:
+        """A round's images through sampling and their trained steps, shared by its updates
+        (a round is sampled once and trained on grpo.updates times)."""
+        g = cfg.grpo
+        return (g.prompts_per_step * g.group_size * (g.num_inference_steps + steps_trained(g))
+                / max(1, g.updates))
+
     def describe(self, record: dict) -> str:
         g = record.get("grpo", {})
         return (f"GRPO online: {g.get('prompts_per_step')} prompts × {g.get('group_size')} per "

@@ -477,14 +477,12 @@ def release(tr: Trainable, pipe, accelerator) -> None:
     # The training state sits in reference cycles (accelerate's forward wrapper refers back to
     # the module): left to the cyclic collector, a full run's float32 copy stayed on the device
     # into evaluation, beside both pipelines (craft rehearse measured it). Dropped now.
+    from craft.run.devices import free_memory
+
     accelerator.free_memory()
     tr.model = tr.raw = tr.opt = tr.ema = tr.base = None
     tr.params = []
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def training_size(cfg, pipe) -> tuple[int, int]:

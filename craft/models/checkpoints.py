@@ -98,9 +98,9 @@ def full_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-        with host():
+        with host():  # cpu_offload: the full weights are gathered into host memory
+            state = get_model_state_dict(model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
             return {k: v.to(dtype, copy=True) for k, v in state.items()}  # own storage each
     with host():
         return {k: v.detach().to("cpu", dtype, copy=True)

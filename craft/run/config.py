@@ -342,17 +342,20 @@ class GenerationConfig(_Section):
                "be finished later (`craft generate --finish-stopped`); false = every candidate "
                "runs to the end (the paper's cost).")
     early_reject_at: float = _opt(
-        0.3, "Where the early check runs: the fraction of the denoising steps done.")
+        0.4, "Where the early check runs: the fraction of the denoising steps done (rounded "
+             "to a step).")
     early_reject_margin: float = _opt(
-        0.5, "Safety margin of the early check, in standard deviations of each reward over "
-             "the reference images: a candidate stops only if its prediction misses by more.")
+        1.0, "Safety margin of the early check, in standard deviations of the prediction's "
+             "error (each reward's final score predicted from its early one, calibrated and "
+             "measured on the original prompts' images): a candidate stops only if its "
+             "prediction misses by more.")
 
     def _check(self) -> None:
         self._positive("seeds_per_prompt", "num_inference_steps", "batch_size", "height", "width")
         self._positive("guidance_scale", "seed", "early_reject_margin", allow_zero=True)
         _require(0.0 < self.early_reject_at < 1.0, self._key("early_reject_at"),
                  self.early_reject_at, "must lie in (0, 1)",
-                 "use e.g. 0.3: the check runs after 30 % of the steps")
+                 "use e.g. 0.4: the check runs after 40 % of the steps")
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value % 8 == 0, self._key(name), value,

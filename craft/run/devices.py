@@ -84,4 +84,18 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: torch.device |
     return out
 
 
-__all__ = ["DeviceError", "LOAD_LOCK", "resolve_device", "resolve_dtype"]
+def free_memory() -> None:
+    """Free what was just let go of, now: models sit in reference cycles (hooks bound to the
+    module that holds them), so ``del model`` alone left a reward or a training state alive until
+    the cyclic collector happened to run, on the device beside the next one (craft rehearse
+    measured two evaluation rewards at once, where the plan and the code say one at a time)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["DeviceError", "LOAD_LOCK", "free_memory", "resolve_device", "resolve_dtype"]

@@ -41,6 +41,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import field as dataclasses_field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -257,6 +258,10 @@ class StoppedCandidate:
     plain_evaluations: int
     scores: Mapping[str, float | None]  # the filter's rewards on the decoded prediction
     composite: float | None  # its predicted composite (the reference images' z-scale)
+    # the final scores predicted from ``scores`` (calibrated on the reference images) and
+    # that prediction's error (standard deviation) per reward
+    predicted: Mapping[str, float | None] = dataclasses_field(default_factory=dict)
+    error_sd: Mapping[str, float | None] = dataclasses_field(default_factory=dict)
 
 
 def _now() -> float:
@@ -687,7 +692,9 @@ class RunStore:
         rows = [(int(c.prompt_id), int(c.variant_id), int(c.seed), str(c.model),
                  _json(dict(c.params)), int(c.step), int(c.evaluations),
                  int(c.plain_evaluations),
-                 _json({k: _finite_or_none(v) for k, v in c.scores.items()}),
+                 _json({part: {k: _finite_or_none(v) for k, v in values.items()}
+                        for part, values in (("early", c.scores), ("predicted", c.predicted),
+                                             ("error_sd", c.error_sd))}),
                  _finite_or_none(c.composite), now) for c in items]
         try:
             with self._tx() as conn:
@@ -711,8 +718,10 @@ class RunStore:
     def stopped_df(self, model: str | None = None, split: str | None = None) -> pd.DataFrame:
         """One row per stopped candidate: id, prompt_id, variant_id, variant_idx, seed, model,
         params_json, status ('stopped'), step, evaluations, plain_evaluations, composite (the
-        predicted one), created, prompt, variant, split, and ``early_<reward>``: each filter
-        reward of the decoded prediction at ``step``."""
+        predicted one), created, prompt, variant, split, and per filter reward
+        ``early_<reward>`` (its score of the decoded prediction at ``step``),
+        ``predicted_<reward>`` (the final score predicted from it) and ``error_sd_<reward>``
+        (that prediction's error, measured on the reference images)."""
         where, params = ("WHERE model=?", [model]) if model is not None else ("", [])
         df = self._df("SELECT id, prompt_id, variant_id, seed, model, params_json, step, "
                       "evaluations, plain_evaluations, scores_json, composite, created FROM "
@@ -728,10 +737,19 @@ class RunStore:
         df["prompt"] = df["prompt_id"].map(prompts["text"])
         df["variant"] = df["variant_id"].map(variants["text"])
         df["split"] = df["prompt_id"].map(prompts["split"])
-        scores = pd.DataFrame([json.loads(x) for x in df.pop("scores_json")], index=df.index)
-        for name in scores.columns:
-            df[f"early_{name}"] = scores[name].astype(float)
+        parts = [json.loads(x) for x in df.pop("scores_json")]
+        for part in ("early", "predicted", "error_sd"):
+            scores = pd.DataFrame([p.get(part, {}) for p in parts], index=df.index)
+            for name in scores.columns:
+                df[f"{part}_{name}"] = scores[name].astype(float)
         return df
+
+    def add_evaluations(self, extra: Iterable[tuple[int, int]]) -> None:
+        """Add ``(candidate_id, evaluations)`` to candidates' recorded cost (work done for them
+        later: the early check's calibration re-runs a reference image's first steps)."""
+        with self._tx() as conn:
+            conn.executemany("UPDATE candidates SET evaluations=coalesce(evaluations, 0) + ? "
+                             "WHERE id=?", [(int(n), int(c)) for c, n in extra])
 
     def generation_cost(self, model: str | None = None, split: str | None = "train") -> dict:
         """What generating the pool cost in denoiser evaluations: ``candidates`` (finished),

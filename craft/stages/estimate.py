@@ -63,15 +63,11 @@ def device_kind(device: str | None) -> str:
 
 
 def step_work(cfg) -> float:
-    """A step's work, in units that scale its time: images per step (effective batch) for
-    CRAFT / SFT / DPO; for GRPO, the images of a round times its sampler and trained steps,
-    over its updates (a round is sampled once and trained on ``updates`` times)."""
-    if cfg.train.method == "grpo":
-        g = cfg.grpo
-        trained = max(1, round(g.num_inference_steps * getattr(g, "timestep_fraction", 1.0)))
-        return g.prompts_per_step * g.group_size * (g.num_inference_steps + trained) / \
-            max(1, g.updates)
-    return float(cfg.train.effective_batch)
+    """A step's work, in units that scale its time (the method says: images per step for the
+    offline methods; for GRPO its round's sampling and training shared over its updates)."""
+    from craft.methods.registry import get_method
+
+    return get_method(cfg.train.method).step_work(cfg)
 
 
 PAUSE_S = 600.0  # loading longer than this before the first step: the run was paused there

@@ -321,6 +321,11 @@ def _pipeline(run, cfg, pipe):
     return pipe
 
 
+# reference images the early check's calibration is fitted on, at least: a resumed call whose
+# references were made before re-runs the first steps of that many to score them part-way
+CALIBRATION_IMAGES = 64
+
+
 class _Generation:
     """One generation call's rounds over the processes: images written by each, rows (and,
     with early rejection, scores and stopped candidates) committed by the main process."""
@@ -330,10 +335,14 @@ class _Generation:
         self.params = sampling_params(cfg.generation)
         self.record = {**self.params.as_dict(), "scheduler": cfg.generation.scheduler}
         self.model = cfg.model.pretrained
-        self.plain = cfg.generation.num_inference_steps * passes_per_step(pipe, self.params)
+        self.per_step = passes_per_step(pipe, self.params)
+        self.plain = cfg.generation.num_inference_steps * self.per_step
         self.total, self.progress = total, progress
         self.written = self.stopped = 0
-        self.judge, self.rewards, self.cut_at = None, {}, 0
+        self.judge, self.settings, self.names, self.rewards, self.cut_at = None, None, (), {}, 0
+        self.capture = False  # the references: scored part-way on the way (the calibration)
+        self.calibration: list = []  # (early, final) score rows of reference images (main)
+        self.calibrated: set[int] = set()
 
     def generate(self, todo: list, split: str, should_stop) -> None:
         g = self.cfg.generation
@@ -343,9 +352,13 @@ class _Generation:
         from craft.stages.trajectory import require_cut
 
         require_cut(self.pipe)
+        self.load_rewards()
         refs = [c for c in todo if c[4] == 0]
         rest = [c for c in todo if c[4] != 0]
-        if self.rounds(refs, should_stop) or not rest:
+        self.capture = True
+        halted = self.rounds(refs, should_stop)
+        self.capture = False
+        if halted or not rest:
             return
         self.start_early(split, should_stop)
         order = np.random.default_rng(g.seed).permutation(len(rest))
@@ -355,88 +368,152 @@ class _Generation:
         return self.run.dist.in_rounds(todo, self.cfg.generation.batch_size, self.work,
                                        self.commit, should_stop)
 
-    def start_early(self, split: str, should_stop) -> None:
-        """Score what is stored (the reference images above all) with the filter's rewards,
-        build the rule on the main process and hand it to every process."""
+    def load_rewards(self) -> None:
+        """The filter's rewards, on every process (the early check scores with them)."""
         from craft.rewards.configured import build_reward
-        from craft.stages.early_reject import build_judge
         from craft.stages.filtering import FilterSettings
-        from craft.stages.scoring import score_candidates
         from craft.stages.trajectory import cut_step
 
-        cfg, run = self.cfg, self.run
-        settings = FilterSettings.from_config(cfg)
-        names = list(settings.used_rewards)
-        score_candidates(run, cfg, names, split=split, should_stop=should_stop)
+        cfg = self.cfg
+        self.settings = FilterSettings.from_config(cfg)
+        self.names = tuple(self.settings.used_rewards)
+        device = str(self.run.dist.model_device(cfg.rewards.device, key="rewards.device"))
+        self.rewards = {n: build_reward(cfg, n, device=device, batch_size=cfg.rewards.batch_size)
+                        for n in self.names}
+        self.cut_at = cut_step(cfg.generation.num_inference_steps, cfg.generation.early_reject_at)
+
+    def start_early(self, split: str, should_stop) -> None:
+        """Score what is stored (references made before this call above all), calibrate,
+        build the rule on the main process and hand it to every process."""
+        from craft.stages.early_reject import build_judge
+        from craft.stages.scoring import score_candidates
+
+        run, names = self.run, list(self.names)
+        score_candidates(run, self.cfg, names, split=split, should_stop=should_stop)
+        self.top_up(split, should_stop)
 
         def judge():
             cands = run.store.candidates_df(model=self.model, split=split)
             frame = cands[["id", "prompt_id", "variant_idx"]].join(
                 run.store.scores_df(names), on="id")
-            return build_judge(frame, settings, cfg.generation.early_reject_margin)
+            early = np.array([e for e, _ in self.calibration]).reshape(-1, len(names))
+            final = np.array([f for _, f in self.calibration]).reshape(-1, len(names))
+            return build_judge(frame, self.settings, self.cfg.generation.early_reject_margin,
+                               early, final)
 
         self.judge = run.dist.broadcast(judge() if run.is_main else None)
-        device = str(run.dist.model_device(cfg.rewards.device, key="rewards.device"))
-        self.rewards = {n: build_reward(cfg, n, device=device, batch_size=cfg.rewards.batch_size)
-                        for n in names}
-        self.cut_at = cut_step(cfg.generation.num_inference_steps, cfg.generation.early_reject_at)
+        log.info("early rejection: check after %d of %d steps, calibrated on %d reference "
+                 "images (prediction error SD %s)", self.cut_at,
+                 self.cfg.generation.num_inference_steps, self.judge.calibrated_on,
+                 ", ".join(f"{n} {e:.3g}" for n, e in zip(names, self.judge.error_sd)))
+
+    def top_up(self, split: str, should_stop) -> None:
+        """References made before this call were not scored part-way: when fewer than
+        CALIBRATION_IMAGES were, the first steps of a seeded sample of the others run again
+        (their cost is added to theirs)."""
+        run, todo = self.run, None
+        if run.is_main and len(self.calibration) < CALIBRATION_IMAGES:
+            cands = run.store.candidates_df(model=self.model, split=split)
+            refs = cands[(cands["variant_idx"] == 0) & ~cands["id"].isin(self.calibrated)]
+            refs = refs.sample(n=min(CALIBRATION_IMAGES - len(self.calibration), len(refs)),
+                               random_state=self.cfg.generation.seed)
+            final = run.store.scores_df(list(self.names)).reindex(refs["id"]).to_numpy(float)
+            todo = [(int(r.id), str(r.variant), int(r.seed), str(r.prompt), f)
+                    for r, f in zip(refs.itertuples(), final)]
+        todo = run.dist.broadcast(todo)
+        if not todo:
+            return
+
+        def work(chunk):
+            from craft.stages.trajectory import StepCut
+
+            got: dict = {}
+
+            def check(idx, previews):
+                got.update(zip(idx.tolist(), self.scores(previews, [chunk[i][3] for i in idx])))
+                return np.zeros(len(idx), dtype=bool)  # the first steps are all it needs
+
+            for _ in generate_images(self.pipe, [c[1] for c in chunk], [c[2] for c in chunk],
+                                     self.params, max(len(chunk), 1),
+                                     cut=StepCut(self.cut_at, check) if chunk else None):
+                pass
+            return [(c[0], got[i], c[4]) for i, c in enumerate(chunk) if i in got]
+
+        def commit(rows):
+            self.calibration += [(e, f) for _, e, f in rows]
+            run.store.add_evaluations([(cid, self.cut_at * self.per_step) for cid, _, _ in rows])
+
+        run.dist.in_rounds(todo, self.cfg.generation.batch_size, work, commit, should_stop)
 
     def scores(self, images: list, prompts: list) -> np.ndarray:
-        """The filter's rewards (the judge's columns) of ``images`` against their original
+        """The filter's rewards (``self.names``' order) of ``images`` against their original
         ``prompts``."""
         if not images:
-            return np.zeros((0, len(self.judge.names)))
+            return np.zeros((0, len(self.names)))
         return np.column_stack([np.asarray(self.rewards[n](images, prompts), dtype=float)
-                                for n in self.judge.names])
+                                for n in self.names])
 
     def work(self, chunk: list) -> list:
         """This process's batch: images written; returns what the main process commits."""
-        from craft.run.store import NewCandidate, StoppedCandidate, write_candidate_images
+        from craft.run.store import NewCandidate, write_candidate_images
         from craft.stages.trajectory import StepCut
 
         judge, early, cut = self.judge, {}, None
         if judge is not None:  # the main process's running cut-off, to every process
             judge.cutoff = self.run.dist.broadcast(judge.state() if self.run.is_main else None)
-            if chunk:
-                cut = StepCut(self.cut_at, lambda idx, previews: self.check(chunk, idx,
-                                                                            previews, early))
+        if chunk and (judge is not None or self.capture):
+            cut = StepCut(self.cut_at, lambda idx, previews: self.check(chunk, idx, previews,
+                                                                        early))
         images = [im for _, b in generate_images(self.pipe, [c[3] for c in chunk],
                                                  [c[2] for c in chunk], self.params,
                                                  max(len(chunk), 1), cut=cut) for im in b]
-        done = [(c, im) for c, im in zip(chunk, images) if im is not None]
+        done = [i for i, im in enumerate(images) if im is not None]
         rows = write_candidate_images(self.run.run_dir, [
-            NewCandidate(c[0], c[1], c[2], self.model, self.record, im,
-                         self.plain + (c[6] if len(c) > 6 else 0), self.plain)
-            for c, im in done])
-        final = self.scores([im for _, im in done], [c[5] for c, _ in done]) \
-            if judge is not None else [None] * len(done)
-        items = [("done", row, sc) for row, sc in zip(rows, final)]
-        per_step = self.plain // self.cfg.generation.num_inference_steps
-        for i in (i for i, im in enumerate(images) if im is None):
-            c, (raw, comp) = chunk[i], early[i]
-            items.append(("stopped", StoppedCandidate(
-                c[0], c[1], c[2], self.model, self.record, self.cut_at, self.cut_at * per_step,
-                self.plain, dict(zip(judge.names, raw.tolist())), comp), None))
-        return items
+            NewCandidate(chunk[i][0], chunk[i][1], chunk[i][2], self.model, self.record,
+                         images[i], self.plain + (chunk[i][6] if len(chunk[i]) > 6 else 0),
+                         self.plain) for i in done])
+        final = self.scores([images[i] for i in done], [chunk[i][5] for i in done]) \
+            if self.rewards else [None] * len(done)
+        items = [("done", row, sc, early.get(i) if self.capture else None)
+                 for i, row, sc in zip(done, rows, final)]
+        return items + [("stopped", self.stopped_candidate(chunk[i], *early[i]))
+                        for i, im in enumerate(images) if im is None]
+
+    def stopped_candidate(self, c: tuple, raw, pred, comp):
+        from craft.run.store import StoppedCandidate
+
+        names, judge = self.names, self.judge
+        return StoppedCandidate(c[0], c[1], c[2], self.model, self.record, self.cut_at,
+                                self.cut_at * self.per_step, self.plain,
+                                dict(zip(names, raw.tolist())), comp,
+                                dict(zip(names, pred.tolist())),
+                                dict(zip(names, judge.error_sd.tolist())))
 
     def check(self, chunk: list, idx: np.ndarray, previews: list, early: dict) -> np.ndarray:
-        """The early check of a batch: the previews scored, the judge's verdict."""
+        """The early check of a batch: the previews scored; a reference (capturing) goes on,
+        a variant's candidate as the judge says."""
         raw = self.scores(previews, [chunk[i][5] for i in idx])
-        keep, comp = self.judge.decide([chunk[i][0] for i in idx], raw)
-        for i, r, c in zip(idx, raw, comp):
-            early[int(i)] = (r, float(c))
+        if self.judge is None:
+            early.update(zip(idx.tolist(), raw))
+            return np.ones(len(idx), dtype=bool)
+        keep, pred, comp = self.judge.decide([chunk[i][0] for i in idx], raw)
+        for i, r, p, c in zip(idx.tolist(), raw, pred, comp):
+            early[i] = (r, p, float(c))
         return keep
 
     def commit(self, items: list) -> None:
         store = self.run.store
         done = [it for it in items if it[0] == "done"]
         ids = store.record_candidates([it[1] for it in done])
-        if self.judge is not None and done:
-            names = self.judge.names
+        if self.rewards and done:
             store.add_scores([(cid, n, v) for cid, it in zip(ids, done)
-                              for n, v in zip(names, it[2])])
+                              for n, v in zip(self.names, it[2])])
+        if self.judge is not None and done:
             self.judge.add_finished([it[1][0] for it in done], np.stack([it[2] for it in done]),
                                     [False] * len(done))
+        if self.capture:
+            self.calibration += [(it[3], it[2]) for it in done if it[3] is not None]
+            self.calibrated.update(ids)
         self.stopped += store.record_stopped([it[1] for it in items if it[0] == "stopped"])
         self.written += len(ids)
         if self.progress:

@@ -108,7 +108,7 @@ class _Labels:
 
     def _init_labels(self) -> None:
         self.records: dict[str, Record] = {}
-        self._stack: list[list] = []  # [label, window peak, parts, started]
+        self._stack: list[list] = []  # [label, window peak, parts, running since, seconds]
         self.failed_in: str | None = None  # where an exception left a section
 
     def where(self) -> str:
@@ -123,25 +123,27 @@ class _Labels:
         return self._stack[-1][0] if self._stack else None
 
     def _open(self, label: str) -> None:
-        self._stack.append([label, self._now_bytes(), self._now_parts(), time.perf_counter()])
+        self._stack.append([label, self._now_bytes(), self._now_parts(), time.perf_counter(),
+                            0.0])
         self._window_started()
 
     def _close(self) -> None:
-        label, peak, parts, started = self._stack.pop()
+        label, peak, parts, since, seconds = self._stack.pop()
         peak, parts = max((peak, parts), self._window_peak(), key=lambda x: x[0])
         rec = self.records.setdefault(label, Record(label))
         if peak > rec.peak:
             rec.peak, rec.parts = peak, dict(parts)
-        rec.seconds += time.perf_counter() - started
+        rec.seconds += seconds + time.perf_counter() - since  # its own time, sections apart
         rec.windows += 1
 
     def _pause(self) -> None:
-        """Fold the top window's peak so far into it (before a nested label opens)."""
+        """Fold the top window's peak and time so far into it (a nested label opens)."""
         if self._stack:
             top = self._stack[-1]
             peak, parts = self._window_peak()
             if peak > top[1]:
                 top[1], top[2] = peak, parts
+            top[4] += time.perf_counter() - top[3]
 
     def stage(self, label: str) -> None:
         """The bottom label (an engine stage) becomes ``label``."""
@@ -156,6 +158,7 @@ class _Labels:
     def close_section(self) -> None:
         self._close()
         if self._stack:  # the outer window goes on from what is live now
+            self._stack[-1][3] = time.perf_counter()
             self._window_started()
 
     def switch(self, label: str) -> None:

@@ -8,10 +8,10 @@ start to the last step and records it as an ordinary candidate (scored by the sc
 any other), so a filter setting looser than the one generation ran with loses nothing for good.
 
 :func:`keepable_stopped` answers "which stopped candidates could these settings keep?": each
-stopped candidate enters the current pool with its early scores raised by the safety margin
-(``generation.early_reject_margin`` standard deviations of each reward over the reference
-images), and the filter runs on the pool; those it keeps could be kept once finished. The
-studio's Curate offers the same call.
+stopped candidate enters the current pool with its predicted final scores raised by the safety
+margin (``generation.early_reject_margin`` standard deviations of the prediction's error), and
+the filter runs on the pool; those it keeps could be kept once finished. The studio's Curate
+offers the same call.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 def keepable_stopped(store, cfg, settings=None, margin: float | None = None) -> pd.DataFrame:
     """The stopped candidates of ``cfg.model`` (``RunStore.stopped_df``) with ``could_keep``:
     whether the filter ``settings`` (default: the config's) keeps it in the current pool were
-    its final scores its early ones plus ``margin`` standard deviations (default
-    ``generation.early_reject_margin``). A candidate without an early score for a reward the
+    its final scores its predicted ones plus ``margin`` error standard deviations (default
+    ``generation.early_reject_margin``). A candidate without a prediction for a reward the
     settings name could be kept (nothing says otherwise)."""
     from dataclasses import replace
 
@@ -45,14 +45,13 @@ def keepable_stopped(store, cfg, settings=None, margin: float | None = None) -> 
     margin = cfg.generation.early_reject_margin if margin is None else float(margin)
     names = list(settings.used_rewards)
     pool = candidate_frame(store, cfg)
-    early = pd.DataFrame({n: stopped.get(f"early_{n}", pd.Series(np.nan, index=stopped.index))
-                          for n in names}, index=stopped.index).astype(float)
-    unknown = early.isna().any(axis=1).to_numpy()
-    refs = pool.loc[pool["variant_idx"] == 0, names].astype(float)
-    sd = refs.std(ddof=0).where(lambda x: x > 0, 1.0).fillna(1.0)
-    early = early + margin * sd
+    nan = pd.Series(np.nan, index=stopped.index)
+    best = pd.DataFrame({n: stopped.get(f"predicted_{n}", nan)
+                         + margin * stopped.get(f"error_sd_{n}", nan) for n in names},
+                        index=stopped.index).astype(float)
+    unknown = best.isna().any(axis=1).to_numpy()
     extra = stopped[["prompt_id", "variant_idx", "seed"]].assign(
-        candidate_id=-stopped["id"].to_numpy(), **{n: early[n] for n in names})
+        candidate_id=-stopped["id"].to_numpy(), **{n: best[n] for n in names})
     frame = pd.concat([pool[[*ID_COLUMNS, *names]], extra[[*ID_COLUMNS, *names]]],
                       ignore_index=True)
     kept = set(apply_filter(frame, settings).kept["candidate_id"].tolist())

@@ -644,25 +644,31 @@ class CurateTab(Tab):
 
     def _wire_changes(self, app) -> None:
         """Another window's hand override or saved setting reaches this page within the poll
-        (app.changes_timer, of RunContext.changes: no query), without a tab switch: the
-        counts, the badges of the page's images and the why follow the run's overrides; the
-        settings line says which settings changed elsewhere (this page's controls keep what
-        it set: studio.settings_sync)."""
-        inputs = [self.shown_changes, self.view, self.page, self.selected, self.changed,
-                  self.map_ids, self.similar_ids, self.ids, app.seen, app.notice,
+        (app.changes_timer, of RunContext.changes: no query), without a tab switch: after an
+        override, the counts, the badges of the page's images and the why follow the run's
+        overrides; after a setting, the settings line says which changed elsewhere (this
+        page's controls keep what it set, and its counts are theirs: studio.settings_sync).
+        A poll asked before this page's own event answered must not undo what that event
+        showed: the settings line is left alone when the poll would say what it says, and
+        the counts keep the last move's line."""
+        inputs = [self.shown_changes, app.stale, self.view, self.page, self.selected,
+                  self.changed, self.map_ids, self.similar_ids, self.ids, app.seen, app.notice,
                   *self.controls]
         outputs = [self.shown_changes, self.kept, self.coverage, self.levels, self.last_kept,
                    self.grid, self.why, self.selected, app.stale, app.reload_settings]
 
-        def on_poll(shown, view, page, selected, changed, map_ids, similar_ids, ids, seen,
-                    notice, *values):
+        def on_poll(shown, line_now, view, page, selected, changed, map_ids, similar_ids, ids,
+                    seen, notice, *values):
             from studio.settings_sync import settings_text
 
             now = list(self.ctx.changes())
             if shown is None or list(shown) == now:  # Curate not shown yet, or nothing new
                 return [now if shown is None else gr.skip(), *[gr.skip()] * 9]
             text = settings_text(self.ctx, self.settings, seen, notice)
-            line = [text, gr.update(visible=bool(text))]
+            line = [gr.skip()] * 2 if text == (line_now or "") else [
+                text, gr.update(visible=bool(text))]
+            if list(shown)[1] == now[1]:  # no override changed: the counts are as shown
+                return [now, *[gr.skip()] * 7, *line]
             try:
                 c = self.run(values)
                 grid, _, _, _, why, selected = self.page_view(
@@ -670,8 +676,9 @@ class CurateTab(Tab):
             except Exception:  # noqa: BLE001 - the tab's own events say what is wrong
                 return [now, *[gr.skip()] * 7, *line]
             a = self.ctx.cfg.advantage
-            return [now, kept_line(c, a.mode, a.tau), coverage_line(c), levels_line(c),
-                    sorted(int(i) for i in c.kept_ids), grid, why, selected, *line]
+            return [now, kept_line(c, a.mode, a.tau, changed or None), coverage_line(c),
+                    levels_line(c), sorted(int(i) for i in c.kept_ids), grid, why, selected,
+                    *line]
 
         app.on(app.changes_timer.tick, on_poll, inputs, outputs, queue=False,
                show_progress="hidden")

@@ -443,8 +443,8 @@ def explain(c: Curation, candidate_id: int, rewards: Sequence[str]) -> str:
                    f"{int(res.frame['rank'].notna().sum())})." if cutoff is not None else
                    "**Not kept**: nothing is kept with these settings.")
     lines = [head, "", verdict, "",
-             f"| reward | raw | normalised ({s.normalization}) | group reference | "
-             f"counts for level {s.level} | beats reference + {s.margin:g} |",
+             f"| reward | raw | normalised ({s.normalization}) | group's ref. | "
+             f"in level {s.level} | beats ref. + {s.margin:g} |",
              "|---|---|---|---|---|---|"]
     for r in rewards:
         norm, ref = getattr(row, f"norm_{r}", np.nan), getattr(row, f"ref_{r}", np.nan)
