@@ -67,9 +67,9 @@ def arms_for(base: str, args) -> list[Arm]:
         return arms + [solver_arm(s, n) for s, n in SWEEP[base]]
     solver, n = args.solver[base].split(":")
     arms.append(solver_arm(solver, int(n)))
-    for extra in args.extra.get(base, []):
-        s, k = extra.split(":")
-        arms.append(solver_arm(s, int(k)))
+    for extra in args.extra.get(base, []):  # solver:steps[:at:margin]
+        s, k, *er = extra.split(":")
+        arms.append(solver_arm(s, int(k), (float(er[0]), float(er[1])) if er else None))
     for er in args.early:
         at, margin = er.split(":")
         arms.append(solver_arm(solver, int(n), (float(at), float(margin))))
@@ -199,8 +199,8 @@ def main() -> None:
         ap.add_argument("--early", nargs="+", default=["0.4:1.0", "0.4:2.0", "0.5:1.0"],
                         help="early-rejection settings at:margin"),
         ap.add_argument("--extra", type=json.loads, default={},
-                        help='per base, more "solver:steps" arms without early rejection, as '
-                             'JSON: {"toy": ["dpm:12"]}'),
+                        help='per base, more arms "solver:steps[:at:margin]", as JSON: '
+                             '{"toy": ["dpm:12", "dpm:12:0.4:1.0"]}'),
         ap.add_argument("--report-only", action="store_true")))
     t_start = time.time()
     name = "toy_candidates_cost_sweep" if args.sweep else "toy_candidates_cost"

@@ -160,7 +160,7 @@ def test_generation_uses_the_models_t5_length_and_flow_scheduler(world):
     pipe = _load(world.sd3_dir)
     assert t5_tokens(pipe) == 16 and t5_tokens(_load(world.flux_dir)) == 16
     assert t5_tokens(_load(world.sd3_no_t5_dir)) == 256  # diffusers' zeros
-    with pytest.raises(CraftError, match="generation.scheduler: default"):
+    with pytest.raises(CraftError, match="scheduler=.ddim. is not a sampler for this flow"):
         apply_scheduler(pipe, "ddim")
     assert apply_scheduler(pipe, "default").scheduler.config.shift == 3.0
 

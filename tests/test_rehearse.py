@@ -182,51 +182,37 @@ def test_training_leaves_nothing_of_its_state_behind(tiny_model_dir, tmp_path, m
         gc.enable()
 
 
-def test_evaluation_frees_each_reward_before_the_next_loads(tmp_path):
-    """One evaluation reward on the device at a time, as the plan prices it: a reward model in
-    a reference cycle (as transformers' and open_clip's are) is gone before the next loads
-    (the real-size rehearsal measured HPSv2.1 and PickScore at once: 7.4 GiB for 3.7)."""
-    import types
-    import weakref
-
-    import numpy as np
+def test_a_models_load_is_host_memory_until_it_is_on_its_device(tmp_path):
+    """The CPU meter counts a reward from when it is loaded, not its checkpoint read and its
+    random build on the host (a GPU run does both in host memory, then moves the model): the
+    real-size rehearsal counted HPSv2.1 twice while it loaded, 7.4 GiB for 3.7."""
     import torch
-    from PIL import Image
 
-    from craft.rewards.base import _REGISTRY, TorchReward, register_reward
-    from craft.run.config import load_config
-    from craft.run.distributed import Dist
-    from craft.stages.evaluation import _score_images
+    from craft.rewards.base import _REGISTRY, TorchReward, load_reward, register_reward
+    from craft.run.watch import watching
+    from craft.stages.rehearsal import CpuMeter
 
-    alive: dict = {}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": torch.nn.Linear(256, 256).state_dict()}, path)
 
-    class Cyclic(TorchReward):
-        def __init__(self, name):
+    class FromCheckpoint(TorchReward):
+        name = "from_checkpoint_reward"
+
+        def __init__(self):
             super().__init__()
-            self.name = name
-            self.model = torch.nn.Linear(4, 1)
-            self.model.__dict__["owner"] = self  # a cycle, as hooks bound to a module make
+            self.model = torch.nn.Linear(256, 256)  # a random build, then the weights read
+            self.model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
 
-        def _score_batch(self, images, prompts):
-            return np.zeros(len(images))
-
-    def factory(name):
-        def make(**kw):
-            alive[name] = [n for n, ref in alive.get("refs", {}).items() if ref() is not None]
-            reward = Cyclic(name)
-            alive.setdefault("refs", {})[name] = weakref.ref(reward.model)
-            return reward
-        return make
-
-    names = ["cyclic_reward_a", "cyclic_reward_b"]
-    for n in names:
-        register_reward(n)(factory(n))
+    register_reward("from_checkpoint_reward")(lambda **kw: FromCheckpoint())
+    meter = CpuMeter({})
     try:
-        Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
-        cfg = load_config(None, [f"rewards.eval_names={names}", "rewards.device=cpu"])
-        run = types.SimpleNamespace(dist=Dist.local())
-        _score_images(run, cfg, [("a prompt", 0)], {"base": [tmp_path / "0.png"]})
+        with meter, watching(meter):
+            meter.stage("load")
+            reward = load_reward("from_checkpoint_reward")
+            after = meter.total
+        records = meter.finish()
     finally:
-        for n in names:
-            _REGISTRY.pop(n, None)
-    assert alive["cyclic_reward_b"] == []  # a was gone when b loaded
+        _REGISTRY.pop("from_checkpoint_reward", None)
+    weights = sum(t.numel() * t.element_size() for t in reward.model.parameters())
+    assert after == pytest.approx(weights, rel=0.01)
+    assert records["load"].peak == pytest.approx(weights, rel=0.01)

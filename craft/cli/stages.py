@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def _open(args):
     """The run (this process's view of it) and the config for this command."""
     from craft.run.handle import run_config
-    from craft.stages.engine import load_prompt_sources, open_run
+    from craft.stages.engine import load_prompt_sources, open_run, require
 
     overrides = list(args.overrides)
     if getattr(args, "per_prompt_cap", None) is not None:
@@ -42,6 +42,10 @@ def _open(args):
             # a prompt source this command refuses (empty, binary, no prompt column...) leaves
             # the run's config byte for byte as it was: the sources load before it is saved
             try:
+                if args.command == "run":  # the whole loop's preflight first (model, weights)
+                    require(cfg, model=True, rewards=[*cfg.rewards.names,
+                                                      *cfg.rewards.eval_names],
+                            train=True, processes=run.dist.world)
                 run.dist.on_main(lambda: load_prompt_sources(cfg) and None)
             except BaseException:
                 run.close()

@@ -436,15 +436,15 @@ def load_pipeline(pretrained: str | Path, *, family: str = "auto", dtype: str = 
     fam = detect_family(location, family)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    with LOAD_LOCK:
+    from craft.run.watch import host, loaded
+
+    with LOAD_LOCK, host():  # read into host memory, then moved to its device (below)
         pipe = _load(location, fam, str(pretrained), torch_dtype, revision, variant,
                      single_file_config)
     apply_memory_options(pipe, attention, vae_tiling, vae_slicing)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     log.info("loaded %s pipeline from %s on %s (%s)", fam, location, dev, torch_dtype)
-    from craft.run.watch import loaded
-
     return loaded(pipe)  # (a memory meter watching the run counts it from here)
 
 

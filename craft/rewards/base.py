@@ -382,14 +382,15 @@ def load_reward(name: str, *, device: str = "cpu", dtype=None, batch_size: int =
         raise RewardError(f"load_reward({name!r}): batch_size must be a positive integer, got "
                           f"{batch_size!r}; use e.g. 32")
     from craft.run.devices import LOAD_LOCK
+    from craft.run.watch import host, loaded
 
-    with LOAD_LOCK:  # one model build at a time in a process (craft.run.devices)
+    # one model build at a time in a process (craft.run.devices); the build and the checkpoint
+    # read are host memory until the model is on its device (what a memory meter is told)
+    with LOAD_LOCK, host():
         reward = spec.factory(device=str(resolve_device(device, key="rewards.device")),
                               dtype=dtype, batch_size=batch_size,
                               path=None if path is None else str(path), **kw)
     logger.info("loaded reward %s: %r", name, reward)
-    from craft.run.watch import loaded
-
     return loaded(reward)  # (a memory meter watching the run counts it from here)
 
 

@@ -85,10 +85,9 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: torch.device |
 
 
 def free_memory() -> None:
-    """Free what was just let go of, now: models sit in reference cycles (hooks bound to the
-    module that holds them), so ``del model`` alone left a reward or a training state alive until
-    the cyclic collector happened to run, on the device beside the next one (craft rehearse
-    measured two evaluation rewards at once, where the plan and the code say one at a time)."""
+    """Free now what was just let go of but sits in a reference cycle (a training state:
+    accelerate's forward wrapper refers back to the module), which ``del`` alone leaves on the
+    device until the cyclic collector happens to run."""
     import gc
 
     gc.collect()

@@ -392,7 +392,6 @@ def _make_images(run, cfg, models: Mapping[str, str], plan, paths: dict[str, lis
     """Each model's missing images (``todo``), model after model, the processes sharing them in
     rounds; returns the pipelines passed in that were moved off the GPU after their images, as
     (pipeline, device) to move back."""
-    from craft.run.devices import free_memory
     from craft.run.fsutil import save_image_atomic
     from craft.stages.generation import apply_scheduler, generate_images
 
@@ -428,8 +427,7 @@ def _make_images(run, cfg, models: Mapping[str, str], plan, paths: dict[str, lis
             raise StageStopped("evaluation stopped on request; the images made so far are "
                                "kept and running it again continues from them")
         _off_gpu(pipe, given=(pipes or {}).get(label) is pipe, moved=moved)
-        del pipe, work
-        free_memory()  # a pipeline this loop loaded is gone before the next one loads
+        del pipe
     return moved
 
 
@@ -437,7 +435,6 @@ def _score_images(run, cfg, plan, paths: dict[str, list[Path]]) -> tuple[list, l
     """This process's share of the images scored by every evaluation reward, one reward model
     on the device at a time: (its (label, index) rows, the reward names, name -> values)."""
     from craft.rewards.configured import build_reward
-    from craft.run.devices import free_memory
 
     dist = run.dist
     rows = [(label, i) for label in paths for i in range(len(plan))]
@@ -450,8 +447,7 @@ def _score_images(run, cfg, plan, paths: dict[str, list[Path]]) -> tuple[list, l
     for r in rewards:
         fn = build_reward(cfg, r, device=rdevice)
         values[r] = [float(v) for v in fn(images, prompts)] if images else []
-        del fn  # one reward model on the device at a time: gone before the next one loads
-        free_memory()
+        del fn  # one reward model on the device at a time
     return mine, rewards, values
 
 

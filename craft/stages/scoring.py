@@ -76,8 +76,4 @@ def score_candidates(run, cfg, names: Sequence[str] | None = None, force: bool =
     dist.in_rounds(todo, bs, work, commit, should_stop)
     if todo:
         log.info("scored %d candidates with %s", len(todo), ", ".join(needed))
-    from craft.run.devices import free_memory
-
-    rewards.clear()
-    free_memory()  # the reward models leave the device now, before training needs it
     return dist.broadcast(written)
