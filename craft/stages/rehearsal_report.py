@@ -20,6 +20,8 @@ def _size(b: float | None) -> str:
 def _secs(s: float | None) -> str:
     if s is None:
         return "-"
+    if s < 1:
+        return f"{s:.2g} s"
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
