@@ -323,6 +323,69 @@ def test_craft_generate_and_the_generate_tab_state_the_evaluations(tmp_path, tin
         assert scored.notna().sum() == len(store.candidates_df())
 
 
+def test_curate_shows_the_stopped_candidates_and_finishes_those_looser_settings_could_keep(
+        tmp_path, tiny_model_dir, capsys):
+    """Nothing vanishes: Curate's header counts the stopped candidates and how many the
+    page's settings could keep, the why of an image names its prompt's stopped ones ("stopped
+    at step s of n, predicted composite c"), the "Stopped early" table lists every one, and
+    its button finishes those the (loosened) settings could keep, as a generate job."""
+    from craft.cli.main import main
+    from studio.app import build_app
+    from studio.jobs import JOBS
+    from studio.session import bound
+
+    run = tmp_path / "run"
+    sets = [x for o in tiny_overrides(tiny_model_dir, **EARLY) for x in ("--set", o)]
+    assert main(["prompts", "--run-dir", str(run), *sets]) == 0
+    assert main(["generate", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    app = build_app(run)
+    ctx, curate = app.ctx, app.tabs["Curate"]
+    with RunStore(run) as store:
+        stopped = store.stopped_df()
+    n, step, steps = len(stopped), int(stopped["step"].iloc[0]), 4
+    assert n > 0, "nothing was stopped: not a test"
+    with bound(ctx):  # the user loosens the filter: level none, K above the pool
+        from studio.settings_sync import apply, snapshot
+
+        out = apply(ctx, app.settings, {"filter.level": "none (keep every scorable)",
+                                        "filter.top_k": 1000}, snapshot(app.settings, ctx.cfg))
+        assert not out.parts(app.settings), out.parts(app.settings)
+    assert ctx.cfg.filter.level == "none" and ctx.cfg.filter.top_k == 1000
+    everything = app.settings.values_from(ctx.cfg)
+    values = [everything[app.settings.index(k)] for k in curate.control_keys]
+    with bound(ctx):
+        kept, _, levels, _, _ = curate.counts(None, *values)
+        assert "kept-number" in kept, kept
+        assert f"{n} candidate{'s' if n > 1 else ''} stopped early" in levels
+        assert f"at step {step} of {steps}" in levels
+        # level none and K above the pool: every stopped candidate could be kept
+        assert f"**{n}** of them could be kept under these settings" in levels
+        c = curate.run(values)
+        pid = int(stopped["prompt_id"].iloc[0])
+        cid = int(c.frame.loc[c.frame["prompt_id"] == pid, "candidate_id"].iloc[0])
+        why = curate.explain(c, cid)
+        mine = stopped[stopped["prompt_id"] == pid]
+        assert f"Stopped early in this prompt's group ({len(mine)})" in why
+        r = next(mine.itertuples())
+        assert (f"variant {int(r.variant_idx)}, seed {int(r.seed)}: stopped at step {step} of "
+                f"{steps}, predicted composite {r.composite:+.3f}") in why
+        table = curate.refresh("kept", 1, None, {}, [], [], "kept / not kept", {},
+                               *values)[-1]
+        assert len(table) == n and set(table["could be kept now"]) == {"yes"}
+        message, _ = curate.finish_stopped(*values)
+        assert f"finishing {n} stopped candidate" in message
+        snap = JOBS.wait(JOBS.latest("generate", str(run)).id, timeout=600)
+    assert snap.status == "done", snap
+    with RunStore(run) as store:
+        assert store.stopped_df().empty
+    with bound(ctx):
+        _, _, levels, _, _ = curate.counts(None, *values)
+        assert "stopped early" not in levels
+        message, _ = curate.finish_stopped(*values)
+        assert "Nothing to finish: no candidate was stopped early" in message
+
+
 # ------------------------------------------------------------------------ two processes, kill -9
 
 

@@ -14,6 +14,7 @@ import gradio as gr
 
 from craft import CraftError
 import numpy as np
+import pandas as pd
 
 from craft.run.config import field_choices, field_help
 from studio.context import RunContext
@@ -25,6 +26,7 @@ from studio.grid import ThumbGrid, event_delta, event_id, item_value
 from studio.pool_map import KEPT, PoolMap, in_box, map_value
 from studio.plots import composite_histogram, empty_figure
 from studio.settings import Settings, UiState, none_as_zero, optional_int
+from studio.tabs.curate_stopped import group_note, stopped_frame, stopped_line, stopped_table
 from studio.ui import JobPanel, Tab, error_md, ok_md, short_name, start_job
 
 LEVEL_LABELS = {"I_h (beat the reference on h)": "h", "I_ha (h and a)": "ha",
@@ -47,6 +49,7 @@ ACTIONS = {"keep": "include", "exclude": "exclude", "auto": None}
 class CurateTab(Tab):
     def __init__(self, ctx: RunContext, settings: Settings, ui: UiState):
         self.cache = CurationCache()
+        self._stopped_cache = None  # (key, stopped_frame): see stopped()
         cfg = ctx.cfg
         f = cfg.filter
         self.rewards = list(cfg.rewards.names)
@@ -148,6 +151,20 @@ class CurateTab(Tab):
                 self.message = gr.Markdown(elem_id="curate-message")
                 self.download = gr.File(label="Exported archive", visible=False,
                                         elem_id="curate-download")
+                with gr.Accordion("Stopped early: candidates early rejection did not finish",
+                                  open=False, elem_id="curate-stopped-section"):
+                    gr.Markdown("Early rejection (`generation.early_reject`) stops a variant's "
+                                "candidate whose predicted final image could not enter the "
+                                "kept set. It has no image; its seed reproduces it exactly. "
+                                "When looser settings could keep some, finish them: they are "
+                                "generated to the last step and stored as ordinary candidates "
+                                "(score them next).")
+                    self.finish_btn = gr.Button(
+                        "Finish the stopped candidates these settings could keep",
+                        elem_id="curate-finish-stopped")
+                    self.finish_message = gr.Markdown(elem_id="curate-finish-message")
+                    self.stopped_table = gr.Dataframe(interactive=False,
+                                                      elem_id="curate-stopped-table")
                 with gr.Accordion("Map of the pool: image embeddings in 2-D", open=False,
                                   elem_id="curate-map-section"):
                     gr.Markdown("Each point is a candidate (embedding: `embed.encoder`, "
@@ -278,7 +295,27 @@ class CurateTab(Tab):
         now = sorted(int(i) for i in c.kept_ids)
         changed = moved(last_kept, now)
         return (kept_line(c, a.mode, a.tau, changed if last_kept is not None else None),
-                coverage_line(c), levels_line(c), now, changed)
+                coverage_line(c), self.levels_text(c), now, changed)
+
+    def stopped(self, c: Curation):
+        """The stopped candidates with ``could_keep`` under ``c``'s settings (cached: every
+        move asks)."""
+        ctx = self.ctx
+        key = (ctx.data_version(), ctx.store.counts().get("stopped", 0), c.settings,
+               ctx.cfg.generation.early_reject_margin)
+        hit = self._stopped_cache
+        if hit is None or hit[0] != key:
+            hit = self._stopped_cache = (key, stopped_frame(ctx.store, ctx.cfg, c.settings))
+        return hit[1]
+
+    def levels_text(self, c: Curation) -> str:
+        line = stopped_line(self.stopped(c), self.ctx.cfg)
+        return levels_line(c) + (f"\n\n{line}" if line else "")
+
+    def explain(self, c: Curation, candidate_id: int) -> str:
+        """Why an image is or is not kept, and the stopped candidates of its prompt."""
+        return explain(c, candidate_id, self.rewards) + group_note(
+            c, self.stopped(c), candidate_id, self.ctx.cfg)
 
     def histogram(self, *values):
         try:
@@ -318,7 +355,7 @@ class CurateTab(Tab):
         value = item_value(items, selected, empty=f"Nothing in “{view}” with these settings.")
         showing = gr.skip() if total is None else showing_line(len(ids), page, pages, total,
                                                                view)
-        why = explain(c, selected, self.rewards) if selected is not None else \
+        why = self.explain(c, selected) if selected is not None else \
             "Nothing selected."
         return value, showing, ids, page, why, selected
 
@@ -364,6 +401,7 @@ class CurateTab(Tab):
         self._wire_views(app)
         self._wire_overrides(app)
         self._wire_export(app)
+        self._wire_finish(app)
         self._wire_map(app, self.view_in, self.view_out)
 
     def _wire_moves(self, app) -> None:
@@ -421,7 +459,7 @@ class CurateTab(Tab):
 
         def on_pick(evt: gr.EventData, *values):
             cid = event_id(evt)
-            return explain(self.run(values), cid, self.rewards), cid
+            return self.explain(self.run(values), cid), cid
 
         app.on(self.grid.grid_pick, on_pick, self.controls, [self.why, self.selected],
                message=self.why, **quiet)
@@ -514,6 +552,34 @@ class CurateTab(Tab):
 
         app.on(self.export.click, on_export, self.controls, [self.message, self.download],
                message=self.message)
+
+    def finish_stopped(self, *values):
+        """Finish the stopped candidates the saved settings could keep: a generate job (the
+        device queue's), the very call of `craft generate --finish-stopped`. The page's
+        settings are the saved ones (every move is saved before its counts show)."""
+        from craft.stages.calls import StageCall
+        from studio.launcher import stage_job
+        from studio.ui import started_message
+
+        ctx = self.ctx
+        df = self.stopped(self.run(values))
+        could = int(df["could_keep"].sum()) if len(df) else 0
+        table = stopped_table(df, ctx.cfg)
+        if not could:
+            why = ("no candidate was stopped early in this run" if df.empty else
+                   f"none of the {len(df)} stopped candidates could be kept under these "
+                   "settings (loosen the level, the margin or K first)")
+            return error_md(f"Nothing to finish: {why}."), table
+        snap = start_job("generate", f"Finish {could} stopped candidates · {ctx.run_dir}",
+                         stage_job(StageCall("generate", finish_stopped="keepable"),
+                                   ctx.run_dir, ctx.settings_now(), 1))
+        return (started_message(snap, f"finishing {could} stopped candidate"
+                                f"{'s' if could != 1 else ''} (see the Generate tab; then "
+                                "press Score on the Score tab)"), table)
+
+    def _wire_finish(self, app) -> None:
+        app.on(self.finish_btn.click, self.finish_stopped, self.controls,
+               [self.finish_message, self.stopped_table], message=self.finish_message)
 
     def _wire_map(self, app, view_in, view_out) -> None:
         self._wire_map_job(app)
@@ -615,7 +681,7 @@ class CurateTab(Tab):
     def refresh_outputs(self) -> list:
         return [self.kept, self.coverage, self.levels, self.hist, self.grid, self.showing,
                 self.ids, self.page, self.why, self.selected, self.last_kept, self.pool_map,
-                self.dups, *self.map_panel.outputs, self.shown_changes]
+                self.dups, *self.map_panel.outputs, self.shown_changes, self.stopped_table]
 
     def refresh(self, view, page, selected, changed, map_ids, similar_ids, color_by, seen,
                 *values) -> list:
@@ -626,10 +692,12 @@ class CurateTab(Tab):
         panel = self.map_panel.render()
         if "kept-number" not in str(kept):
             return [kept, "", "", fig, item_value([], empty="No candidates to show yet."), "",
-                    [], 1, gr.skip(), None, None, gr.skip(), gr.skip(), *panel, changes]
+                    [], 1, gr.skip(), None, None, gr.skip(), gr.skip(), *panel, changes,
+                    stopped_table(pd.DataFrame(), self.ctx.cfg)]
         grid = self.page_view(view, page, selected, changed, map_ids, similar_ids, *values)
+        table = stopped_table(self.stopped(self.run(values)), self.ctx.cfg)
         return [kept, coverage, levels, fig, *grid, now,
-                *self.map_view(color_by, map_ids, *values), *panel, changes]
+                *self.map_view(color_by, map_ids, *values), *panel, changes, table]
 
     def page_values(self, seen, values) -> list:
         """The control values to show the counts of: the controls', or, before this page has
@@ -677,7 +745,7 @@ class CurateTab(Tab):
                 return [now, *[gr.skip()] * 7, *line]
             a = self.ctx.cfg.advantage
             return [now, kept_line(c, a.mode, a.tau, changed or None), coverage_line(c),
-                    levels_line(c), sorted(int(i) for i in c.kept_ids), grid, why, selected,
+                    self.levels_text(c), sorted(int(i) for i in c.kept_ids), grid, why, selected,
                     *line]
 
         app.on(app.changes_timer.tick, on_poll, inputs, outputs, queue=False,
