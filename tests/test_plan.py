@@ -91,6 +91,24 @@ def test_the_baselines_are_planned_as_they_run():
     assert any("no candidate pool" in n for n in grpo.notes)
 
 
+def test_grpos_checkpoint_stage_holds_the_rewards_it_keeps_on_the_device():
+    """GRPO keeps its rewards and the VAE on the device all run, through the checkpoint and the
+    previews too: the plan's checkpoint stage had left them out (`craft rehearse configs/sd15.yaml
+    --method grpo --set train.lora=true` measured 10.9 GiB where the plan said 2.7)."""
+    from craft.planning import make_plan
+
+    toy = PROJECT_ROOT / "configs" / "toy.yaml"
+    sets = ["train.steps=4", "model.device=cpu", "train.method=grpo",
+            "rewards.names=[toy_fidelity,toy_selection,toy_aesthetic,aes]"]
+    grpo = make_plan(load_config(toy, sets), suggest=False)
+    step, ckpt = grpo.stage("training: one step"), grpo.stage("checkpoint + previews")
+    craft = make_plan(load_config(toy, [*sets, "train.method=craft"]), suggest=False)
+    aes = step.parts["weights"] - craft.stage("training: one step").parts.get("weights", 0)
+    assert aes > 1.0  # the AES reward's CLIP ViT-L/14 (and the toy VAE) resident in GRPO
+    held = ckpt.parts["weights"] - craft.stage("checkpoint + previews").parts["weights"]
+    assert held == pytest.approx(aes, rel=0.01)  # the VAE is counted once (previews bring it)
+
+
 # ------------------------------------------------------------------------ the real sizes
 
 

@@ -212,7 +212,8 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
                          timed(step.flops, samples), step_notes))
     if online:
         stages.append(_grpo_sampling(cfg, spec, step, gpu, gpus, sharding, timed, resident))
-    stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding))
+    stages.append(_checkpoint(cfg, spec, step, gpu, gpus, sharding,
+                              resident if online else 0.0))
     stages.append(_evaluation(cfg, spec, gpu, n_eval, timed))
     method = f"LoRA rank {t.lora_rank}" if t.lora else "full fine-tuning"
     plan = RunPlan(cfg.model.pretrained, spec.family, spec.source,
@@ -318,9 +319,12 @@ def _grouped(notes: list[str]) -> list[str]:
     return plain + [f"{', '.join(names)}: {what}" for what, names in by_what.items()]
 
 
-def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) -> StagePlan:
+def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str,
+                resident: float = 0.0) -> StagePlan:
     """After a step: the resident training state, one weight cast for saving, and the encoders
-    back on the device for the fixed-seed previews."""
+    back on the device for the fixed-seed previews; for GRPO also what it keeps on the device
+    all run (``resident`` GiB: the rewards and the VAE; found by `craft rehearse`, which
+    measured SD1.5 LoRA GRPO's checkpoint at 10.9 GiB where the plan had said 2.7)."""
     t = cfg.train
     after = _gib(step.extra["after_step"])
     after.pop("activations", None)
@@ -343,6 +347,11 @@ def _checkpoint(cfg, spec: ModelSpec, step: Sim, gpu, gpus: int, sharding: str) 
         act = max(save, prev.parts.get("activations", 0) / GIB)
         notes.append(f"previews of {len(t.preview_prompts)} prompts: text encoders and VAE "
                      "back on the device")
+        resident = max(resident - _vae_bytes(spec) / GIB, 0.0) if resident else 0.0
+    if resident:
+        parts["weights"] = parts.get("weights", 0) + resident
+        notes.append(f"GRPO: the rewards and the VAE stay on the device ({resident:.1f} GiB "
+                     "beyond the previews' own, in weights)")
     parts["activations"] = act
     return _stage("checkpoint + previews", parts, gpu, notes=notes)
 
