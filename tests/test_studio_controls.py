@@ -300,3 +300,33 @@ def test_a_ui_state_number_outside_its_bounds_is_refused_too(app, ctx):
         assert ctx.ui_state().get("train.processes", box.value) == saved
         assert persist(2, _snapshot(app), "") == [gr.skip()] * 4
         assert ctx.ui_state()["train.processes"] == 2
+
+
+def test_a_recipe_sets_the_training_settings_of_its_config_and_nothing_else(app, ctx):
+    """Train's "Apply recipe": the shipped config's train / grpo / dpo fields that differ are
+    saved (the controls show them, the method's own box opens), the prompts, pool and filter
+    stay; CRAFT's own config takes them back."""
+    from craft.run.config import load_config
+    from craft.run.recipes import recipes_for
+    from studio.session import bound
+
+    train = app.tabs["Train"]
+    labels = list(recipes_for(ctx.cfg))
+    assert {"grpo: configs/toy-grpo.yaml", "dpo: configs/toy-dpo.yaml",
+            "craft: configs/toy.yaml"} <= set(labels)
+    before = ctx.cfg
+    with bound(ctx):
+        out = train.apply_recipe("grpo: configs/toy-grpo.yaml", _snapshot(app), "")
+    want = load_config("configs/toy-grpo.yaml")
+    assert "applied: train.method grpo" in out[0]
+    assert ctx.cfg.train == want.train and ctx.cfg.grpo == want.grpo
+    assert ctx.cfg.filter == before.filter and ctx.cfg.prompts == before.prompts
+    assert ctx.cfg.generation == before.generation
+    shown = dict(zip(train._recipe_keys, out[5:5 + len(train._recipe_keys)]))
+    assert shown["train.method"] == "grpo" and shown["grpo.prompts_per_step"] == 8
+    assert b"method: grpo" in _config_bytes(ctx)  # saved in the run
+    with bound(ctx):
+        train.apply_recipe("craft: configs/toy.yaml", _snapshot(app), "")
+        assert ctx.cfg.train.method == "craft" and ctx.cfg.train.steps == before.train.steps
+        with pytest.raises(ValueError, match="choose a recipe first"):
+            train.apply_recipe(None, _snapshot(app), "")

@@ -238,7 +238,11 @@ class DiffusionDPO(Method):
         return (f"**Start will train on {len(pairs)} pairs** of {len(selection.rows)} images "
                 f"from {pairs['prompt_id'].nunique()} prompts ({cfg.dpo.pairs}, composite gap "
                 f"> {cfg.dpo.margin:g}, β {cfg.dpo.beta:g}); {t.steps} steps × "
-                f"{t.effective_batch} pairs")
+                f"{t.effective_batch} pairs" + (
+                    ". Early rejection (generation.early_reject) stops the groups' worst "
+                    "candidates, so the losers are the worst *finished* ones: for DPO's own "
+                    "pool generate with it off (configs/toy-dpo.yaml)"
+                    if cfg.generation.early_reject else ""))
 
     def card_lines(self, config: dict, record: dict, extra: dict) -> list[str]:
         d = config.get("dpo", {})

@@ -19,8 +19,8 @@ from craft.run.layout import preview_dirs, train_dir
 from craft.stages.engine import check_run_name, round_name, round_number
 from craft.stages.calls import StageCall
 from studio.launcher import stage_job
-from studio.ui import (JobPanel, Tab, cancel_message, finished_message, job_buttons, ok_md,
-                       processes_control, start_job, started_message)
+from studio.ui import (JobPanel, Tab, cancel_message, error_md, finished_message, job_buttons,
+                       ok_md, processes_control, start_job, started_message)
 
 
 RESUME_HINT = ("“Resume” (below) continues it from its last checkpoint; “Start training” "
@@ -265,6 +265,16 @@ class TrainTab(Tab):
         self.method = settings.bind("train.method", gr.Radio(
             list(field_choices("train", "method")), value=t.method, label="method",
             info=field_help("train", "method"), elem_id="train-method"))
+        with gr.Row(equal_height=True):
+            from craft.run.recipes import recipes_for
+
+            self.recipe = gr.Dropdown(
+                list(recipes_for(ctx.cfg)), value=None, elem_id="train-recipe", scale=3,
+                label="recipe: a method as its authors run it (a shipped config)",
+                info="Apply sets the training settings below (train, grpo, dpo) to the "
+                     "config's, saved like any setting; the prompts, pool and filter stay.")
+            self.recipe_btn = gr.Button("Apply recipe", elem_id="train-recipe-apply", scale=1)
+        self.recipe_message = gr.Markdown(elem_id="train-recipe-message")
         self._method_settings(ctx, settings)
         with gr.Row():
             self.steps = settings.bind("train.steps", gr.Number(
@@ -415,6 +425,7 @@ class TrainTab(Tab):
     def wire(self, app) -> None:
         buttons = [self.start, self.cancel]
         self._wire_settings(app)
+        self._wire_recipe(app)
         self._wire_jobs(app, buttons)
         self._wire_progress(app, buttons)
         self._wire_estimate(app)
@@ -442,6 +453,52 @@ class TrainTab(Tab):
             app.on(field.input, on_estimate, fields, self.estimate, **quiet)
         app.on(app.tabset.select, on_estimate, fields, self.estimate, **quiet)
         app.on(self.panel.timer.tick, on_estimate, fields, self.estimate, **quiet)
+
+    def apply_recipe(self, label, seen, notice):
+        """Set the chosen recipe's training settings (craft.run.recipes): the fields with a
+        control on this page as if typed there (studio.settings_sync.apply: not over another
+        window's change), the others directly; the page's controls then show the run's."""
+        from craft.run.config import config_from_dict, config_to_dict
+        from craft.run.recipes import recipe_changes, recipes_for
+        from studio.settings_sync import apply, notice_after, settings_text, value_of
+
+        ctx, settings = self.ctx, self.settings
+        recipes = recipes_for(ctx.cfg)
+        if label not in recipes:
+            raise ValueError(f"choose a recipe first (this run's model {ctx.cfg.model.pretrained!r}"
+                             f" has: {', '.join(recipes) or 'none shipped'})")
+        changes = recipe_changes(recipes[label], ctx.cfg)
+        bound = {b.key: b for b in settings.bindings}
+        out = apply(ctx, settings, {k: bound[k].to_ui(v) for k, v in changes.items()
+                                    if k in bound}, seen or {})
+        rest = {k: v for k, v in changes.items() if k not in bound}
+        if rest and not out.refused:
+            with ctx._lock:
+                data = config_to_dict(ctx.cfg)
+                for key, value in rest.items():
+                    section, name = key.split(".")
+                    data[section][name] = value
+                ctx.set_config(config_from_dict(data, f"recipe {recipes[label]}"))
+                ctx.schedule_save()
+        notice = notice_after(out, settings, notice or "")
+        text = settings_text(ctx, settings, out.seen, notice)
+        shown = [bound[k].to_ui(value_of(ctx.cfg, k)) for k in self._recipe_keys]
+        what = ", ".join(f"{k} {v}" for k, v in changes.items()) or "nothing (already set)"
+        message = (error_md("the recipe was not applied in full: see the settings line at the "
+                            "top") if out.refused else ok_md(f"{label} applied: {what}"))
+        return [message, out.seen, notice, text, gr.update(visible=bool(text)), *shown,
+                *method_boxes(ctx.cfg.train.method), will_train(ctx)]
+
+    def _wire_recipe(self, app) -> None:
+        from craft.run.recipes import RECIPE_SECTIONS
+
+        self._recipe_keys = [b.key for b in self.settings.bindings
+                             if b.key.split(".")[0] in RECIPE_SECTIONS]
+        controls = [self.settings.component(k) for k in self._recipe_keys]
+        app.on(self.recipe_btn.click, self.apply_recipe, [self.recipe, app.seen, app.notice],
+               [self.recipe_message, app.seen, app.notice, app.stale, app.reload_settings,
+                *controls, self.dpo_box, self.grpo_box, self.will_train],
+               message=self.recipe_message)
 
     def _wire_settings(self, app) -> None:
         """The method's own settings, what Start would train on, and the suggested name."""
