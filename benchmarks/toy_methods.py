@@ -174,7 +174,16 @@ def report(results: dict, args, t_start: float) -> list[str]:
              "evaluated in one evaluation (held-out prompts x 4 seeds, the same starting noise for "
              "every model), so each Δ is a paired difference from the base. Cells: the mean over "
              "seeds and, in brackets, the half-width of a 95 % t interval over the seeds "
-             "(3 seeds: t = 4.30, so intervals are wide by construction).", ""]
+             "(3 seeds: t = 4.30, so intervals are wide by construction).", "",
+             "**Not yet the fair comparison.** These GRPO numbers were recorded with the settings "
+             "above, which the references do not use: no EMA (the others had 0.99), clip 0.2 "
+             "(inert: no ratio reaches it after one update), half the steps trained including "
+             "the last low-noise ones, each round reused whole, 32 images an update, lr never "
+             "swept. The references' settings are now GRPO's defaults and "
+             "configs/toy-grpo.yaml / toy-flow-grpo.yaml (benchmarks/toy_grpo_recipe.md: the "
+             "sampled composite rises 0.735 -> 0.808 over 30 rounds); the sweep "
+             "(benchmarks/toy_sweep.py) and this benchmark have not been re-run with them. "
+             "DPO's learning rate (1e-4, no warm-up) was not swept either.", ""]
     for base_name, res in results.items():
         seeds = list(res["seeds"])
         if not seeds:
