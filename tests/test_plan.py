@@ -109,6 +109,26 @@ def test_grpos_checkpoint_stage_holds_the_rewards_it_keeps_on_the_device():
     assert held == pytest.approx(aes, rel=0.01)  # the VAE is counted once (previews bring it)
 
 
+def test_under_early_rejection_the_filters_rewards_are_planned_in_generation_not_scoring():
+    """Generation scores every finished candidate with the filter's rewards under early
+    rejection (the score stage skips them): the plan's scoring stage had held them all the same
+    (`craft rehearse configs/sd15.yaml --method dpo --set train.lora=true` measured nothing
+    there where the plan said 8.5 GiB)."""
+    from craft.planning import make_plan
+
+    toy = PROJECT_ROOT / "configs" / "toy.yaml"
+    sets = ["model.device=cpu", "rewards.names=[toy_fidelity,toy_selection,toy_aesthetic,aes]",
+            "filter.weights={toy_fidelity: 0.4, toy_selection: 0.4, toy_aesthetic: 0.1, "
+            "aes: 0.1}"]
+    plain = make_plan(load_config(toy, [*sets, "generation.early_reject=false"]), suggest=False)
+    early = make_plan(load_config(toy, [*sets, "generation.early_reject=true"]), suggest=False)
+    assert plain.stage("scoring").parts["weights"] > 1.0  # AES's CLIP ViT-L/14
+    assert not early.stage("scoring").parts  # nothing left to load
+    assert early.stage("generation").parts["weights"] > plain.stage("generation").parts[
+        "weights"] + 1.0  # the filter's rewards sit beside the sampler
+    assert any("scored in generation" in n for n in early.stage("scoring").notes)
+
+
 # ------------------------------------------------------------------------ the real sizes
 
 

@@ -185,7 +185,7 @@ def make_plan(cfg, *, gpus: int = 1, gpu: Gpu | None = None,
         stages.append(_stage("generation", _gib({**gen.parts, **extra}), gpu, n_images, "image",
                              flops, timed(flops, n_images), [*gen.notes, *gen_notes]))
         stages.append(_scoring(cfg, gpu, None if n_images is None else round(
-            n_images * finished), timed))
+            n_images * finished), timed, scored_in_generation(cfg)))
     setup = TrainSetup.from_config(cfg, gpus, pool=n_images, family=spec.family)
     train = simulate_training(spec, setup)
     if method.data_stage:
@@ -259,9 +259,11 @@ def early_rejection(cfg, gen: Sim) -> tuple[float, dict, float, list[str]]:
     weights = sum(r.extra["weights"] for r in sims)
     acts = max((r.peak - r.extra["weights"] for r in sims), default=0)
     base = e["text_flops"] + e["decode_flops"]
-    flops = (ref * (base + n * e["step_flops"])
+    # every finished candidate is scored with the filter's rewards right away (generation
+    # stores its scores; the score stage skips them): ``score`` once more for each
+    flops = (ref * (base + n * e["step_flops"] + score)
              + (1 - ref) * (base + s * e["step_flops"] + score
-                            + q * ((n - s) * e["step_flops"] + e["decode_flops"])))
+                            + q * ((n - s) * e["step_flops"] + e["decode_flops"] + score)))
     finished = ref + (1 - ref) * q
     evals = ref * n + (1 - ref) * (s + q * (n - s))
     notes = [f"early rejection: the original prompts' images (1 in {1 + cfg.prompts.num_variants}"
@@ -275,9 +277,23 @@ def early_rejection(cfg, gen: Sim) -> tuple[float, dict, float, list[str]]:
                    "activations": max(gen.parts.get("activations", 0), acts)}, finished, notes
 
 
-def _scoring(cfg, gpu, n_images, timed) -> StagePlan:
+def scored_in_generation(cfg) -> tuple[str, ...]:
+    """The rewards generation itself scores every finished candidate with: the filter's, under
+    early rejection (craft/stages/generation.py); the score stage then skips them (found by
+    `craft rehearse configs/sd15.yaml --method dpo --set train.lora=true`: its scoring stage
+    held nothing where the plan had 8.5 GiB)."""
+    if not cfg.generation.early_reject:
+        return ()
+    from craft.stages.filtering import FilterSettings
+
+    return tuple(FilterSettings.from_config(cfg).used_rewards)
+
+
+def _scoring(cfg, gpu, n_images, timed, skip: tuple[str, ...] = ()) -> StagePlan:
     weights, acts, flops, notes = 0.0, 0.0, 0.0, []
-    for name in cfg.rewards.names:
+    if skip:
+        notes.append(f"{', '.join(skip)}: scored in generation (early rejection), not here")
+    for name in (n for n in cfg.rewards.names if n not in skip):
         sim = _reward(name, cfg.rewards.batch_size, notes, cfg)
         if sim is None:
             continue
@@ -286,8 +302,10 @@ def _scoring(cfg, gpu, n_images, timed) -> StagePlan:
         acts = max(acts, sim.peak / GIB - w)
         flops += sim.flops
     parts = {"weights": weights, "activations": acts} if weights else {}
-    notes.insert(0, f"all of {', '.join(cfg.rewards.names)} loaded at once, float32, "
-                    f"{cfg.rewards.batch_size} images a batch")
+    rest = [n for n in cfg.rewards.names if n not in skip]
+    if rest:
+        notes.insert(0, f"all of {', '.join(rest)} loaded at once, float32, "
+                        f"{cfg.rewards.batch_size} images a batch")
     return _stage("scoring", parts, gpu, n_images, "image", flops,
                   timed(flops, n_images) if flops else None, _grouped(notes))
 
