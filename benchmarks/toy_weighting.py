@@ -1,5 +1,5 @@
 """When does advantage weighting pay? CRAFT against plain SFT on the same kept sets, as the set
-grows (top-K 50 up to the whole passing set) and loosens (levels I_hpa, I_h, none), and the
+grows (top-K 50, 150, the whole passing set) and loosens (levels I_hpa, I_h, none), and the
 advantage modes on the loosest large set; 3 seeds, in the toy world.
 
 For each seed (a new complete pool: generation.seed = training seed = s, early rejection off so
@@ -28,9 +28,11 @@ LEVELS = ("hpa", "h", "none")
 
 
 def arms(pool: int) -> list[Arm]:
+    # the top 50 by composite pass every level here (seed 0: the same 50 images at hpa, h and
+    # none), so top-50 is trained once, at hpa; 150 and "all" differ by level
     out = []
     for level in LEVELS:
-        for k in (50, pool):
+        for k in ((50, 150, pool) if level == "hpa" else (150, pool)):
             tag = f"{level}-{'all' if k == pool else k}"
             sets = [f"filter.level={level}", f"filter.top_k={k}"]
             what = f"level {level}, {'every passing candidate' if k == pool else f'top-{k}'}"
