@@ -15,6 +15,7 @@ Writes benchmarks/toy_weighting.json and benchmarks/toy_weighting.md. Resumes fr
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def report(per_seed: dict, timings: dict, args, t_start: float) -> list[str]:
              "| kept set | kept | weights' std (CRAFT) | CRAFT composite Δ | SFT composite Δ | "
              "CRAFT − SFT (paired) | per seed (Δ ± SE) | diversity Δ CRAFT / SFT |",
              "|---|---|---|---|---|---|---|---|"]
-    for key in first["pairs"]:
+    order = [f"craft-{t}" for t in ("hpa-50", "hpa-150", "h-150", "none-150", "hpa-all",
+                                     "h-all", "none-all")] + ["raw-none-all", "softmax-none-all"]
+    for key in sorted(first["pairs"], key=lambda k: order.index(k.split(" − ")[0])):
         a, b = key.split(" − ")
         A = [per_seed[s]["arms"][a] for s in seeds]
         B = [per_seed[s]["arms"][b] for s in seeds]
@@ -102,14 +105,22 @@ def report(per_seed: dict, timings: dict, args, t_start: float) -> list[str]:
         lines.append(f"| {A[0]['note']} | {kept} | {wstd:.2f} | {ca:+.3f} [±{ha:.3f}] | "
                      f"{cb:+.3f} [±{hb:.3f}] | **{d:+.3f} [±{hd:.3f}]** | {each} | "
                      f"{da:+.1f} / {db:+.1f} |")
-    lines += ["", ta.times_line(timings, args.threads, t_start), ""]
+    lines += ["", ta.times_line(timings, args.threads, t_start, " (summed over the seeds this "
+                                "invocation ran; a resumed seed counts only what it redid)"), ""]
     return lines
 
 
 def main() -> None:
-    args = ta.parse_args(__doc__, "/tmp/bench/weighting", lambda ap: ap.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2]))
+    args = ta.parse_args(__doc__, "/tmp/bench/weighting", lambda ap: (
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2]),
+        ap.add_argument("--report-only", action="store_true",
+                        help="re-render toy_weighting.md from toy_weighting.json")))
     t_start = time.time()
+    if args.report_only:
+        data = json.loads((Path(args.out) / "toy_weighting.json").read_text())
+        ta.write_report(args.out, "toy_weighting.md",
+                        report(data["seeds"], data["timings"], args, t_start))
+        return
     per_seed, timings = {}, {}
     for s in args.seeds:
         per_seed[s] = run_seed(args, s, timings)
