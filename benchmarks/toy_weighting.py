@@ -105,8 +105,12 @@ def report(per_seed: dict, timings: dict, args, t_start: float) -> list[str]:
         lines.append(f"| {A[0]['note']} | {kept} | {wstd:.2f} | {ca:+.3f} [±{ha:.3f}] | "
                      f"{cb:+.3f} [±{hb:.3f}] | **{d:+.3f} [±{hd:.3f}]** | {each} | "
                      f"{da:+.1f} / {db:+.1f} |")
-    lines += ["", ta.times_line(timings, args.threads, t_start, " (summed over the seeds this "
-                                "invocation ran; a resumed seed counts only what it redid)"), ""]
+    lines += ["", "At levels hpa and h the top 150 by composite are the same images in "
+              "these pools (the two rows are one training, repeated with the same seeds); "
+              "level none's top 150 differs by a few images.", "",
+              f"Times on {ta.machine()} ({args.threads} thread(s)), seconds summed over the "
+              "seeds (a resumed seed counts only what it redid): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".", ""]
     return lines
 
 
