@@ -146,6 +146,9 @@ def tiny_overrides(model_dir: str, **extra) -> list[str]:
         "prompts.max_prompts": 4, "prompts.max_eval_prompts": 2, "prompts.num_variants": 2,
         "generation.seeds_per_prompt": 2, "generation.num_inference_steps": 3,
         "generation.batch_size": 8,
+        # every planned candidate finished, as the counts of most tests assume (configs/toy.yaml
+        # turns early rejection on; tests/test_early_reject.py turns it back on)
+        "generation.early_reject": "false",
         "rewards.batch_size": 64,
         "filter.level": "h", "filter.top_k": 20,
         "train.steps": 2, "train.effective_batch": 4, "train.micro_batch": 2,
