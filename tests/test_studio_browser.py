@@ -34,7 +34,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 TINY = [
     "prompts.max_prompts=4", "prompts.max_eval_prompts=2", "prompts.num_variants=2",
     "generation.seeds_per_prompt=2", "generation.num_inference_steps=4",
-    "generation.batch_size=24", "filter.top_k=10",
+    "generation.batch_size=24", "generation.early_reject=false", "filter.top_k=10",
     "train.steps=3", "train.effective_batch=4", "train.micro_batch=4",
     "train.checkpoint_every=2", "train.preview_every=2",
     "train.preview_prompts=[a red circle on a blue background, "

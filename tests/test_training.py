@@ -129,6 +129,9 @@ def test_lora_trains_adapters_on_the_pipeline_and_saves_loadable_adapter_files(
     via_adapters = draw(loaded)
     full = StableDiffusionPipeline.from_pretrained(result.final_dir)
     full.set_progress_bar_config(disable=True)
+    # the published model carries the run's sampler (configs/toy.yaml: DPM-Solver++); the
+    # comparison is of the weights, so both draw with the base's
+    full.scheduler = type(loaded.scheduler).from_config(loaded.scheduler.config)
     via_merged = draw(full)
     assert np.abs(via_adapters - via_merged).max() <= 2
     assert np.abs(via_adapters - plain).max() > 2  # the adapters do change the images
