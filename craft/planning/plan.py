@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from craft import CraftError
 from craft.methods.registry import get_method
