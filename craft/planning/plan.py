@@ -305,6 +305,8 @@ def _scoring(cfg, gpu, n_images, timed, skip: tuple[str, ...] = ()) -> StagePlan
     if rest:
         notes.insert(0, f"all of {', '.join(rest)} loaded at once, float32, "
                         f"{cfg.rewards.batch_size} images a batch")
+    if not rest:  # every reward was scored in generation: nothing left for this stage
+        n_images = None
     return _stage("scoring", parts, gpu, n_images, "image", flops,
                   timed(flops, n_images) if flops else None, _grouped(notes))
 
