@@ -240,11 +240,10 @@ EXPECTED_SURVIVAL = 0.5
 def early_rejection(cfg, gen: Sim) -> tuple[float, dict, float, list[str]]:
     """Generation's FLOPs per candidate (the pool's mean) with ``generation.early_reject``,
     the bytes the filter's rewards add on the device, the share of candidates that finish
-    (and are scored by the score stage), and a note; without it, the plain sampler's."""
+    (scored with those rewards right there), and a note; without it, the plain sampler's."""
     g = cfg.generation
     if not g.early_reject or "step_flops" not in gen.extra:
         return gen.flops, {}, 1.0, []
-    from craft.stages.filtering import FilterSettings
     from craft.stages.trajectory import cut_step
 
     e, n = gen.extra, g.num_inference_steps
@@ -252,7 +251,7 @@ def early_rejection(cfg, gen: Sim) -> tuple[float, dict, float, list[str]]:
     ref = 1.0 / (1 + cfg.prompts.num_variants)
     q = EXPECTED_SURVIVAL
     notes: list[str] = []
-    names = FilterSettings.from_config(cfg).used_rewards
+    names = scored_in_generation(cfg)
     sims = [r for r in (_reward(x, cfg.rewards.batch_size, notes, cfg) for x in names) if r]
     score = sum(r.flops for r in sims)
     weights = sum(r.extra["weights"] for r in sims)
@@ -290,9 +289,10 @@ def scored_in_generation(cfg) -> tuple[str, ...]:
 
 def _scoring(cfg, gpu, n_images, timed, skip: tuple[str, ...] = ()) -> StagePlan:
     weights, acts, flops, notes = 0.0, 0.0, 0.0, []
+    rest = [n for n in cfg.rewards.names if n not in skip]
     if skip:
         notes.append(f"{', '.join(skip)}: scored in generation (early rejection), not here")
-    for name in (n for n in cfg.rewards.names if n not in skip):
+    for name in rest:
         sim = _reward(name, cfg.rewards.batch_size, notes, cfg)
         if sim is None:
             continue
@@ -301,11 +301,10 @@ def _scoring(cfg, gpu, n_images, timed, skip: tuple[str, ...] = ()) -> StagePlan
         acts = max(acts, sim.peak / GIB - w)
         flops += sim.flops
     parts = {"weights": weights, "activations": acts} if weights else {}
-    rest = [n for n in cfg.rewards.names if n not in skip]
     if rest:
         notes.insert(0, f"all of {', '.join(rest)} loaded at once, float32, "
                         f"{cfg.rewards.batch_size} images a batch")
-    if not rest:  # every reward was scored in generation: nothing left for this stage
+    else:  # every reward was scored in generation: nothing left for this stage
         n_images = None
     return _stage("scoring", parts, gpu, n_images, "image", flops,
                   timed(flops, n_images) if flops else None, _grouped(notes))

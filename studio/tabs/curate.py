@@ -301,8 +301,8 @@ class CurateTab(Tab):
         """The stopped candidates with ``could_keep`` under ``c``'s settings (cached: every
         move asks)."""
         ctx = self.ctx
-        key = (ctx.data_version(), ctx.store.counts().get("stopped", 0), c.settings,
-               ctx.cfg.generation.early_reject_margin)
+        key = (ctx.data_version(), len(ctx.store.stopped_keys(ctx.cfg.model.pretrained)),
+               c.settings, ctx.cfg.generation.early_reject_margin)
         hit = self._stopped_cache
         if hit is None or hit[0] != key:
             hit = self._stopped_cache = (key, stopped_frame(ctx.store, ctx.cfg, c.settings))

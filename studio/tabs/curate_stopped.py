@@ -20,10 +20,10 @@ TABLE_COLUMNS = ["#", "prompt", "from", "seed", "stopped at step", "predicted co
 
 def stopped_frame(store, cfg, settings) -> pd.DataFrame:
     """The run model's stopped training candidates with ``could_keep`` under ``settings``
-    (empty, with the column, when there are none: the common case costs one count)."""
+    (empty, with the column, when there are none: the common case costs one small query)."""
     from craft.stages.stopped import keepable_stopped
 
-    if not store.counts().get("stopped", 0):
+    if not store.stopped_keys(cfg.model.pretrained):
         return pd.DataFrame({"could_keep": pd.Series(dtype=bool)})
     return keepable_stopped(store, cfg, settings)
 
