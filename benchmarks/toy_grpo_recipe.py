@@ -1,18 +1,20 @@
 """Does the shipped GRPO recipe learn? Its sampled rewards, round by round.
 
 Runs (or reads back) ``craft train --config configs/toy-grpo.yaml --method grpo`` on a fresh
-run and writes benchmarks/toy_grpo_recipe.md: each round's mean sampled rewards (the images GRPO
+run and writes benchmarks/toy_grpo_recipe.md (configs/toy-flow-grpo.yaml:
+toy_flow_grpo_recipe.md): each round's mean sampled rewards (the images GRPO
 sampled from its live weights, scored by the rewards it trains on) and their composite
 (filter.weights over the raw rewards), and whether the last third of the rounds is above the
 first third. The training signal only: the evaluation of tuned models is toy_methods.md's.
 
     .venv/bin/python benchmarks/toy_grpo_recipe.py [--config configs/toy-grpo.yaml]
-        [--run-dir /tmp/bench/grpo-recipe] [--read-only]
+        [--run-dir /tmp/bench/grpo-recipe] [--read-only] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -29,13 +31,17 @@ def main() -> None:
     ap.add_argument("--config", default="configs/toy-grpo.yaml")
     ap.add_argument("--run-dir", default="/tmp/bench/grpo-recipe")
     ap.add_argument("--read-only", action="store_true", help="report an existing run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the run")
     args = ap.parse_args()
     wall = None
     if not args.read_only:
         t0 = time.time()
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         subprocess.run([str(ROOT / ".venv/bin/craft"), "train", "--config", args.config,
                         "--method", "grpo", "--run-dir", args.run_dir, "--name", "grpo"],
-                       check=True)
+                       check=True, env=env)
         wall = time.time() - t0
     from craft.run.config import load_config
     from craft.run.store import RunStore
@@ -51,9 +57,10 @@ def main() -> None:
     k = max(1, len(comp) // 3)
     first, last = float(np.mean(comp[:k])), float(np.mean(comp[-k:]))
     g = cfg.grpo
-    lines = ["# The shipped GRPO recipe's training curve (configs/toy-grpo.yaml)", "",
-             f"Made by `.venv/bin/python benchmarks/toy_grpo_recipe.py` on this machine "
-             f"(2 cores, shared with other jobs while it ran: step times are not clean). "
+    lines = [f"# The shipped GRPO recipe's training curve ({args.config})", "",
+             f"Made by `.venv/bin/python benchmarks/toy_grpo_recipe.py --config {args.config}` "
+             f"on this machine (2 cores, one other benchmark beside it: step times are not "
+             f"clean). "
              f"Recipe: {g.prompts_per_step} prompts x {g.group_size} images a round, "
              f"{g.num_inference_steps} sampler steps ({g.timestep_fraction:g} of them trained, "
              f"{g.step_selection}), {g.updates} updates a round ({g.reuse}), clip "
@@ -69,7 +76,9 @@ def main() -> None:
     for (r, row), c in zip(per_round.iterrows(), comp):
         lines.append(f"| {int(r)} | " + " | ".join(f"{row[f'reward_{n}']:.4f}" for n in names)
                      + f" | {c:.4f} | {row['step_time']:.1f} |")
-    (ROOT / "benchmarks" / "toy_grpo_recipe.md").write_text("\n".join(lines) + "\n")
+    stem = Path(args.config).stem
+    name = "toy_grpo_recipe.md" if stem == "toy-grpo" else stem.replace("-", "_") + "_recipe.md"
+    (ROOT / "benchmarks" / name).write_text("\n".join(lines) + "\n")
     print(f"first third {first:.4f}, last third {last:.4f}")
     if not last > first:
         sys.exit(1)

@@ -2,9 +2,10 @@
 trains toward on its training prompts, never by the evaluation (held-out prompts, held-out
 rewards).
 
-- GRPO: its own training signal, the mean sampled composite of its rounds (the round's mean
-  rewards weighted as filter.weights) over the last third of its rounds; the rise from the
-  first third is shown beside it. Every setting samples the same number of images
+- GRPO: its own training signal, the rise of its sampled composite (each round's mean rewards
+  weighted as filter.weights) from the first third of its rounds to the last third. The rise,
+  not the last third's level: settings with other prompts a round (group size, prompts a
+  round) sample other prompts, whose level differs before any training. Every setting samples the same number of images
   (``--rounds`` x prompts_per_step x group_size: CRAFT's pool by default) and names the
   reference it comes from.
 - CRAFT, SFT and DPO (trained on the pool, they sample nothing while training): the same
@@ -126,8 +127,10 @@ def grpo_signal(metrics, weights: dict) -> dict:
     per_round = metrics.groupby("round").first() if "round" in metrics else metrics
     comp = sum(float(w) * per_round[f"reward_{n}"].to_numpy() for n, w in weights.items())
     first, last = _thirds(list(comp))
+    k = max(1, len(comp) // 3)
+    se = float(np.std(comp[-k:], ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
     return {"curve": [float(c) for c in comp], "first_third": first, "signal": last,
-            "rise": last - first}
+            "signal_se": se, "rise": last - first}
 
 
 def dpo_logged(metrics) -> dict:
@@ -154,7 +157,9 @@ def sampled_on_train_prompts(run, cfg, model: str, seeds: int = 2) -> dict:
         images += ims
     scores = {n: np.asarray(build_reward(cfg, n)(images, texts), float)
               for n in cfg.rewards.names}
+    per_image = sum(float(w) * scores[n] for n, w in cfg.filter.weights.items())
     return {"signal": composite(scores, dict(cfg.filter.weights)),
+            "signal_se": float(per_image.std(ddof=1) / math.sqrt(len(per_image))),
             "rewards": {n: float(v.mean()) for n, v in scores.items()}}
 
 
@@ -232,8 +237,28 @@ def main() -> None:
 
 
 def chosen(table: dict) -> str:
-    return max(table, key=lambda k: table[k]["signal"] if math.isfinite(table[k]["signal"])
-               else -1e9)
+    """The setting with the best signal: GRPO's rise, the others' composite."""
+    key = "rise" if next(iter(table)).startswith("grpo") else "signal"
+    return max(table, key=lambda k: table[k][key] if math.isfinite(table[k][key]) else -1e9)
+
+
+def _paired(curve: list, ref: list | None) -> str:
+    """The last third's rounds minus the base recipe's same rounds (the same prompts and seeds
+    a round in every setting), mean ± SE: the round-to-round spread of the prompts cancels."""
+    if not ref or len(ref) != len(curve) or curve == ref:
+        return "–"
+    k = max(2, len(curve) // 3)
+    d = np.asarray(curve[-k:]) - np.asarray(ref[-k:])
+    return f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(k):.4f}"
+
+
+def _se(r: dict) -> str:
+    se = r.get("signal_se")
+    if se is None and "curve" in r:  # recorded before the SE was
+        c = np.asarray(r["curve"])
+        k = max(1, len(c) // 3)
+        se = float(c[-k:].std(ddof=1) / math.sqrt(k)) if k > 1 else None
+    return f" ± {se:.4f}" if se is not None and math.isfinite(se) else ""
 
 
 def load_results() -> dict:
@@ -248,11 +273,19 @@ def write_report() -> None:
              "method trains toward, on its training prompts, never by the evaluation "
              "(held-out prompts and the two held-out rewards): the composite of the filter's "
              "rewards (filter.weights over the mean rewards). For GRPO that is its own logged "
-             "signal, the mean over the last third of its rounds of the images it sampled; for "
+             "signal, the rise of the images it sampled from the first third of its rounds to the "
+             "last third (not the level: group size and prompts a round change which prompts a "
+             "round samples, and the prompts' level differs before any training); for "
              "the pool-trained methods (CRAFT, SFT, DPO: they sample nothing while training) "
              "the same composite of the final weights sampled on the 32 training prompts x 2 "
              "seeds with the pool's sampler. The two scales differ (GRPO samples with its "
-             "stochastic 10-step sampler): compare settings within a table, not across.", "",
+             "stochastic 10-step sampler): compare settings within a table, not across. "
+             "± is a standard error: GRPO's over the rounds of its last third (round-to-round "
+             "spread / sqrt(rounds)), the others' over the 64 sampled images. Every GRPO setting "
+             "samples the same prompts and seeds in a round, so its difference from the base "
+             "recipe is also shown paired by round (the prompts' spread cancels). Settings "
+             "closer than about two SEs are not told apart by the signal; the sweep varies one "
+             "value at a time from the base recipe (no combinations).", "",
              f"GRPO base recipe (configs/toy-grpo.yaml before the sweep): "
              f"`{' '.join(GRPO_BASE)}`, {ROUNDS} rounds = {ROUNDS * 64} sampled images, "
              "CRAFT's pool; each setting changes what its row says.", "",
@@ -270,12 +303,17 @@ def write_report() -> None:
             lines += [f"## {base}: {method} ({len(table)} settings; chosen: **{pick}**)", ""]
             if method == "grpo":
                 lines += ["| setting | overrides | source | sampled composite, first third | "
-                          "last third (the signal) | rise | s |", "|---|---|---|---|---|---|---|"]
+                          "last third | rise (the signal) | last third − the base recipe's, "
+                          "paired by round | s |", "|---|---|---|---|---|---|---|---|"]
+                ref = table.get("grpo-lr1e-4", {}).get("curve")
                 for k, r in table.items():
                     lines.append(f"| {k} | {' '.join(r['overrides']) or '(base)'} | "
                                  f"{r['source']} | {r['first_third']:.4f} | "
-                                 f"**{r['signal']:.4f}** | {r['rise']:+.4f} | "
-                                 f"{r['seconds']:.0f} |")
+                                 f"{r['signal']:.4f}{_se(r)} | **{r['rise']:+.4f}** | "
+                                 + ("– (other prompts a round)" if any(
+                                     o.startswith("grpo.prompts_per_step") for o in r["overrides"])
+                                    else _paired(r["curve"], ref))
+                                 + f" | {r['seconds']:.0f} |")
             else:
                 extra = method == "dpo"
                 lines += ["| setting | overrides | source | composite on the training prompts"
@@ -284,7 +322,7 @@ def write_report() -> None:
                           "|---|---|---|---|" + ("---|---|" if extra else "") + "---|"]
                 for k, r in table.items():
                     lines.append(f"| {k} | {' '.join(r['overrides'])} | {r['source']} | "
-                                 f"**{r['signal']:.4f}** | "
+                                 f"**{r['signal']:.4f}**{_se(r)} | "
                                  + (f"{r['accuracy_last_third']:.3f} | "
                                     f"{r['margin_last_third']:+.4f} | " if extra else "")
                                  + f"{r['seconds']:.0f} |")
