@@ -167,6 +167,20 @@ def out_json(out: str, base: str) -> Path:
     return Path(out) / f"toy_methods_{base}.json"
 
 
+def save_merged(out: Path, res: dict, s: int) -> None:
+    """Write this seed's results into the base's file, keeping the seeds another process (one
+    running the long GRPO seed beside the others) wrote meanwhile."""
+    now = json.loads(out.read_text()) if out.exists() else {"seeds": {}, "timings": {}}
+    if str(s) in res["seeds"]:
+        now["seeds"][str(s)] = res["seeds"][str(s)]
+    for k, v in res["timings"].items():
+        if k.startswith(f"{s}:"):
+            now["timings"].setdefault(k, v)
+    if "arms" in res:
+        now["arms"] = res["arms"]
+    ta.save_json(out, now)
+
+
 def main() -> None:
     args = ta.parse_args(__doc__, "/tmp/bench/methods", lambda ap: (
         ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 0]),
@@ -190,7 +204,7 @@ def main() -> None:
                 if str(s) in res["seeds"]:
                     continue
                 run_seed(base_name, config, s, args, res, args.grpo_only)
-                ta.save_json(out, res)
+                save_merged(out, res, s)
     results = {b: json.loads(out_json(args.out, b).read_text()) for b in ("toy", "toy-flow")
                if out_json(args.out, b).exists()}
     ta.write_report(args.out, "toy_methods.md", report(results, args, t_start))

@@ -43,10 +43,13 @@ def out_path(base: str) -> Path:
     return ROOT / "benchmarks" / f"toy_sweep_{base}.json"
 
 
-def grpo_base(rounds: int) -> list[str]:
-    """The GRPO recipe before the sweep (configs/toy-grpo.yaml), run for ``rounds`` rounds."""
+def grpo_base(rounds: int, sets: list[str] = ()) -> list[str]:
+    """The GRPO recipe before the sweep (configs/toy-grpo.yaml), run for ``rounds`` rounds of
+    the setting's ``grpo.updates`` steps each (so every setting samples the same images)."""
+    ups = int(([s.split("=")[1] for s in [*GRPO_BASE, *sets] if s.startswith("grpo.updates=")]
+               or ["2"])[-1])
     return [s for s in GRPO_BASE if not s.startswith(("train.steps", "train.checkpoint_every"))
-            ] + [f"train.steps={2 * rounds}", f"train.checkpoint_every={2 * rounds}"]
+            ] + [f"train.steps={ups * rounds}", f"train.checkpoint_every={ups * rounds}"]
 
 
 GRPO_BASE = ["train.method=grpo", "train.anchor_weight=0", "grpo.prompts_per_step=8",
@@ -69,8 +72,8 @@ GRPO_SETTINGS = [  # (name, overrides, source)
      "flow_grpo groups of 16-24 (same images a round)"),
     ("prompts16-g4", ["grpo.prompts_per_step=16", "grpo.group_size=4"],
      "more prompts a round, smaller groups (ddpo-pytorch: 4-8 a prompt; same images a round)"),
-    ("updates1", ["grpo.updates=1"], "one update on the whole round (DanceGRPO: 1 inner "
-                                     "epoch; 64 trajectories an update)"),
+    ("one-update", ["grpo.updates=1"], "one update on the whole round (DanceGRPO: 1 inner "
+                                       "epoch; 64 trajectories an update)"),
     ("steps-all", ["grpo.timestep_fraction=1.0"], "every sampler step trained (ddpo-pytorch "
                                                   "timestep_fraction 1.0)"),
     ("steps-random", ["grpo.step_selection=random", "grpo.timestep_fraction=1.0"],
@@ -218,6 +221,8 @@ def main() -> None:
             key = f"{method}-{name}"
             if key in table or args.only is not None and name not in args.only:
                 continue
+            if method == "grpo":
+                base = grpo_base(args.rounds, sets)
             cfg = ta.arm_config(config, [*ta_common(), *base], ta.Arm(key, sets))
             res = run_setting(run, cfg, key)
             if method == "grpo":
@@ -228,16 +233,35 @@ def main() -> None:
                     sig.update(dpo_logged(res["metrics"]))
             table[key] = {"overrides": sets, "source": source, "seconds": res["seconds"],
                           **sig}
-            out.write_text(json.dumps(results, indent=1))
+            save(out, method, key, table[key])
             ta.log.info("%s: %s", key, {k: v for k, v in sig.items() if k != "curve"})
     if "base" not in results:
-        results["base"] = sampled_on_train_prompts(run, cfg0, cfg0.model.pretrained)
-    out.write_text(json.dumps(results, indent=1))
+        save(out, "base", None, sampled_on_train_prompts(run, cfg0, cfg0.model.pretrained))
     write_report()
+
+
+def save(out: Path, method: str, key: str | None, entry: dict) -> None:
+    """Write one setting into the base's file, keeping what another process (a setting rerun
+    beside the sweep) wrote meanwhile."""
+    now = json.loads(out.read_text()) if out.exists() else {}
+    if key is None:
+        now[method] = entry
+    else:
+        now.setdefault(method, {})[key] = entry
+    out.write_text(json.dumps(now, indent=1))
+
+
+def current(table: dict) -> dict:
+    """The settings of a method's table that this file still defines (a renamed or corrected
+    setting's old record is left out)."""
+    names = {f"{m}-{n}" for m in ("grpo", "dpo", "craft", "sft")
+             for n, _, _ in settings_of(m, ROUNDS)[0]}
+    return {k: v for k, v in table.items() if k in names}
 
 
 def chosen(table: dict) -> str:
     """The setting with the best signal: GRPO's rise, the others' composite."""
+    table = current(table)
     key = "rise" if next(iter(table)).startswith("grpo") else "signal"
     return max(table, key=lambda k: table[k][key] if math.isfinite(table[k][key]) else -1e9)
 
@@ -299,6 +323,7 @@ def write_report() -> None:
         for method, table in methods.items():
             if method == "base" or not table:
                 continue
+            table = current(table)
             pick = chosen(table)
             lines += [f"## {base}: {method} ({len(table)} settings; chosen: **{pick}**)", ""]
             if method == "grpo":
