@@ -122,7 +122,8 @@ def run_seed(base_name: str, config: str, s: int, args, res: dict, grpo_only: bo
     rounds = math.ceil(images / img_round / per_ckpt) * per_ckpt
     gcfg = ta.arm_config(config, [*common, *g, f"train.steps={rounds * ups}",
                                   f"train.checkpoint_every={CKPT_EVERY}"], Arm("grpo"))
-    stage_train(run, gcfg, "grpo", resume=None)
+    if not getattr(args, "grpo_as_is", False):
+        stage_train(run, gcfg, "grpo", resume=None)
     if grpo_only:
         return False
     arms_sets = chosen_arms(base_name)
@@ -178,6 +179,7 @@ def save_merged(out: Path, res: dict, s: int) -> None:
             now["timings"].setdefault(k, v)
     if "arms" in res:
         now["arms"] = res["arms"]
+    now.setdefault("notes", {}).update(res.get("notes", {}))
     ta.save_json(out, now)
 
 
@@ -192,6 +194,9 @@ def main() -> None:
         ap.add_argument("--grpo-only", action="store_true",
                         help="train only the seeds' GRPO runs (its sweep done, the others' "
                              "not yet)"),
+        ap.add_argument("--grpo-as-is", action="store_true",
+                        help="evaluate a stopped GRPO run's checkpoints as they are (its run "
+                             "to the ceiling cut short), without training it further"),
         ap.add_argument("--report-only", action="store_true",
                         help="re-render toy_methods.md from the json files, run nothing")))
     t_start = time.time()
@@ -228,6 +233,13 @@ def _cosine(a: dict, b: dict, rewards: list[str]) -> float:
     return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
 
 
+def craft_wall(res: dict, s: str) -> float:
+    """CRAFT's whole-pipeline time of seed ``s``: its pool's generation and scoring and its
+    training, from the recorded stage times."""
+    return sum(float(res["timings"].get(f"{s}:{k}", 0.0))
+               for k in ("generate", "score", "train craft"))
+
+
 def budget_step(sr: dict, budget: str) -> int:
     """The GRPO checkpoint of a seed at a budget: ``images`` the first with at least the pool's
     images sampled, ``time`` the one nearest CRAFT's whole-pipeline time."""
@@ -260,7 +272,8 @@ def report(results: dict, args, t_start: float) -> list[str]:
              "",
              "Made by `.venv/bin/python benchmarks/toy_methods.py --threads 1` after "
              "`benchmarks/toy_sweep.py` (resumable; `--report-only` re-renders this file from "
-             "toy_methods.json). Each method runs in the setting its own sweep chose (below: "
+             "toy_methods_toy.json and toy_methods_toy-flow.json). Each method runs in the "
+             "setting its own sweep chose (below: "
              "the references' values, chosen on seed 0 by what the method trains toward on its "
              "training prompts, never by this evaluation).", "",
              f"Scale: {' '.join(SCALE)}. Every model of a seed is evaluated in one evaluation "
@@ -286,7 +299,10 @@ def report(results: dict, args, t_start: float) -> list[str]:
         def t(s, key):
             return float(tm.get(f"{s}:{key}", 0.0))
 
+        for s in seeds:
+            res["seeds"][s]["craft_time"] = craft_wall(res, s)
         lines += [f"## {base_name} ({len(seeds)} seeds: {', '.join(seeds)})", "",
+                  *[f"Note (seed {k}): {v}.\n" for k, v in res.get("notes", {}).items()],
                   "Chosen settings: " + "; ".join(
                       f"{m} **{arms[m + ':name']}** (`{' '.join(arms[m])}`)"
                       for m in ("craft", "sft", "dpo", "grpo")), "",
@@ -350,6 +366,7 @@ def report(results: dict, args, t_start: float) -> list[str]:
                   "GRPO's best gain (step) |", "|---|---|---|---|---|---|---|---|---|"]
         for s in seeds:
             sr = res["seeds"][s]
+            sr["craft_time"] = craft_wall(res, s)
             gain = sr["models"]["craft"]["composite"]["diff"]
             pts = _grpo_points(sr)
             reach = next((p for p in pts if p[2] >= gain), None)

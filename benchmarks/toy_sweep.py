@@ -5,9 +5,9 @@ rewards).
 - GRPO: its own training signal, the rise of its sampled composite (each round's mean rewards
   weighted as filter.weights) from the first third of its rounds to the last third. The rise,
   not the last third's level: settings with other prompts a round (group size, prompts a
-  round) sample other prompts, whose level differs before any training. Every setting samples the same number of images
-  (``--rounds`` x prompts_per_step x group_size: CRAFT's pool by default) and names the
-  reference it comes from.
+  round) sample other prompts, whose level differs before any training. Every setting samples
+  the same number of images (``--rounds`` x prompts_per_step x group_size: CRAFT's pool by
+  default) and names the reference it comes from.
 - CRAFT, SFT and DPO (trained on the pool, they sample nothing while training): the same
   composite of the final weights sampled on the training prompts (2 seeds each, the pool's
   sampler). DPO's own logged signal (implicit accuracy and margin, last third of its steps) is
