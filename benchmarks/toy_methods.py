@@ -282,8 +282,10 @@ def report(results: dict, args, t_start: float) -> list[str]:
              "and the two held-out rewards), so each Δ is a paired difference from the base. "
              "Cells: the mean over seeds and, in brackets, the half-width of a 95 % t interval "
              "over the seeds (3 seeds: t = 4.30, so intervals are wide by construction). "
-             "Times: this machine, two benchmarks side by side at one thread each, so every "
-             "method's time is measured under the same load; GRPO's time is the sum of its "
+             "Times: this machine (2 cores), two to four benchmark processes side by side at "
+             "one thread each (the long GRPO runs beside the other seeds), so every time is "
+             "inflated by the load, and not evenly: read the cost ratios as rough, the image "
+             "counts as exact; GRPO's time is the sum of its "
              "step times (sampling, scoring, updates; loading and checkpoint saving left out, "
              "which favours GRPO); CRAFT's is its pool's generation and scoring plus its "
              "training.", ""]
