@@ -59,8 +59,7 @@ def main() -> None:
     g = cfg.grpo
     lines = [f"# The shipped GRPO recipe's training curve ({args.config})", "",
              f"Made by `.venv/bin/python benchmarks/toy_grpo_recipe.py --config {args.config}` "
-             f"on this machine (2 cores, one other benchmark beside it: step times are not "
-             f"clean). "
+             f"on this machine (2 cores). "
              f"Recipe: {g.prompts_per_step} prompts x {g.group_size} images a round, "
              f"{g.num_inference_steps} sampler steps ({g.timestep_fraction:g} of them trained, "
              f"{g.step_selection}), {g.updates} updates a round ({g.reuse}), clip "
