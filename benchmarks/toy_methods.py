@@ -21,7 +21,7 @@ intervals over the seeds.
     .venv/bin/python benchmarks/toy_methods.py [--bases toy toy-flow] [--seeds 1 2 0]
         [--run-root /tmp/bench/methods] [--threads 1]
 
-Writes benchmarks/toy_methods.json and benchmarks/toy_methods.md. Resumes from --run-root (a
+Writes benchmarks/toy_methods_BASE.json and benchmarks/toy_methods.md. Resumes from --run-root (a
 finished arm is not trained again, evaluation images are reused).
 """
 
