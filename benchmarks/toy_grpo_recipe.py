@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -45,6 +45,7 @@ def main() -> None:
         wall = time.time() - t0
     from craft.run.config import load_config
     from craft.run.store import RunStore
+    from toy_sweep import grpo_signal
 
     cfg = load_config(str(ROOT / args.config), [])
     with RunStore(args.run_dir) as store:
@@ -53,9 +54,8 @@ def main() -> None:
     per_round = m.groupby("round").first()
     names = list(cfg.rewards.names)
     w = dict(cfg.filter.weights)
-    comp = sum(w[n] * per_round[f"reward_{n}"].to_numpy() for n in names)
-    k = max(1, len(comp) // 3)
-    first, last = float(np.mean(comp[:k])), float(np.mean(comp[-k:]))
+    sig = grpo_signal(m, w)
+    comp, first, last = sig["curve"], sig["first_third"], sig["signal"]
     g = cfg.grpo
     lines = [f"# The shipped GRPO recipe's training curve ({args.config})", "",
              f"Made by `.venv/bin/python benchmarks/toy_grpo_recipe.py --config {args.config}` "

@@ -57,27 +57,19 @@ def chosen_arms(base: str, methods=("craft", "sft", "dpo", "grpo")) -> dict[str,
                              f"--base {base} --methods {method}")
         pick = sw.chosen(table)
         _, base_sets = sw.settings_of(method, sw.ROUNDS)
-        base_sets = [s for s in base_sets
-                     if not (method == "grpo" and s.startswith(("train.steps",
-                                                                "train.checkpoint_every")))]
         out[method] = [*base_sets, *table[pick]["overrides"]]
         out[method + ":name"] = pick
     return out
 
 
-def _value(sets: list[str], key: str, default: str) -> str:
-    found = [s.split("=", 1)[1] for s in sets if s.startswith(key + "=")]
-    return found[-1] if found else default
-
-
 def per_round(grpo_sets: list[str]) -> int:
     """Images a GRPO round samples: prompts_per_step x group_size."""
-    return int(_value(grpo_sets, "grpo.prompts_per_step", "8")) * int(
-        _value(grpo_sets, "grpo.group_size", "8"))
+    return int(sw.override_value(grpo_sets, "grpo.prompts_per_step", "8")) * int(
+        sw.override_value(grpo_sets, "grpo.group_size", "8"))
 
 
 def updates(grpo_sets: list[str]) -> int:
-    return int(_value(grpo_sets, "grpo.updates", "2"))
+    return int(sw.override_value(grpo_sets, "grpo.updates", "2"))
 
 
 def grpo_metrics(run, name: str):
@@ -109,8 +101,7 @@ def run_seed(base_name: str, config: str, s: int, args, res: dict, grpo_only: bo
 
     def keep_times():
         for k, v in timings.items():
-            if v > 1 or f"{s}:{k}" not in res["timings"]:
-                res["timings"].setdefault(f"{s}:{k}", v)
+            res["timings"].setdefault(f"{s}:{k}", v)
 
     keep_times()
     pool = len(run.store.candidates_df(model=cfg.model.pretrained, split="train"))
@@ -368,7 +359,6 @@ def report(results: dict, args, t_start: float) -> list[str]:
                   "GRPO's best gain (step) |", "|---|---|---|---|---|---|---|---|---|"]
         for s in seeds:
             sr = res["seeds"][s]
-            sr["craft_time"] = craft_wall(res, s)
             gain = sr["models"]["craft"]["composite"]["diff"]
             pts = _grpo_points(sr)
             reach = next((p for p in pts if p[2] >= gain), None)

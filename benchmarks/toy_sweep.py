@@ -43,13 +43,17 @@ def out_path(base: str) -> Path:
     return ROOT / "benchmarks" / f"toy_sweep_{base}.json"
 
 
+def override_value(sets: list[str], key: str, default: str) -> str:
+    """The value the last ``key=value`` of ``sets`` gives ``key`` (``default`` if none)."""
+    found = [s.split("=", 1)[1] for s in sets if s.startswith(key + "=")]
+    return found[-1] if found else default
+
+
 def grpo_base(rounds: int, sets: list[str] = ()) -> list[str]:
     """The GRPO recipe before the sweep (configs/toy-grpo.yaml), run for ``rounds`` rounds of
     the setting's ``grpo.updates`` steps each (so every setting samples the same images)."""
-    ups = int(([s.split("=")[1] for s in [*GRPO_BASE, *sets] if s.startswith("grpo.updates=")]
-               or ["2"])[-1])
-    return [s for s in GRPO_BASE if not s.startswith(("train.steps", "train.checkpoint_every"))
-            ] + [f"train.steps={ups * rounds}", f"train.checkpoint_every={ups * rounds}"]
+    ups = int(override_value([*GRPO_BASE, *sets], "grpo.updates", "2"))
+    return [*GRPO_BASE, f"train.steps={ups * rounds}", f"train.checkpoint_every={ups * rounds}"]
 
 
 GRPO_BASE = ["train.method=grpo", "train.anchor_weight=0", "grpo.prompts_per_step=8",
@@ -57,8 +61,7 @@ GRPO_BASE = ["train.method=grpo", "train.anchor_weight=0", "grpo.prompts_per_ste
              "grpo.reuse=split", "grpo.timestep_fraction=0.9", "grpo.step_selection=first",
              "grpo.clip_range=1e-4", "grpo.kl_weight=0", "train.lr=1e-4",
              "train.micro_batch=32", "train.effective_batch=32", "train.ema_decay=0.99",
-             f"train.steps={2 * ROUNDS}", f"train.checkpoint_every={2 * ROUNDS}",
-             "train.preview_every=0"]
+             "train.preview_every=0"]  # grpo_base adds the steps
 GRPO_SETTINGS = [  # (name, overrides, source)
     ("lr1e-4", [], "the recipe before the sweep: between ddpo's full and LoRA rates"),
     ("lr3e-5", ["train.lr=3e-5"], "ddpo-pytorch, full fine-tuning"),
@@ -119,9 +122,11 @@ def _thirds(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values[:k])), float(np.mean(values[-k:]))
 
 
-def composite(rewards: dict, weights: dict) -> float:
-    """The filter's weighted sum of mean rewards: the scale GRPO's rounds are read on."""
-    return float(sum(float(w) * float(np.mean(rewards[n])) for n, w in weights.items()))
+def last_third_se(curve) -> float:
+    """The standard error of a curve's last third (its points' spread / sqrt(their number))."""
+    c = np.asarray(curve, dtype=float)
+    k = max(1, len(c) // 3)
+    return float(c[-k:].std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
 
 
 def grpo_signal(metrics, weights: dict) -> dict:
@@ -130,10 +135,8 @@ def grpo_signal(metrics, weights: dict) -> dict:
     per_round = metrics.groupby("round").first() if "round" in metrics else metrics
     comp = sum(float(w) * per_round[f"reward_{n}"].to_numpy() for n, w in weights.items())
     first, last = _thirds(list(comp))
-    k = max(1, len(comp) // 3)
-    se = float(np.std(comp[-k:], ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
     return {"curve": [float(c) for c in comp], "first_third": first, "signal": last,
-            "signal_se": se, "rise": last - first}
+            "signal_se": last_third_se(comp), "rise": last - first}
 
 
 def dpo_logged(metrics) -> dict:
@@ -160,8 +163,9 @@ def sampled_on_train_prompts(run, cfg, model: str, seeds: int = 2) -> dict:
         images += ims
     scores = {n: np.asarray(build_reward(cfg, n)(images, texts), float)
               for n in cfg.rewards.names}
+    # the filter's weighted sum per image: the scale GRPO's rounds are read on
     per_image = sum(float(w) * scores[n] for n, w in cfg.filter.weights.items())
-    return {"signal": composite(scores, dict(cfg.filter.weights)),
+    return {"signal": float(per_image.mean()),
             "signal_se": float(per_image.std(ddof=1) / math.sqrt(len(per_image))),
             "rewards": {n: float(v.mean()) for n, v in scores.items()}}
 
@@ -185,8 +189,8 @@ def ta_common() -> list[str]:
 
 
 def settings_of(method: str, rounds: int):
-    if method == "grpo":
-        return GRPO_SETTINGS, grpo_base(rounds)
+    if method == "grpo":  # steps: grpo_base, per setting
+        return GRPO_SETTINGS, GRPO_BASE
     if method == "dpo":
         return DPO_SETTINGS, DPO_BASE
     return CRAFT_SETTINGS, [*POOL_BASE, f"train.method={method}"]
@@ -221,9 +225,8 @@ def main() -> None:
             key = f"{method}-{name}"
             if key in table or args.only is not None and name not in args.only:
                 continue
-            if method == "grpo":
-                base = grpo_base(args.rounds, sets)
-            cfg = ta.arm_config(config, [*ta_common(), *base], ta.Arm(key, sets))
+            recipe = grpo_base(args.rounds, sets) if method == "grpo" else base
+            cfg = ta.arm_config(config, [*ta_common(), *recipe], ta.Arm(key, sets))
             res = run_setting(run, cfg, key)
             if method == "grpo":
                 sig = grpo_signal(res["metrics"], weights)
@@ -279,9 +282,7 @@ def _paired(curve: list, ref: list | None) -> str:
 def _se(r: dict) -> str:
     se = r.get("signal_se")
     if se is None and "curve" in r:  # recorded before the SE was
-        c = np.asarray(r["curve"])
-        k = max(1, len(c) // 3)
-        se = float(c[-k:].std(ddof=1) / math.sqrt(k)) if k > 1 else None
+        se = last_third_se(r["curve"])
     return f" ± {se:.4f}" if se is not None and math.isfinite(se) else ""
 
 
@@ -311,7 +312,7 @@ def write_report() -> None:
              "closer than about two SEs are not told apart by the signal; the sweep varies one "
              "value at a time from the base recipe (no combinations).", "",
              f"GRPO base recipe (configs/toy-grpo.yaml before the sweep): "
-             f"`{' '.join(GRPO_BASE)}`, {ROUNDS} rounds = {ROUNDS * 64} sampled images, "
+             f"`{' '.join(grpo_base(ROUNDS))}`, {ROUNDS} rounds = {ROUNDS * 64} sampled images, "
              "CRAFT's pool; each setting changes what its row says.", "",
              f"DPO base: `{' '.join(DPO_BASE)}`. CRAFT and SFT: `{' '.join(POOL_BASE)}` on the "
              "pool's K=50 kept set. The pool: 32 prompts x 20 candidates, without early "
